@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing and installs what it needs. On a machine without
+# an NVIDIA GPU, torch is pinned to the CPU build (2.13.0), never a multi-GB CUDA one.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.3" || echo "torch==2.13.0")
+
+.PHONY: install system-deps test lint demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev,mqtt]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests need (MQTT broker, headless browser). Root only; skipped
+# with a message when apt-get is missing or we are not root.
+system-deps:
+	@if command -v mosquitto >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto chromium >/dev/null; \
+	else echo "system-deps: install mosquitto and chromium yourself (needs root)"; fi
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: $(STAMP)
+	$(PY) -m peers.cli demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/transport.py --quick
+	$(PY) benchmarks/kernels.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

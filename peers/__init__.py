@@ -1,0 +1,1 @@
+"""The processes a user runs: serving daemon, trainer, health server, the `swarm` CLI."""

@@ -1,0 +1,1 @@
+"""The swarm as any member sees it: identity, DHT records, block selection, routing."""
