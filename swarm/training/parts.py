@@ -1,0 +1,41 @@
+"""How a butterfly all-reduce cuts a vector among its members.
+
+Member ``j`` reduces part ``j``. Part sizes follow the members' declared bandwidth,
+so a fast link carries more (hivemind solves a linear program for this; with one
+part per member the proportional split is the optimum of the same program when every
+member sends and receives the whole vector once). Part boundaries fall on multiples
+of ``alignment`` so quantization blocks never straddle two parts.
+"""
+
+from __future__ import annotations
+
+
+def split_parts(numel: int, bandwidths: list[float], alignment: int = 64) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` ranges covering ``range(numel)``, one per member.
+
+    Args:
+        numel: length of the vector.
+        bandwidths: one positive number per member, in member order.
+        alignment: boundaries are multiples of this (except the final ``numel``).
+    Returns:
+        ``len(bandwidths)`` ranges; a member may get an empty range when the vector is small.
+    Raises:
+        ValueError: no members, or a bandwidth that is not positive.
+    """
+    if not bandwidths:
+        raise ValueError("an all-reduce needs at least one member")
+    if any(b <= 0 for b in bandwidths):
+        raise ValueError(f"bandwidths must be positive, got {bandwidths}")
+    total = sum(bandwidths)
+    units = -(-numel // alignment)  # ceil: aligned units to distribute
+    boundaries, cumulative = [0], 0.0
+    for bandwidth in bandwidths[:-1]:
+        cumulative += bandwidth
+        boundaries.append(min(numel, round(units * cumulative / total) * alignment))
+    boundaries.append(numel)
+    return [(boundaries[i], boundaries[i + 1]) for i in range(len(bandwidths))]
+
+
+def fallback_reducer(part_index: int, member_count: int) -> int:
+    """The member that takes over part ``part_index`` when its reducer fails: the next one in ring order."""
+    return (part_index + 1) % member_count

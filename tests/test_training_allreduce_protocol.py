@@ -1,0 +1,140 @@
+"""The all-reduce protocol with deterministic failure injection (members in one event loop).
+
+The same protocol over real ZeroMQ between real processes is tested in
+test_training_allreduce_network.py; here a router delivers calls so that a member
+can be killed at an exact point of the protocol.
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
+from swarm.training.allreduce import AllReduceRound, AllReduceTimeouts, Member
+from transport.errors import PeerUnavailable
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUTS = AllReduceTimeouts(scatter=0.5, gather=0.5, repair=0.5, call=0.5)
+
+
+def int8_round_trip(values: torch.Tensor) -> torch.Tensor:
+    codes, scales = quantize_blockwise_int8(values, 64)
+    return dequantize_blockwise_int8(codes, scales, 64)
+
+
+class Router:
+    """Delivers calls between rounds; ``kill_when(member, kind, target)`` kills a member as it makes that call."""
+
+    def __init__(self):
+        self.rounds: dict[int, AllReduceRound] = {}
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.dead: set[int] = set()
+        self.kill_rule = None
+        self.calls: list[tuple[int, str, int]] = []
+
+    def caller(self, source: int):
+        async def call(target, kind, header, tensor, timeout):
+            self.calls.append((source, kind, target))
+            if self.kill_rule == (source, kind, target):
+                self.dead.add(source)
+                self.tasks[source].cancel()
+                await asyncio.sleep(3600)  # never returns: the task is being cancelled
+            if target in self.dead or source in self.dead:
+                raise PeerUnavailable(f"member {target} is gone")
+            round_ = self.rounds[target]
+            if kind == "contribution":
+                round_.on_contribution(header["sender"], header["part"], header["weight"], tensor.clone())
+                return {}, None
+            if kind == "result":
+                return {
+                    "accepted": round_.on_result(header["part"], tensor.clone(), header["contributors"])
+                }, None
+            if kind == "repair":
+                result, contributors = await asyncio.wait_for(
+                    round_.on_repair(header["sender"], header["part"], header["weight"], tensor.clone()),
+                    timeout * 4,
+                )
+                return {"contributors": contributors}, result.clone()
+            raise AssertionError(kind)
+
+        return call
+
+
+async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
+    router = Router()
+    router.kill_rule = kill_rule
+    bandwidths = bandwidths or [1.0] * len(vectors)
+    members = [Member(f"peer{i}", bandwidths[i]) for i in range(len(vectors))]
+    for i, vector in enumerate(vectors):
+        router.rounds[i] = AllReduceRound(
+            "r1", members, i, vector, weights[i], router.caller(i), int8_round_trip, TIMEOUTS
+        )
+    for i, round_ in router.rounds.items():
+        router.tasks[i] = asyncio.create_task(round_.run())
+    results = {}
+    for i, task in router.tasks.items():
+        try:
+            results[i] = await task
+        except asyncio.CancelledError:
+            assert i in router.dead
+    for round_ in router.rounds.values():
+        round_.close()
+    return results, router
+
+
+def make_vectors(count, numel=1000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(numel, generator=generator) for _ in range(count)]
+
+
+def assert_all_identical(results):
+    values = list(results.values())
+    for other in values[1:]:
+        assert torch.equal(values[0], other)
+
+
+def test_all_members_get_the_weighted_mean_bit_identically():
+    vectors = make_vectors(4)
+    weights = [10.0, 30.0, 0.0, 60.0]
+    results, _ = asyncio.run(run_group(vectors, weights, bandwidths=[1, 2, 1, 4]))
+    assert len(results) == 4
+    assert_all_identical(results)
+    expected = sum(w * v for w, v in zip(weights, vectors, strict=True)) / sum(weights)
+    # int8 round trip of the result: half a step of each block's absmax / 127
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=expected.abs().max().item() / 254 + 1e-6)
+
+
+def test_member_dead_before_scatter_is_excluded_and_its_part_repaired():
+    vectors = make_vectors(3, seed=1)
+    results, router = asyncio.run(run_group(vectors, [1.0, 1.0, 1.0], kill_rule=(1, "contribution", 0)))
+    assert set(results) == {0, 2}
+    assert_all_identical(results)
+    expected = (vectors[0] + vectors[2]) / 2  # member 1 never contributed to any part
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=expected.abs().max().item() / 100)
+    assert router.rounds[2].report.repaired_parts == [1]  # member 2 is the backup of part 1
+
+
+def test_reducer_dead_after_committing_to_backup_still_gives_identical_survivors():
+    vectors = make_vectors(3, seed=2)
+    # Member 0 reduces part 0, commits to backup 1, then dies before sending the result to member 2.
+    results, router = asyncio.run(run_group(vectors, [1.0, 2.0, 3.0], kill_rule=(0, "result", 2)))
+    assert set(results) == {1, 2}
+    assert_all_identical(results)
+    # Part 0 keeps member 0's contribution: the committed result is served by the backup.
+    start, end = router.rounds[1].parts[0]
+    full = (vectors[0] + 2 * vectors[1] + 3 * vectors[2]) / 6
+    torch.testing.assert_close(results[1][start:end], full[start:end], rtol=0, atol=0.05)
+    assert router.rounds[1].report.repaired_parts == []
+
+
+def test_reducer_dead_before_committing_lets_the_backup_take_over():
+    vectors = make_vectors(3, seed=3)
+    results, router = asyncio.run(run_group(vectors, [1.0, 1.0, 1.0], kill_rule=(0, "result", 1)))
+    assert set(results) == {1, 2}
+    assert_all_identical(results)
+    assert router.rounds[1].report.repaired_parts == [0]
+    start, end = router.rounds[1].parts[0]
+    survivors = (vectors[1] + vectors[2]) / 2
+    torch.testing.assert_close(results[1][start:end], survivors[start:end], rtol=0, atol=0.05)

@@ -1,0 +1,37 @@
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swarm.training.parts import fallback_reducer, split_parts
+
+
+@given(
+    numel=st.integers(0, 10**7),
+    bandwidths=st.lists(st.floats(0.1, 1000), min_size=1, max_size=16),
+    alignment=st.sampled_from([1, 2, 64, 4096]),
+)
+def test_parts_cover_the_vector_contiguously_on_aligned_boundaries(numel, bandwidths, alignment):
+    parts = split_parts(numel, bandwidths, alignment)
+    assert len(parts) == len(bandwidths)
+    assert parts[0][0] == 0 and parts[-1][1] == numel
+    for (_, end), (start, _) in itertools.pairwise(parts):
+        assert end == start and (start % alignment == 0 or start == numel)
+    assert all(start <= end for start, end in parts)
+
+
+def test_parts_follow_bandwidth():
+    parts = split_parts(64 * 1000, [1.0, 3.0], alignment=64)
+    assert parts == [(0, 64 * 250), (64 * 250, 64 * 1000)]
+
+
+def test_bad_bandwidth_is_rejected():
+    with pytest.raises(ValueError):
+        split_parts(10, [1.0, 0.0])
+    with pytest.raises(ValueError):
+        split_parts(10, [])
+
+
+def test_fallback_is_the_next_member_in_the_ring():
+    assert [fallback_reducer(i, 3) for i in range(3)] == [1, 2, 0]
