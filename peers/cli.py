@@ -1,13 +1,22 @@
-"""The `swarm` command line. Subcommands are added here as each one works."""
+"""The `swarm` command line.
+
+Each subcommand lives in its own module with ``register(subparsers)``, which adds its
+parser and sets ``handler`` (a function of the parsed arguments returning an exit
+code). A subcommand is listed here only once it works.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+# Modules that provide subcommands, in the order `swarm --help` lists them.
+SUBCOMMAND_MODULES: list[str] = []
 
-def _version() -> str:
+
+def software_version() -> str:
     try:
         return version("tensorswarm")
     except PackageNotFoundError:
@@ -19,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swarm",
         description="Swarm: pool GPUs across the internet for layer-sharded inference and DiLoCo training.",
     )
-    parser.add_argument("--version", action="version", version=f"swarm {_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"swarm {software_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
@@ -30,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    return int(args.handler(args) or 0)
 
 
 if __name__ == "__main__":

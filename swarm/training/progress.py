@@ -1,0 +1,161 @@
+"""What a training peer publishes about itself: one record per peer under ``{swarm}.run.{run}``.
+
+The same record serves three readers: other members (addresses and keys for
+matchmaking and state download, the round and parameter hash for consistency), the
+health page (loss curve, tokens/s, bytes per round), and ``swarm status``.
+Unknown fields are ignored; malformed records are logged and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from swarm.errors import MalformedRecord
+from swarm.records import namespaced_key
+
+logger = logging.getLogger(__name__)
+
+LOSS_HISTORY_LENGTH = 64
+"""Rounds of loss kept in the record: enough for the health page's chart, small in the DHT."""
+
+
+class TrainerState(str, enum.Enum):
+    JOINING = "joining"
+    """Downloading state from a peer; contributes a zero update in its first round."""
+    TRAINING = "training"
+    AVERAGING = "averaging"
+    LEAVING = "leaving"
+
+
+def run_key(swarm: str, run: str) -> str:
+    """The key listing the members of a training run: ``{swarm}.run.{run}``."""
+    return namespaced_key(swarm, "run", run)
+
+
+def _get(wire: Mapping[str, Any], name: str, types, default: Any = ...) -> Any:
+    if name not in wire:
+        if default is ...:
+            raise MalformedRecord(f"training record lacks field {name!r}")
+        return default
+    value = wire[name]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise MalformedRecord(f"training record field {name!r} has type {type(value).__name__}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPeerRecord:
+    """One member of a run, as it announces itself.
+
+    Attributes:
+        state: joining, training, averaging or leaving.
+        round: the outer round this peer's parameters are at.
+        inner_step: inner steps done in total.
+        loss: the latest inner training loss.
+        loss_history: ``(round, loss)`` pairs, the last :data:`LOSS_HISTORY_LENGTH` rounds.
+        tokens_per_second: inner-loop training speed.
+        bytes_last_round: bytes this peer sent in the last all-reduce.
+        members_last_round: group size of the last all-reduce.
+        parameters_hash: SHA-256 of ``theta_global`` after ``round`` (members must agree).
+        addresses: transport endpoints (all-reduce, state download).
+        curve_public_key: z85 CURVE key of those endpoints.
+        bandwidth: declared bytes/s, sets this peer's all-reduce part size.
+        version: software version.
+        updated_at: DHT time of this record.
+    """
+
+    state: TrainerState
+    round: int
+    inner_step: int
+    loss: float
+    loss_history: tuple[tuple[int, float], ...]
+    tokens_per_second: float
+    bytes_last_round: int
+    members_last_round: int
+    parameters_hash: str
+    addresses: tuple[str, ...]
+    curve_public_key: bytes
+    bandwidth: float
+    version: str
+    updated_at: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "round": self.round,
+            "step": self.inner_step,
+            "loss": float(self.loss),
+            "losses": [[r, float(v)] for r, v in self.loss_history[-LOSS_HISTORY_LENGTH:]],
+            "tps": float(self.tokens_per_second),
+            "bytes": int(self.bytes_last_round),
+            "members": int(self.members_last_round),
+            "hash": self.parameters_hash,
+            "addrs": list(self.addresses),
+            "curve": self.curve_public_key,
+            "bw": float(self.bandwidth),
+            "ver": self.version,
+            "at": float(self.updated_at),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> TrainingPeerRecord:
+        """Parses a wire dict; unknown fields are ignored.
+
+        Raises:
+            MalformedRecord: not a dict, or a field is missing, mistyped or out of range.
+        """
+        if not isinstance(wire, Mapping):
+            raise MalformedRecord(f"training record must be a dict, got {type(wire).__name__}")
+        try:
+            state = TrainerState(_get(wire, "state", str))
+        except ValueError as error:
+            raise MalformedRecord(f"unknown trainer state {wire['state']!r}") from error
+        history = []
+        for item in _get(wire, "losses", (list, tuple), [])[-LOSS_HISTORY_LENGTH:]:
+            if (
+                not isinstance(item, (list, tuple))
+                or len(item) != 2
+                or not isinstance(item[0], int)
+                or not isinstance(item[1], (int, float))
+            ):
+                raise MalformedRecord(f"loss history entries must be [round, loss], got {item!r}")
+            history.append((int(item[0]), float(item[1])))
+        addresses = _get(wire, "addrs", (list, tuple))
+        if not all(isinstance(address, str) for address in addresses):
+            raise MalformedRecord("addresses must be strings")
+        record = cls(
+            state=state,
+            round=_get(wire, "round", int),
+            inner_step=_get(wire, "step", int),
+            loss=float(_get(wire, "loss", (int, float))),
+            loss_history=tuple(history),
+            tokens_per_second=float(_get(wire, "tps", (int, float))),
+            bytes_last_round=_get(wire, "bytes", int),
+            members_last_round=_get(wire, "members", int),
+            parameters_hash=_get(wire, "hash", str),
+            addresses=tuple(addresses),
+            curve_public_key=_get(wire, "curve", bytes),
+            bandwidth=float(_get(wire, "bw", (int, float))),
+            version=_get(wire, "ver", str),
+            updated_at=float(_get(wire, "at", (int, float))),
+        )
+        if record.round < 0 or record.inner_step < 0 or record.bandwidth <= 0:
+            raise MalformedRecord("round and step must be >= 0 and bandwidth > 0")
+        return record
+
+
+def parse_run_listing(listing: Mapping[str, Any]) -> dict[str, TrainingPeerRecord]:
+    """The members of a run by peer id; tombstones dropped, malformed records logged and skipped."""
+    members = {}
+    for peer_id, wire in listing.items():
+        if wire is None:
+            continue
+        try:
+            members[peer_id] = TrainingPeerRecord.from_wire(wire)
+        except MalformedRecord as error:
+            logger.warning("skipping malformed training record from %s: %s", peer_id, error)
+    return members
