@@ -1,15 +1,48 @@
 """Pure compute: model blocks, checkpoint loading, quantization. No networking."""
 
+from kernels.cache import KVCache, LayerCache
+from kernels.checkpoint import (
+    CheckpointError,
+    load_blocks,
+    load_client_pieces,
+    load_local_model,
+    read_weight_map,
+)
+from kernels.config import ModelConfig, UnsupportedModelError, load_config
+from kernels.generate import generate, sample_next_token
+from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
 from kernels.quantize import (
     dequantize_blockwise_4bit,
     dequantize_blockwise_int8,
     quantize_blockwise_4bit,
     quantize_blockwise_int8,
 )
+from kernels.quantized_linear import QuantizedLinear, module_nbytes, quantize_linears_
+from kernels.tiny import write_tiny_checkpoint
 
 __all__ = [
+    "BlockSpan",
+    "CheckpointError",
+    "ClientPieces",
+    "KVCache",
+    "LayerCache",
+    "LocalModel",
+    "ModelConfig",
+    "QuantizedLinear",
+    "TransformerBlock",
+    "UnsupportedModelError",
     "dequantize_blockwise_4bit",
     "dequantize_blockwise_int8",
+    "generate",
+    "load_blocks",
+    "load_client_pieces",
+    "load_config",
+    "load_local_model",
+    "module_nbytes",
     "quantize_blockwise_4bit",
     "quantize_blockwise_int8",
+    "quantize_linears_",
+    "read_weight_map",
+    "sample_next_token",
+    "write_tiny_checkpoint",
 ]

@@ -8,14 +8,22 @@ element of a pair in the low nibble.
 Error bounds (per element, ``absmax`` = the absolute maximum of its block):
     int8: |x - dequant(quant(x))| <= absmax / 254        (half a step of absmax/127)
     int4: |x - dequant(quant(x))| <= absmax / 14         (half a step of absmax/7)
-    nf4:  |x - dequant(quant(x))| <= absmax * 0.0849     (half the widest NF4 gap, 1.0 - 0.7230)
+    nf4:  |x - dequant(quant(x))| <= absmax * 0.1520     (half the widest NF4 gap, -1.0 to -0.6962)
 
-The functions here are the plain-torch reference; faster paths must match them.
+The ``*_reference`` functions are plain torch and define the results. The public
+functions dispatch at call time: CUDA tensors to Triton kernels (when Triton is
+installed, :mod:`kernels.quantize_triton`), CPU tensors to the compiled C library
+(:mod:`kernels.quantize_cpu`, bit-identical to the reference), and anything else, or
+a machine where the library cannot be built, to the reference.
+
+Non-finite inputs are not supported: a block holding inf or NaN decodes to garbage.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels import quantize_cpu
 
 # NF4 code book: quantiles of a standard normal, scaled to [-1, 1]
 # (Dettmers et al. 2023, "QLoRA", appendix E; same values as bitsandbytes).
@@ -104,6 +112,7 @@ def quantize_blockwise_4bit_reference(
     if kind == "int4":
         codes = (torch.round(normalized * 7.0).clamp_(-7, 7) + 7).to(torch.uint8)
     else:
+        levels = levels.to(normalized.device)
         codes = (normalized[:, None] - levels[None, :]).abs().argmin(dim=1).to(torch.uint8)
     if numel % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
@@ -121,16 +130,99 @@ def dequantize_blockwise_4bit_reference(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_4bit_reference`; returns ``numel`` values of ``dtype``."""
     _check_block_size(block_size)
-    levels = _four_bit_levels(kind)
+    levels = _four_bit_levels(kind).to(packed.device)
     codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel].long()
     normalized = levels[codes]
     values = _blocks(normalized, block_size) * scales.to(torch.float32)[:, None]
     return values.reshape(-1)[:numel].to(dtype)
 
 
-# Public entry points. The kernels work replaces these with dispatchers that choose a
-# fast path (CPU vectorised / GPU Triton) and fall back to the reference.
-quantize_blockwise_int8 = quantize_blockwise_int8_reference
-dequantize_blockwise_int8 = dequantize_blockwise_int8_reference
-quantize_blockwise_4bit = quantize_blockwise_4bit_reference
-dequantize_blockwise_4bit = dequantize_blockwise_4bit_reference
+def _triton_ready(tensor: torch.Tensor) -> bool:
+    if not tensor.is_cuda:
+        return False
+    from kernels import quantize_triton  # imported only on CUDA machines
+
+    return quantize_triton.is_available()
+
+
+def _cpu_library(tensor: torch.Tensor):
+    return quantize_cpu.load_library() if tensor.device.type == "cpu" else None
+
+
+def quantize_blockwise_int8(x: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`quantize_blockwise_int8_reference`, on the fastest available path."""
+    _check_block_size(block_size)
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_blockwise_int8 needs a floating tensor, got {x.dtype}")
+    if _triton_ready(x):
+        from kernels import quantize_triton
+
+        return quantize_triton.quantize_int8(x, block_size)
+    if (library := _cpu_library(x)) is not None:
+        return quantize_cpu.quantize_int8(library, x, block_size)
+    return quantize_blockwise_int8_reference(x, block_size)
+
+
+def dequantize_blockwise_int8(
+    codes: torch.Tensor, scales: torch.Tensor, block_size: int = 64, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Same contract as :func:`dequantize_blockwise_int8_reference`, on the fastest available path."""
+    _check_block_size(block_size)
+    _check_lengths(codes.numel(), scales, block_size)
+    if _triton_ready(codes):
+        from kernels import quantize_triton
+
+        return quantize_triton.dequantize_int8(codes, scales, block_size, dtype)
+    if (library := _cpu_library(codes)) is not None and scales.device.type == "cpu":
+        return quantize_cpu.dequantize_int8(library, codes.view(torch.int8), scales, block_size, dtype)
+    return dequantize_blockwise_int8_reference(codes, scales, block_size, dtype)
+
+
+def quantize_blockwise_4bit(
+    x: torch.Tensor, block_size: int = 64, kind: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`quantize_blockwise_4bit_reference`, on the fastest available path."""
+    _check_block_size(block_size)
+    levels = _four_bit_levels(kind)
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_blockwise_4bit needs a floating tensor, got {x.dtype}")
+    if _triton_ready(x):
+        from kernels import quantize_triton
+
+        return quantize_triton.quantize_4bit(x, block_size, levels, kind)
+    if (library := _cpu_library(x)) is not None:
+        return quantize_cpu.quantize_4bit(library, x, block_size, levels, kind)
+    return quantize_blockwise_4bit_reference(x, block_size, kind)
+
+
+def dequantize_blockwise_4bit(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    numel: int,
+    block_size: int = 64,
+    kind: str = "nf4",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Same contract as :func:`dequantize_blockwise_4bit_reference`, on the fastest available path."""
+    _check_block_size(block_size)
+    levels = _four_bit_levels(kind)
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"{numel} values need {(numel + 1) // 2} packed bytes, got {packed.numel()}")
+    _check_lengths(numel, scales, block_size)
+    if _triton_ready(packed):
+        from kernels import quantize_triton
+
+        return quantize_triton.dequantize_4bit(packed, scales, numel, block_size, levels, dtype)
+    if (library := _cpu_library(packed)) is not None and scales.device.type == "cpu":
+        return quantize_cpu.dequantize_4bit(
+            library, packed.view(torch.uint8), scales, numel, block_size, levels, dtype
+        )
+    return dequantize_blockwise_4bit_reference(packed, scales, numel, block_size, kind, dtype)
+
+
+def _check_lengths(numel: int, scales: torch.Tensor, block_size: int) -> None:
+    """The C and Triton paths index scales by block: refuse a short scales tensor up front."""
+    if scales.numel() != -(-numel // block_size):
+        raise ValueError(
+            f"{numel} values in blocks of {block_size} need {-(-numel // block_size)} scales, got {scales.numel()}"
+        )
