@@ -1,0 +1,284 @@
+"""What peers publish in the DHT: typed records, their wire form, and the key layout.
+
+Keys are namespaced by swarm name; every record is a per-peer record (subkey = peer id)::
+
+    {swarm}.model          one ModelRecord per server (readers take the majority)
+    {swarm}.block.{i}      one ServerRecord per server holding block i
+
+Wire values are msgpack-friendly dicts with short keys. Readers ignore unknown fields
+(newer peers may add some) and raise ``MalformedRecord`` on missing or mistyped ones;
+listing functions log and skip such records. ``None`` is a withdrawn record (tombstone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+from swarm.errors import InvalidSpan, MalformedRecord
+from swarm.identity import PeerId
+from swarm.spans import Span
+from transport.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def _check_name(name: str, flag: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigurationError(f"{flag} {name!r}: use 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+def namespaced_key(swarm: str, *parts: str | int) -> str:
+    """Builds a DHT key in the swarm's namespace, e.g. ``namespaced_key("s", "block", 3)``.
+
+    Raises:
+        ConfigurationError: the swarm name has characters other than letters, digits, ``_-``.
+    """
+    _check_name(swarm, "--swarm")
+    return ".".join([swarm, *(str(part) for part in parts)])
+
+
+def model_key(swarm: str) -> str:
+    """The key of the model records: ``{swarm}.model``."""
+    return namespaced_key(swarm, "model")
+
+
+def block_key(swarm: str, block: int) -> str:
+    """The key listing the servers of one block: ``{swarm}.block.{block}``."""
+    return namespaced_key(swarm, "block", block)
+
+
+class PeerValue(NamedTuple):
+    """One per-peer value found in the DHT, with its expiration (DHT time)."""
+
+    value: Any
+    expiration_time: float
+
+
+class ServerState(str, enum.Enum):
+    """Lifecycle of a server: JOINING (loading weights), ONLINE (serving), DRAINING (leaving)."""
+
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+
+
+def _field(wire: Mapping[str, Any], name: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in wire:
+        if default is ...:
+            raise MalformedRecord(f"record lacks field {name!r}")
+        return default
+    value = wire[name]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise MalformedRecord(f"field {name!r} must not be a bool")
+    if not isinstance(value, types):
+        raise MalformedRecord(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _non_negative(name: str, value: float) -> float:
+    if not value >= 0:  # also rejects NaN
+        raise MalformedRecord(f"field {name!r} must be >= 0, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """The model this swarm serves.
+
+    Attributes:
+        model_id: a human name such as ``"meta-llama/Llama-2-70b-hf"``.
+        config_hash: hex hash of the model's config (peers with another hash are another model).
+        n_blocks: number of transformer blocks.
+    """
+
+    model_id: str
+    config_hash: str
+    n_blocks: int
+
+    def __post_init__(self) -> None:
+        if self.n_blocks <= 0:
+            raise MalformedRecord(f"n_blocks must be positive, got {self.n_blocks}")
+
+    def to_wire(self) -> dict[str, Any]:
+        """Returns the msgpack-friendly dict stored in the DHT."""
+        return {"model": self.model_id, "config": self.config_hash, "blocks": self.n_blocks}
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> ModelRecord:
+        """Parses a wire dict; unknown fields are ignored.
+
+        Raises:
+            MalformedRecord: not a dict, or a field is missing or mistyped.
+        """
+        if not isinstance(wire, Mapping):
+            raise MalformedRecord(f"model record must be a dict, got {type(wire).__name__}")
+        return cls(
+            model_id=_field(wire, "model", str),
+            config_hash=_field(wire, "config", str),
+            n_blocks=_field(wire, "blocks", int),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerRecord:
+    """One server as it announces itself, stored under every block of its span.
+
+    Attributes:
+        peer_id: the owner (the DHT subkey; not repeated in the value).
+        state: JOINING, ONLINE or DRAINING.
+        span: the blocks it holds.
+        throughput: tokens/s it can push through one block when batched; the unit of coverage.
+        inference_rate: single-token inference steps/s through one block (routing latency).
+        free_cache_tokens: more tokens of attention cache it can give a new session.
+        load: requests queued or running now.
+        addresses: transport endpoints, e.g. ``("tcp://1.2.3.4:31337",)``.
+        curve_public_key: z85 CURVE key the transport must see when connecting.
+        version: software version.
+        next_rtts: measured round-trip seconds to servers of the following span, by peer id.
+        device: e.g. ``"cuda:NVIDIA H100"``.
+        dtype: e.g. ``"bfloat16"``.
+        started_at: DHT time the server started.
+    """
+
+    peer_id: PeerId
+    state: ServerState
+    span: Span
+    throughput: float
+    inference_rate: float
+    free_cache_tokens: int
+    load: int
+    addresses: tuple[str, ...]
+    curve_public_key: bytes
+    version: str
+    next_rtts: Mapping[PeerId, float] = dataclasses.field(default_factory=dict)
+    device: str = ""
+    dtype: str = ""
+    started_at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        """Returns the msgpack-friendly dict stored in the DHT (without ``peer_id``)."""
+        return {
+            "state": self.state.value,
+            "span": [self.span.start, self.span.end],
+            "tput": float(self.throughput),
+            "irate": float(self.inference_rate),
+            "cache": int(self.free_cache_tokens),
+            "load": int(self.load),
+            "addrs": list(self.addresses),
+            "curve": self.curve_public_key,
+            "ver": self.version,
+            "rtts": {str(peer): float(rtt) for peer, rtt in self.next_rtts.items()},
+            "device": self.device,
+            "dtype": self.dtype,
+            "started": float(self.started_at),
+        }
+
+    @classmethod
+    def from_wire(cls, peer_id: str, wire: Any) -> ServerRecord:
+        """Parses a wire dict published by ``peer_id``; unknown fields are ignored.
+
+        Raises:
+            MalformedRecord: not a dict, or a field is missing, mistyped or out of range.
+        """
+        if not isinstance(wire, Mapping):
+            raise MalformedRecord(f"server record must be a dict, got {type(wire).__name__}")
+        try:
+            state = ServerState(_field(wire, "state", str))
+        except ValueError as error:
+            raise MalformedRecord(f"unknown server state {wire['state']!r}") from error
+        span_wire = _field(wire, "span", (list, tuple))
+        if len(span_wire) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span_wire):
+            raise MalformedRecord(f"span must be two integers, got {span_wire!r}")
+        try:
+            span = Span(*span_wire)
+        except InvalidSpan as error:
+            raise MalformedRecord(str(error)) from error
+        addresses = _field(wire, "addrs", (list, tuple))
+        if not all(isinstance(address, str) for address in addresses):
+            raise MalformedRecord("addresses must be strings")
+        rtts = _field(wire, "rtts", Mapping, {})
+        if not all(isinstance(p, str) and isinstance(r, (int, float)) for p, r in rtts.items()):
+            raise MalformedRecord("rtts must map peer ids to seconds")
+        return cls(
+            peer_id=PeerId(peer_id),
+            state=state,
+            span=span,
+            throughput=_non_negative("tput", float(_field(wire, "tput", (int, float)))),
+            inference_rate=_non_negative("irate", float(_field(wire, "irate", (int, float)))),
+            free_cache_tokens=int(_non_negative("cache", _field(wire, "cache", int))),
+            load=int(_non_negative("load", _field(wire, "load", int))),
+            addresses=tuple(addresses),
+            curve_public_key=_field(wire, "curve", bytes),
+            version=_field(wire, "ver", str),
+            next_rtts={PeerId(p): float(r) for p, r in rtts.items()},
+            device=_field(wire, "device", str, ""),
+            dtype=_field(wire, "dtype", str, ""),
+            started_at=float(_field(wire, "started", (int, float), 0.0)),
+        )
+
+
+def server_record_entries(swarm: str, record: ServerRecord) -> dict[str, dict[str, Any]]:
+    """The DHT entries that announce ``record``: one per block of its span.
+
+    Returns:
+        ``{block_key(swarm, i): record.to_wire()}`` for every block ``i`` of the span.
+    """
+    wire = record.to_wire()
+    return {block_key(swarm, block): wire for block in range(record.span.start, record.span.end)}
+
+
+def parse_server_listings(listings: Iterable[Mapping[str, PeerValue]]) -> dict[PeerId, ServerRecord]:
+    """Merges per-block listings into one record per server.
+
+    A server that moved may still be listed under its old blocks until those records
+    expire; the record with the latest expiration wins. Tombstones (``None``) are dropped;
+    malformed records are logged and skipped.
+
+    Args:
+        listings: for each block key, ``{peer_id: PeerValue}`` found under it.
+
+    Returns:
+        The servers by peer id.
+    """
+    latest: dict[str, PeerValue] = {}
+    for listing in listings:
+        for peer_id, item in listing.items():
+            if peer_id not in latest or item.expiration_time > latest[peer_id].expiration_time:
+                latest[peer_id] = item
+    servers: dict[PeerId, ServerRecord] = {}
+    for peer_id, item in latest.items():
+        if item.value is None:
+            continue
+        try:
+            servers[PeerId(peer_id)] = ServerRecord.from_wire(peer_id, item.value)
+        except MalformedRecord as error:
+            logger.warning("skipping malformed server record from %s: %s", peer_id, error)
+    return servers
+
+
+def choose_model_record(listing: Mapping[str, Any]) -> ModelRecord | None:
+    """Picks the model record most peers announce; malformed ones are logged and skipped.
+
+    Returns:
+        The majority record, or None if no valid record exists.
+    """
+    votes: Counter[ModelRecord] = Counter()
+    for peer_id, wire in listing.items():
+        if wire is None:
+            continue
+        try:
+            votes[ModelRecord.from_wire(wire)] += 1
+        except MalformedRecord as error:
+            logger.warning("skipping malformed model record from %s: %s", peer_id, error)
+    if not votes:
+        return None
+    return max(votes.items(), key=lambda item: (item[1], item[0].config_hash))[0]
