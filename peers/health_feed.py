@@ -1,0 +1,117 @@
+"""The health page's MQTT feed: the latest telemetry of every peer of one swarm.
+
+Subscribes to ``prefix/<swarm>/+`` (see ``peers.telemetry`` for the message format) and
+keeps one ``PeerTelemetry`` per peer. Messages that are too large, not JSON, for another
+swarm, or whose peer id differs from the topic are skipped. Reconnects after broker
+failures like the publisher; never raises for broker trouble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+
+import aiomqtt
+
+from peers.telemetry import MAX_PAYLOAD_BYTES, MqttEndpoint
+from swarm.errors import MalformedRecord
+from swarm.health import PeerTelemetry, parse_telemetry_state
+
+logger = logging.getLogger(__name__)
+
+MAX_PEERS = 10_000
+"""Peers remembered at most; a flood of fake peer topics cannot grow memory without bound."""
+
+
+class TelemetryFeed:
+    """Keeps the latest telemetry per peer of ``swarm``.
+
+    Args:
+        endpoint: the broker and topic prefix.
+        swarm: whose peers to follow.
+        timeout: deadline of connect and subscribe, in seconds.
+        max_reconnect_delay: longest wait between reconnection attempts, in seconds.
+        on_update: called (synchronously) after each accepted message.
+    """
+
+    def __init__(
+        self,
+        endpoint: MqttEndpoint,
+        swarm: str,
+        *,
+        timeout: float,
+        max_reconnect_delay: float,
+        on_update: Callable[[], None] = lambda: None,
+    ):
+        self.endpoint = endpoint
+        self.swarm = swarm
+        self.timeout = timeout
+        self.max_reconnect_delay = max_reconnect_delay
+        self._on_update = on_update
+        self.peers: dict[str, PeerTelemetry] = {}
+        self.connected = False
+        self.messages = 0
+
+    def accept(self, topic: str, payload: bytes) -> bool:
+        """Applies one message. Returns whether it was valid (invalid ones are logged and skipped)."""
+        peer = topic.rsplit("/", 1)[-1]
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            logger.warning("skipping %d-byte telemetry message on %s", len(payload), topic[:200])
+            return False
+        if not payload:  # a cleared retained message
+            self.peers.pop(peer, None)
+            return True
+        try:
+            message = json.loads(payload)
+            if (
+                not isinstance(message, dict)
+                or message.get("peer") != peer
+                or message.get("swarm") != self.swarm
+            ):
+                raise MalformedRecord("peer or swarm does not match the topic")
+            online = message.get("online")
+            if not isinstance(online, bool):
+                raise MalformedRecord("'online' must be a bool")
+            server, trainer = parse_telemetry_state(message.get("state")) if online else (None, None)
+        except (ValueError, MalformedRecord) as error:
+            logger.warning("skipping malformed telemetry on %s: %s", topic[:200], str(error)[:200])
+            return False
+        if peer not in self.peers and len(self.peers) >= MAX_PEERS:
+            return False
+        self.peers[peer] = PeerTelemetry(online=online, server=server, trainer=trainer)
+        self.messages += 1
+        self._on_update()
+        return True
+
+    async def run(self) -> None:
+        """Subscribes and follows the feed until cancelled, reconnecting after failures."""
+        initial_delay = min(0.1, self.max_reconnect_delay)
+        delay = initial_delay
+        while True:
+            try:
+                client = aiomqtt.Client(
+                    self.endpoint.host,
+                    self.endpoint.port,
+                    identifier=f"swarm-health-{uuid.uuid4().hex[:12]}",
+                    timeout=self.timeout,
+                )
+                async with client:
+                    await client.subscribe(
+                        self.endpoint.swarm_filter(self.swarm), qos=1, timeout=self.timeout
+                    )
+                    self.connected = True
+                    delay = initial_delay
+                    async for message in client.messages:
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        self.accept(str(message.topic), payload)
+            except aiomqtt.MqttError as error:
+                logger.warning(
+                    "MQTT feed from %s failed (retrying in %.1fs): %s", self.endpoint.host, delay, error
+                )
+            finally:
+                self.connected = False
+            await asyncio.sleep(delay)  # backoff between reconnection attempts, not a wait for state
+            delay = min(delay * 2, self.max_reconnect_delay)

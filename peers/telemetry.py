@@ -1,0 +1,303 @@
+"""MQTT telemetry: a peer publishes its state to ``prefix/<swarm>/<peer>`` as retained JSON.
+
+Message (UTF-8 JSON, retained, QoS 1)::
+
+    {"schema": 1, "swarm": str, "peer": str, "online": bool, "sent_at": float | null,
+     "state": {"kind": "server", "peer": str, **ServerRecord wire}        # a serving peer
+            | {"kind": "trainer", "run": str, **TrainingPeerRecord wire}   # a training peer
+            | null}
+
+Bytes fields (the CURVE key) travel as ASCII strings; non-finite floats as ``null``. The
+broker holds a last will with ``"online": false`` for the same topic, so a peer that
+vanishes is marked offline; a clean exit publishes the same message itself.
+
+A daemon uses it like this (``--mqtt`` maps onto ``TelemetryConfig.url``)::
+
+    publisher = TelemetryPublisher(config, swarm=name, peer_id=me, snapshot=lambda: server_telemetry_state(record))
+    async with asyncio.TaskGroup() as group:
+        group.create_task(publisher.run())
+        ...
+        publisher.notify()   # state changed: publish now (never blocks)
+        ...
+        publisher.stop()     # publishes "offline" and returns from run()
+
+A broker that is down or goes away never blocks the peer: every connect and publish has
+a deadline, ``notify()`` only sets an event, and ``run()`` reconnects with a capped
+backoff, publishing the current state as soon as the broker is back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import enum
+import json
+import logging
+import math
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiomqtt
+
+from swarm.records import ServerRecord
+from swarm.training.progress import TrainingPeerRecord
+
+logger = logging.getLogger(__name__)
+
+TELEMETRY_SCHEMA = 1
+DEFAULT_MQTT_PORT = 1883
+DEFAULT_PREFIX = "swarm"
+MAX_PAYLOAD_BYTES = 256 * 1024
+"""Largest telemetry message a reader accepts (a loss history of 64 rounds is ~2 KiB)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MqttEndpoint:
+    """A parsed ``mqtt://host:port/prefix`` URL."""
+
+    host: str
+    port: int
+    prefix: str
+
+    def topic(self, swarm: str, peer: str) -> str:
+        """The topic of one peer: ``prefix/<swarm>/<peer>``."""
+        return f"{self.prefix}/{swarm}/{peer}"
+
+    def swarm_filter(self, swarm: str) -> str:
+        """The subscription filter for every peer of a swarm: ``prefix/<swarm>/+``."""
+        return f"{self.prefix}/{swarm}/+"
+
+
+def parse_mqtt_url(url: str, flag: str = "--mqtt") -> MqttEndpoint:
+    """Parses ``mqtt://host[:port][/prefix]`` (port 1883 and prefix ``swarm`` by default).
+
+    Raises:
+        ValueError: not an ``mqtt://`` URL, no host, a bad port, or wildcards in the prefix.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ValueError(f"{flag} {url!r}: expected mqtt://host:port/prefix")
+    try:
+        port = parsed.port or DEFAULT_MQTT_PORT
+    except ValueError as error:
+        raise ValueError(f"{flag} {url!r}: bad port") from error
+    prefix = parsed.path.strip("/") or DEFAULT_PREFIX
+    if "#" in url or parsed.query or any(char in prefix for char in "+\0") or "//" in prefix:
+        raise ValueError(f"{flag} {url!r}: the topic prefix must not contain '+', '#' or empty levels")
+    return MqttEndpoint(parsed.hostname, port, prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    """MQTT telemetry of one peer.
+
+    Attributes:
+        url: broker and topic prefix, ``mqtt://host:port/prefix`` (``--mqtt``).
+        period: seconds between publications when nothing changes (``--telemetry-period``).
+        timeout: deadline of one connect or publish, in seconds (``--mqtt-timeout``).
+        max_reconnect_delay: longest wait between reconnection attempts, in seconds
+            (``--mqtt-reconnect-delay``).
+    """
+
+    url: str
+    period: float = 10.0
+    timeout: float = 5.0
+    max_reconnect_delay: float = 10.0
+
+    def __post_init__(self) -> None:
+        parse_mqtt_url(self.url)
+        if not self.period > 0:
+            raise ValueError(f"--telemetry-period must be positive, got {self.period}")
+        if not self.timeout > 0:
+            raise ValueError(f"--mqtt-timeout must be positive, got {self.timeout}")
+        if not self.max_reconnect_delay > 0:
+            raise ValueError(f"--mqtt-reconnect-delay must be positive, got {self.max_reconnect_delay}")
+
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        return parse_mqtt_url(self.url)
+
+
+def add_telemetry_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--mqtt`` and its tuning flags to a daemon's parser (defaults from ``TelemetryConfig``)."""
+    defaults = TelemetryConfig(url="mqtt://localhost")
+    parser.add_argument(
+        "--mqtt", metavar="URL", default=None, help="publish telemetry to mqtt://host:port/prefix"
+    )
+    parser.add_argument(
+        "--telemetry-period", type=float, default=defaults.period, help="seconds between publications"
+    )
+    parser.add_argument(
+        "--mqtt-timeout", type=float, default=defaults.timeout, help="deadline of one MQTT operation"
+    )
+    parser.add_argument(
+        "--mqtt-reconnect-delay",
+        type=float,
+        default=defaults.max_reconnect_delay,
+        help="longest reconnect backoff",
+    )
+
+
+def telemetry_config_from_args(args: argparse.Namespace) -> TelemetryConfig | None:
+    """The telemetry config from flags added by ``add_telemetry_arguments`` (None without ``--mqtt``).
+
+    Raises:
+        ValueError: a flag is invalid (the message names it).
+    """
+    if not args.mqtt:
+        return None
+    return TelemetryConfig(
+        url=args.mqtt,
+        period=args.telemetry_period,
+        timeout=args.mqtt_timeout,
+        max_reconnect_delay=args.mqtt_reconnect_delay,
+    )
+
+
+def server_telemetry_state(record: ServerRecord) -> dict[str, Any]:
+    """The telemetry ``state`` of a serving peer: its record's wire fields."""
+    return {"kind": "server", "peer": str(record.peer_id), **record.to_wire()}
+
+
+def trainer_telemetry_state(run: str, record: TrainingPeerRecord) -> dict[str, Any]:
+    """The telemetry ``state`` of a training peer: its record's wire fields (incl. loss history)."""
+    return {"kind": "trainer", "run": run, **record.to_wire()}
+
+
+def to_json_value(value: Any) -> Any:
+    """Converts record wire values to JSON: bytes to ASCII text, enums to values, NaN/inf to None."""
+    if isinstance(value, enum.Enum):
+        return to_json_value(value.value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("ascii", "replace")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): to_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(item) for item in value]
+    return value
+
+
+def encode_message(swarm: str, peer: str, *, online: bool, state: Any, sent_at: float | None) -> bytes:
+    """Encodes one telemetry message (schema in the module docstring)."""
+    message = {
+        "schema": TELEMETRY_SCHEMA,
+        "swarm": swarm,
+        "peer": peer,
+        "online": online,
+        "sent_at": sent_at,
+        "state": to_json_value(state),
+    }
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+class TelemetryPublisher:
+    """Publishes one peer's state to MQTT periodically and on change; survives broker outages.
+
+    Args:
+        config: broker, period and deadlines.
+        swarm: the swarm name (second topic level).
+        peer_id: this peer's id (third topic level).
+        snapshot: returns the peer's current state (``server_telemetry_state(...)`` or
+            ``trainer_telemetry_state(...)``); called from ``run()`` before each publication.
+        clock: unix time source for ``sent_at`` (injected in tests).
+    """
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        *,
+        swarm: str,
+        peer_id: str,
+        snapshot: Callable[[], Mapping[str, Any]],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.swarm = swarm
+        self.peer_id = peer_id
+        self._snapshot = snapshot
+        self._clock = clock
+        self._endpoint = config.endpoint
+        self.topic = self._endpoint.topic(swarm, peer_id)
+        self._changed = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.connected = False
+        self.published = 0
+        self.failures = 0
+
+    def notify(self) -> None:
+        """Asks for a publication now (the state changed). Never blocks."""
+        self._changed.set()
+
+    def stop(self) -> None:
+        """Makes ``run()`` publish "offline" (if connected) and return."""
+        self._stopped.set()
+        self._changed.set()
+
+    def _client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(
+            self.topic,
+            encode_message(self.swarm, self.peer_id, online=False, state=None, sent_at=None),
+            qos=1,
+            retain=True,
+        )
+        return aiomqtt.Client(
+            self._endpoint.host,
+            self._endpoint.port,
+            identifier=f"swarm-{self.peer_id[:16]}-{uuid.uuid4().hex[:8]}",
+            will=will,
+            timeout=self.config.timeout,
+            keepalive=max(5, math.ceil(self.config.period * 3)),
+        )
+
+    async def _publish(self, client: aiomqtt.Client, *, online: bool) -> None:
+        state = self._snapshot() if online else None
+        payload = encode_message(self.swarm, self.peer_id, online=online, state=state, sent_at=self._clock())
+        async with asyncio.timeout(self.config.timeout):
+            await client.publish(self.topic, payload, qos=1, retain=True, timeout=self.config.timeout)
+        self.published += 1
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        while not self._stopped.is_set():
+            self._changed.clear()
+            await self._publish(client, online=True)
+            try:
+                async with asyncio.timeout(self.config.period):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        await self._publish(client, online=False)
+
+    async def run(self) -> None:
+        """Connects, publishes until ``stop()``, and reconnects after failures (capped backoff).
+
+        Never raises for broker trouble: failures are logged, counted in ``failures`` and retried.
+        """
+        initial_delay = min(0.1, self.config.max_reconnect_delay)
+        delay = initial_delay
+        while not self._stopped.is_set():
+            try:
+                # Connect is bounded by the client's own timeout; this scope also bounds a
+                # disconnect that hangs on a half-dead socket.
+                async with self._client() as client:
+                    self.connected = True
+                    delay = initial_delay
+                    await self._serve(client)
+            except (aiomqtt.MqttError, TimeoutError, OSError) as error:
+                self.failures += 1
+                logger.warning(
+                    "MQTT telemetry to %s failed (retrying in %.1fs): %s", self._endpoint.host, delay, error
+                )
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._stopped.wait()
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, self.config.max_reconnect_delay)
+            finally:
+                self.connected = False

@@ -1,0 +1,546 @@
+"""The health snapshot: what the swarm looks like from one peer's view, as plain JSON-ready data.
+
+Pure functions over parsed records (``swarm.records``, ``swarm.training.progress``): no
+network, no clock of their own. ``swarm.health_reader`` fetches the records from the DHT;
+``peers.health`` serves the result as a page, ``/api/state`` and ``/metrics``;
+``peers.status`` prints it.
+
+Training runs are discovered through a run index that trainers publish next to their run
+record (and through ``--run NAME`` flags)::
+
+    {swarm}.runs    subkey = the trainer's peer id, value = {"run": NAME}
+
+(The subkey must be the publisher's peer id: records are signed per peer.) A trainer adds
+``run_index_entry(swarm, run)`` to what its announcer publishes.
+
+``/api/state`` schema (``schema`` = 1; every string from the DHT is clipped to
+:data:`MAX_TEXT` characters; readers must HTML-escape it)::
+
+    {
+      "schema": 1,
+      "swarm": str,
+      "generated_at": float,          # unix time of the snapshot
+      "verdict": "healthy" | "degraded" | "broken",   # worst of the model verdict and the alerts
+      "sources": {"dht": bool, "dht_error": str | null,
+                  "mqtt": bool, "mqtt_connected": bool, "mqtt_peers": int},
+      "model": null | {
+        "model_id": str, "config_hash": str, "n_blocks": int,
+        "verdict": "healthy" | "degraded" | "broken", "reason": str,
+        "blocks": [{"index": int, "servers": int, "throughput": float, "covered": bool}],
+        "uncovered": [[start, end], ...]          # half-open ranges without an online server
+      },
+      "servers": [{
+        "peer_id": str, "short_id": str, "state": str,   # joining|online|draining|offline
+        "version": str, "stale_version": bool, "device": str, "dtype": str,
+        "span": [start, end], "throughput": float, "inference_rate": float,
+        "free_cache_tokens": int, "load": int,
+        "rtts": {short_id: seconds}, "uptime": float | null, "source": "dht" | "dht+mqtt"
+      }],
+      "runs": [{
+        "name": str, "round": int, "members": int, "tokens_per_second": float,
+        "bytes_per_round": int, "loss": float | null,
+        "loss_curve": [[round, mean loss], ...], "stalled": bool,
+        "seconds_since_progress": float, "hashes_agree": bool,
+        "peers": [{"peer_id", "short_id", "state", "round", "loss", "tokens_per_second", "version"}]
+      }],
+      "alerts": [{"kind": str, "severity": "error" | "warning", "message": str}]
+    }
+
+Alert kinds: ``no_model``, ``uncovered_blocks``, ``thin_coverage``, ``stale_version``,
+``stalled_run``, ``empty_run``, ``hash_mismatch``, ``peer_offline``, ``dht_unreachable``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from swarm.errors import MalformedRecord
+from swarm.records import ModelRecord, ServerRecord, ServerState, namespaced_key
+from swarm.training.progress import TrainerState, TrainingPeerRecord
+from transport.errors import ConfigurationError
+
+SCHEMA_VERSION = 1
+MAX_TEXT = 80
+"""Longest string from the DHT we show; hostile peers may publish megabytes."""
+MAX_BLOCKS = 4096
+"""Most blocks we chart; a larger ``n_blocks`` in a model record is treated as hostile."""
+MAX_RUNS = 32
+"""Most training runs we follow from the run index."""
+MAX_CURVE_POINTS = 256
+SHORT_ID_LENGTH = 10
+VERDICTS = ("healthy", "degraded", "broken")
+_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def run_index_key(swarm: str) -> str:
+    """The key where trainers list the runs they take part in: ``{swarm}.runs``."""
+    return namespaced_key(swarm, "runs")
+
+
+def run_index_entry(swarm: str, run: str) -> dict[str, dict[str, str]]:
+    """The run index record a trainer publishes (add it to its announcer's output).
+
+    Returns:
+        ``{run_index_key(swarm): {"run": run}}``.
+
+    Raises:
+        ConfigurationError: the swarm or run name has characters other than letters, digits, ``_-``.
+    """
+    if not isinstance(run, str) or not _RUN_NAME_RE.match(run):
+        raise ConfigurationError(f"--run {run!r}: use 1-64 letters, digits, '_' or '-'")
+    return {run_index_key(swarm): {"run": run}}  # run_index_key validates the swarm name
+
+
+def parse_run_index(values: Iterable[Any]) -> list[str]:
+    """The run names found in run index values; malformed ones are skipped.
+
+    Args:
+        values: the per-peer values under ``run_index_key``.
+
+    Returns:
+        Distinct valid run names, sorted, at most :data:`MAX_RUNS`.
+    """
+    names = set()
+    for value in values:
+        if isinstance(value, Mapping):
+            name = value.get("run")
+            if isinstance(name, str) and _RUN_NAME_RE.match(name):
+                names.add(name)
+    return sorted(names)[:MAX_RUNS]
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthThresholds:
+    """When the snapshot calls something degraded or stalled.
+
+    Attributes:
+        min_redundancy: online servers per block below which coverage is "degraded"
+            (one server per block works, but its loss breaks generation).
+        stall_after: seconds without a new round before a run counts as stalled.
+    """
+
+    min_redundancy: int = 2
+    stall_after: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.min_redundancy < 1:
+            raise ValueError(f"--min-redundancy must be >= 1, got {self.min_redundancy}")
+        if not self.stall_after > 0:
+            raise ValueError(f"--stall-after must be positive, got {self.stall_after}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmView:
+    """The parsed records one read of the DHT found.
+
+    Attributes:
+        swarm: the swarm name.
+        model: the majority model record, or None.
+        servers: servers by peer id.
+        runs: run name -> members by peer id.
+        n_blocks_clipped: the model claims more than :data:`MAX_BLOCKS` blocks.
+    """
+
+    swarm: str
+    model: ModelRecord | None = None
+    servers: Mapping[str, ServerRecord] = dataclasses.field(default_factory=dict)
+    runs: Mapping[str, Mapping[str, TrainingPeerRecord]] = dataclasses.field(default_factory=dict)
+    n_blocks_clipped: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerTelemetry:
+    """The latest MQTT telemetry of one peer (see ``peers.telemetry``).
+
+    Attributes:
+        online: False once the peer's last will (or clean exit) said it went offline.
+        server: its server record as published, if it serves.
+        trainer: ``(run, record)`` if it trains.
+    """
+
+    online: bool
+    server: ServerRecord | None = None
+    trainer: tuple[str, TrainingPeerRecord] | None = None
+
+
+class RunProgressTracker:
+    """Remembers when each run last reached a new round, to tell stalled runs apart.
+
+    Time is passed in (DHT/unix seconds), so tests run in milliseconds.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def observe(self, run: str, round_: int, now: float) -> float:
+        """Records the run's current round.
+
+        Returns:
+            Seconds since the run's round last changed (0 on first sight).
+        """
+        previous = self._seen.get(run)
+        if previous is None or round_ != previous[0]:
+            self._seen[run] = (round_, now)
+            return 0.0
+        return max(0.0, now - previous[1])
+
+
+def clip_text(value: object, limit: int = MAX_TEXT) -> str:
+    """A display-safe length-bounded string (not HTML-escaped).
+
+    Args:
+        value: anything; non-strings become ``repr`` text.
+        limit: the most characters kept.
+
+    Returns:
+        The text, cut with "…" when longer than ``limit``, control characters replaced.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
+def short_id(peer_id: str) -> str:
+    """The first :data:`SHORT_ID_LENGTH` characters of a peer id, for tables and labels."""
+    return clip_text(peer_id, SHORT_ID_LENGTH + 1)[:SHORT_ID_LENGTH]
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else 0.0
+
+
+def _parse_version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except (InvalidVersion, TypeError):
+        return None
+
+
+def _ranges(blocks: Iterable[int]) -> list[list[int]]:
+    ranges: list[list[int]] = []
+    for block in sorted(blocks):
+        if ranges and ranges[-1][1] == block:
+            ranges[-1][1] = block + 1
+        else:
+            ranges.append([block, block + 1])
+    return ranges
+
+
+def _format_ranges(ranges: list[list[int]]) -> str:
+    return ", ".join(str(start) if end - start == 1 else f"{start}..{end - 1}" for start, end in ranges)
+
+
+def _alert(kind: str, severity: str, message: str) -> dict[str, str]:
+    return {"kind": kind, "severity": severity, "message": clip_text(message, 400)}
+
+
+def _merge_server(record: ServerRecord, telemetry: PeerTelemetry | None) -> tuple[ServerRecord, str, str]:
+    """Overlays live fields from MQTT on a DHT record. Returns (record, state, source)."""
+    if telemetry is None:
+        return record, record.state.value, "dht"
+    if not telemetry.online:
+        return record, "offline", "dht+mqtt"
+    live = telemetry.server
+    if live is None:
+        return record, record.state.value, "dht"
+    # Membership and span stay DHT-authoritative (signed); MQTT refreshes the fast-moving numbers.
+    merged = dataclasses.replace(
+        record,
+        state=live.state,
+        throughput=live.throughput,
+        inference_rate=live.inference_rate,
+        free_cache_tokens=live.free_cache_tokens,
+        load=live.load,
+    )
+    return merged, live.state.value, "dht+mqtt"
+
+
+def _model_state(
+    view: SwarmView, servers: list[tuple[ServerRecord, str]], thresholds: HealthThresholds
+) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    alerts = []
+    model = view.model
+    if model is None:
+        if not servers:
+            return None, [_alert("no_model", "error", "no peer announces a model: nothing is served")]
+        alerts.append(
+            _alert("no_model", "error", "servers are announced but no peer announces the model record")
+        )
+        n_blocks = min(MAX_BLOCKS, max(record.span.end for record, _ in servers))
+        model_id, config_hash = "unknown", ""
+    else:
+        n_blocks = min(MAX_BLOCKS, model.n_blocks)
+        model_id, config_hash = model.model_id, model.config_hash
+    counts = [0] * n_blocks
+    throughput = [0.0] * n_blocks
+    for record, state in servers:
+        if state != ServerState.ONLINE.value:
+            continue
+        for block in range(record.span.start, min(record.span.end, n_blocks)):
+            counts[block] += 1
+            throughput[block] += _finite(record.throughput)
+    uncovered = _ranges(block for block, count in enumerate(counts) if count == 0)
+    thin = _ranges(block for block, count in enumerate(counts) if 0 < count < thresholds.min_redundancy)
+    if model is None:
+        verdict, reason = "broken", "no model record in the DHT"
+    elif uncovered:
+        verdict = "broken"
+        reason = f"blocks {_format_ranges(uncovered)} have no online server"
+    elif thin:
+        verdict = "degraded"
+        reason = f"blocks {_format_ranges(thin)} have fewer than {thresholds.min_redundancy} online servers"
+    else:
+        verdict, reason = "healthy", f"every block has at least {thresholds.min_redundancy} online servers"
+    if view.n_blocks_clipped:
+        reason += f" (model claims more than {MAX_BLOCKS} blocks; only the first {MAX_BLOCKS} are shown)"
+    if uncovered:
+        alerts.append(
+            _alert("uncovered_blocks", "error", f"no online server covers blocks {_format_ranges(uncovered)}")
+        )
+    elif thin and model is not None:
+        alerts.append(_alert("thin_coverage", "warning", reason))
+    state = {
+        "model_id": clip_text(model_id),
+        "config_hash": clip_text(config_hash),
+        "n_blocks": n_blocks,
+        "verdict": verdict,
+        "reason": clip_text(reason, 400),
+        "blocks": [
+            {
+                "index": block,
+                "servers": counts[block],
+                "throughput": throughput[block],
+                "covered": counts[block] > 0,
+            }
+            for block in range(n_blocks)
+        ],
+        "uncovered": uncovered,
+    }
+    return state, alerts
+
+
+def _run_state(
+    name: str,
+    members: Mapping[str, TrainingPeerRecord],
+    tracker: RunProgressTracker,
+    now: float,
+    thresholds: HealthThresholds,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    alerts = []
+    active = {peer: record for peer, record in members.items() if record.state != TrainerState.LEAVING}
+    round_ = max((record.round for record in members.values()), default=0)
+    since = tracker.observe(name, round_, now)
+    newest_update = max((record.updated_at for record in members.values()), default=now)
+    stalled = bool(members) and (
+        since >= thresholds.stall_after or now - newest_update >= thresholds.stall_after
+    )
+    by_round: dict[int, list[float]] = {}
+    for record in members.values():
+        for history_round, loss in record.loss_history:
+            if math.isfinite(loss):
+                by_round.setdefault(history_round, []).append(loss)
+    curve = [[r, sum(losses) / len(losses)] for r, losses in sorted(by_round.items())][-MAX_CURVE_POINTS:]
+    latest = [record.loss for record in active.values() if math.isfinite(record.loss)]
+    hashes = {record.parameters_hash for record in members.values() if record.round == round_}
+    if not members:
+        alerts.append(_alert("empty_run", "warning", f"run {name} has no members"))
+    if stalled:
+        alerts.append(
+            _alert(
+                "stalled_run",
+                "error",
+                f"run {name} has not finished a round for {since:.0f}s (round {round_})",
+            )
+        )
+    if len(hashes) > 1:
+        alerts.append(
+            _alert(
+                "hash_mismatch", "error", f"run {name}: members at round {round_} disagree on the parameters"
+            )
+        )
+    state = {
+        "name": clip_text(name),
+        "round": round_,
+        "members": len(active),
+        "tokens_per_second": sum(_finite(record.tokens_per_second) for record in active.values()),
+        "bytes_per_round": sum(record.bytes_last_round for record in active.values()),
+        "loss": sum(latest) / len(latest) if latest else None,
+        "loss_curve": curve,
+        "stalled": stalled,
+        "seconds_since_progress": since,
+        "hashes_agree": len(hashes) <= 1,
+        "peers": [
+            {
+                "peer_id": clip_text(peer),
+                "short_id": short_id(peer),
+                "state": record.state.value,
+                "round": record.round,
+                "loss": record.loss if math.isfinite(record.loss) else None,
+                "tokens_per_second": _finite(record.tokens_per_second),
+                "version": clip_text(record.version),
+            }
+            for peer, record in sorted(members.items())
+        ],
+    }
+    return state, alerts
+
+
+def build_health_state(
+    view: SwarmView,
+    *,
+    now: float,
+    tracker: RunProgressTracker,
+    thresholds: HealthThresholds = HealthThresholds(),
+    telemetry: Mapping[str, PeerTelemetry] | None = None,
+    sources: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Builds the ``/api/state`` document (schema in the module docstring).
+
+    Args:
+        view: the records read from the DHT.
+        now: current DHT (unix) time in seconds.
+        tracker: remembers round progress across snapshots (for stalled runs).
+        thresholds: when to call coverage degraded and runs stalled.
+        telemetry: latest MQTT telemetry by peer id; overlays live fields of DHT-listed peers.
+        sources: the ``sources`` entry (DHT/MQTT reachability), passed through.
+
+    Returns:
+        A JSON-serializable dict.
+    """
+    telemetry = telemetry or {}
+    alerts: list[dict[str, str]] = []
+    merged_servers = []
+    for peer_id, record in sorted(view.servers.items()):
+        merged, state, source = _merge_server(record, telemetry.get(peer_id))
+        merged_servers.append((peer_id, merged, state, source))
+    model, model_alerts = _model_state(
+        view, [(record, state) for _, record, state, _ in merged_servers], thresholds
+    )
+    alerts.extend(model_alerts)
+
+    runs_members: dict[str, dict[str, TrainingPeerRecord]] = {
+        name: dict(members) for name, members in view.runs.items()
+    }
+    for peer_id, item in telemetry.items():
+        if item.online and item.trainer is not None and peer_id in runs_members.get(item.trainer[0], {}):
+            runs_members[item.trainer[0]][peer_id] = item.trainer[1]
+
+    versions = [record.version for _, record, _, _ in merged_servers]
+    versions += [record.version for members in runs_members.values() for record in members.values()]
+    parsed = [version for version in map(_parse_version, versions) if version is not None]
+    newest = max(parsed, default=None)
+
+    def is_stale(version: str) -> bool:
+        parsed_version = _parse_version(version)
+        return newest is not None and (parsed_version is None or parsed_version < newest)
+
+    servers = []
+    for peer_id, record, state, source in merged_servers:
+        servers.append(
+            {
+                "peer_id": clip_text(peer_id),
+                "short_id": short_id(peer_id),
+                "state": state,
+                "version": clip_text(record.version),
+                "stale_version": is_stale(record.version),
+                "device": clip_text(record.device),
+                "dtype": clip_text(record.dtype),
+                "span": [record.span.start, record.span.end],
+                "throughput": _finite(record.throughput),
+                "inference_rate": _finite(record.inference_rate),
+                "free_cache_tokens": record.free_cache_tokens,
+                "load": record.load,
+                "rtts": {short_id(peer): _finite(rtt) for peer, rtt in list(record.next_rtts.items())[:16]},
+                "uptime": max(0.0, now - record.started_at) if record.started_at > 0 else None,
+                "source": source,
+            }
+        )
+        if state == "offline":
+            alerts.append(
+                _alert("peer_offline", "warning", f"server {short_id(peer_id)} reported offline over MQTT")
+            )
+
+    stale_peers = [server["short_id"] for server in servers if server["stale_version"]]
+    stale_peers += [
+        short_id(peer)
+        for members in runs_members.values()
+        for peer, record in members.items()
+        if is_stale(record.version)
+    ]
+    if stale_peers:
+        shown = ", ".join(sorted(set(stale_peers))[:8])
+        alerts.append(
+            _alert(
+                "stale_version",
+                "warning",
+                f"{len(set(stale_peers))} peer(s) run a version older than {newest}: {shown}",
+            )
+        )
+
+    runs = []
+    for name in sorted(runs_members)[:MAX_RUNS]:
+        run, run_alerts = _run_state(name, runs_members[name], tracker, now, thresholds)
+        runs.append(run)
+        alerts.extend(run_alerts)
+
+    sources = dict(
+        sources or {"dht": True, "dht_error": None, "mqtt": False, "mqtt_connected": False, "mqtt_peers": 0}
+    )
+    if sources.get("dht_error"):
+        alerts.append(_alert("dht_unreachable", "error", f"last DHT read failed: {sources['dht_error']}"))
+    worst = model["verdict"] if model is not None else "broken"
+    if any(alert["severity"] == "error" for alert in alerts):
+        worst = "broken"
+    elif worst == "healthy" and alerts:
+        worst = "degraded"
+    return {
+        "schema": SCHEMA_VERSION,
+        "swarm": clip_text(view.swarm),
+        "generated_at": now,
+        "verdict": worst,
+        "sources": sources,
+        "model": model,
+        "servers": servers,
+        "runs": runs,
+        "alerts": alerts,
+    }
+
+
+def parse_telemetry_state(state: Any) -> tuple[ServerRecord | None, tuple[str, TrainingPeerRecord] | None]:
+    """Parses the ``state`` a peer publishes over MQTT (see ``peers.telemetry``).
+
+    Args:
+        state: ``{"kind": "server", "peer": id, **server record wire}`` or
+            ``{"kind": "trainer", "run": name, **training record wire}``; bytes fields
+            (``curve``) arrive as strings.
+
+    Returns:
+        ``(server, None)`` or ``(None, (run, trainer))``.
+
+    Raises:
+        MalformedRecord: anything else.
+    """
+    if not isinstance(state, Mapping):
+        raise MalformedRecord("telemetry state must be an object")
+    wire = dict(state)
+    if isinstance(wire.get("curve"), str):
+        wire["curve"] = wire["curve"].encode("ascii", "replace")
+    kind = wire.get("kind")
+    if kind == "server":
+        peer = wire.get("peer")
+        if not isinstance(peer, str):
+            raise MalformedRecord("server telemetry lacks its peer id")
+        return ServerRecord.from_wire(peer, wire), None
+    if kind == "trainer":
+        run = wire.get("run")
+        if not isinstance(run, str) or not _RUN_NAME_RE.match(run):
+            raise MalformedRecord("trainer telemetry lacks a valid run name")
+        return None, (run, TrainingPeerRecord.from_wire(wire))
+    raise MalformedRecord(f"unknown telemetry kind {clip_text(kind)}")

@@ -1,0 +1,304 @@
+"""MQTT telemetry against a real Mosquitto broker on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from peers.health import HealthConfig, HealthService, SwarmViewConfig
+from peers.health_feed import TelemetryFeed
+from peers.telemetry import (
+    MAX_PAYLOAD_BYTES,
+    TelemetryConfig,
+    TelemetryPublisher,
+    encode_message,
+    parse_mqtt_url,
+    server_telemetry_state,
+)
+from swarm.health import SwarmView
+from tests.test_health_snapshot import MODEL, make_server
+
+pytestmark = pytest.mark.timeout(120)
+
+SWARM = "s"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Mosquitto:
+    """A Mosquitto broker on 127.0.0.1:``port`` that the test can stop and restart."""
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.log = directory / "mosquitto.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}/telemetry"
+
+    def start(self, timeout: float = 10.0) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}") from None
+                time.sleep(0.05)  # polling for readiness, bounded by the deadline
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if shutil.which("mosquitto") is None:
+        pytest.skip("the mosquitto binary is not installed (apt-get install mosquitto)")
+    mosquitto = Mosquitto(tmp_path)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+def fast_config(url: str) -> TelemetryConfig:
+    return TelemetryConfig(url=url, period=0.2, timeout=1.0, max_reconnect_delay=0.2)
+
+
+def make_feed(url: str, on_update=lambda: None) -> TelemetryFeed:
+    return TelemetryFeed(
+        parse_mqtt_url(url), SWARM, timeout=1.0, max_reconnect_delay=0.2, on_update=on_update
+    )
+
+
+async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Polls ``predicate`` until true; fails after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+def test_parse_mqtt_url_and_config_errors():
+    endpoint = parse_mqtt_url("mqtt://broker:1884/a/b")
+    assert (endpoint.host, endpoint.port, endpoint.prefix) == ("broker", 1884, "a/b")
+    assert endpoint.topic("s", "p") == "a/b/s/p"
+    assert parse_mqtt_url("mqtt://broker").port == 1883 and parse_mqtt_url("mqtt://broker").prefix == "swarm"
+    for bad in ("http://x", "mqtt://", "mqtt://x/a/#", "mqtt://x:99999"):
+        with pytest.raises(ValueError, match="--mqtt"):
+            parse_mqtt_url(bad)
+    with pytest.raises(ValueError, match="--telemetry-period"):
+        TelemetryConfig(url="mqtt://x", period=0)
+    with pytest.raises(ValueError, match="--mqtt-timeout"):
+        TelemetryConfig(url="mqtt://x", timeout=0)
+
+
+def test_publisher_feed_round_trip_retained_and_offline_on_stop(broker):
+    record = make_server("peer1", 0, 4)
+    current = {"record": record}
+
+    async def main() -> None:
+        publisher = TelemetryPublisher(
+            fast_config(broker.url),
+            swarm=SWARM,
+            peer_id="peer1",
+            snapshot=lambda: server_telemetry_state(current["record"]),
+        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(publisher.run())
+            await wait_until(lambda: publisher.published >= 1, what="first publication")
+            # A reader that connects later gets the retained state at once.
+            feed = make_feed(broker.url)
+            feed_task = group.create_task(feed.run())
+            await wait_until(lambda: "peer1" in feed.peers, what="retained message")
+            assert feed.peers["peer1"].online and feed.peers["peer1"].server.load == record.load
+            current["record"] = dataclasses.replace(record, load=42)
+            publisher.notify()
+            await wait_until(lambda: feed.peers["peer1"].server.load == 42, what="update after notify")
+            publisher.stop()
+            await wait_until(lambda: not feed.peers["peer1"].online, what="offline message")
+            feed_task.cancel()
+
+    asyncio.run(main())
+
+
+def test_last_will_marks_a_killed_peer_offline(broker):
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from peers.telemetry import TelemetryConfig, TelemetryPublisher
+        async def main():
+            config = TelemetryConfig(url={broker.url!r}, period=0.2, timeout=1.0)
+            publisher = TelemetryPublisher(config, swarm={SWARM!r}, peer_id="doomed", snapshot=lambda: {{}})
+            async def report():
+                while publisher.published < 1:
+                    await asyncio.sleep(0.02)
+                print("READY", flush=True)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(publisher.run())
+                group.create_task(report())
+        asyncio.run(main())
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+
+        async def main() -> None:
+            feed = make_feed(broker.url)
+            async with asyncio.TaskGroup() as group:
+                task = group.create_task(feed.run())
+                line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
+                assert line.strip() == "READY"
+                process.kill()
+                await wait_until(
+                    lambda: "doomed" in feed.peers and not feed.peers["doomed"].online, what="the last will"
+                )
+                task.cancel()
+
+        asyncio.run(main())
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_broker_outage_neither_blocks_nor_stops_the_publisher(broker):
+    current = {"record": make_server("peer1", 0, 4)}
+
+    async def main() -> None:
+        publisher = TelemetryPublisher(
+            fast_config(broker.url),
+            swarm=SWARM,
+            peer_id="peer1",
+            snapshot=lambda: server_telemetry_state(current["record"]),
+        )
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        async with asyncio.TaskGroup() as group:
+            heartbeat_task = group.create_task(heartbeat())
+            publisher_task = group.create_task(publisher.run())
+            await wait_until(lambda: publisher.published >= 1, what="first publication")
+
+            broker.stop()
+            await wait_until(lambda: publisher.failures >= 2, what="publisher noticing the outage")
+            for load in range(20):
+                current["record"] = dataclasses.replace(current["record"], load=load)
+                publisher.notify()  # must return at once while the broker is down
+            ticks_before = ticks
+            await wait_until(lambda: ticks >= ticks_before + 10, what="the event loop to keep running")
+            assert not publisher_task.done() and not publisher.connected
+
+            broker.start()
+            current["record"] = dataclasses.replace(current["record"], load=99)
+            feed = make_feed(broker.url)
+            feed_task = group.create_task(feed.run())
+            await wait_until(
+                lambda: "peer1" in feed.peers and feed.peers["peer1"].server.load == 99,
+                what="messages flowing after the broker came back",
+            )
+            publisher.stop()
+            await wait_until(publisher_task.done, what="publisher to stop")
+            feed_task.cancel()
+            heartbeat_task.cancel()
+
+    asyncio.run(main())
+
+
+def test_feed_skips_hostile_messages(broker):
+    async def main() -> None:
+        feed = make_feed(broker.url)
+        endpoint = parse_mqtt_url(broker.url)
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(feed.run())
+            await wait_until(lambda: feed.connected, what="feed subscription")
+            good_state = server_telemetry_state(make_server("good", 0, 4))
+            junk = {
+                "wrongpeer": encode_message(SWARM, "other", online=True, state=good_state, sent_at=1.0),
+                "notjson": b"<script>alert(1)</script>",
+                "huge": b"x" * (MAX_PAYLOAD_BYTES + 1),
+                "badstate": encode_message(
+                    SWARM, "badstate", online=True, state={"kind": "server"}, sent_at=1.0
+                ),
+                "badonline": json.dumps({"peer": "badonline", "swarm": SWARM, "online": "yes"}).encode(),
+            }
+            async with aiomqtt.Client("127.0.0.1", broker.port, timeout=5) as client:
+                for peer, payload in junk.items():
+                    await client.publish(endpoint.topic(SWARM, peer), payload, qos=1, timeout=5)
+                good = encode_message(SWARM, "good", online=True, state=good_state, sent_at=1.0)
+                await client.publish(endpoint.topic(SWARM, "good"), good, qos=1, timeout=5)
+            await wait_until(lambda: "good" in feed.peers, what="the valid message")
+            assert set(feed.peers) == {"good"}
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_health_service_uses_the_mqtt_feed_for_live_updates(broker):
+    """With --mqtt the snapshot follows telemetry between DHT reads; the DHT stays authoritative for membership."""
+    record = make_server("peer1", 0, 4, load=1)
+    view = SwarmView(SWARM, MODEL, {"peer1": record})
+
+    async def read_view() -> SwarmView:
+        return view
+
+    async def main() -> None:
+        service: HealthService
+        feed = make_feed(broker.url, on_update=lambda: service.rebuild())
+        config = HealthConfig(
+            view=SwarmViewConfig(swarm=SWARM), port=0, mqtt=broker.url, refresh_interval=3600
+        )
+        service = HealthService(config, read_view, feed=feed)
+        publisher = TelemetryPublisher(
+            fast_config(broker.url),
+            swarm=SWARM,
+            peer_id="peer1",
+            snapshot=lambda: server_telemetry_state(dataclasses.replace(record, load=17)),
+        )
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        async with asyncio.TaskGroup() as group:
+            serving = group.create_task(service.serve(ready.set_result))
+            publishing = group.create_task(publisher.run())
+            await asyncio.wait_for(ready, 10)
+            await wait_until(
+                lambda: service.state["servers"] and service.state["servers"][0]["load"] == 17,
+                what="live load",
+            )
+            assert service.state["servers"][0]["source"] == "dht+mqtt"
+            assert service.state["sources"]["mqtt_connected"]
+            publisher.stop()
+            await wait_until(lambda: service.state["servers"][0]["state"] == "offline", what="offline state")
+            serving.cancel()
+            publishing.cancel()
+
+    asyncio.run(main())
