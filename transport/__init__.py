@@ -1,5 +1,32 @@
-"""How bytes move: typed wire messages, tensor frames, codecs, ZeroMQ RPC."""
+"""How bytes move: typed wire messages, tensor frames, codecs, ZeroMQ RPC.
 
+Public surface (everything else is private to the package)::
+
+    @message(kind) / Message / MessageRegistry      declare wire message kinds
+    RequestId, SessionId, PeerKey                    distinct id types
+    RawCodec, Float16Codec, BFloat16Codec,
+    Int8BlockwiseCodec, FourBitBlockwiseCodec,
+    CodedTensor                                      tensor codecs
+    Endpoint (ZeroMQ) / MemoryEndpoint + MemoryNetwork
+    Connection, ClientStream, ServerStream, RequestContext
+    KeyPair, Limits, Timeouts                        configuration values
+    the error tree of ``transport.errors``
+"""
+
+from transport.client import ClientStream, Connection
+from transport.codecs import (
+    BFloat16Codec,
+    CodedTensor,
+    Float16Codec,
+    FourBitBlockwiseCodec,
+    Int8BlockwiseCodec,
+    RawCodec,
+)
+from transport.config import PROTOCOL_VERSION, Limits, Timeouts
+from transport.control import ErrorReply, Ping, Pong
+from transport.curve import KeyPair, admission_token
+from transport.dispatch import RequestContext
+from transport.endpoint import BaseEndpoint
 from transport.errors import (
     ConfigurationError,
     DeadlineExceeded,
@@ -7,27 +34,78 @@ from transport.errors import (
     HandshakeTimeout,
     MalformedMessage,
     MessageTooLarge,
+    NotAuthorized,
     PeerUnavailable,
     ProtocolVersionMismatch,
     RemoteError,
     RetryableError,
     ServerBusy,
+    StreamClosed,
     SwarmError,
     UnknownMessageKind,
 )
+from transport.memory import MemoryEndpoint, MemoryNetwork
+from transport.messages import (
+    DEFAULT_REGISTRY,
+    Message,
+    MessageRegistry,
+    PeerKey,
+    RequestId,
+    SessionId,
+    decode_body,
+    decode_envelope,
+    encode_message,
+    message,
+)
+from transport.streams import ServerStream
+from transport.zmq_endpoint import Endpoint
 
 __all__ = [
+    "DEFAULT_REGISTRY",
+    "PROTOCOL_VERSION",
+    "BFloat16Codec",
+    "BaseEndpoint",
+    "ClientStream",
+    "CodedTensor",
     "ConfigurationError",
+    "Connection",
     "DeadlineExceeded",
+    "Endpoint",
+    "ErrorReply",
     "FatalError",
+    "Float16Codec",
+    "FourBitBlockwiseCodec",
     "HandshakeTimeout",
+    "Int8BlockwiseCodec",
+    "KeyPair",
+    "Limits",
     "MalformedMessage",
+    "MemoryEndpoint",
+    "MemoryNetwork",
+    "Message",
+    "MessageRegistry",
     "MessageTooLarge",
+    "NotAuthorized",
+    "PeerKey",
     "PeerUnavailable",
+    "Ping",
+    "Pong",
     "ProtocolVersionMismatch",
+    "RawCodec",
     "RemoteError",
+    "RequestContext",
+    "RequestId",
     "RetryableError",
     "ServerBusy",
+    "ServerStream",
+    "SessionId",
+    "StreamClosed",
     "SwarmError",
+    "Timeouts",
     "UnknownMessageKind",
+    "admission_token",
+    "decode_body",
+    "decode_envelope",
+    "encode_message",
+    "message",
 ]

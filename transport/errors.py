@@ -8,12 +8,14 @@ class says whether retrying (possibly on another peer) can help::
     │   ├── DeadlineExceeded           a call did not finish before its deadline
     │   │   └── HandshakeTimeout       the encrypted connection never came up (wrong server key?)
     │   ├── PeerUnavailable            the peer is gone, closed, or refused the connection
+    │   │   └── StreamClosed           the streaming session ended (closed, expired, handler finished)
     │   └── ServerBusy                 the peer is alive but out of capacity (cache budget, queue)
     └── FatalError                     retrying the same request cannot help
         ├── MalformedMessage           bytes that are not a valid message of this protocol
         │   ├── UnknownMessageKind
         │   └── ProtocolVersionMismatch
         ├── MessageTooLarge            a size, frame or element limit was exceeded
+        ├── NotAuthorized              the peer refused us admission (missing or wrong swarm key)
         ├── RemoteError                the peer answered with an error (carries its class name)
         └── ConfigurationError         a local setting is invalid (names the flag to change)
 
@@ -57,6 +59,11 @@ class PeerUnavailable(RetryableError):
     """The peer is unreachable, has closed the connection, or is shutting down."""
 
 
+class StreamClosed(PeerUnavailable):
+    """The streaming session is gone: closed by either side, expired while idle, or its
+    server-side handler finished. Open a new session (perhaps elsewhere) and replay."""
+
+
 class ServerBusy(RetryableError):
     """The peer is alive but cannot take this request now (e.g. cache budget full)."""
 
@@ -75,6 +82,10 @@ class ProtocolVersionMismatch(MalformedMessage):
 
 class MessageTooLarge(FatalError):
     """A message exceeds a configured limit (bytes, frames or tensor elements)."""
+
+
+class NotAuthorized(FatalError):
+    """The peer refused admission: this private swarm requires a swarm key we lack or got wrong."""
 
 
 class ConfigurationError(FatalError, ValueError):

@@ -1,0 +1,344 @@
+"""One behaviour suite that the ZeroMQ endpoint and the in-memory endpoint both pass."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from transport import (
+    BaseEndpoint,
+    DeadlineExceeded,
+    Endpoint,
+    HandshakeTimeout,
+    KeyPair,
+    Limits,
+    MemoryEndpoint,
+    MemoryNetwork,
+    Message,
+    NotAuthorized,
+    PeerUnavailable,
+    RemoteError,
+    RequestContext,
+    ServerBusy,
+    ServerStream,
+    StreamClosed,
+    Timeouts,
+    message,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@message("test.conformance.echo")
+class Echo(Message):
+    text: str
+    tensor: torch.Tensor | None = None
+
+
+@message("test.conformance.fail")
+class Fail(Message):
+    retryable: bool
+
+
+@message("test.conformance.wait")
+class Wait(Message):
+    index: int
+
+
+@message("test.conformance.open")
+class Open(Message):
+    name: str
+    refuse: bool = False
+
+
+@message("test.conformance.step")
+class Step(Message):
+    value: int
+
+
+@message("test.conformance.forward")
+class Forward(Message):
+    address: str
+    key: bytes
+    text: str
+
+
+async def echo(request: Echo, context: RequestContext) -> Echo:
+    return request
+
+
+async def fail(request: Fail, context: RequestContext) -> Echo:
+    if request.retryable:
+        raise ServerBusy("no room")
+    raise ValueError("handler bug")
+
+
+def run(coroutine, timeout: float = 30.0):
+    async def bounded():
+        return await asyncio.wait_for(coroutine, timeout)
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(params=["zmq", "memory"])
+def make_endpoint(request) -> Callable[..., BaseEndpoint]:
+    network = MemoryNetwork()
+
+    def make(**kwargs) -> BaseEndpoint:
+        if request.param == "zmq":
+            return Endpoint(**kwargs)
+        return MemoryEndpoint(network, **kwargs)
+
+    return make
+
+
+async def serving(make_endpoint, **kwargs) -> tuple[BaseEndpoint, str]:
+    server = make_endpoint(**kwargs)
+    server.add_handler(Echo, echo)
+    server.add_handler(Fail, fail)
+    return server, await server.bind()
+
+
+def test_call_round_trip(make_endpoint):
+    async def body():
+        server, address = await serving(make_endpoint)
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            reply = await connection.call(Echo("hi", torch.arange(5)))
+            assert (
+                isinstance(reply, Echo) and reply.text == "hi" and torch.equal(reply.tensor, torch.arange(5))
+            )
+            assert await connection.ping() >= 0
+
+    run(body())
+
+
+def test_many_requests_in_flight_on_one_connection(make_endpoint):
+    async def body():
+        arrived: list[int] = []
+        all_arrived = asyncio.Event()
+
+        async def wait(request: Wait, context: RequestContext) -> Wait:
+            arrived.append(request.index)
+            if len(arrived) == 20:
+                all_arrived.set()
+            await all_arrived.wait()  # only returns once all 20 are being handled at once
+            return request
+
+        server = make_endpoint()
+        server.add_handler(Wait, wait)
+        address = await server.bind()
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            replies = await asyncio.gather(*(connection.call(Wait(i)) for i in range(20)))
+            assert [reply.index for reply in replies] == list(range(20))
+
+    run(body())
+
+
+def test_handler_errors_go_to_their_caller_only(make_endpoint):
+    async def body():
+        server, address = await serving(make_endpoint)
+        async with server, make_endpoint() as client, make_endpoint() as other:
+            connection = await client.connect(address, server.public_key)
+            bystander = await other.connect(address, server.public_key)
+            with pytest.raises(RemoteError) as caught:
+                await connection.call(Fail(retryable=False))
+            assert caught.value.kind == "ValueError" and not caught.value.retryable
+            with pytest.raises(RemoteError) as caught:
+                await connection.call(Fail(retryable=True))
+            assert caught.value.kind == "ServerBusy" and caught.value.retryable
+            with pytest.raises(RemoteError) as caught:
+                await connection.call(Open("no unary handler"))
+            assert caught.value.kind == "UnknownMessageKind"
+            assert (await bystander.call(Echo("still here"))).text == "still here"
+
+    run(body())
+
+
+def test_limits_violations_are_error_replies(make_endpoint):
+    async def body():
+        server, address = await serving(make_endpoint, limits=Limits(max_tensor_elements=100))
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            with pytest.raises(RemoteError) as caught:
+                await connection.call(Echo("big", torch.zeros(101)))
+            assert caught.value.kind == "MessageTooLarge"
+            assert (await connection.call(Echo("small", torch.zeros(100)))).text == "small"
+
+    run(body())
+
+
+def test_deadline_exceeded_when_handler_hangs(make_endpoint):
+    async def body():
+        async def hang(request: Wait, context: RequestContext) -> Wait:
+            await asyncio.Event().wait()
+            return request
+
+        server = make_endpoint()
+        server.add_handler(Wait, hang)
+        address = await server.bind()
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            with pytest.raises(DeadlineExceeded):
+                await connection.call(Wait(1), timeout=0.2)
+
+    run(body())
+
+
+def test_wrong_server_key_raises_handshake_timeout(make_endpoint):
+    async def body():
+        server, address = await serving(make_endpoint)
+        async with server, make_endpoint(timeouts=Timeouts(connect=2.0)) as client:
+            with pytest.raises(HandshakeTimeout):
+                await client.connect(address, KeyPair.generate().public)
+            connection = await client.connect(address, server.public_key)
+            assert (await connection.call(Echo("ok"))).text == "ok"
+
+    run(body())
+
+
+def test_private_swarm_admits_only_key_holders(make_endpoint):
+    async def body():
+        swarm_key = b"k" * 32
+        server, address = await serving(make_endpoint, swarm_key=swarm_key)
+        async with server:
+            for wrong in (None, b"w" * 32):
+                async with make_endpoint(swarm_key=wrong) as outsider:
+                    with pytest.raises(NotAuthorized):
+                        await outsider.connect(address, server.public_key)
+            async with make_endpoint(swarm_key=swarm_key) as member:
+                connection = await member.connect(address, server.public_key)
+                assert (await connection.call(Echo("member"))).text == "member"
+
+    run(body())
+
+
+async def ordered_session(stream: ServerStream) -> None:
+    opening = stream.opening
+    if opening.refuse:
+        raise ServerBusy("cache full")
+    total = 0
+    async for step in stream:
+        total += step.value
+        if step.value < 0:
+            return  # the handler ends the session
+        await asyncio.sleep(0)  # let other sessions interleave
+        await stream.reply(Step(total))
+
+
+def test_streams_process_steps_in_order_and_sessions_concurrently(make_endpoint):
+    async def body():
+        server = make_endpoint()
+        server.add_stream_handler(Open, ordered_session)
+        address = await server.bind()
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+
+            async def session(offset: int) -> list[int]:
+                async with await connection.open_stream(Open(f"s{offset}")) as stream:
+                    replies = await asyncio.gather(*(stream.call(Step(offset + i)) for i in range(10)))
+                    return [reply.value for reply in replies]
+
+            results = await asyncio.gather(*(session(100 * k) for k in range(5)))
+            for k, values in enumerate(results):
+                expected = [sum(100 * k + j for j in range(i + 1)) for i in range(10)]
+                assert values == expected  # running sums: steps applied in order
+
+    run(body())
+
+
+def test_stream_refusal_end_and_idle_expiry(make_endpoint):
+    async def body():
+        ended = asyncio.Event()
+
+        async def watched(stream: ServerStream) -> None:
+            try:
+                await ordered_session(stream)
+            finally:
+                ended.set()
+
+        server = make_endpoint(timeouts=Timeouts(stream_idle=0.3))
+        server.add_stream_handler(Open, watched)
+        address = await server.bind()
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            with pytest.raises(RemoteError) as caught:
+                await connection.open_stream(Open("x", refuse=True))
+            assert caught.value.kind == "ServerBusy" and caught.value.retryable
+            ended.clear()
+
+            stream = await connection.open_stream(Open("y"))
+            assert (await stream.call(Step(2))).value == 2
+            with pytest.raises(StreamClosed):
+                await stream.call(Step(-1))  # the handler returns without replying
+            await ended.wait()
+            with pytest.raises(StreamClosed):
+                await stream.call(Step(1))  # the session is gone on the server
+            ended.clear()
+
+            idle = await connection.open_stream(Open("z"))
+            await ended.wait()  # nothing sent: the server expires it after stream_idle
+            with pytest.raises(StreamClosed):
+                await idle.call(Step(1))
+            ended.clear()
+
+            closing = await connection.open_stream(Open("w"))
+            await closing.close()
+            await ended.wait()  # the handler saw the end of its steps
+            with pytest.raises(StreamClosed):
+                await closing.call(Step(1))
+
+    run(body())
+
+
+def test_an_endpoint_is_server_and_client_at_once(make_endpoint):
+    async def body():
+        last, last_address = await serving(make_endpoint)
+        middle = make_endpoint()
+
+        async def forward(request: Forward, context: RequestContext) -> Echo:
+            onward = await middle.connect(request.address, request.key)
+            reply = await onward.call(Echo(request.text + " via middle"))
+            await onward.close()
+            return reply
+
+        middle.add_handler(Forward, forward)
+        middle_address = await middle.bind()
+        async with last, middle, make_endpoint() as client:
+            connection = await client.connect(middle_address, middle.public_key)
+            reply = await connection.call(Forward(last_address, last.public_key, "hello"))
+            assert reply.text == "hello via middle"
+
+    run(body())
+
+
+def test_closing_fails_pending_calls_and_later_calls(make_endpoint):
+    async def body():
+        started = asyncio.Event()
+
+        async def hang(request: Wait, context: RequestContext) -> Wait:
+            started.set()
+            await asyncio.Event().wait()
+            return request
+
+        server = make_endpoint()
+        server.add_handler(Wait, hang)
+        address = await server.bind()
+        async with make_endpoint(timeouts=Timeouts(connect=0.5)) as client:
+            connection = await client.connect(address, server.public_key)
+            pending = asyncio.ensure_future(connection.call(Wait(1), timeout=20))
+            await started.wait()
+            await server.close()
+            with pytest.raises(PeerUnavailable):
+                await pending
+            await connection.close()
+            with pytest.raises(PeerUnavailable):
+                await connection.call(Wait(2))
+            with pytest.raises((PeerUnavailable, HandshakeTimeout)):
+                await client.connect(address, server.public_key)
+
+    run(body())

@@ -1,0 +1,221 @@
+"""The calling half of an endpoint: one ``Connection`` per server, independent of how
+frames move (ZeroMQ or in-memory subclasses provide ``_send`` and ``_close``).
+
+Many requests may be in flight on one connection; each carries an id and its own
+deadline. A streaming session (``open_stream``) binds a sequence of steps to one
+server-side handler that processes them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from typing import Any
+
+from transport.config import Limits, Timeouts
+from transport.control import ErrorReply, Ping, Pong, StreamClose, StreamOpened, raise_error_reply
+from transport.errors import DeadlineExceeded, MalformedMessage, PeerUnavailable, StreamClosed, SwarmError
+from transport.messages import (
+    Message,
+    MessageRegistry,
+    PeerKey,
+    SessionId,
+    decode_body,
+    decode_envelope,
+    encode_message,
+    salvage_request_id,
+)
+
+
+class Connection:
+    """A client's link to one server.
+
+    Attributes:
+        address: where the server listens.
+        server_key: the server's CURVE public key (None on an unencrypted link).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        server_key: PeerKey | None,
+        registry: MessageRegistry,
+        limits: Limits,
+        timeouts: Timeouts,
+        token: bytes | None,
+    ):
+        self.address = address
+        self.server_key = server_key
+        self._registry = registry
+        self._limits = limits
+        self._timeouts = timeouts
+        self._token = token
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    async def _send(self, frames: list[Any], deadline: float) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def call(self, request: Message, *, timeout: float | None = None) -> Message:
+        """Send ``request`` and wait for its reply.
+
+        Args:
+            request: a registered message with a handler on the server.
+            timeout: seconds for the round trip; ``Timeouts.request`` when None.
+        Returns:
+            the handler's reply message.
+        Raises:
+            DeadlineExceeded: no reply in time.
+            PeerUnavailable: the connection is closed or the peer went away.
+            RemoteError: the server answered with an error (``.kind``, ``.retryable``).
+            NotAuthorized: the server is a private swarm and we lack its key.
+            MalformedMessage: the request (or the reply) does not match its declared types.
+        """
+        return await self._request(request, None, timeout)
+
+    async def ping(self, *, timeout: float | None = None) -> float:
+        """Round-trip time to the server in seconds (also checks admission).
+
+        Raises:
+            the errors of :meth:`call`.
+        """
+        start = self._loop.time()
+        reply = await self._request(Ping(), None, timeout)
+        if not isinstance(reply, Pong):
+            raise MalformedMessage(f"ping answered with {reply.kind}")
+        return self._loop.time() - start
+
+    async def open_stream(self, opening: Message, *, timeout: float | None = None) -> ClientStream:
+        """Open an ordered streaming session on the server's handler for ``opening``'s kind.
+
+        Args:
+            opening: the message that opens the session (its kind has a stream handler).
+            timeout: seconds until the server accepts; ``Timeouts.request`` when None.
+        Returns:
+            the session; use it as ``async with`` or ``close()`` it.
+        Raises:
+            the errors of :meth:`call` (``RemoteError`` with kind ``ServerBusy`` when refused).
+        """
+        session = SessionId(secrets.token_bytes(16))
+        reply = await self._request(opening, session, timeout)
+        if not isinstance(reply, StreamOpened):
+            raise MalformedMessage(f"stream opening answered with {reply.kind}")
+        return ClientStream(self, session)
+
+    async def _request(self, msg: Message, session: bytes | None, timeout: float | None) -> Message:
+        if self._closed:
+            raise PeerUnavailable(f"connection to {self.address} is closed")
+        loop = self._loop
+        timeout = self._timeouts.request if timeout is None else timeout
+        request_id = next(self._ids)
+        frames = encode_message(msg, request_id, session, self._token)
+        future = loop.create_future()
+        self._pending[request_id] = future
+        timer = loop.call_later(timeout, self._expire, request_id, timeout)
+        try:
+            await self._send(frames, loop.time() + timeout)
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+
+    async def _notify(self, msg: Message, session: bytes | None) -> None:
+        """Send ``msg`` with request id 0: the server does not answer."""
+        if not self._closed:
+            frames = encode_message(msg, 0, session, self._token)
+            await self._send(frames, self._loop.time() + self._timeouts.request)
+
+    def _expire(self, request_id: int, timeout: float) -> None:
+        future = self._pending.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(DeadlineExceeded(f"no reply from {self.address} within {timeout} s"))
+
+    def deliver(self, frames: list[Any]) -> None:
+        """Match a received reply to its pending call (the transport calls this)."""
+        try:
+            envelope = decode_envelope(frames, self._limits)
+        except SwarmError as error:
+            future = self._pending.pop(salvage_request_id(frames[0]) if frames else 0, None)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            return
+        future = self._pending.pop(envelope.request_id, None)
+        if future is None or future.done():
+            return  # a late reply to a call that timed out or was cancelled
+        try:
+            reply = decode_body(self._registry.lookup(envelope.kind), envelope, frames, self._limits)
+        except SwarmError as error:
+            future.set_exception(error)
+            return
+        if type(reply) is ErrorReply:
+            future.set_exception(raise_error_reply(reply))
+        else:
+            future.set_result(reply)
+
+    def fail_pending(self, error: SwarmError) -> None:
+        """Fail every pending call with ``error`` (the peer went away)."""
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail with ``PeerUnavailable``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.fail_pending(PeerUnavailable(f"connection to {self.address} closed"))
+        await self._close()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class ClientStream:
+    """An open streaming session: steps are processed by the server in call order.
+
+    Attributes:
+        session: the session id.
+    """
+
+    def __init__(self, connection: Connection, session: SessionId):
+        self.session = session
+        self._connection = connection
+        self._closed = False
+
+    async def call(self, step: Message, *, timeout: float | None = None) -> Message:
+        """Send one step and wait for the handler's reply to it.
+
+        Several calls may be in flight; the server still handles them in send order.
+
+        Raises:
+            StreamClosed: the session ended (client close, idle expiry, handler done).
+            the errors of :meth:`Connection.call`.
+        """
+        if self._closed:
+            raise StreamClosed("this streaming session is closed")
+        return await self._connection._request(step, self.session, timeout)
+
+    async def close(self) -> None:
+        """End the session (the server's handler sees the end of its steps). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            try:
+                await self._connection._notify(StreamClose(), self.session)
+            except SwarmError:
+                pass  # the server expires the session after Timeouts.stream_idle anyway
+
+    async def __aenter__(self) -> ClientStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

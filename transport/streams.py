@@ -1,0 +1,146 @@
+"""The server side of an ordered streaming session.
+
+A client opens a session with an opening message; the server runs the stream
+handler registered for that kind as one task per session. The handler sees the
+session's steps strictly in the order the client sent them and answers each before
+taking the next, so per-session state (a key/value cache) needs no locks; different
+sessions run concurrently::
+
+    async def serve_inference(stream: ServerStream) -> None:
+        cache = allocate(stream.opening)          # raise ServerBusy here to refuse
+        try:
+            async for step in stream:             # accepts the session on first use
+                await stream.reply(forward(cache, step))
+        finally:
+            release(cache)
+
+The session ends when the client closes it, when no step arrives for
+``Timeouts.stream_idle`` seconds, or when the handler returns or raises; later steps
+get ``StreamClosed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from transport.control import StreamOpened
+from transport.errors import ServerBusy, StreamClosed
+
+if TYPE_CHECKING:
+    from transport.config import Timeouts
+    from transport.dispatch import Dispatcher, RequestContext
+    from transport.messages import Message
+
+
+class ServerStream:
+    """One streaming session as its handler sees it.
+
+    Attributes:
+        opening: the message that opened the session.
+        context: who opened it (``peer_key``, ``session``).
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        opening: Message,
+        context: RequestContext,
+        route: Any,
+        open_request_id: int,
+        timeouts: Timeouts,
+    ):
+        self.opening = opening
+        self.context = context
+        self._dispatcher = dispatcher
+        self._route = route
+        self._open_request_id = open_request_id
+        self._idle_timeout = timeouts.stream_idle
+        self._accepted = False
+        self._ended = False
+        self._steps: deque[tuple[int, Message]] = deque()
+        self._unanswered: int | None = None
+        self._waiter: asyncio.Future | None = None
+
+    def accept(self) -> None:
+        """Tell the client the session is open (done by the first ``async for`` step)."""
+        if not self._accepted:
+            self._accepted = True
+            self._dispatcher.reply(self._route, self._open_request_id, StreamOpened(), self.context.session)
+
+    def __aiter__(self) -> ServerStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        """The next step, in client order.
+
+        Raises:
+            StopAsyncIteration: the session ended (closed by the client or idle too long).
+            RuntimeError: the previous step has no reply yet.
+        """
+        self.accept()
+        if self._unanswered is not None:
+            raise RuntimeError("reply to the previous step before taking the next one")
+        loop = asyncio.get_running_loop()
+        while not self._steps:
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = loop.create_future()
+            timer = loop.call_later(self._idle_timeout, self._expire)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        request_id, step = self._steps.popleft()
+        self._unanswered = request_id
+        return step
+
+    async def reply(self, msg: Message) -> None:
+        """Answer the current step with ``msg``.
+
+        Raises:
+            RuntimeError: there is no unanswered step.
+        """
+        if self._unanswered is None:
+            raise RuntimeError("no step to reply to")
+        request_id, self._unanswered = self._unanswered, None
+        self._dispatcher.reply(self._route, request_id, msg, self.context.session)
+
+    # The dispatcher's side.
+
+    def push(self, request_id: int, step: Message, route: Any, max_backlog: int) -> None:
+        """Queue a step (the client may have reconnected: reply on its newest route)."""
+        if self._ended:
+            raise StreamClosed("the streaming session is closing")
+        if len(self._steps) >= max_backlog:
+            raise ServerBusy(f"{len(self._steps)} steps queued in this session")
+        self._route = route
+        self._steps.append((request_id, step))
+        self._wake()
+
+    def end(self) -> None:
+        """No more steps: the handler's ``async for`` ends after the queued ones."""
+        self._ended = True
+        self._wake()
+
+    def _expire(self) -> None:
+        self.end()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def finish(self, error: BaseException | None) -> None:
+        """The handler is done: answer whatever it left unanswered."""
+        self._ended = True
+        closed = StreamClosed("the streaming session ended")
+        if not self._accepted:
+            self._accepted = True
+            self._dispatcher.reply_error(self._route, self._open_request_id, error or closed)
+        if self._unanswered is not None:
+            self._dispatcher.reply_error(self._route, self._unanswered, error or closed)
+            self._unanswered = None
+        while self._steps:
+            self._dispatcher.reply_error(self._route, self._steps.popleft()[0], closed)
