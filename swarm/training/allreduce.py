@@ -53,10 +53,19 @@ class AllReduceTimeouts:
 
 @dataclass(frozen=True)
 class Member:
-    """One member of a group, as every member sees it."""
+    """One member of a group, as every member sees it.
+
+    Attributes:
+        peer_id: its identity; groups are sorted by it.
+        bandwidth: declared bytes/s; sets the size of the part it reduces.
+        address: its transport endpoint.
+        public_key: the z85 CURVE key its endpoint must present (and its requests carry).
+    """
 
     peer_id: str
     bandwidth: float = 1.0
+    address: str = ""
+    public_key: bytes = b""
 
 
 @dataclass

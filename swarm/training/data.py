@@ -69,7 +69,7 @@ def tokenize_corpus(
     tokens = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".partial.npy")
+        partial = cache_file.with_suffix(f".{os.getpid()}.partial.npy")  # concurrent peers share the cache
         np.save(partial, tokens)
         os.replace(partial, cache_file)
     return tokens

@@ -23,7 +23,7 @@ LOSS_HISTORY_LENGTH = 64
 """Rounds of loss kept in the record: enough for the health page's chart, small in the DHT."""
 
 
-class TrainerState(str, enum.Enum):
+class TrainerState(enum.StrEnum):
     JOINING = "joining"
     """Downloading state from a peer; contributes a zero update in its first round."""
     TRAINING = "training"

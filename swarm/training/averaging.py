@@ -1,0 +1,232 @@
+"""The all-reduce on the wire: message kinds, and a service that routes them to rounds.
+
+One :class:`AveragingService` lives on a trainer's endpoint. Each round registers an
+:class:`~swarm.training.allreduce.AllReduceRound`; requests for a round not yet
+registered (a faster member got there first) wait for it a bounded time. A request
+must come from the CURVE key of the member it claims to be, so no one can inject a
+contribution in another member's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, Member
+from transport import (
+    BaseEndpoint,
+    CodedTensor,
+    Connection,
+    Float16Codec,
+    FourBitBlockwiseCodec,
+    Int8BlockwiseCodec,
+    Message,
+    NotAuthorized,
+    RawCodec,
+    RequestContext,
+    ServerBusy,
+    message,
+)
+from transport.errors import MalformedMessage
+
+logger = logging.getLogger(__name__)
+
+COMPRESSIONS = {
+    "none": RawCodec(),
+    "fp16": Float16Codec(),
+    "int8": Int8BlockwiseCodec(64),
+    "4bit": FourBitBlockwiseCodec(64),
+}
+"""``--compression`` values and the codec pseudo-gradients travel with (blocks of 64 values)."""
+
+
+@message("train.contribution")
+class Contribution(Message):
+    round: str
+    part: int
+    sender: int
+    weight: float
+    values: torch.Tensor
+
+
+@message("train.result")
+class PartResult(Message):
+    round: str
+    part: int
+    contributors: list[int]
+    values: torch.Tensor
+
+
+@message("train.repair")
+class RepairRequest(Message):
+    round: str
+    part: int
+    sender: int
+    weight: float
+    values: torch.Tensor
+
+
+@message("train.ack")
+class Ack(Message):
+    accepted: bool = True
+
+
+@dataclass
+class AveragingOutcome:
+    """The averaged vector, what the round did, and this member's bytes on the wire."""
+
+    averaged: torch.Tensor
+    report: AllReduceReport
+    bytes_sent: int
+
+
+def codec_round_trip(codec, values: torch.Tensor) -> torch.Tensor:
+    """``values`` as a receiver of ``codec``'s bytes decodes them."""
+    return codec.decode(codec.params(), torch.float32, values.numel(), codec.encode(values.contiguous()))
+
+
+def encoded_size(codec, values: torch.Tensor) -> int:
+    """Bytes of the buffers ``codec`` puts on the wire for ``values``."""
+    return sum(memoryview(buffer).nbytes for buffer in codec.encode(values.contiguous()))
+
+
+class AveragingService:
+    """Serves the all-reduce messages on ``endpoint`` and runs rounds for this member.
+
+    Args:
+        endpoint: this trainer's transport endpoint (bound by the caller).
+        compression: a key of :data:`COMPRESSIONS`.
+        registration_wait: how long a request for an unknown round waits for it to start.
+    """
+
+    def __init__(self, endpoint: BaseEndpoint, compression: str = "int8", registration_wait: float = 30.0):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"--compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
+        self.endpoint = endpoint
+        self.codec = COMPRESSIONS[compression]
+        self.registration_wait = registration_wait
+        self._rounds: dict[str, AllReduceRound] = {}
+        self._registered = asyncio.Condition()
+        self._connections: dict[tuple[str, bytes], Connection] = {}
+        self._encoded_sizes: dict[int, int] = {}  # wire bytes by part length (parts repeat every round)
+        endpoint.add_handler(Contribution, self._on_contribution)
+        endpoint.add_handler(PartResult, self._on_result)
+        endpoint.add_handler(RepairRequest, self._on_repair)
+
+    async def _round(self, round_id: str, sender: int | None, context: RequestContext) -> AllReduceRound:
+        async def registered() -> AllReduceRound:
+            async with self._registered:
+                await self._registered.wait_for(lambda: round_id in self._rounds)
+                return self._rounds[round_id]
+
+        try:
+            round_ = await asyncio.wait_for(registered(), self.registration_wait)
+        except TimeoutError:
+            raise ServerBusy(f"no all-reduce round {round_id!r} here") from None
+        if sender is not None:
+            if not 0 <= sender < len(round_.members):
+                raise MalformedMessage(f"sender {sender} is not in round {round_id!r}")
+            expected = round_.members[sender].public_key
+            if expected and context.peer_key is not None and context.peer_key != expected:
+                raise NotAuthorized(f"this connection is not member {sender} of round {round_id!r}")
+        return round_
+
+    async def _on_contribution(self, request: Contribution, context: RequestContext) -> Ack:
+        round_ = await self._round(request.round, request.sender, context)
+        try:
+            round_.on_contribution(request.sender, request.part, request.weight, request.values)
+        except ValueError as error:
+            raise MalformedMessage(str(error)) from None
+        return Ack()
+
+    async def _on_result(self, request: PartResult, context: RequestContext) -> Ack:
+        round_ = await self._round(request.round, request.part, context)
+        try:
+            return Ack(accepted=round_.on_result(request.part, request.values, request.contributors))
+        except ValueError as error:
+            raise MalformedMessage(str(error)) from None
+
+    async def _on_repair(self, request: RepairRequest, context: RequestContext) -> PartResult:
+        round_ = await self._round(request.round, request.sender, context)
+        try:
+            result, contributors = await round_.on_repair(
+                request.sender, request.part, request.weight, request.values
+            )
+        except ValueError as error:
+            raise MalformedMessage(str(error)) from None
+        return PartResult(request.round, request.part, contributors, CodedTensor(result, self.codec))
+
+    async def _connection(self, member: Member) -> Connection:
+        key = (member.address, member.public_key)
+        if key not in self._connections:
+            self._connections[key] = await self.endpoint.connect(member.address, member.public_key)
+        return self._connections[key]
+
+    async def all_reduce(
+        self,
+        round_id: str,
+        members: list[Member],
+        my_index: int,
+        vector: torch.Tensor,
+        weight: float,
+        timeouts: AllReduceTimeouts = AllReduceTimeouts(),
+        fault: Callable[[str, int], None] | None = None,
+    ) -> AveragingOutcome:
+        """Average ``vector`` with the group; every survivor gets the same bits.
+
+        ``fault(kind, target)``, when given, is called before each message this member
+        sends (tests use it to kill the process at an exact point of the protocol).
+
+        Raises:
+            DeadlineExceeded: a part has no result even after repair.
+        """
+        bytes_sent = 0
+
+        async def call(index, kind, header, tensor, timeout):
+            nonlocal bytes_sent
+            if fault is not None:
+                fault(kind, index)
+            connection = await self._connection(members[index])
+            values = CodedTensor(tensor, self.codec)
+            if kind == "contribution":
+                request = Contribution(round_id, header["part"], header["sender"], header["weight"], values)
+            elif kind == "result":
+                request = PartResult(round_id, header["part"], list(header["contributors"]), values)
+            else:
+                request = RepairRequest(round_id, header["part"], header["sender"], header["weight"], values)
+            bytes_sent += self._encoded_sizes.setdefault(tensor.numel(), encoded_size(self.codec, tensor))
+            reply = await connection.call(request, timeout=timeout)
+            if isinstance(reply, PartResult):
+                return {"contributors": reply.contributors}, reply.values
+            return {"accepted": reply.accepted}, None
+
+        round_ = AllReduceRound(
+            round_id,
+            members,
+            my_index,
+            vector,
+            weight,
+            call,
+            lambda values: codec_round_trip(self.codec, values),
+            timeouts,
+            alignment=getattr(self.codec, "block_size", 64),
+        )
+        async with self._registered:
+            self._rounds[round_id] = round_
+            self._registered.notify_all()
+        try:
+            averaged = await round_.run()
+        finally:
+            round_.close()
+            # Keep the round reachable a little longer: a slower member may still ask for a repair.
+            asyncio.get_running_loop().call_later(timeouts.repair, self._rounds.pop, round_id, None)
+        return AveragingOutcome(averaged, round_.report, bytes_sent)
+
+    async def close(self) -> None:
+        for connection in self._connections.values():
+            await connection.close()
+        self._connections.clear()

@@ -1,0 +1,88 @@
+"""Peer processes for end-to-end tests: start, wait for a line, kill, always clean up."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class PeerProcess:
+    """A `python -m peers.cli ...` child whose output lines are collected by a thread."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.args = args
+        self.log_path = log_path
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "peers.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with open(self.log_path, "w") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                self.lines.append(line)
+                self._queue.put(line)
+
+    def wait_for_line(self, needle: str, timeout: float) -> str:
+        """The first output line containing ``needle``; fails with the log tail after ``timeout``."""
+        for line in self.lines:
+            if needle in line:
+                return line
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self.process.poll() is not None and self._queue.empty()):
+                tail = "".join(self.lines[-30:])
+                raise AssertionError(
+                    f"no line with {needle!r} within {timeout}s from {self.args[:1]}:\n{tail}"
+                )
+            try:
+                line = self._queue.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if needle in line:
+                return line
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for a clean exit; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+class ProcessGroup:
+    """Owns the processes a test starts; kills whatever is left at the end."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.processes: list[PeerProcess] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> PeerProcess:
+        process = PeerProcess(args, self.log_dir / f"{name}.log", env)
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()

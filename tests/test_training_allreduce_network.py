@@ -1,0 +1,88 @@
+"""The all-reduce over real ZeroMQ endpoints (CURVE on) on 127.0.0.1."""
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm.training.allreduce import AllReduceTimeouts, Member
+from swarm.training.averaging import AveragingService, Contribution
+from transport import CodedTensor, Endpoint, NotAuthorized
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUTS = AllReduceTimeouts(scatter=5, gather=5, repair=5, call=5)
+
+
+async def _start_members(count, compression="int8"):
+    endpoints, services, members = [], [], []
+    for i in range(count):
+        endpoint = Endpoint()
+        address = await endpoint.bind("tcp://127.0.0.1:0")
+        endpoints.append(endpoint)
+        services.append(AveragingService(endpoint, compression, registration_wait=5))
+        members.append(Member(f"peer{i}", bandwidth=1.0 + i, address=address, public_key=endpoint.public_key))
+    return endpoints, services, members
+
+
+async def _close(endpoints, services):
+    for service in services:
+        await service.close()
+    for endpoint in endpoints:
+        await endpoint.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "int8", "4bit"])
+def test_three_members_average_bit_identically_over_zeromq(compression):
+    async def scenario():
+        endpoints, services, members = await _start_members(3, compression)
+        generator = torch.Generator().manual_seed(0)
+        vectors = [torch.randn(10_000, generator=generator) for _ in range(3)]
+        weights = [1.0, 2.0, 5.0]
+        try:
+            outcomes = await asyncio.gather(
+                *(
+                    services[i].all_reduce("round-1", members, i, vectors[i], weights[i], TIMEOUTS)
+                    for i in range(3)
+                )
+            )
+        finally:
+            await _close(endpoints, services)
+        return vectors, weights, outcomes
+
+    vectors, weights, outcomes = asyncio.run(scenario())
+    expected = sum(w * v for w, v in zip(weights, vectors, strict=True)) / sum(weights)
+    for outcome in outcomes[1:]:
+        assert torch.equal(outcome.averaged, outcomes[0].averaged)
+    tolerance = {"none": 1e-6, "int8": 0.05, "4bit": 0.6}[compression]
+    torch.testing.assert_close(outcomes[0].averaged, expected, rtol=0, atol=tolerance)
+    assert all(o.report.contributors == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2]} for o in outcomes)
+    # int8 sends about a quarter of the bytes of raw float32.
+    per_value = {"none": 4, "int8": 1, "4bit": 0.5}[compression]
+    for outcome in outcomes:
+        assert 0 < outcome.bytes_sent <= 2 * 10_000 * per_value * 1.2
+
+
+def test_a_contribution_under_another_members_name_is_refused():
+    async def scenario():
+        endpoints, services, members = await _start_members(2)
+        impostor = Endpoint()
+        try:
+            connection = await impostor.connect(members[0].address, members[0].public_key)
+            victim = asyncio.create_task(
+                services[0].all_reduce(
+                    "round-x", members, 0, torch.ones(128), 1.0, AllReduceTimeouts(2, 2, 2, 2)
+                )
+            )
+            forged = Contribution(
+                "round-x", 0, 1, 1.0, CodedTensor(torch.full((64,), 99.0), services[0].codec)
+            )
+            with pytest.raises(NotAuthorized, match="not member 1"):
+                await connection.call(forged, timeout=5)
+            victim.cancel()
+            await asyncio.gather(victim, return_exceptions=True)
+        finally:
+            await impostor.close()
+            await _close(endpoints, services)
+
+    asyncio.run(scenario())
