@@ -96,7 +96,7 @@ class Announcer:
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def withdraw(self) -> None:

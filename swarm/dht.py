@@ -188,7 +188,7 @@ class SwarmDHT:
         timeout = self.config.request_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except asyncio.TimeoutError as error:
+        except TimeoutError as error:
             future.cancel()
             raise DeadlineExceeded(f"DHT {what} did not finish within {timeout:.1f}s") from error
 

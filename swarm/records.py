@@ -63,7 +63,7 @@ class PeerValue(NamedTuple):
     expiration_time: float
 
 
-class ServerState(str, enum.Enum):
+class ServerState(enum.StrEnum):
     """Lifecycle of a server: JOINING (loading weights), ONLINE (serving), DRAINING (leaving)."""
 
     JOINING = "joining"
