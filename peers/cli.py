@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 # Modules that provide subcommands, in the order `swarm --help` lists them.
-SUBCOMMAND_MODULES: list[str] = ["peers.train", "peers.health", "peers.status"]
+SUBCOMMAND_MODULES: list[str] = ["peers.train", "peers.health", "peers.status", "peers.demo"]
 
 
 def software_version() -> str:

@@ -15,7 +15,7 @@ from kernels.tiny import write_tiny_checkpoint
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.identity import Identity
 from swarm.training.progress import TrainerState, parse_run_listing, run_key
-from tests.processes import ProcessGroup
+from peers.processes import ProcessGroup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -39,3 +39,40 @@ def language_model_loss(model: LocalModel, windows: torch.Tensor) -> torch.Tenso
     """Mean next-token cross-entropy of (batch, seq + 1) token windows."""
     logits = model(windows[:, :-1])  # (batch, seq, vocab)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+
+
+def hugging_face_state(model: LocalModel) -> dict[str, torch.Tensor]:
+    """Our parameter names mapped to the Hugging Face Llama layout (tied heads written once)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("client.embed_tokens."):
+            hf_name = "model." + name.removeprefix("client.")
+        elif name.startswith("client.norm."):
+            hf_name = "model." + name.removeprefix("client.")
+        elif name.startswith("client.lm_head."):
+            if model.config.tie_word_embeddings:
+                continue
+            hf_name = name.removeprefix("client.")
+        elif name.startswith("span.blocks."):
+            hf_name = "model.layers." + name.removeprefix("span.blocks.")
+        else:
+            raise ValueError(f"unexpected parameter {name!r}")
+        state[hf_name] = tensor.detach().clone()
+    return state
+
+
+def export_checkpoint(model: LocalModel, source_dir: Path, target_dir: Path, num_shards: int = 1) -> None:
+    """Write ``model`` as a Hugging Face checkpoint, with ``source_dir``'s tokenizer files.
+
+    The result loads with ``kernels.load_blocks`` span by span (and with ``transformers``).
+    """
+    import shutil
+
+    from kernels.tiny import save_checkpoint
+
+    target_dir = Path(target_dir)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(target_dir, model.config, hugging_face_state(model), num_shards)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(source_dir) / name).exists():
+            shutil.copy(Path(source_dir) / name, target_dir / name)

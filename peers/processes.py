@@ -1,4 +1,7 @@
-"""Peer processes for end-to-end tests: start, wait for a line, kill, always clean up."""
+"""Child peer processes (`python -m peers.cli ...`): start, wait for a line, stop, always clean up.
+
+Used by `swarm demo` and by the end-to-end tests.
+"""
 
 from __future__ import annotations
 
