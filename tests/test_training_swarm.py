@@ -12,10 +12,10 @@ from collections import defaultdict
 import pytest
 
 from kernels.tiny import write_tiny_checkpoint
+from peers.processes import ProcessGroup
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.identity import Identity
 from swarm.training.progress import TrainerState, parse_run_listing, run_key
-from peers.processes import ProcessGroup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -45,9 +45,7 @@ def hugging_face_state(model: LocalModel) -> dict[str, torch.Tensor]:
     """Our parameter names mapped to the Hugging Face Llama layout (tied heads written once)."""
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("client.embed_tokens."):
-            hf_name = "model." + name.removeprefix("client.")
-        elif name.startswith("client.norm."):
+        if name.startswith("client.embed_tokens.") or name.startswith("client.norm."):
             hf_name = "model." + name.removeprefix("client.")
         elif name.startswith("client.lm_head."):
             if model.config.tie_word_embeddings:
