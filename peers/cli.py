@@ -13,7 +13,14 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 # Modules that provide subcommands, in the order `swarm --help` lists them.
-SUBCOMMAND_MODULES: list[str] = ["peers.train", "peers.health", "peers.status", "peers.demo"]
+SUBCOMMAND_MODULES: list[str] = [
+    "peers.join",
+    "peers.generate",
+    "peers.train",
+    "peers.health",
+    "peers.status",
+    "peers.demo",
+]
 
 
 def software_version() -> str:

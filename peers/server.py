@@ -1,0 +1,364 @@
+"""The serving daemon: a span of blocks served to inference clients over ZeroMQ.
+
+Lifecycle: pick the span (``--blocks auto`` fills the weakest blocks) -> announce
+JOINING -> load only the span's weights -> announce ONLINE -> serve until stopped ->
+announce DRAINING, refuse new sessions, let open ones finish (bounded) -> withdraw.
+
+Each inference step's output goes back to the client and, when the step names the
+next server of the client's chain, straight to that server too (``PushHidden``), so
+a step travels the chain once instead of returning to the client between hops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import BlockSpan, load_blocks, load_config, module_nbytes, quantize_linears_
+from peers.server_batching import StepBatcher
+from peers.server_config import ServerConfig, resolve_device, resolve_dtype
+from peers.server_sessions import CacheBudget, Session, SessionTable
+from swarm import (
+    Announcer,
+    ModelRecord,
+    ServerRecord,
+    ServerState,
+    Span,
+    choose_span,
+    coverage_from_records,
+    max_blocks_for_memory,
+    parse_span,
+    server_record_entries,
+)
+from swarm.records import model_key
+from swarm.serving.protocol import (
+    ForwardReply,
+    ForwardRequest,
+    InferenceReply,
+    InferenceStep,
+    OpenInference,
+    PushAck,
+    PushHidden,
+    ServerStats,
+    StatsRequest,
+)
+from swarm.throughput import ThroughputCache, measure_compute_throughput, throughput_cache_key
+from transport import Connection, RequestContext, ServerStream
+from transport.errors import MalformedMessage, ServerBusy, SwarmError
+
+logger = logging.getLogger("swarm.join")
+
+PUSH_TIMEOUT = 5.0  # seconds for one push to the next server; the client's copy covers a failure
+
+
+def config_hash(checkpoint_dir: str) -> str:
+    """Short hash of the checkpoint's config.json: peers with another hash serve another model."""
+    raw = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class InferenceServer:
+    """Serves one span of blocks; ``run()`` until ``stop`` is set.
+
+    Args:
+        config: what to serve.
+        dht: a started ``SwarmDHT``.
+        endpoint: a bound endpoint (its handlers are added here).
+        address: the data-plane address to announce.
+        version: software version for the records.
+    """
+
+    def __init__(self, config: ServerConfig, dht, endpoint, address: str, version: str):
+        self.config = config
+        self.dht = dht
+        self.endpoint = endpoint
+        self.address = address
+        self.version = version
+        self.model_config = load_config(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.state = ServerState.JOINING
+        self.span: Span | None = None
+        self.blocks: BlockSpan | None = None
+        self.throughput = 0.0
+        self.sessions = SessionTable(CacheBudget(config.cache_tokens))
+        self.pushes_sent = 0
+        self.pushes_used = 0
+        self.client_copies_used = 0
+        self.started_at = time.time()
+        self._batchers: dict[tuple[int, int], StepBatcher] = {}
+        self._connections: dict[str, Connection] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._idle = asyncio.Event()
+
+    # Lifecycle.
+
+    async def run(self, stop: asyncio.Event, on_online=None) -> None:
+        """Joins, serves until ``stop`` is set, drains and leaves.
+
+        Raises:
+            SwarmError / ValueError: the span cannot be chosen or loaded.
+        """
+        self.span = await self._choose_span()
+        announcer = Announcer(
+            self.dht, self._records, period=self.config.announce_period, ttl=self.config.record_ttl
+        )
+        await announcer.announce_once()  # JOINING: others see the span being filled
+        self.blocks = await asyncio.to_thread(self._load_span)
+        self.endpoint.add_handler(ForwardRequest, self._forward)
+        self.endpoint.add_handler(PushHidden, self._push_received)
+        self.endpoint.add_handler(StatsRequest, self._stats)
+        self.endpoint.add_stream_handler(OpenInference, self._serve_session)
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            self.state = ServerState.ONLINE
+            await announcer.announce_once()
+            announcer_task = tasks.create_task(announcer.run())
+            if on_online is not None:
+                on_online(self)
+            await stop.wait()
+            logger.info("draining: %d open sessions", len(self.sessions))
+            self.state = ServerState.DRAINING
+            with contextlib.suppress(SwarmError):
+                await announcer.announce_once()
+            await self._wait_for_sessions(self.config.drain_timeout)
+            announcer.stop()
+            await announcer_task
+            with contextlib.suppress(SwarmError):
+                await announcer.withdraw()
+            for connection in self._connections.values():
+                await connection.close()
+            raise _Done
+
+    async def _wait_for_sessions(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.sessions) and loop.time() < deadline:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), deadline - loop.time())
+
+    def _records(self) -> dict:
+        record = ServerRecord(
+            peer_id=self.dht.peer_id,
+            state=self.state,
+            span=self.span,
+            throughput=self.throughput,
+            inference_rate=self.throughput,
+            free_cache_tokens=self.sessions.budget.free_tokens,
+            load=len(self.sessions),
+            addresses=(self.address,),
+            curve_public_key=self.endpoint.public_key,
+            version=self.version,
+            device=self.device.type,
+            dtype=str(self.dtype).removeprefix("torch."),
+            started_at=self.started_at,
+        )
+        entries = server_record_entries(self.dht.swarm_name, record)
+        model = ModelRecord(
+            Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
+        )
+        entries[model_key(self.dht.swarm_name)] = model.to_wire()
+        return entries
+
+    async def _choose_span(self) -> Span:
+        n_blocks = self.model_config.num_layers
+        self.throughput = await asyncio.to_thread(self._measure_throughput)
+        if self.config.blocks != "auto":
+            return parse_span(self.config.blocks, n_blocks, flag="--blocks")
+        servers = await self.dht.list_servers(n_blocks, timeout=30)
+        coverage = coverage_from_records(servers.values(), n_blocks, exclude=(self.dht.peer_id,))
+        max_blocks = self._max_blocks()
+        if self.config.max_blocks:
+            max_blocks = min(max_blocks, self.config.max_blocks)
+        return choose_span(coverage, max_blocks)
+
+    def _max_blocks(self) -> int:
+        one_block = load_blocks(self.config.model, 0, 1, self.dtype, "cpu", self.model_config)
+        if self.config.quant != "none":
+            quantize_linears_(one_block, kind=self.config.quant)
+        per_block = module_nbytes(one_block)
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        config = self.model_config
+        cache_per_block = (
+            2 * config.num_kv_heads * config.head_dim * self.dtype.itemsize * self.config.cache_tokens
+        )
+        return max_blocks_for_memory(int(free * 0.8), per_block, cache_per_block)
+
+    def _measure_throughput(self) -> float:
+        """Tokens/s through one block (cached per device, dtype and model)."""
+        cache = ThroughputCache(os.path.expanduser(self.config.throughput_cache))
+        key = throughput_cache_key(
+            self.device.type, f"{self.dtype}-{self.config.quant}", config_hash(self.config.model)
+        )
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+        block = load_blocks(self.config.model, 0, 1, self.dtype, self.device, self.model_config)
+        if self.config.quant != "none":
+            quantize_linears_(block, kind=self.config.quant)
+        hidden = torch.randn(1, 16, self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+
+        def step() -> None:
+            with torch.inference_mode():
+                block(hidden)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        value = measure_compute_throughput(step, 16, steps=5)
+        cache.put(key, value)
+        return value
+
+    def _load_span(self) -> BlockSpan:
+        blocks = load_blocks(
+            self.config.model, self.span.start, self.span.end, self.dtype, self.device, self.model_config
+        )
+        if self.config.quant != "none":
+            quantize_linears_(blocks, kind=self.config.quant)
+        return blocks.eval()
+
+    # Handlers.
+
+    def _sub_span(self, start: int, end: int) -> BlockSpan:
+        if not (self.span.start <= start < end <= self.span.end):
+            raise MalformedMessage(f"blocks {start}:{end} are not inside this server's span {self.span}")
+        lo, hi = start - self.span.start, end - self.span.start
+        if (lo, hi) == (0, len(self.span)):
+            return self.blocks
+        return BlockSpan(self.model_config, list(self.blocks.blocks[lo:hi]), start)
+
+    def _batcher(self, start: int, end: int) -> StepBatcher:
+        batcher = self._batchers.get((start, end))
+        if batcher is None:
+            batcher = StepBatcher(self._sub_span(start, end), self.config.max_batch_rows)
+            self._batchers[(start, end)] = batcher
+            self._tasks.create_task(batcher.run())
+        return batcher
+
+    def _check_hidden(self, hidden: torch.Tensor) -> None:
+        if (
+            hidden.dim() != 3
+            or hidden.shape[-1] != self.model_config.hidden_size
+            or not hidden.is_floating_point()
+        ):
+            raise MalformedMessage(
+                f"hidden must be float (batch, seq, {self.model_config.hidden_size}), got "
+                f"{hidden.dtype} {tuple(hidden.shape)}"
+            )
+
+    async def _forward(self, request: ForwardRequest, context: RequestContext) -> ForwardReply:
+        blocks = self._sub_span(request.start, request.end)
+        self._check_hidden(request.hidden)
+        if request.hidden.shape[1] > self.model_config.max_position_embeddings:
+            raise MalformedMessage(f"{request.hidden.shape[1]} tokens exceed the model's maximum length")
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return blocks(request.hidden.to(self.device, self.dtype)).to(request.hidden.dtype).cpu()
+
+        return ForwardReply(hidden=await asyncio.to_thread(run))
+
+    async def _push_received(self, request: PushHidden, context: RequestContext) -> PushAck:
+        session = self.sessions.get(request.token)
+        if session is None:
+            raise MalformedMessage("no such session on this server")
+        source = "client-copy" if request.from_client else "push"
+        return PushAck(accepted=session.offer(request.step, request.hidden, source))
+
+    async def _stats(self, request: StatsRequest, context: RequestContext) -> ServerStats:
+        return ServerStats(
+            sessions=len(self.sessions),
+            cache_tokens_used=self.sessions.budget.used_tokens,
+            cache_tokens_total=self.sessions.budget.total_tokens,
+            forwards=sum(b.forwards for b in self._batchers.values()),
+            batched_steps=sum(b.batched_steps for b in self._batchers.values()),
+            pushes_sent=self.pushes_sent,
+            pushes_used=self.pushes_used,
+            client_copies_used=self.client_copies_used,
+            draining=self.state == ServerState.DRAINING,
+        )
+
+    async def _serve_session(self, stream: ServerStream) -> None:
+        opening: OpenInference = stream.opening
+        if self.state != ServerState.ONLINE:
+            raise ServerBusy(f"server is {self.state.value}, not taking sessions")
+        if opening.max_length > self.model_config.max_position_embeddings:
+            raise MalformedMessage(
+                f"max_length {opening.max_length} exceeds the model's {self.model_config.max_position_embeddings}"
+            )
+        batcher = self._batcher(opening.start, opening.end)
+        session = self.sessions.open(
+            opening.token, opening.batch, opening.max_length,
+            lambda batch, length: batcher.span.allocate_cache(batch, length),
+        )  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as pushes:
+                async for step in stream:
+                    await stream.reply(await self._serve_step(session, batcher, step, pushes))
+        finally:
+            self.sessions.close(session)
+            self._idle.set()
+
+    async def _serve_step(
+        self, session: Session, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup
+    ) -> InferenceReply:
+        if step.hidden is not None:
+            session.offer(step.step, step.hidden, "step")
+            hidden, source = step.hidden, "step"
+        else:
+            arrived = await session.take(step.step, self.config.push_wait)
+            if arrived is None:
+                return InferenceReply(step=step.step, hidden=None, input_source="missing")
+            hidden, source = arrived
+            if source == "push":
+                self.pushes_used += 1
+            elif source == "client-copy":
+                self.client_copies_used += 1
+        session.check_step(step.position, step.new_tokens, hidden, self.model_config.hidden_size)
+        try:
+            output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
+        except ValueError as error:
+            raise MalformedMessage(str(error)) from error
+        if step.push_address:
+            pushes.create_task(self._push(step, output))
+            await asyncio.sleep(0)  # let the push leave before the reply
+        return InferenceReply(step=step.step, hidden=output, input_source=source)
+
+    async def _push(self, step: InferenceStep, output: torch.Tensor) -> None:
+        """Sends a step's output to the next server; failures are logged (the client's copy covers them)."""
+        try:
+            connection = self._connections.get(step.push_address)
+            if connection is None:
+                connection = await self.endpoint.connect(step.push_address, step.push_key)
+                self._connections[step.push_address] = connection
+            message = PushHidden(token=step.push_token, step=step.step, hidden=output)
+            await connection.call(message, timeout=PUSH_TIMEOUT)
+            self.pushes_sent += 1
+        except SwarmError as error:
+            dropped = self._connections.pop(step.push_address, None)
+            if dropped is not None:
+                await dropped.close()
+            logger.info("push of step %d to %s failed: %s", step.step, step.push_address, error)
+
+
+class _Done(Exception):
+    """Ends the server's task group (cancels the batchers) after a clean drain."""
+
+
+async def serve(server: InferenceServer, stop: asyncio.Event, on_online=None) -> None:
+    """Runs ``server`` until ``stop``; returns after the drain."""
+    try:
+        await server.run(stop, on_online)
+    except* _Done:
+        pass

@@ -1,0 +1,159 @@
+"""Inference sessions on a server: the cache budget and each session's input mailbox.
+
+A session's cache is allocated from a budget of tokens (``batch * max_length`` per
+session); a session that does not fit is refused with ``ServerBusy`` so the client
+routes elsewhere. Step inputs may arrive in the step itself, pushed by the previous
+server of the chain, or as the client's copy: the mailbox keeps the first copy of
+each step and drops the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import KVCache
+from transport.errors import MalformedMessage, ServerBusy
+
+
+class CacheBudget:
+    """Counts cache tokens handed out to sessions.
+
+    Args:
+        total_tokens: the budget, in tokens (one token = one position of one row).
+    """
+
+    def __init__(self, total_tokens: int):
+        self.total_tokens = total_tokens
+        self.used_tokens = 0
+
+    @property
+    def free_tokens(self) -> int:
+        return self.total_tokens - self.used_tokens
+
+    def reserve(self, tokens: int) -> None:
+        """Takes ``tokens`` from the budget.
+
+        Raises:
+            ServerBusy: not enough is free (retryable: another server may have room).
+        """
+        if tokens > self.free_tokens:
+            raise ServerBusy(
+                f"cache budget exhausted: session needs {tokens} tokens, {self.free_tokens} of "
+                f"{self.total_tokens} free"
+            )
+        self.used_tokens += tokens
+
+    def release(self, tokens: int) -> None:
+        self.used_tokens -= tokens
+
+
+@dataclass
+class Session:
+    """One client's inference session on this server.
+
+    Attributes:
+        token: the session's name (pushes address it).
+        cache: keys/values of the span, ``batch`` rows of ``max_length`` tokens.
+        inputs: step number -> (input hidden, source), first copy only.
+    """
+
+    token: bytes
+    cache: KVCache
+    batch: int
+    max_length: int
+    inputs: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.max_length
+
+    def offer(self, step: int, hidden: torch.Tensor, source: str) -> bool:
+        """Stores the input of ``step`` unless a copy is already there. Returns whether it was used."""
+        if step in self.inputs or (self.inputs and step < min(self.inputs)):
+            return False
+        self.inputs[step] = (hidden, source)
+        self._arrived.set()
+        return True
+
+    async def take(self, step: int, timeout: float) -> tuple[torch.Tensor, str] | None:
+        """The input of ``step`` once a copy arrives, or None after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while step not in self.inputs:
+            self._arrived.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return None
+        # Older inputs can no longer be asked for (the client moved on).
+        for old in [s for s in self.inputs if s < step]:
+            del self.inputs[old]
+        return self.inputs[step]
+
+    def check_step(self, position: int, new_tokens: int, hidden: torch.Tensor, hidden_size: int) -> None:
+        """Validates a step against this session before it touches the cache.
+
+        Raises:
+            MalformedMessage: the shapes or positions do not fit the session.
+        """
+        if new_tokens < 1:
+            raise MalformedMessage(f"a step needs at least one token, got new_tokens={new_tokens}")
+        expected = (self.batch, new_tokens, hidden_size)
+        if tuple(hidden.shape) != expected:
+            raise MalformedMessage(f"hidden has shape {tuple(hidden.shape)}, this session expects {expected}")
+        if not hidden.is_floating_point():
+            raise MalformedMessage(f"hidden must be floating point, got {hidden.dtype}")
+        held = int(self.cache.lengths.max()) if self.batch else 0
+        if not 0 <= position <= held:
+            raise MalformedMessage(f"position {position} is outside the {held} tokens this session holds")
+        if position + new_tokens > self.max_length:
+            raise MalformedMessage(
+                f"positions {position}..{position + new_tokens} exceed the session's max_length {self.max_length}"
+            )
+
+
+class SessionTable:
+    """The open sessions by token, with the budget they draw from."""
+
+    def __init__(self, budget: CacheBudget):
+        self.budget = budget
+        self._sessions: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, token: bytes, batch: int, max_length: int, allocate) -> Session:
+        """Reserves the cache and registers a session; ``allocate(batch, max_length) -> KVCache``.
+
+        Raises:
+            MalformedMessage: bad sizes, or the token is in use.
+            ServerBusy: the budget cannot hold it.
+        """
+        if batch < 1 or max_length < 1:
+            raise MalformedMessage(f"batch {batch} and max_length {max_length} must be positive")
+        if len(token) < 8:
+            raise MalformedMessage("session token must have at least 8 bytes")
+        if token in self._sessions:
+            raise MalformedMessage("session token already in use")
+        self.budget.reserve(batch * max_length)
+        try:
+            session = Session(token, allocate(batch, max_length), batch, max_length)
+        except BaseException:
+            self.budget.release(batch * max_length)
+            raise
+        self._sessions[token] = session
+        return session
+
+    def close(self, session: Session) -> None:
+        if self._sessions.pop(session.token, None) is session:
+            self.budget.release(session.tokens)
+
+    def get(self, token: bytes) -> Session | None:
+        return self._sessions.get(token)

@@ -1,0 +1,207 @@
+"""``RemoteModel``: generate text with a model whose blocks are served by the swarm.
+
+The client holds the small pieces (tokenizer, embeddings, final norm, LM head) and
+sends hidden states through a chain of servers found in the DHT::
+
+    async with await RemoteModel.connect("llama-dir", initial_peers=[maddr]) as model:
+        text = await model.generate("Once upon a time", max_new_tokens=32)
+        async for piece in model.stream("Hello", max_new_tokens=16):
+            print(piece, end="")
+        async with model.inference_session(max_length=512) as session:   # multi-turn
+            first = await model.generate("Hi!", session=session)
+            second = await model.generate(" And then?", session=session)
+
+Errors (``transport.errors`` tree): ``NoRouteError`` (names the uncovered blocks)
+when a span stays uncovered past ``ClientConfig.route_wait``; ``RemoteError`` for a
+request a server refused as malformed; ``ValueError`` for bad arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import torch
+
+from kernels import load_client_pieces, load_config
+from swarm import BanList, DHTConfig, Identity, ServerRecord, SwarmDHT
+from swarm.serving.config import ClientConfig
+from swarm.serving.generation import Sampling, generate_rows
+from swarm.serving.session import InferenceSession
+from transport import Connection, Endpoint
+
+
+class RemoteModel:
+    """A model served by the swarm; create with :meth:`connect`, close with :meth:`close`.
+
+    Attributes:
+        model_config: the checkpoint's ``ModelConfig``.
+        tokenizer: a ``tokenizers.Tokenizer`` (None when the checkpoint has none).
+        bans: servers this client avoids for a while after they failed.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, dht: SwarmDHT, endpoint: Endpoint, config: ClientConfig):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.model_config = load_config(checkpoint_dir)
+        self.pieces = load_client_pieces(checkpoint_dir, config=self.model_config).eval()
+        self.tokenizer = _load_tokenizer(self.checkpoint_dir)
+        self.dht = dht
+        self.endpoint = endpoint
+        self.config = config
+        self.bans = BanList(base_seconds=config.ban_seconds)
+        self._connections: dict[str, Connection] = {}
+
+    @classmethod
+    async def connect(
+        cls,
+        checkpoint_dir: str | Path,
+        initial_peers: Sequence[str],
+        *,
+        swarm: str = "swarm",
+        swarm_key: bytes | None = None,
+        config: ClientConfig | None = None,
+    ) -> RemoteModel:
+        """Joins the swarm's DHT as a client and loads the local pieces of the model.
+
+        Args:
+            checkpoint_dir: the checkpoint (config, tokenizer, embeddings and head are read).
+            initial_peers: multiaddrs of swarm members.
+            swarm: the swarm's name.
+            swarm_key: a private swarm's shared key.
+            config: deadlines and failover policy.
+        Raises:
+            DHTStartError: the DHT could not reach the swarm.
+        """
+        dht_config = DHTConfig(swarm_name=swarm, initial_peers=tuple(initial_peers), client_mode=True)
+        dht = SwarmDHT(Identity.generate(), dht_config, swarm_key)
+        await asyncio.to_thread(dht.start)
+        endpoint = Endpoint(swarm_key=swarm_key)
+        try:
+            return await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
+        except BaseException:
+            await endpoint.close()
+            await asyncio.to_thread(dht.shutdown)
+            raise
+
+    async def close(self) -> None:
+        """Closes connections and leaves the DHT. Idempotent."""
+        await self.endpoint.close()
+        await asyncio.to_thread(self.dht.shutdown)
+
+    async def __aenter__(self) -> RemoteModel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def list_servers(self) -> dict[str, ServerRecord]:
+        """The servers the DHT lists for this model's blocks."""
+        return await self.dht.list_servers(self.model_config.num_layers, timeout=self.config.dht_timeout)
+
+    async def connection_to(self, server: ServerRecord) -> Connection:
+        """A (cached) connection to ``server``."""
+        address = server.addresses[0]
+        connection = self._connections.get(address)
+        if connection is None:
+            connection = await self.endpoint.connect(address, server.curve_public_key)
+            self._connections[address] = connection
+        return connection
+
+    def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
+        """A session whose server caches persist between :meth:`generate` calls (multi-turn)."""
+        return InferenceSession(self, max_length, batch)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """text -> ids (1, tokens)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.checkpoint_dir} has no tokenizer.json: pass token ids")
+        return torch.tensor([self.tokenizer.encode(text).ids], dtype=torch.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.checkpoint_dir} has no tokenizer.json")
+        return self.tokenizer.decode(list(ids))
+
+    async def generate(
+        self,
+        prompt: str | list[str] | torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        session: InferenceSession | None = None,
+    ) -> str | list[str] | torch.Tensor:
+        """Generates a continuation.
+
+        Args:
+            prompt: text, several texts (run as concurrent sessions), or ids (batch, tokens).
+            max_new_tokens: tokens to add at most.
+            temperature: 0 is greedy; otherwise sampling with ``top_k`` / ``top_p``.
+            repetition_penalty: >1 discourages tokens already seen (CTRL-style).
+            stop: texts that end generation (not included in the result).
+            seed: seeds the sampler for reproducible output.
+            session: continue in this open session (multi-turn); a fresh one when None.
+        Returns:
+            the new text (or list of texts); for ids, the prompt plus the new ids (batch, tokens).
+        Raises:
+            NoRouteError, RemoteError, ValueError: see the module docstring.
+        """
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                       stop=stop, seed=seed)  # fmt: skip
+        if isinstance(prompt, list):
+            if session is not None:
+                raise ValueError(
+                    "a list of prompts runs in sessions of its own; pass one prompt with session="
+                )
+            async with asyncio.TaskGroup() as tasks:
+                runs = [tasks.create_task(self.generate(p, max_new_tokens, **options)) for p in prompt]
+            return [run.result() for run in runs]
+        pieces = [piece async for piece in self._run(prompt, max_new_tokens, session, Sampling(**options))]
+        if isinstance(prompt, torch.Tensor):
+            return torch.cat([prompt.to(torch.int64), *pieces], dim=1) if pieces else prompt
+        return "".join(pieces)
+
+    def stream(
+        self,
+        prompt: str | torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        session: InferenceSession | None = None,
+    ) -> AsyncIterator[str | torch.Tensor]:
+        """Like :meth:`generate`, yielding as tokens are made: text pieces for a text prompt,
+        (batch, 1) ids for an ids prompt."""
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty, tuple(stop), seed)
+        return self._run(prompt, max_new_tokens, session, sampling)
+
+    async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling):
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt.to(torch.int64)
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
+        as_text = isinstance(prompt, str)
+        if session is None:
+            async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
+                async for piece in generate_rows(self, own, ids, max_new_tokens, sampling, as_text):
+                    yield piece
+        else:
+            async for piece in generate_rows(self, session, ids, max_new_tokens, sampling, as_text):
+                yield piece
+
+
+def _load_tokenizer(checkpoint_dir: Path):
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))

@@ -1,0 +1,222 @@
+"""``InferenceSession``: one generation's caches on a chain of servers, with failover.
+
+Each step is sent to every hop of the chain at once: the first hop gets the input,
+the others wait for the previous hop's push (pipelining), and the client forwards
+each output it receives as a copy in case a push is lost. The client keeps every
+input it sent to each hop. When a hop fails (killed, timed out, busy), its server
+is banned, a replacement chain for exactly that span is found, the kept inputs are
+replayed into it step by step (rebuilding the same caches), and the step goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from swarm import NoRouteError, ServerRecord, Span, find_route
+from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference, PushHidden
+from transport import ClientStream
+from transport.errors import RemoteError, SwarmError
+
+if TYPE_CHECKING:
+    from swarm.serving.client import RemoteModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Hop:
+    server: ServerRecord
+    span: Span
+    stream: ClientStream
+    token: bytes
+    history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, input) per step
+
+
+def _is_server_failure(error: BaseException) -> bool:
+    """Failures that another server can fix; a fatal remote error is our own bug and is raised."""
+    if isinstance(error, RemoteError):
+        return error.retryable
+    return isinstance(error, SwarmError) and error.retryable
+
+
+class InferenceSession:
+    """Keeps ``batch`` rows of up to ``max_length`` tokens cached along a chain of servers.
+
+    Use as ``async with model.inference_session(max_length) as session`` and call
+    :meth:`step` repeatedly (multi-turn use keeps the caches between calls).
+
+    Args:
+        model: the connected client.
+        max_length: tokens per row the servers reserve.
+        batch: rows.
+    """
+
+    def __init__(self, model: RemoteModel, max_length: int, batch: int = 1):
+        self.model = model
+        self.config = model.config
+        self.max_length = max_length
+        self.batch = batch
+        self.position = 0
+        self.chain: list[_Hop] = []
+        self.failovers = 0
+        self._step = 0
+
+    async def __aenter__(self) -> InferenceSession:
+        self.chain = await self._open_route(0, self.model.model_config.num_layers)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Ends the sessions on every server. Idempotent."""
+        chain, self.chain = self.chain, []
+        for hop in chain:
+            await hop.stream.close()
+
+    @property
+    def route(self) -> list[tuple[str, Span]]:
+        """The current chain as (peer id, span)."""
+        return [(hop.server.peer_id, hop.span) for hop in self.chain]
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Runs hidden (batch, new_tokens, hidden) through every block, appending to the caches.
+
+        Returns:
+            the last block's output, (batch, new_tokens, hidden).
+        Raises:
+            ValueError: the step would exceed ``max_length`` or has the wrong batch.
+            NoRouteError: a failed span found no replacement within ``route_wait``.
+            RemoteError: a server refused the step as malformed.
+        """
+        if hidden.shape[0] != self.batch:
+            raise ValueError(f"this session has {self.batch} rows, got {hidden.shape[0]}")
+        if self.position + hidden.shape[1] > self.max_length:
+            raise ValueError(f"{self.position + hidden.shape[1]} tokens exceed max_length={self.max_length}")
+        number, position = self._step, self.position
+        self._step += 1
+        async with asyncio.TaskGroup() as tasks:
+            calls: dict[_Hop, asyncio.Task] = {}
+
+            def launch(index: int, value: torch.Tensor | None) -> None:
+                hop = self.chain[index]
+                after = self.chain[index + 1] if index + 1 < len(self.chain) else None
+                message = InferenceStep(
+                    step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
+                    push_address=after.server.addresses[0] if after else "",
+                    push_key=after.server.curve_public_key if after else b"",
+                    push_token=after.token if after else b"",
+                )  # fmt: skip
+                calls[hop] = tasks.create_task(
+                    _settle(hop.stream.call(message, timeout=self.config.step_timeout))
+                )
+
+            for index in range(len(self.chain)):
+                launch(index, hidden if index == 0 else None)
+            current, index = hidden, 0
+            while index < len(self.chain):
+                hop = self.chain[index]
+                result = await calls.pop(hop)
+                if isinstance(result, InferenceReply) and result.hidden is not None:
+                    hop.history.append((position, current))
+                    current = result.hidden
+                    index += 1
+                    if index < len(self.chain) and self.config.send_copies:
+                        tasks.create_task(self._send_copy(self.chain[index], number, current))
+                    continue
+                if isinstance(result, InferenceReply):  # its input never came: resend it
+                    launch(index, current)
+                    continue
+                if not _is_server_failure(result):
+                    raise result
+                logger.warning("server %s failed at step %d: %s", hop.server.peer_id, number, result)
+                added = await self._replace(index, result)
+                for offset in range(added):
+                    launch(index + offset, current if offset == 0 else None)
+        self.position += hidden.shape[1]
+        return current
+
+    async def _send_copy(self, hop: _Hop, number: int, hidden: torch.Tensor) -> None:
+        message = PushHidden(token=hop.token, step=number, hidden=hidden, from_client=True)
+        try:
+            connection = await self.model.connection_to(hop.server)
+            await connection.call(message, timeout=self.config.step_timeout)
+        except SwarmError as error:  # the step itself reports a dead server
+            logger.debug("copy for step %d to %s failed: %s", number, hop.server.peer_id, error)
+
+    async def _replace(self, index: int, error: BaseException) -> int:
+        """Swaps the failed hop for a new chain over its span and replays its inputs there.
+
+        Returns:
+            how many hops replace it.
+        """
+        failed = self.chain[index]
+        self.model.bans.ban(failed.server.peer_id)
+        self.failovers += 1
+        await failed.stream.close()
+        replacement = await self._open_route(failed.span.start, failed.span.end)
+        for position, value in failed.history:
+            for hop in replacement:
+                hop.history.append((position, value))
+                reply = await hop.stream.call(
+                    InferenceStep(step=-1, position=position, new_tokens=value.shape[1], hidden=value),
+                    timeout=self.config.step_timeout,
+                )
+                value = reply.hidden
+        logger.info("replaced %s with %s for blocks %s (%d steps replayed)", failed.server.peer_id,
+                    [hop.server.peer_id for hop in replacement], failed.span, len(failed.history))  # fmt: skip
+        self.chain[index : index + 1] = replacement
+        return len(replacement)
+
+    async def _open_route(self, start: int, end: int) -> list[_Hop]:
+        """Opens sessions on the fastest chain over ``[start, end)``, retrying elsewhere on refusal.
+
+        Raises:
+            NoRouteError: some blocks had no server for ``route_wait`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.route_wait
+        while True:
+            servers = await self.model.list_servers()
+            try:
+                route = find_route(servers.values(), start, end, excluded=self.model.bans.banned())
+            except NoRouteError as error:
+                if loop.time() >= deadline:
+                    raise error
+                await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
+                continue
+            opened: list[_Hop] = []
+            try:
+                for hop in route:
+                    opened.append(await self._open_hop(hop.server, hop.span))
+                return opened
+            except SwarmError as error:
+                if not _is_server_failure(error):
+                    raise
+                logger.warning("could not open a session on %s: %s", route[len(opened)].peer_id, error)
+                self.model.bans.ban(route[len(opened)].peer_id)
+                for hop in opened:
+                    await hop.stream.close()
+
+    async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
+        token = secrets.token_bytes(16)
+        connection = await self.model.connection_to(server)
+        opening = OpenInference(
+            token=token, start=span.start, end=span.end, batch=self.batch, max_length=self.max_length
+        )
+        stream = await connection.open_stream(opening, timeout=self.config.open_timeout)
+        return _Hop(server, span, stream, token)
+
+
+async def _settle(call) -> InferenceReply | BaseException:
+    """The call's reply, or the SwarmError it raised (so one failure does not cancel the others)."""
+    try:
+        return await call
+    except SwarmError as error:
+        return error
