@@ -1,9 +1,13 @@
 """`swarm demo`: a whole swarm on this machine, on loopback, with a small built-in model.
 
-It starts a DHT bootstrap, the health page, and ``--peers`` trainers that train a
-small Llama-family model together with DiLoCo on the Python standard library's
-source, shows their progress, then exports the trained model as a Hugging Face
-checkpoint and prints a summary.
+Phases:
+1. a DHT bootstrap, the health page, and ``--peers`` trainers that train a small
+   Llama-family model together with DiLoCo on the Python standard library's source;
+2. the trained model served layer-sharded by ``--peers`` servers (no server holds
+   all blocks, the second half is held twice) and completions streamed through the
+   chain; one server is SIGKILLed mid-generation and the generation goes on
+   through the other holder of its span;
+3. a summary: loss, tokens/s, bytes per round, time per phase.
 
 Every process it starts is a real `swarm` peer; all are stopped on exit and on Ctrl-C.
 """
@@ -108,7 +112,7 @@ def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dh
     common = [
         "train", "--model", str(work / "base"), "--init", "random", "--run", "demo", "--swarm", "demo",
         "--initial-peers", initial, "--round-seconds", str(config.round_seconds), "--seq-len", "64",
-        "--batch-size", "8", "--inner-lr", "2e-3", "--warmup-steps", "20", "--corpus-bytes", "2000000",
+        "--batch-size", "8", "--inner-lr", "3e-3", "--warmup-steps", "20", "--corpus-bytes", "2000000",
         "--matchmaking-seconds", "8", "--phase-timeout", "20", "--record-ttl", "10",
     ]  # fmt: skip
     trainers = []
@@ -134,9 +138,9 @@ def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dh
             time.sleep(min(5.0, max(0.1, total - elapsed)))
         _say("  stopping the trainers (each finishes its round and leaves)...")
         for trainer in trainers:
-            trainer.process.send_signal(signal.SIGTERM)
+            trainer.process.send_signal(signal.SIGTERM)  # all leave together, each after its round
         for trainer in trainers:
-            trainer.process.wait(timeout=180)
+            trainer.terminate(timeout=180)
     return {"records": records, "first_loss": first_loss}
 
 
@@ -154,6 +158,76 @@ def _export(work: Path) -> Path:
     load_flat_parameters_(model, state["outer"]["parameters"])
     export_checkpoint(model, work / "base", work / "trained")
     return work / "trained"
+
+
+PROMPTS = ("def read_config(path):\n", "import os\n\n\nclass ", "    for line in ")
+
+
+def _start_servers(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, model: Path) -> dict:
+    """``--peers`` servers: the first holds the first half of the blocks, the rest the second half."""
+    half = config.layers // 2
+    spans = [f"0:{half}"] + [f"{half}:{config.layers}"] * (config.peers - 1)
+    _say(f"\n== 2. serving: {config.peers} servers, spans {', '.join(spans)} (no server holds all blocks)")
+    servers = {}
+    for index, span in enumerate(spans):
+        args = [
+            "join", "--model", str(model), "--blocks", span, "--swarm", "demo", "--initial-peers", initial,
+            "--identity", str(work / f"server{index}.pem"), "--cache-tokens", "4096", "--torch-threads", "1",
+        ]  # fmt: skip
+        servers[index] = group.start(f"server{index}", args)
+    by_peer = {}
+    for index, process in servers.items():
+        line = process.wait_for_line("ONLINE", timeout=180)
+        by_peer[line.split()[-1]] = (process, spans[index])
+    return by_peer
+
+
+async def _generate(model_dir: Path, initial: str, servers: dict, max_new_tokens: int) -> dict:
+    from swarm.serving import ClientConfig, RemoteModel
+
+    client_config = ClientConfig(step_timeout=10.0, open_timeout=10.0, route_wait=30.0)
+    produced, started = 0, time.monotonic()
+    async with await RemoteModel.connect(model_dir, [initial], swarm="demo", config=client_config) as model:
+        for number, prompt in enumerate(PROMPTS):
+            kill_at = max_new_tokens // 2 if number == len(PROMPTS) - 1 else None
+            print(f"\n--- prompt {number + 1}: {prompt!r}\n{prompt}", end="", flush=True)
+            async with model.inference_session(max_length=256) as session:
+                pieces = model.stream(
+                    prompt, max_new_tokens, temperature=0.7, top_k=40, repetition_penalty=1.3, seed=number,
+                    session=session,
+                )  # fmt: skip
+                async for index, piece in _enumerate(pieces):
+                    print(piece, end="", flush=True)
+                    produced += 1
+                    if index == kill_at:
+                        _kill_second_half_server(session, servers)
+                if kill_at is not None:
+                    route = ", ".join(f"{peer[:8]} {span}" for peer, span in session.route)
+                    print(
+                        f"\n[the generation went on through {route}; failovers: {session.failovers}]",
+                        flush=True,
+                    )
+    seconds = time.monotonic() - started
+    return {"tokens": produced, "seconds": seconds}
+
+
+async def _enumerate(iterator):
+    index = 0
+    async for item in iterator:
+        yield index, item
+        index += 1
+
+
+def _kill_second_half_server(session, servers: dict) -> None:
+    for peer, span in session.route:
+        process, _ = servers.get(str(peer), (None, None))
+        if process is not None and span.start > 0:
+            process.kill()
+            print(
+                f"\n[killed server {str(peer)[:8]} holding blocks {span} (SIGKILL) mid-generation]",
+                flush=True,
+            )
+            return
 
 
 def run_demo(config: DemoConfig) -> int:
@@ -185,7 +259,11 @@ def run_demo(config: DemoConfig) -> int:
         with phases.timed("export"):
             trained = _export(work)
         _say(f"  trained model written to {trained}")
-        _summary(config, training, phases, records)
+        with phases.timed("serving"):
+            servers = _start_servers(config, work, group, initial, trained)
+        with phases.timed("generation"):
+            generation = asyncio.run(_generate(trained, initial, servers, max_new_tokens=40))
+        _summary(config, training, phases, records, generation)
         if config.keep_running:
             _say("\n--keep-running: the health page stays up; Ctrl-C to stop.")
             while True:
@@ -201,8 +279,8 @@ def run_demo(config: DemoConfig) -> int:
     return 0
 
 
-def _summary(config: DemoConfig, training: dict, phases: _Phases, records) -> None:
-    _say("\n== summary")
+def _summary(config: DemoConfig, training: dict, phases: _Phases, records, generation: dict) -> None:
+    _say("\n\n== summary")
     if records:
         last = max(records.values(), key=lambda r: r.round)
         first = training["first_loss"]
@@ -213,6 +291,10 @@ def _summary(config: DemoConfig, training: dict, phases: _Phases, records) -> No
         _say(
             f"  bytes per round per peer: {last.bytes_last_round / 1e6:.2f} MB ({config.peers} members, int8)"
         )
+    rate = generation["tokens"] / max(generation["seconds"], 1e-9)
+    _say(
+        f"  generation: {generation['tokens']} tokens in {generation['seconds']:.1f} s ({rate:.1f} tokens/s)"
+    )
     for name, seconds in phases.seconds.items():
         _say(f"  {name:>10}: {seconds:6.1f} s")
 
@@ -220,7 +302,7 @@ def _summary(config: DemoConfig, training: dict, phases: _Phases, records) -> No
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="a whole swarm on this machine: train a small model together with DiLoCo",
+        help="a whole swarm on this machine: train together, then serve, generate and survive a kill",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -229,7 +311,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[%(name)s] %(message)s")
     try:
         config = config_from_arguments(DemoConfig, args)
     except ValueError as error:

@@ -24,12 +24,15 @@ class PeerProcess:
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Its own process group: a peer forks helpers (hivemind's DHT process, the p2p
+        # daemon) that outlive a SIGKILL of the peer alone; we signal the whole group.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "peers.cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=full_env,
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -62,16 +65,24 @@ class PeerProcess:
             if needle in line:
                 return line
 
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+        """SIGKILL the peer and everything it started (as if its machine died)."""
+        self._signal_group(signal.SIGKILL)
         self.process.wait(timeout=30)
 
     def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM, then wait for a clean exit; returns the exit code."""
+        """SIGTERM the peer, wait for a clean exit, then reap its helpers; returns the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        code = self.process.wait(timeout=timeout)
+        self._signal_group(signal.SIGKILL)  # anything the peer left behind
+        return code
 
 
 class ProcessGroup:

@@ -86,3 +86,12 @@ def test_a_contribution_under_another_members_name_is_refused():
             await _close(endpoints, services)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "int8", "4bit"])
+def test_byte_accounting_matches_the_encoded_frames(compression):
+    from swarm.training.averaging import COMPRESSIONS, encoded_size, wire_size
+
+    codec = COMPRESSIONS[compression]
+    for numel in (0, 1, 63, 64, 65, 1000, 10_001):
+        assert wire_size(codec, numel) == encoded_size(codec, torch.randn(numel)), numel

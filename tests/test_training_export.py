@@ -10,7 +10,9 @@ from swarm.training.model import export_checkpoint, init_model
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_exported_checkpoint_reproduces_the_model(tmp_path, tied):
-    config = write_tiny_checkpoint(tmp_path / "source", num_layers=3, hidden_size=64, tie_word_embeddings=tied)
+    config = write_tiny_checkpoint(
+        tmp_path / "source", num_layers=3, hidden_size=64, tie_word_embeddings=tied
+    )
     model = init_model(config, seed=7)
     export_checkpoint(model, tmp_path / "source", tmp_path / "out", num_shards=2)
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -114,7 +114,18 @@ def test_three_trainers_survive_a_kill_mid_allreduce_and_admit_a_late_joiner(tmp
             180,
         )
 
-        a.kill()  # a restarts from its checkpoint and catches up
+        a_short_id = a.wait_for_line("joined run", timeout=1).split()[
+            2
+        ]  # "training peer <id> joined run ..."
+        a_round = next(m.round for p, m in observer.members().items() if p.startswith(a_short_id))
+        a.kill()  # the run goes on without a; a restarts from its checkpoint and catches up
+        observer.wait_until(
+            lambda r: (
+                sum(m.round >= a_round + 2 and m.state == TrainerState.TRAINING for m in r.values()) >= 2
+            ),
+            "b and d two rounds ahead of a's checkpoint",
+            180,
+        )
         a_again = trainer("a-again", "--checkpoint-dir", str(tmp_path / "ckpt-a"))
         a_again.wait_for_line("resumed from checkpoint", timeout=120)
         a_again.wait_for_line("synced state of round", timeout=120)

@@ -1,10 +1,12 @@
 """Forming the group that averages one round.
 
-Members ready to average round ``r`` say so in their run record (state AVERAGING,
-round ``r``). The leader of round ``r`` is the smallest peer id among them; everyone
-else sends it a :class:`JoinGroup`. The leader admits joiners until every member it
-expects has joined or the matchmaking window closes, then answers them all with the
-same sorted member list. A member that picked another leader is redirected to it.
+The leader of round ``r`` is the smallest peer id among the run's live members;
+everyone else sends it a :class:`JoinGroup` as soon as it is ready. The leader
+admits joiners until every live member has joined or the matchmaking window closes,
+then answers them all with the same sorted member list, but only if they are a
+majority of the live members it sees: two disjoint groups can never both apply a
+step to the same round (a member that dies only delays rounds until its record
+expires).
 
 Each joiner also reports the hash of its ``theta_global``: the leader compares them
 and names, for any member in the minority, a majority member to re-sync from. So the
@@ -89,25 +91,29 @@ def _build_reply(leader: str, joined: dict[str, JoinGroup]) -> GroupReply:
 class Matchmaker:
     """Forms groups for this member and, when it leads, for the others.
 
+    The leader of a round is the smallest peer id among the live members of the run
+    (the members whose records are fresh and not leaving). That set changes only when
+    members join or leave, so every member picks the same leader even while some are
+    still training: a follower's request waits at the leader until the leader itself
+    is ready. If the leader cannot be reached, followers fall through to the next
+    candidate in the same order, so they still converge on one group.
+
     Args:
         endpoint: this trainer's endpoint (serves :class:`JoinGroup`).
-        ready_members: returns ``{peer_id: (address, public_key)}`` of the members that
-            announced they are ready to average the given round (read from the DHT).
-        expected_members: returns the peer ids whose records are fresh (alive) in the run.
-        window: seconds the leader waits for everyone expected; joiners wait a bit longer.
+        live_members: returns ``{peer_id: (address, public_key)}`` of the live members.
+        window: seconds the leader waits for every live member; joiners wait a bit longer.
+        call_timeout: bound on connecting to a leader candidate.
     """
 
     def __init__(
         self,
         endpoint: BaseEndpoint,
-        ready_members: Callable[[int], Awaitable[dict[str, tuple[str, bytes]]]],
-        expected_members: Callable[[], Awaitable[set[str]]],
+        live_members: Callable[[], Awaitable[dict[str, tuple[str, bytes]]]],
         window: float = 10.0,
         call_timeout: float = 5.0,
     ):
         self.endpoint = endpoint
-        self.ready_members = ready_members
-        self.expected_members = expected_members
+        self.live_members = live_members
         self.window = window
         self.call_timeout = call_timeout
         self._current: _Matchmaking | None = None
@@ -144,67 +150,90 @@ class Matchmaker:
         """Find this round's group. Returns None if no group could be formed in time (skip the round)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window
+        live = await self.live_members()
+        live[me.peer_id] = (me.address, me.public_key)
         state = _Matchmaking(
             round_index, me, joined={me.peer_id: me}, changed=asyncio.Event(), done=asyncio.Event()
         )
-        # Wait until every live member is ready for this round (or the window closes).
-        ready: dict[str, tuple[str, bytes]] = {}
-        while True:
-            ready = await self.ready_members(round_index)
-            ready.setdefault(me.peer_id, (me.address, me.public_key))
-            expected = await self.expected_members()
-            if expected <= ready.keys() or loop.time() >= deadline:
-                break
-            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))  # poll the DHT, bounded
-        state.leader = min(ready)
-        async with self._current_changed:
-            self._current = state
-            self._current_changed.notify_all()
+        candidates = sorted(live)
         try:
-            if state.leader == me.peer_id:
-                return await self._lead(state, expected | {me.peer_id}, deadline)
-            return await self._follow(state, ready, deadline)
+            for candidate in candidates:
+                state.leader = candidate
+                if candidate == me.peer_id:
+                    await self._publish_state(state)
+                    return await self._lead(state, set(live), deadline)
+                await self._publish_state(state)  # joiners that reach us are redirected to the candidate
+                outcome = await self._follow(state, candidate, live[candidate], deadline)
+                if outcome is not _UNREACHABLE:
+                    return outcome
+                logger.warning(
+                    "round %d: leader candidate %s unreachable; trying the next", round_index, candidate[:12]
+                )
+            return None
         finally:
             state.done.set()
 
-    async def _lead(self, state: _Matchmaking, expected: set[str], deadline: float) -> Group:
+    async def _publish_state(self, state: _Matchmaking) -> None:
+        async with self._current_changed:
+            self._current = state
+            self._current_changed.notify_all()
+
+    async def _lead(self, state: _Matchmaking, expected: set[str], deadline: float) -> Group | None:
         loop = asyncio.get_running_loop()
+        # Followers blocked waiting for us get a moment to register even if the window is spent.
+        deadline = max(deadline, loop.time() + min(2.0, self.window))
         while not expected <= state.joined.keys() and loop.time() < deadline:
             state.changed.clear()
             try:
                 await asyncio.wait_for(state.changed.wait(), deadline - loop.time())
             except TimeoutError:
                 break
+        if 2 * len(state.joined) <= len(expected):
+            # No majority of the live members: another group might hold one. Skip the round
+            # rather than risk two groups applying different steps to the same round.
+            state.reply = GroupReply(state.me.peer_id, [], [], [], [], {})
+            state.done.set()
+            logger.warning(
+                "round %d: only %d of %d live members joined; no quorum, skipping the round",
+                state.round,
+                len(state.joined),
+                len(expected),
+            )
+            return None
         state.reply = _build_reply(state.me.peer_id, state.joined)
         state.done.set()
         logger.info("round %d: leading a group of %d", state.round, len(state.reply.peer_ids))
         return self._group(state.reply, state.me.peer_id)
 
-    async def _follow(self, state: _Matchmaking, ready: dict[str, tuple[str, bytes]], deadline: float):
-        from transport.errors import SwarmError
+    async def _follow(self, state: _Matchmaking, leader: str, where: tuple[str, bytes], deadline: float):
+        """Join ``leader``'s group. Returns the group, None (no group this round) or _UNREACHABLE."""
+        from transport.errors import DeadlineExceeded, PeerUnavailable, SwarmError
 
-        leader = state.leader
-        for _ in range(3):  # follow at most a couple of redirects
-            if leader not in ready:
-                ready.update(await self.ready_members(state.round))
-            if leader not in ready:
-                logger.warning("round %d: leader %s is not reachable", state.round, leader)
-                return None
-            address, key = ready[leader]
-            remaining = deadline - asyncio.get_running_loop().time() + self.window + self.call_timeout
-            try:
-                connection = await self.endpoint.connect(address, key)
-                try:
-                    reply = await connection.call(state.me, timeout=max(remaining, self.call_timeout))
-                finally:
-                    await connection.close()
-            except SwarmError as error:
-                logger.warning("round %d: joining leader %s failed: %s", state.round, leader, error)
-                return None
-            if reply.peer_ids:
-                return self._group(reply, state.me.peer_id)
-            leader = reply.leader
-        return None
+        address, key = where
+        remaining = deadline - asyncio.get_running_loop().time() + self.window + self.call_timeout
+        try:
+            connection = await asyncio.wait_for(self.endpoint.connect(address, key), self.call_timeout)
+        except (TimeoutError, DeadlineExceeded, PeerUnavailable):
+            return _UNREACHABLE
+        except SwarmError as error:
+            logger.warning("round %d: connecting to leader %s failed: %s", state.round, leader[:12], error)
+            return _UNREACHABLE
+        try:
+            reply = await connection.call(state.me, timeout=max(remaining, self.call_timeout))
+        except SwarmError as error:
+            logger.warning("round %d: joining leader %s failed: %s", state.round, leader[:12], error)
+            return None
+        finally:
+            await connection.close()
+        if not reply.peer_ids:
+            logger.warning(
+                "round %d: %s leads elsewhere (%s); skipping this round",
+                state.round,
+                leader[:12],
+                reply.leader[:12],
+            )
+            return None
+        return self._group(reply, state.me.peer_id)
 
     @staticmethod
     def _group(reply: GroupReply, my_peer_id: str) -> Group:
@@ -215,3 +244,6 @@ class Matchmaker:
             )
         ]
         return Group(members, reply.peer_ids.index(my_peer_id), reply.resync_from.get(my_peer_id))
+
+
+_UNREACHABLE = object()

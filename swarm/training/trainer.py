@@ -150,9 +150,7 @@ class Trainer:
         self.averaging = AveragingService(
             endpoint, config.compression, registration_wait=config.matchmaking_seconds
         )
-        self.matchmaker = Matchmaker(
-            endpoint, self._ready_members, self._expected_members, window=config.matchmaking_seconds
-        )
+        self.matchmaker = Matchmaker(endpoint, self._live_members, window=config.matchmaking_seconds)
         endpoint.add_handler(StateRequest, self._on_state_request)
         self.fault = FaultInjection.from_environment()
         self.model = load_or_init_model(Path(config.model), config.seed if config.init == "random" else None)
@@ -213,9 +211,12 @@ class Trainer:
             if record.state == TrainerState.AVERAGING and record.round == round_index and record.addresses
         }
 
-    async def _expected_members(self) -> set[str]:
+    async def _live_members(self) -> dict[str, tuple[str, bytes]]:
+        """Members that take part in rounds: training or averaging, with a fresh record."""
         return {
-            peer for peer, record in (await self._members()).items() if record.state != TrainerState.LEAVING
+            peer: (record.addresses[0], record.curve_public_key)
+            for peer, record in (await self._members()).items()
+            if record.state in (TrainerState.TRAINING, TrainerState.AVERAGING) and record.addresses
         }
 
     # -- state sharing -----------------------------------------------------------------
