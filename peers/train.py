@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         logger.error("%s", error)
         return 2
-    return run_async(lambda: _train(config, options, metrics, telemetry))
+    return run_async(lambda: train(config, options, metrics, telemetry))
 
 
 class _TrainerGauges:
@@ -105,7 +105,8 @@ class _TrainerGauges:
             gauge.labels(run=run).set(getattr(record, name))
 
 
-async def _train(config, options: PeerOptions, metrics, telemetry) -> int:
+async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
+    """Run one training member until it is stopped (SIGINT/SIGTERM) or reaches --max-rounds. Returns an exit code."""
     from peers.cli import software_version
     from swarm.training.trainer import Trainer
     from transport import Endpoint
