@@ -9,9 +9,13 @@ private swarm) by ``SwarmRecordValidator``; expiration times are DHT times.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import functools
 import logging
+import os
+import signal
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,6 +97,31 @@ async def _get_many(_dht, node, keys):
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere).
+
+    hivemind runs the DHT in a forked child; without this, SIGKILL of a peer leaves its
+    DHT process (and the p2p daemon under it) running and announcing nothing, forever.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT process, dying with the peer that started it."""
+
+    def run(self) -> None:
+        _die_with_parent()
+        super().run()
+
+
 class SwarmDHT:
     """A running DHT node of one swarm. Use as a (sync or async) context manager.
 
@@ -137,7 +166,7 @@ class SwarmDHT:
         }
         if self.config.announce_maddrs:
             kwargs["announce_maddrs"] = list(self.config.announce_maddrs)
-        dht = hivemind.DHT(
+        dht = _DHTProcess(
             initial_peers=list(self.config.initial_peers) or None,
             start=False,
             record_validators=[self.validator],
