@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 
 import pytest
@@ -340,5 +341,101 @@ def test_closing_fails_pending_calls_and_later_calls(make_endpoint):
                 await connection.call(Wait(2))
             with pytest.raises((PeerUnavailable, HandshakeTimeout)):
                 await client.connect(address, server.public_key)
+
+    run(body())
+
+
+async def steps_with_errors(stream: ServerStream) -> None:
+    total = 0
+    async for step in stream:
+        if step.value % 2:  # odd steps fail on their own; the running sum is kept
+            await stream.reply_error(ServerBusy(f"odd step {step.value}"))
+            continue
+        total += step.value
+        await stream.reply(Step(total))
+
+
+def test_a_failed_stream_step_leaves_the_session_open(make_endpoint):
+    async def body():
+        server = make_endpoint()
+        server.add_stream_handler(Open, steps_with_errors)
+        address = await server.bind()
+        async with server, make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            async with await connection.open_stream(Open("s")) as stream:
+                assert (await stream.call(Step(2))).value == 2
+                with pytest.raises(RemoteError) as caught:
+                    await stream.call(Step(3))
+                assert caught.value.kind == "ServerBusy" and caught.value.retryable
+                assert "odd step 3" in caught.value.message
+                assert (await stream.call(Step(4))).value == 6  # same session, same state
+                # several in flight: each step gets its own outcome, in order
+                outcomes = await asyncio.gather(
+                    *(stream.call(Step(value)) for value in (5, 6, 7, 8)), return_exceptions=True
+                )
+                assert [getattr(outcome, "value", type(outcome)) for outcome in outcomes] == [
+                    RemoteError,
+                    12,
+                    RemoteError,
+                    20,
+                ]
+
+    run(body())
+
+
+def test_calls_to_a_closed_server_fail_fast_with_peer_unavailable(make_endpoint):
+    async def body():
+        unread: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unread.append(context))
+        server, address = await serving(make_endpoint)
+        server.add_stream_handler(Open, steps_with_errors)
+        async with make_endpoint() as client:
+            connection = await client.connect(address, server.public_key)
+            stream = await connection.open_stream(Open("s"))
+            await server.close()
+            # the connection stays open on our side; every call must fail long before
+            # its 60 s deadline (this test's own limit is 20 s)
+            for _ in range(3):
+                with pytest.raises(PeerUnavailable):
+                    await connection.call(Echo("anyone?"), timeout=60)
+            with pytest.raises(PeerUnavailable):
+                await stream.call(Step(2), timeout=60)
+            with pytest.raises(PeerUnavailable):
+                await connection.open_stream(Open("t"), timeout=60)
+        gc.collect()
+        assert not unread  # e.g. no "Future exception was never retrieved"
+
+    run(body(), timeout=20)
+
+
+def test_connect_racing_close_is_clean(make_endpoint):
+    async def body():
+        server, address = await serving(make_endpoint)
+        async with server:
+            # close the client endpoint after 0, 1, 2, ... loop iterations of a connect,
+            # cancelling the connect first in every other round (an all-reduce round that
+            # was given up): connect must end in PeerUnavailable (or have finished)
+            for delay in range(12):
+                client = make_endpoint()
+                connecting = asyncio.ensure_future(client.connect(address, server.public_key))
+                for _ in range(delay):
+                    await asyncio.sleep(0)
+                if delay % 2:
+                    connecting.cancel()
+                await client.close()
+                try:
+                    connection = await connecting
+                except asyncio.CancelledError:
+                    assert delay % 2
+                except PeerUnavailable:
+                    pass
+                else:
+                    with pytest.raises(PeerUnavailable):
+                        await connection.call(Echo("closed"))
+                with pytest.raises(PeerUnavailable):
+                    await client.connect(address, server.public_key)
+            async with make_endpoint() as client:  # and the server is unharmed
+                connection = await client.connect(address, server.public_key)
+                assert (await connection.call(Echo("ok"))).text == "ok"
 
     run(body())

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from socket import socket as tcp_socket
 
 import msgpack
 import pytest
 import torch
 import zmq
+import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +26,8 @@ from transport import (
     Limits,
     Message,
     PeerUnavailable,
+    Ping,
+    Pong,
     RequestContext,
     ServerStream,
     Timeouts,
@@ -45,6 +51,33 @@ class Echo(Message):
 @message("test.zmq.open")
 class Open(Message):
     name: str
+
+
+@message("test.zmq.hang")
+class Hang(Message):
+    """Answered never: the server process's handler waits forever."""
+
+
+KILLABLE_SERVER = """
+import asyncio
+from transport import Endpoint, Message, message
+
+@message("test.zmq.hang")
+class Hang(Message):
+    pass
+
+async def hang(request, context):
+    await asyncio.Event().wait()
+
+async def main():
+    endpoint = Endpoint()
+    endpoint.add_handler(Hang, hang)
+    address = await endpoint.bind("tcp://127.0.0.1:0")
+    print(address, endpoint.public_key.decode(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
 
 
 async def echo(request: Echo, context: RequestContext) -> Echo:
@@ -275,3 +308,111 @@ def test_unencrypted_endpoints_work_and_curve_cannot_reach_them():
                     await encrypted.connect(address, server.public_key)
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+@pytest.mark.timeout(30)
+def test_calls_to_a_killed_server_process_fail_with_peer_unavailable():
+    server = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        address, key = server.stdout.readline().split()  # type: ignore[union-attr]
+
+        async def body():
+            async with Endpoint() as client:
+                connection = await client.connect(address, key.encode())
+                waiting = asyncio.ensure_future(connection.call(Hang(), timeout=60))
+                await connection.ping()  # sent after Hang on the same socket: Hang is being handled
+                server.kill()
+                await asyncio.get_running_loop().run_in_executor(None, server.wait)
+                with pytest.raises(PeerUnavailable):
+                    await waiting  # in flight when the server died
+                for _ in range(3):  # sent after it died: fail at once, not at the deadline
+                    with pytest.raises(PeerUnavailable):
+                        await connection.call(Hang(), timeout=60)
+                with pytest.raises(PeerUnavailable):
+                    await connection.open_stream(Open("gone"), timeout=60)
+
+        asyncio.run(asyncio.wait_for(body(), 20))
+    finally:
+        server.kill()
+        server.wait(10)
+        server.stdout.close()  # type: ignore[union-attr]
+
+
+def test_closing_the_endpoint_fails_a_connect_in_its_handshake():
+    async def body():
+        accepted = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+
+        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            accepted.set()
+
+        # a TCP listener that accepts and never speaks: the connect waits in the handshake
+        listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener:
+            client = Endpoint(timeouts=Timeouts(connect=60))
+            connecting = asyncio.ensure_future(
+                client.connect(f"tcp://127.0.0.1:{port}", KeyPair.generate().public)
+            )
+            await accepted.wait()
+            await client.close()
+            with pytest.raises(PeerUnavailable, match="endpoint closed"):
+                await connecting
+            for writer in writers:
+                writer.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_sends_queue_while_the_server_stops_reading_and_go_out_in_order():
+    async def body():
+        # a raw ROUTER that echoes, and stops reading on request: ZeroMQ's queues and
+        # the kernel's buffers fill, sends get EAGAIN and wait in the connection's outbox
+        keys = KeyPair.generate()
+        context = zmq.asyncio.Context()
+        router = context.socket(zmq.ROUTER)
+        router.linger, router.rcvhwm = 0, 1
+        router.curve_secretkey, router.curve_publickey, router.curve_server = keys.secret, keys.public, True
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        reading = asyncio.Event()
+        reading.set()
+
+        async def echo_raw() -> None:
+            while True:
+                await reading.wait()
+                route, *frames = await router.recv_multipart(copy=False)
+                envelope = msgpack.unpackb(frames[0].bytes)
+                if envelope["k"] == Ping.kind:  # connect's admission ping
+                    frames = encode_message(Pong(), envelope["i"])
+                await router.send_multipart([route, *frames], copy=False)
+
+        echoing = asyncio.ensure_future(echo_raw())
+        try:
+            async with Endpoint() as client:
+                connection = await client.connect(f"tcp://127.0.0.1:{port}", keys.public)
+                reading.clear()
+                calls = [
+                    asyncio.ensure_future(
+                        connection.call(Echo(str(i), torch.full((4096,), float(i))), timeout=60)
+                    )
+                    for i in range(3000)
+                ]
+                await asyncio.sleep(0)  # every call has sent or queued its request
+                assert connection._outbox  # the queue was used
+                reading.set()
+                replies = await asyncio.gather(*calls)
+                assert [reply.text for reply in replies] == [str(i) for i in range(3000)]
+                assert all(reply.tensor[0] == i for i, reply in enumerate(replies))
+                assert not connection._outbox
+        finally:
+            echoing.cancel()
+            router.close(linger=0)
+            context.term()
+
+    asyncio.run(asyncio.wait_for(body(), 60))

@@ -4,6 +4,11 @@ frames move (ZeroMQ or in-memory subclasses provide ``_send`` and ``_close``).
 Many requests may be in flight on one connection; each carries an id and its own
 deadline. A streaming session (``open_stream``) binds a sequence of steps to one
 server-side handler that processes them in order.
+
+A call ends in exactly one way, whichever comes first: its reply, its deadline
+(``DeadlineExceeded``), or the peer going away (``PeerUnavailable``: the connection is
+closed, or the transport saw the peer disconnect; a call to a peer that is known to
+be gone fails at once instead of waiting for its deadline).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from transport.config import Limits, Timeouts
@@ -55,11 +61,22 @@ class Connection:
         self._pending: dict[int, asyncio.Future] = {}
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        self._on_closed: Callable[[Connection], None] | None = None  # the endpoint forgets it
 
-    async def _send(self, frames: list[Any], deadline: float) -> None:
+    def _send(self, frames: list[Any], waiter: asyncio.Future | None, deadline: float) -> None:
+        """Hand ``frames`` to the transport without blocking.
+
+        They go out now, or queue behind earlier sends (send order is kept: the server
+        sees a stream's steps in call order). A queued send that fails later fails
+        ``waiter``; one whose ``waiter`` is done or whose ``deadline`` passed is dropped.
+
+        Raises:
+            PeerUnavailable: the frames can never go out (closed, or the peer is gone).
+        """
         raise NotImplementedError
 
-    async def _close(self) -> None:
+    async def _close(self, error: PeerUnavailable) -> None:
+        """Release the transport; anything still waiting on it fails with ``error``."""
         raise NotImplementedError
 
     async def call(self, request: Message, *, timeout: float | None = None) -> Message:
@@ -115,26 +132,27 @@ class Connection:
         timeout = self._timeouts.request if timeout is None else timeout
         request_id = next(self._ids)
         frames = encode_message(msg, request_id, session, self._token)
+        # One future carries every outcome (reply, deadline, disconnect, a queued send's
+        # failure), so nothing else is awaited and no exception is left unread.
         future = loop.create_future()
         self._pending[request_id] = future
-        timer = loop.call_later(timeout, self._expire, request_id, timeout)
+        timer = loop.call_later(timeout, _expire, future, self.address, timeout)
         try:
-            await self._send(frames, loop.time() + timeout)
+            self._send(frames, future, loop.time() + timeout)
             return await future
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
 
-    async def _notify(self, msg: Message, session: bytes | None) -> None:
-        """Send ``msg`` with request id 0: the server does not answer."""
+    def _notify(self, msg: Message, session: bytes | None) -> None:
+        """Send ``msg`` with request id 0: the server does not answer.
+
+        Raises:
+            PeerUnavailable: it cannot go out.
+        """
         if not self._closed:
             frames = encode_message(msg, 0, session, self._token)
-            await self._send(frames, self._loop.time() + self._timeouts.request)
-
-    def _expire(self, request_id: int, timeout: float) -> None:
-        future = self._pending.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_exception(DeadlineExceeded(f"no reply from {self.address} within {timeout} s"))
+            self._send(frames, None, self._loop.time() + self._timeouts.request)
 
     def deliver(self, frames: list[Any]) -> None:
         """Match a received reply to its pending call (the transport calls this)."""
@@ -167,11 +185,16 @@ class Connection:
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with ``PeerUnavailable``. Idempotent."""
+        await self._close_with(PeerUnavailable(f"connection to {self.address} closed"))
+
+    async def _close_with(self, error: PeerUnavailable) -> None:
         if self._closed:
             return
         self._closed = True
-        self.fail_pending(PeerUnavailable(f"connection to {self.address} closed"))
-        await self._close()
+        self.fail_pending(error)
+        if self._on_closed is not None:
+            self._on_closed(self)
+        await self._close(error)
 
     async def __aenter__(self) -> Connection:
         return self
@@ -210,7 +233,7 @@ class ClientStream:
         if not self._closed:
             self._closed = True
             try:
-                await self._connection._notify(StreamClose(), self.session)
+                self._connection._notify(StreamClose(), self.session)
             except SwarmError:
                 pass  # the server expires the session after Timeouts.stream_idle anyway
 
@@ -219,3 +242,8 @@ class ClientStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _expire(future: asyncio.Future, address: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"no reply from {address} within {timeout} s"))

@@ -10,7 +10,6 @@ server recomputes it from the authenticated key.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -101,16 +100,24 @@ def configure_client_socket(socket: zmq.Socket, keys: KeyPair, server_public_key
     socket.curve_serverkey = server_public_key
 
 
-async def serve_zap(context: zmq.asyncio.Context, ready: asyncio.Event) -> None:
-    """Answer ZAP requests of ``context``: allow any CURVE key, name the user by it.
-
-    Runs until cancelled; sets ``ready`` once bound (servers must bind after that).
-    """
+def bind_zap_socket(context: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+    """The socket ``serve_zap`` answers on, bound before any server socket of ``context``."""
     socket = context.socket(zmq.REP)
     socket.linger = 0
     try:
         socket.bind(ZAP_ENDPOINT)
-        ready.set()
+    except BaseException:
+        socket.close()
+        raise
+    return socket
+
+
+async def serve_zap(socket: zmq.asyncio.Socket) -> None:
+    """Answer ZAP requests on ``socket``: allow any CURVE key, name the user by it.
+
+    Runs until cancelled, then closes ``socket``.
+    """
+    try:
         while True:
             request = await socket.recv_multipart()
             # [version, request id, domain, address, identity, mechanism, *credentials]

@@ -109,8 +109,9 @@ class BaseEndpoint(abc.ABC):
             return
         self._closed = True
         await self._dispatcher.close()
+        closed = PeerUnavailable("endpoint closed")
         for connection in list(self._connections):
-            await connection.close()
+            await connection._close_with(closed)
         self._connections.clear()
         await self._close_transport()
 

@@ -14,12 +14,13 @@ A wrong server key fails ``connect`` with ``HandshakeTimeout`` at once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 from transport.client import Connection
 from transport.endpoint import BaseEndpoint
-from transport.errors import ConfigurationError, DeadlineExceeded, HandshakeTimeout, PeerUnavailable
+from transport.errors import ConfigurationError, HandshakeTimeout, PeerUnavailable
 from transport.messages import PeerKey
 
 
@@ -60,18 +61,16 @@ class MemoryConnection(Connection):
         self._server = server
         self._client_key = client_key
 
-    async def _send(self, frames: list[Any], deadline: float) -> None:
-        if self._server._closed:
+    def _send(self, frames: list[Any], waiter: asyncio.Future | None, deadline: float) -> None:
+        if self._closed or self._server._closed:
             raise PeerUnavailable(f"{self.address} is closed")
-        if self._loop.time() > deadline:
-            raise DeadlineExceeded(f"could not send to {self.address} before the deadline")
         self._loop.call_soon(self._server._dispatcher.receive, _copy(frames), self, self._client_key)
 
     def receive_reply(self, frames: list[Any]) -> None:
         if not self._closed:
             self._loop.call_soon(self.deliver, _copy(frames))
 
-    async def _close(self) -> None:
+    async def _close(self, error: PeerUnavailable) -> None:
         self._server._inbound.discard(self)
 
 

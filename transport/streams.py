@@ -14,9 +14,20 @@ sessions run concurrently::
         finally:
             release(cache)
 
+A step can fail on its own without ending the session: answer it with
+``reply_error`` and take the next step. The client's ``stream.call`` for that step
+raises the error (``RemoteError`` with the class name and retryability, like a unary
+handler's error), and later steps go on in the same session with its state intact::
+
+        async for step in stream:
+            if step.position != expected:           # the client can resend this step
+                await stream.reply_error(ServerBusy("step out of order"))
+                continue
+            await stream.reply(forward(cache, step))
+
 The session ends when the client closes it, when no step arrives for
-``Timeouts.stream_idle`` seconds, or when the handler returns or raises; later steps
-get ``StreamClosed``.
+``Timeouts.stream_idle`` seconds, or when the handler returns or raises (its error
+answers the step in hand); later steps get ``StreamClosed``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from transport.control import StreamOpened
+from transport.control import StreamOpened, error_reply
 from transport.errors import ServerBusy, StreamClosed
 
 if TYPE_CHECKING:
@@ -107,6 +118,21 @@ class ServerStream:
             raise RuntimeError("no step to reply to")
         request_id, self._unanswered = self._unanswered, None
         self._dispatcher.reply(self._route, request_id, msg, self.context.session)
+
+    async def reply_error(self, error: BaseException) -> None:
+        """Answer the current step with ``error``; the session stays open.
+
+        The client's call for this step raises it (``RemoteError`` carrying the class
+        name and ``retryable``; ``StreamClosed`` and ``NotAuthorized`` keep their class),
+        its later steps are served as usual.
+
+        Raises:
+            RuntimeError: there is no unanswered step.
+        """
+        if self._unanswered is None:
+            raise RuntimeError("no step to reply to")
+        request_id, self._unanswered = self._unanswered, None
+        self._dispatcher.reply(self._route, request_id, error_reply(error), self.context.session)
 
     # The dispatcher's side.
 
