@@ -1,19 +1,38 @@
 """Inference benchmark: local generation vs generation through 3 `swarm join` servers.
 
-Same checkpoint (12 blocks of width 1024, random), 64 greedy tokens, both in the same
-run, interleaved A B A B; CPU steal from /proc/stat is recorded next to the numbers.
-The last line is machine-readable:
+Same checkpoint (12 blocks of width 1024, random with init std 0.02), the same greedy
+tokens, both measured in the same run, interleaved A B A B, every process (the local
+baseline and each server) with the same torch thread count; CPU steal from
+/proc/stat and the load average are recorded next to the numbers.
+
+Why one thread by default: this machine has 2 cores shared with other work. With 2
+intra-op threads per process, every matmul ends in an OpenMP barrier that waits for
+a thread the scheduler has parked, and a token costs 3-10x more at random (the old
+benchmark's local baseline ran like that and came out 4x *slower* than the swarm).
+
+``--quick`` measures only the loopback comparison. Full mode adds
+
+* emulated links (20 ms and 100 ms round trip, 100 Mbit/s): every server sits behind
+  a user-space TCP proxy (one process for all of them) that holds each chunk for the
+  one-way latency plus its transfer time; servers announce the proxy's address, so
+  client->server, server->server pushes and the replies all cross an emulated link.
+  Reported against the floor: compute + (hops + 1) one-way latencies + transfers;
+* the batching gain: tokens/s of 16 concurrent sessions vs 1 on one server holding
+  every block.
+
+The last line is machine-readable (loopback)::
 
     inference servers=3 local_ms_per_token=<f> swarm_ms_per_token=<f> overhead_ms_per_hop=<f>
-
-``--quick`` runs only this comparison on loopback (full mode is the same for now:
-emulated WAN links and the 16-session batching gain are not measured yet).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import multiprocessing
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -29,6 +48,21 @@ import torch
 from benchmarks._common import median, steal_meter
 
 SERVERS = 3
+INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after block
+LINKS = ((20.0, 100.0), (100.0, 100.0))  # (round trip ms, Mbit/s) emulated in full mode
+BATCH_SESSIONS = 16
+
+
+@dataclasses.dataclass
+class _Setup:
+    checkpoint: Path
+    tmp_path: Path
+    peers: list[str]
+    threads: int
+    group: object  # ProcessGroup
+
+
+# Local baseline and the swarm runs.
 
 
 def _time_local(model, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -45,81 +79,9 @@ async def _time_swarm(remote, prompt: torch.Tensor, new_tokens: int) -> tuple[fl
     return (time.perf_counter() - started) * 1000 / new_tokens, output
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="loopback comparison only, 2 repeats")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from kernels import load_local_model
-    from kernels.tiny import write_tiny_checkpoint
-    from peers.processes import ProcessGroup
-    from swarm.dht import DHTConfig, SwarmDHT
-    from swarm.identity import Identity
-
-    repeats = 2 if args.quick else 4
-    with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
-        tmp_path = Path(tmp)
-        checkpoint = tmp_path / "model"
-        write_tiny_checkpoint(checkpoint, num_layers=args.layers, hidden_size=args.hidden, vocab_size=512)
-        local = load_local_model(checkpoint)
-        prompt = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
-        bootstrap = SwarmDHT(
-            Identity.generate(), DHTConfig(swarm_name="swarm", host_maddrs=("/ip4/127.0.0.1/tcp/0",))
-        )
-        bootstrap.start()
-        peers = [str(m) for m in bootstrap.visible_maddrs()]
-        group = ProcessGroup(tmp_path)
-        bounds = [round(i * args.layers / SERVERS) for i in range(SERVERS + 1)]
-        try:
-            processes = [
-                group.start(
-                    f"server{i}",
-                    [
-                        "join",
-                        "--model",
-                        str(checkpoint),
-                        "--blocks",
-                        f"{bounds[i]}:{bounds[i + 1]}",
-                        "--initial-peers",
-                        *peers,
-                        "--torch-threads",
-                        str(args.threads),
-                        "--throughput-cache",
-                        str(tmp_path / "throughput.json"),
-                    ],
-                )
-                for i in range(SERVERS)
-            ]
-            for process in processes:
-                process.wait_for_line("ONLINE", timeout=300)
-            report: dict = {}
-            with steal_meter(report):
-                local_ms, swarm_ms = asyncio.run(
-                    _compare(checkpoint, peers, local, prompt, args.tokens, repeats)
-                )
-        finally:
-            group.close()
-            bootstrap.shutdown()
-    print(f"local ms/token (runs): {[f'{v:.1f}' for v in local_ms]}")
-    print(f"swarm ms/token (runs): {[f'{v:.1f}' for v in swarm_ms]}")
-    print(f"cpu steal during the runs: {report['steal_percent']:.1f}%")
-    if not args.quick:
-        print("full mode: emulated WAN links and the 16-session batching gain are not measured yet")
-    local_median, swarm_median = median(local_ms), median(swarm_ms)
-    overhead = (swarm_median - local_median) / SERVERS
-    print(
-        f"inference servers={SERVERS} local_ms_per_token={local_median:.2f} "
-        f"swarm_ms_per_token={swarm_median:.2f} overhead_ms_per_hop={overhead:.2f}"
-    )
-
-
 async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
+    """Interleaved local / swarm runs -> (local ms per token, swarm ms per token, outputs equal)."""
+    from kernels import generate
     from swarm.serving import RemoteModel
 
     local_ms, swarm_ms = [], []
@@ -130,11 +92,258 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
             local_ms.append(_time_local(local, prompt, tokens))
             ms, output = await _time_swarm(remote, prompt, tokens)
             swarm_ms.append(ms)
-        from kernels import generate
+        equal = torch.equal(output, generate(local, prompt, tokens))
+    return local_ms, swarm_ms, equal
 
-        if not torch.equal(output, generate(local, prompt, tokens)):
-            print("WARNING: swarm output differs from local generation", file=sys.stderr)
-    return local_ms, swarm_ms
+
+async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> list[float]:
+    from swarm.serving import RemoteModel
+
+    async with await RemoteModel.connect(checkpoint, peers) as remote:
+        await remote.generate(prompt, 2)
+        return [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
+
+
+async def _batching_gain(checkpoint, peers, prompt, tokens: int) -> tuple[float, float, int]:
+    """Tokens/s of 1 session and of ``BATCH_SESSIONS`` concurrent ones; and rows per forward."""
+    from swarm.serving import RemoteModel
+    from swarm.serving.protocol import StatsRequest
+
+    async with await RemoteModel.connect(checkpoint, peers) as remote:
+        await remote.generate(prompt, 2)
+        started = time.perf_counter()
+        await remote.generate(prompt, tokens)
+        single = tokens / (time.perf_counter() - started)
+        started = time.perf_counter()
+        await remote.generate([prompt] * BATCH_SESSIONS, tokens)
+        many = BATCH_SESSIONS * tokens / (time.perf_counter() - started)
+        (server,) = (await remote.list_servers()).values()
+        stats = await (await remote.connection_to(server)).call(StatsRequest(), timeout=30)
+    return single, many, stats.batched_steps
+
+
+# Servers.
+
+
+def _write_checkpoint(directory: Path, layers: int, hidden: int) -> None:
+    from kernels.tiny import make_random_state, save_checkpoint, write_tiny_checkpoint
+
+    config = write_tiny_checkpoint(directory, num_layers=layers, hidden_size=hidden, vocab_size=512)
+    save_checkpoint(directory, config, make_random_state(config, seed=0, std=INIT_STD))
+
+
+def _start_servers(setup: _Setup, name: str, spans: list[str], extra: list[list[str]] | None = None):
+    processes = []
+    for i, blocks in enumerate(spans):
+        args = ["join", "--model", str(setup.checkpoint), "--blocks", blocks, "--initial-peers", *setup.peers,
+                "--torch-threads", str(setup.threads), "--throughput-cache",
+                str(setup.tmp_path / "throughput.json"), *(extra[i] if extra else [])]  # fmt: skip
+        processes.append(setup.group.start(f"{name}{i}", args))
+    for process in processes:
+        process.wait_for_line("ONLINE", timeout=300)
+    return processes
+
+
+def _stop(processes) -> None:
+    for process in processes:
+        process.terminate(timeout=60)
+
+
+def _chain_spans(layers: int) -> list[str]:
+    bounds = [round(i * layers / SERVERS) for i in range(SERVERS + 1)]
+    return [f"{bounds[i]}:{bounds[i + 1]}" for i in range(SERVERS)]
+
+
+# Emulated links: a delaying TCP proxy in front of every server.
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _pump(reader, writer, one_way, bits_per_second) -> None:
+    """Forwards one direction: a chunk leaves once the link has carried it, plus the latency."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def deliver() -> None:
+        while (item := await queue.get()) is not None:
+            due, data = item
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+
+    delivery = asyncio.create_task(deliver())
+    link_free = 0.0
+    try:
+        while data := await reader.read(1 << 16):
+            start = max(loop.time(), link_free)
+            link_free = start + len(data) * 8 / bits_per_second.value
+            queue.put_nowait((link_free + one_way.value, data))
+    except ConnectionError:
+        pass
+    finally:
+        queue.put_nowait(None)
+        try:
+            await delivery
+        except ConnectionError:
+            pass
+        writer.close()
+
+
+async def _serve_proxies(routes, one_way, bits_per_second, ready) -> None:
+    async def connect(listen_host: str, target: tuple[str, int]):
+        async def handle(reader, writer) -> None:
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(*target)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(
+                _pump(reader, upstream_writer, one_way, bits_per_second),
+                _pump(upstream_reader, writer, one_way, bits_per_second),
+            )
+
+        return await asyncio.start_server(handle, listen_host, target[1])
+
+    servers = [await connect(host, ("127.0.0.1", port)) for host, port in routes]
+    ready.set()
+    await asyncio.gather(*(server.serve_forever() for server in servers))
+
+
+def _proxy_main(routes, one_way, bits_per_second, ready) -> None:
+    """Process entry: proxies ``listen_host:port -> 127.0.0.1:port`` for each route."""
+    asyncio.run(_serve_proxies(routes, one_way, bits_per_second, ready))
+
+
+# Reports.
+
+
+def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: float) -> list[tuple]:
+    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token)."""
+    context = multiprocessing.get_context("spawn")
+    one_way, bits_per_second = context.Value("d", 0.0), context.Value("d", 1e9)
+    ports = [_free_port() for _ in range(SERVERS)]
+    routes = [(f"127.0.0.{i + 2}", port) for i, port in enumerate(ports)]
+    ready = context.Event()
+    proxy = context.Process(target=_proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True)
+    proxy.start()
+    if not ready.wait(60):
+        raise RuntimeError("the link-emulating proxy did not start")
+    extra = [["--port", str(port), "--announce-host", host] for host, port in routes]
+    processes = _start_servers(setup, "wan", _chain_spans(_layers(setup)), extra)
+    hidden = _hidden(setup)
+    message_bits = (hidden * 4 + 512) * 8  # one token's activations (float32) plus framing
+    rows = []
+    try:
+        for rtt_ms, mbit in LINKS:
+            one_way.value, bits_per_second.value = rtt_ms / 2000, mbit * 1e6
+            ms = median(asyncio.run(_time_remote(setup.checkpoint, setup.peers, prompt, tokens, repeats)))
+            legs = SERVERS + 1  # client -> s1 -> s2 -> s3 -> client
+            floor = compute_ms + legs * (rtt_ms / 2 + message_bits / (mbit * 1e6) * 1000)
+            rows.append((rtt_ms, mbit, ms, floor))
+    finally:
+        _stop(processes)
+        proxy.terminate()
+        proxy.join(10)
+    return rows
+
+
+def _layers(setup: _Setup) -> int:
+    from kernels import load_config
+
+    return load_config(setup.checkpoint).num_layers
+
+
+def _hidden(setup: _Setup) -> int:
+    from kernels import load_config
+
+    return load_config(setup.checkpoint).hidden_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="loopback comparison only, 5 repeats")
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per run (loopback)")
+    parser.add_argument("--wan-tokens", type=int, default=16, help="tokens per run on emulated links")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of every process: the local baseline and each server (default 1, see above)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from kernels import load_local_model
+    from peers.processes import ProcessGroup
+    from swarm.dht import DHTConfig, SwarmDHT
+    from swarm.identity import Identity
+
+    repeats = 5 if args.quick else 7
+    load_before = os.getloadavg()
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
+        tmp_path = Path(tmp)
+        checkpoint = tmp_path / "model"
+        _write_checkpoint(checkpoint, args.layers, args.hidden)
+        local = load_local_model(checkpoint)
+        prompt = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+        bootstrap = SwarmDHT(
+            Identity.generate(), DHTConfig(swarm_name="swarm", host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+        )
+        bootstrap.start()
+        peers = [str(m) for m in bootstrap.visible_maddrs()]
+        setup = _Setup(checkpoint, tmp_path, peers, args.threads, ProcessGroup(tmp_path))
+        try:
+            processes = _start_servers(setup, "server", _chain_spans(args.layers))
+            with steal_meter(report):
+                local_ms, swarm_ms, equal = asyncio.run(
+                    _compare(checkpoint, peers, local, prompt, args.tokens, repeats)
+                )
+            _stop(processes)
+            if not args.quick:
+                compute_ms = median(local_ms)
+                wan = _wan_rows(setup, prompt, args.wan_tokens, 3, compute_ms)
+                (whole,) = _start_servers(setup, "whole", [f"0:{args.layers}"])
+                single, many, batched = asyncio.run(_batching_gain(checkpoint, peers, prompt, args.tokens))
+                _stop([whole])
+        finally:
+            setup.group.close()
+            bootstrap.shutdown()
+    local_median, swarm_median = median(local_ms), median(swarm_ms)
+    overhead = (swarm_median - local_median) / SERVERS
+    print(f"local ms/token (runs): {[f'{v:.1f}' for v in local_ms]}")
+    print(f"swarm ms/token (runs): {[f'{v:.1f}' for v in swarm_ms]}")
+    best_local, best_swarm = min(local_ms), min(swarm_ms)
+    print(f"best of the runs (least disturbed by neighbours): local {best_local:.1f}, swarm "
+          f"{best_swarm:.1f} -> {(best_swarm - best_local) / SERVERS:.2f} ms per hop")  # fmt: skip
+    print(f"swarm tokens equal local tokens: {'yes' if equal else 'NO'}")
+    load_after = os.getloadavg()
+    print(f"threads per process: {args.threads}; cpu steal during the loopback runs: "
+          f"{report['steal_percent']:.1f}%; load average before/after: "
+          f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
+    if not args.quick:
+        print()
+        print(f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11}")
+        print(
+            f"{'loopback':<22} {swarm_median:>9.1f} {local_median:>9.1f} {swarm_median - local_median:>11.1f}"
+        )
+        for rtt_ms, mbit, ms, floor in wan:
+            link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
+            print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f}")
+        print("floor = local compute + (servers + 1) one-way latencies + one token's transfer per leg")
+        print()
+        print(f"one server, all {args.layers} blocks: 1 session {single:.1f} tokens/s, {BATCH_SESSIONS} "
+              f"sessions {many:.1f} tokens/s (gain {many / single:.1f}x, {batched} steps batched)")  # fmt: skip
+    print(
+        f"inference servers={SERVERS} local_ms_per_token={local_median:.2f} "
+        f"swarm_ms_per_token={swarm_median:.2f} overhead_ms_per_hop={overhead:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ logger = logging.getLogger("swarm.join")
 DESCRIPTION = """\
 Serve a span of a model's transformer blocks to inference clients. With --blocks auto
 the server measures its throughput (cached), reads which blocks the swarm covers
-least and takes those, bounded by memory. It prints the multiaddress others can pass
+least and takes those, bounded by memory, and moves when other blocks need it more
+(checked every --rebalance-period seconds on average). It prints the multiaddress others can pass
 as --initial-peers, then a line starting with "ONLINE" once it serves.
 
 Start a swarm:  swarm join --model CHECKPOINT_DIR --blocks 0:8

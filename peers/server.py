@@ -3,6 +3,9 @@
 Lifecycle: pick the span (``--blocks auto`` fills the weakest blocks) -> announce
 JOINING -> load only the span's weights -> announce ONLINE -> serve until stopped ->
 announce DRAINING, refuse new sessions, let open ones finish (bounded) -> withdraw.
+With ``--blocks auto`` it checks now and then whether other blocks need it more and
+moves there (``peers/server_rebalance.py``): JOINING on the new span, load it, ONLINE,
+drop the old one (sessions already open on it finish on the old weights).
 
 Each inference step's output goes back to the client and, when the step names the
 next server of the client's chain, straight to that server too (``PushHidden``), so
@@ -17,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import torch
 from kernels import BlockSpan, load_blocks, load_config, module_nbytes, quantize_linears_
 from peers.server_batching import StepBatcher
 from peers.server_config import ServerConfig, resolve_device, resolve_dtype
+from peers.server_rebalance import rebalance_periodically
 from peers.server_sessions import CacheBudget, Session, SessionTable
 from swarm import (
     Announcer,
@@ -86,8 +91,8 @@ class InferenceServer:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.state = ServerState.JOINING
-        self.span: Span | None = None
-        self.blocks: BlockSpan | None = None
+        self.span: Span | None = None  # announced (the target while moving)
+        self.blocks: BlockSpan | None = None  # loaded and served
         self.throughput = 0.0
         self.sessions = SessionTable(CacheBudget(config.cache_tokens))
         self.pushes_sent = 0
@@ -95,6 +100,10 @@ class InferenceServer:
         self.client_copies_used = 0
         self.started_at = time.time()
         self._batchers: dict[tuple[int, int], StepBatcher] = {}
+        self._batcher_tasks: dict[StepBatcher, asyncio.Task] = {}
+        self._batcher_users: dict[StepBatcher, int] = {}
+        self._moved_from: list[Span] = []
+        self._retired_counts = [0, 0]  # forwards, batched steps of batchers dropped by moves
         self._connections: dict[str, Connection] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._idle = asyncio.Event()
@@ -112,7 +121,7 @@ class InferenceServer:
             self.dht, self._records, period=self.config.announce_period, ttl=self.config.record_ttl
         )
         await announcer.announce_once()  # JOINING: others see the span being filled
-        self.blocks = await asyncio.to_thread(self._load_span)
+        self.blocks = await asyncio.to_thread(self._load_span, self.span)
         self.endpoint.add_handler(ForwardRequest, self._forward)
         self.endpoint.add_handler(PushHidden, self._push_received)
         self.endpoint.add_handler(StatsRequest, self._stats)
@@ -122,6 +131,8 @@ class InferenceServer:
             self.state = ServerState.ONLINE
             await announcer.announce_once()
             announcer_task = tasks.create_task(announcer.run())
+            if self.config.blocks == "auto" and self.config.rebalance_period > 0:
+                tasks.create_task(rebalance_periodically(self, announcer, stop))
             if on_online is not None:
                 on_online(self)
             await stop.wait()
@@ -176,10 +187,14 @@ class InferenceServer:
             return parse_span(self.config.blocks, n_blocks, flag="--blocks")
         servers = await self.dht.list_servers(n_blocks, timeout=30)
         coverage = coverage_from_records(servers.values(), n_blocks, exclude=(self.dht.peer_id,))
+        return choose_span(coverage, self.span_limit())
+
+    def span_limit(self) -> int:
+        """Blocks this server may hold: what memory allows, capped by ``--max-blocks``."""
         max_blocks = self._max_blocks()
         if self.config.max_blocks:
             max_blocks = min(max_blocks, self.config.max_blocks)
-        return choose_span(coverage, max_blocks)
+        return max_blocks
 
     def _max_blocks(self) -> int:
         one_block = load_blocks(self.config.model, 0, 1, self.dtype, "cpu", self.model_config)
@@ -197,7 +212,9 @@ class InferenceServer:
         return max_blocks_for_memory(int(free * 0.8), per_block, cache_per_block)
 
     def _measure_throughput(self) -> float:
-        """Tokens/s through one block (cached per device, dtype and model)."""
+        """Tokens/s through one block (cached per device, dtype and model), or ``--throughput``."""
+        if self.config.throughput:
+            return self.config.throughput
         cache = ThroughputCache(os.path.expanduser(self.config.throughput_cache))
         key = throughput_cache_key(
             self.device.type, f"{self.dtype}-{self.config.quant}", config_hash(self.config.model)
@@ -220,9 +237,9 @@ class InferenceServer:
         cache.put(key, value)
         return value
 
-    def _load_span(self) -> BlockSpan:
+    def _load_span(self, span: Span) -> BlockSpan:
         blocks = load_blocks(
-            self.config.model, self.span.start, self.span.end, self.dtype, self.device, self.model_config
+            self.config.model, span.start, span.end, self.dtype, self.device, self.model_config
         )
         if self.config.quant != "none":
             quantize_linears_(blocks, kind=self.config.quant)
@@ -230,20 +247,64 @@ class InferenceServer:
 
     # Handlers.
 
+    async def move_to(self, target: Span, announcer: Announcer) -> None:
+        """Moves to ``target``: announce JOINING there, load it, serve it, drop the old span.
+
+        The old span is served until the new one is loaded (open sessions on it finish on
+        the old weights); the caller checked that others cover it.
+
+        Raises:
+            SwarmError / OSError / RuntimeError: the announcement or the load failed
+                (the server keeps serving its old span).
+        """
+        old = self.span
+        logger.info("moving from blocks %s to %s", old, target)
+        self.span, self.state = target, ServerState.JOINING
+        try:
+            await announcer.announce_once()  # tombstones on the old blocks, JOINING on the new
+            blocks = await asyncio.to_thread(self._load_span, target)
+        except BaseException:
+            self.span = old
+            if self.state == ServerState.JOINING:
+                self.state = ServerState.ONLINE
+            announcer.refresh_now()
+            raise
+        self.blocks = blocks
+        self._moved_from.append(old)
+        for key in list(self._batchers):  # sessions already open keep their batcher to the end
+            self._retire(self._batchers.pop(key))
+        if self.state == ServerState.JOINING:  # not DRAINING
+            self.state = ServerState.ONLINE
+            await announcer.announce_once()
+        logger.info("moved to blocks %s", target)
+
     def _sub_span(self, start: int, end: int) -> BlockSpan:
-        if not (self.span.start <= start < end <= self.span.end):
-            raise MalformedMessage(f"blocks {start}:{end} are not inside this server's span {self.span}")
-        lo, hi = start - self.span.start, end - self.span.start
-        if (lo, hi) == (0, len(self.span)):
+        served = Span(self.blocks.start, self.blocks.end)
+        if not (served.start <= start < end <= served.end):
+            if self.span != served or any(old.start <= start and end <= old.end for old in self._moved_from):
+                # Moving or moved: a client read a listing from before (retryable elsewhere).
+                raise ServerBusy(f"blocks {start}:{end}: this server moved to {self.span}")
+            raise MalformedMessage(f"blocks {start}:{end} are not inside this server's span {served}")
+        lo, hi = start - served.start, end - served.start
+        if (lo, hi) == (0, len(served)):
             return self.blocks
         return BlockSpan(self.model_config, list(self.blocks.blocks[lo:hi]), start)
+
+    def _retire(self, batcher: StepBatcher) -> None:
+        """Stops ``batcher`` once no session uses it (moves leave old ones behind)."""
+        if self._batcher_users.get(batcher, 0) or batcher in self._batchers.values():
+            return
+        self._retired_counts[0] += batcher.forwards
+        self._retired_counts[1] += batcher.batched_steps
+        self._batcher_users.pop(batcher, None)
+        self._batcher_tasks.pop(batcher).cancel()
 
     def _batcher(self, start: int, end: int) -> StepBatcher:
         batcher = self._batchers.get((start, end))
         if batcher is None:
             batcher = StepBatcher(self._sub_span(start, end), self.config.max_batch_rows)
             self._batchers[(start, end)] = batcher
-            self._tasks.create_task(batcher.run())
+            self._batcher_tasks[batcher] = self._tasks.create_task(batcher.run())
         return batcher
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
@@ -281,8 +342,8 @@ class InferenceServer:
             sessions=len(self.sessions),
             cache_tokens_used=self.sessions.budget.used_tokens,
             cache_tokens_total=self.sessions.budget.total_tokens,
-            forwards=sum(b.forwards for b in self._batchers.values()),
-            batched_steps=sum(b.batched_steps for b in self._batchers.values()),
+            forwards=self._retired_counts[0] + sum(b.forwards for b in self._batcher_tasks),
+            batched_steps=self._retired_counts[1] + sum(b.batched_steps for b in self._batcher_tasks),
             pushes_sent=self.pushes_sent,
             pushes_used=self.pushes_used,
             client_copies_used=self.client_copies_used,
@@ -302,12 +363,21 @@ class InferenceServer:
             opening.token, opening.batch, opening.max_length,
             lambda batch, length: batcher.span.allocate_cache(batch, length),
         )  # fmt: skip
+        self._batcher_users[batcher] = self._batcher_users.get(batcher, 0) + 1
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
-                    await stream.reply(await self._serve_step(session, batcher, step, pushes))
+                    try:
+                        reply = await self._serve_step(session, batcher, step, pushes)
+                    except MalformedMessage as error:
+                        # The step is refused; the session and its cache stay as they were.
+                        await stream.reply_error(error)
+                        continue
+                    await stream.reply(reply)
         finally:
             self.sessions.close(session)
+            self._batcher_users[batcher] -= 1
+            self._retire(batcher)
             self._idle.set()
 
     async def _serve_step(
@@ -326,6 +396,10 @@ class InferenceServer:
             elif source == "client-copy":
                 self.client_copies_used += 1
         session.check_step(step.position, step.new_tokens, hidden, self.model_config.hidden_size)
+        session.steps += 1
+        if session.steps == self.config.fail_at_step:  # failure injection for tests: die like SIGKILL
+            logger.warning("--fail-at-step %d reached: killing this process", session.steps)
+            os.kill(os.getpid(), signal.SIGKILL)
         try:
             output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
         except ValueError as error:

@@ -55,6 +55,24 @@ class ServerConfig:
         default="~/.cache/swarm/throughput.json", metadata={"help": "file caching measured throughput"}
     )
     torch_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    rebalance_period: float = field(
+        default=300.0,
+        metadata={
+            "help": "with --blocks auto: mean seconds between checks whether other blocks need this "
+            "server more (each wait is drawn from 0.5-1.5x; 0: never move)"
+        },
+    )
+    throughput: float = field(
+        default=0.0,
+        metadata={"help": "tokens/s per block to announce instead of measuring (0: measure, cached)"},
+    )
+    fail_at_step: int = field(
+        default=0,
+        metadata={
+            "help": "testing: SIGKILL this process when a session gets its N-th step "
+            "(replayed steps count; 0: never)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -68,6 +86,9 @@ class ServerConfig:
         for name in ("cache_tokens", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("rebalance_period", "throughput", "fail_at_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         for name in ("session_idle_timeout", "push_wait", "announce_period", "record_ttl", "drain_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -65,6 +65,7 @@ class Session:
     batch: int
     max_length: int
     inputs: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    steps: int = 0  # steps taken so far (replayed ones included)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

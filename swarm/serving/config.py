@@ -29,6 +29,10 @@ class ClientConfig:
         default=15.0, metadata={"help": "first ban of a failed server, doubling on repeats"}
     )
     dht_timeout: float = field(default=15.0, metadata={"help": "seconds for one DHT lookup"})
+    replay_attempts: int = field(
+        default=3,
+        metadata={"help": "replacement chains tried for a failed span when replacements fail during replay"},
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -41,3 +45,5 @@ class ClientConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ClientConfig.{name} must be positive")
+        if self.replay_attempts < 1:
+            raise ValueError("ClientConfig.replay_attempts must be at least 1")

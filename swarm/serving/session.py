@@ -5,7 +5,10 @@ the others wait for the previous hop's push (pipelining), and the client forward
 each output it receives as a copy in case a push is lost. The client keeps every
 input it sent to each hop. When a hop fails (killed, timed out, busy), its server
 is banned, a replacement chain for exactly that span is found, the kept inputs are
-replayed into it step by step (rebuilding the same caches), and the step goes on.
+replayed into it step by step (rebuilding the same caches), and the step goes on. A
+replacement that dies during the replay is banned too and another one is tried
+(``ClientConfig.replay_attempts`` at most). A hop's copy is dropped once that hop
+answers (the push got there first), so a step never waits for a copy's ack.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class InferenceSession:
         self.position = 0
         self.chain: list[_Hop] = []
         self.failovers = 0
+        self.replay_failures = 0  # replacements that failed in turn while being replayed into
         self._step = 0
 
     async def __aenter__(self) -> InferenceSession:
@@ -103,6 +107,7 @@ class InferenceSession:
         self._step += 1
         async with asyncio.TaskGroup() as tasks:
             calls: dict[_Hop, asyncio.Task] = {}
+            copies: dict[_Hop, asyncio.Task] = {}
 
             def launch(index: int, value: torch.Tensor | None) -> None:
                 hop = self.chain[index]
@@ -123,12 +128,18 @@ class InferenceSession:
             while index < len(self.chain):
                 hop = self.chain[index]
                 result = await calls.pop(hop)
+                copy = copies.pop(hop, None)
+                if copy is not None:
+                    # The hop answered: its copy is moot. Waiting for the copy's ack would
+                    # make every step one more one-way latency long.
+                    copy.cancel()
                 if isinstance(result, InferenceReply) and result.hidden is not None:
                     hop.history.append((position, current))
                     current = result.hidden
                     index += 1
                     if index < len(self.chain) and self.config.send_copies:
-                        tasks.create_task(self._send_copy(self.chain[index], number, current))
+                        after = self.chain[index]
+                        copies[after] = tasks.create_task(self._send_copy(after, number, current))
                     continue
                 if isinstance(result, InferenceReply):  # its input never came: resend it
                     launch(index, current)
@@ -153,26 +164,54 @@ class InferenceSession:
     async def _replace(self, index: int, error: BaseException) -> int:
         """Swaps the failed hop for a new chain over its span and replays its inputs there.
 
+        A replacement that fails during the replay is banned in turn and another chain is
+        tried, ``ClientConfig.replay_attempts`` chains at most.
+
         Returns:
             how many hops replace it.
+        Raises:
+            NoRouteError: no replacement found within ``route_wait``.
+            SwarmError: the last replacement failed too, or a server refused the replay as malformed.
         """
         failed = self.chain[index]
         self.model.bans.ban(failed.server.peer_id)
         self.failovers += 1
         await failed.stream.close()
-        replacement = await self._open_route(failed.span.start, failed.span.end)
-        for position, value in failed.history:
-            for hop in replacement:
-                hop.history.append((position, value))
-                reply = await hop.stream.call(
-                    InferenceStep(step=-1, position=position, new_tokens=value.shape[1], hidden=value),
-                    timeout=self.config.step_timeout,
-                )
-                value = reply.hidden
+        for attempt in range(1, self.config.replay_attempts + 1):
+            replacement = await self._open_route(failed.span.start, failed.span.end)
+            broken = await self._replay(failed.history, replacement)
+            if broken is None:
+                break
+            hop, replay_error = broken
+            for opened in replacement:
+                await opened.stream.close()
+            if not _is_server_failure(replay_error) or attempt == self.config.replay_attempts:
+                raise replay_error
+            logger.warning("replacement %s failed during replay (attempt %d of %d): %s", hop.server.peer_id,
+                           attempt, self.config.replay_attempts, replay_error)  # fmt: skip
+            self.model.bans.ban(hop.server.peer_id)
+            self.replay_failures += 1
         logger.info("replaced %s with %s for blocks %s (%d steps replayed)", failed.server.peer_id,
                     [hop.server.peer_id for hop in replacement], failed.span, len(failed.history))  # fmt: skip
         self.chain[index : index + 1] = replacement
         return len(replacement)
+
+    async def _replay(
+        self, history: list[tuple[int, torch.Tensor]], hops: list[_Hop]
+    ) -> tuple[_Hop, SwarmError] | None:
+        """Feeds the kept inputs through ``hops``; returns the hop that failed and its error, or None."""
+        for position, value in history:
+            for hop in hops:
+                hop.history.append((position, value))
+                try:
+                    reply = await hop.stream.call(
+                        InferenceStep(step=-1, position=position, new_tokens=value.shape[1], hidden=value),
+                        timeout=self.config.step_timeout,
+                    )
+                except SwarmError as error:
+                    return hop, error
+                value = reply.hidden
+        return None
 
     async def _open_route(self, start: int, end: int) -> list[_Hop]:
         """Opens sessions on the fastest chain over ``[start, end)``, retrying elsewhere on refusal.
@@ -191,18 +230,20 @@ class InferenceSession:
                     raise error
                 await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
                 continue
-            opened: list[_Hop] = []
-            try:
-                for hop in route:
-                    opened.append(await self._open_hop(hop.server, hop.span))
+            # All hops at once: one round trip instead of one per hop.
+            results = await asyncio.gather(*(_settle(self._open_hop(hop.server, hop.span)) for hop in route))
+            opened = [result for result in results if isinstance(result, _Hop)]
+            if len(opened) == len(route):
                 return opened
-            except SwarmError as error:
+            for hop in opened:
+                await hop.stream.close()
+            for hop, error in zip(route, results, strict=True):
+                if isinstance(error, _Hop):
+                    continue
                 if not _is_server_failure(error):
-                    raise
-                logger.warning("could not open a session on %s: %s", route[len(opened)].peer_id, error)
-                self.model.bans.ban(route[len(opened)].peer_id)
-                for hop in opened:
-                    await hop.stream.close()
+                    raise error
+                logger.warning("could not open a session on %s: %s", hop.peer_id, error)
+                self.model.bans.ban(hop.peer_id)
 
     async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
         token = secrets.token_bytes(16)
@@ -214,8 +255,8 @@ class InferenceSession:
         return _Hop(server, span, stream, token)
 
 
-async def _settle(call) -> InferenceReply | BaseException:
-    """The call's reply, or the SwarmError it raised (so one failure does not cancel the others)."""
+async def _settle(call):
+    """The call's result, or the SwarmError it raised (so one failure does not cancel the others)."""
     try:
         return await call
     except SwarmError as error:
