@@ -186,6 +186,8 @@ def main() -> int:
         "--inner-steps", type=int, help="H, inner steps per round (default: 30 quick, 50 full)"
     )
     parser.add_argument("--rounds", type=int, help="outer rounds (default: 8 quick, 30 full)")
+    parser.add_argument("--hidden", type=int, help="model width (default: 64 quick, 128 full)")
+    parser.add_argument("--layers", type=int, help="transformer blocks (default: 2 quick, 4 full)")
     parser.add_argument(
         "--inner-lr", type=float, default=2e-3, help="peak inner AdamW lr (also DDP's and single's)"
     )
@@ -202,7 +204,9 @@ def main() -> int:
         setting = Setting(workers=4, inner_steps=50, rounds=30, batch=16, seq_len=128, hidden=128, layers=4,
                           corpus_bytes=20_000_000)  # fmt: skip
     overrides = {
-        k: v for k, v in (("inner_steps", args.inner_steps), ("rounds", args.rounds)) if v is not None
+        name: getattr(args, name)
+        for name in ("inner_steps", "rounds", "hidden", "layers")
+        if getattr(args, name) is not None
     }
     setting = dataclasses.replace(setting, **overrides)
     started = time.perf_counter()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -47,22 +48,24 @@ class PeerProcess:
 
     def wait_for_line(self, needle: str, timeout: float) -> str:
         """The first output line containing ``needle``; fails with the log tail after ``timeout``."""
-        for line in self.lines:
-            if needle in line:
+        return self.wait_for(lambda line: needle in line, repr(needle), timeout)
+
+    def wait_for(self, matches: Callable[[str], object], what: str, timeout: float) -> str:
+        """The first output line for which ``matches`` is true; fails with the log tail after ``timeout``."""
+        for line in list(self.lines):
+            if matches(line):
                 return line
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.process.poll() is not None and self._queue.empty()):
                 tail = "".join(self.lines[-30:])
-                raise AssertionError(
-                    f"no line with {needle!r} within {timeout}s from {self.args[:1]}:\n{tail}"
-                )
+                raise AssertionError(f"no line with {what} within {timeout}s from {self.args[:1]}:\n{tail}")
             try:
                 line = self._queue.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
-            if needle in line:
+            if matches(line):
                 return line
 
     def _signal_group(self, signum: int) -> None:

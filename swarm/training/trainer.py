@@ -101,21 +101,30 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Kill this process (SIGKILL) as it sends the all-reduce message ``kind`` in ``round``.
+    """Kill this process (SIGKILL) as it sends the all-reduce message ``kind`` in its
+    ``nth`` all-reduce (counting from 1) among at least ``min_members`` members.
 
-    Read from ``SWARM_FAULT=round:kind``, e.g. ``2:result``; for tests and demos only.
+    Read from ``SWARM_FAULT=nth:kind[:min_members]``, e.g. ``2:result:3``; for tests and
+    demos only. Counting this member's own all-reduces rather than naming a round makes
+    the fault independent of when it joined the run.
     """
 
-    round: int
+    nth: int
     kind: str
+    min_members: int = 2
 
     @classmethod
     def from_environment(cls) -> FaultInjection | None:
         value = os.environ.get("SWARM_FAULT", "")
         if not value:
             return None
-        round_text, _, kind = value.partition(":")
-        return cls(int(round_text), kind)
+        try:
+            nth, kind, *rest = value.split(":")
+            return cls(int(nth), kind, *(int(r) for r in rest[:1]))
+        except ValueError:
+            raise ValueError(
+                f"SWARM_FAULT={value!r}: expected nth:kind[:min_members], e.g. 2:result:3"
+            ) from None
 
 
 class Trainer:
@@ -153,6 +162,7 @@ class Trainer:
         self.matchmaker = Matchmaker(endpoint, self._live_members, window=config.matchmaking_seconds)
         endpoint.add_handler(StateRequest, self._on_state_request)
         self.fault = FaultInjection.from_environment()
+        self.fault_countdown = self.fault.nth if self.fault else 0
         self.model = load_or_init_model(Path(config.model), config.seed if config.init == "random" else None)
         self.outer = OuterOptimizer(flatten_parameters(self.model), config.diloco)
         self.inner, self.schedule = make_inner_optimizer(self.model, config.diloco)
@@ -409,7 +419,7 @@ class Trainer:
             self.outer.pseudo_gradient(flatten_parameters(self.model)),
             weight,
             timeouts,
-            fault=self._fault_hook(round_index),
+            fault=self._fault_hook(round_index, len(group.members)),
         )
         self.outer.step(outcome.averaged)
         load_flat_parameters_(self.model, self.outer.parameters.detach())
@@ -427,9 +437,12 @@ class Trainer:
             self.zero_update_next_round = False  # the donor's state is exactly the group's result
         return True
 
-    def _fault_hook(self, round_index: int):
+    def _fault_hook(self, round_index: int, members: int):
         fault = self.fault
-        if fault is None or fault.round != round_index:
+        if fault is None or members < fault.min_members:
+            return None
+        self.fault_countdown -= 1
+        if self.fault_countdown != 0:
             return None
 
         def hook(kind: str, target: int) -> None:
@@ -454,18 +467,21 @@ class Trainer:
                     samples = await self._inner_phase(stop)
                     if stop.is_set():
                         break
-                    if await self._average(samples):
+                    averaged = await self._average(samples)
+                    # publish first: once the log names a round, records and metrics show it
+                    await self.publish(TrainerState.TRAINING)
+                    if averaged:
                         rounds_done += 1
                         self._checkpoint()
                         logger.info(
-                            "round %d done: loss %.4f, %d members, %.2f MB sent, %.0f tokens/s",
+                            "round %d done: loss %.4f, %d members, hash %s, %.2f MB sent, %.0f tokens/s",
                             self.outer.round,
                             self.loss,
                             self.members_last_round,
+                            hash_parameters(self.outer.parameters)[:16],
                             self.bytes_last_round / 1e6,
                             self.tokens_per_second,
                         )
-                    await self.publish(TrainerState.TRAINING)
                 refresher.cancel()
         finally:
             await self.publish(TrainerState.LEAVING)
