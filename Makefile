@@ -39,6 +39,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/transport.py --quick
 	$(PY) benchmarks/kernels.py --quick
+	$(PY) benchmarks/balance_sim.py --quick
+	$(PY) benchmarks/inference.py --quick
+	$(PY) benchmarks/diloco.py --quick
+	$(PY) benchmarks/allreduce.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
