@@ -146,6 +146,7 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
     timeouts = AllReduceTimeouts(scatter=60, gather=60, repair=30, call=60)
     plan = from_parent.get()  # [(variant, round index), ...] in the parent's order
     for variant, index in plan:
+        work = vector.clone()  # averaged in place, as gloo's all_reduce below
         await asyncio.to_thread(barrier.wait)
         fault, round_timeouts = None, timeouts
         if variant == "kill":
@@ -161,10 +162,11 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             f"{variant}-{index}",
             members.get(variant, members["ours"]),
             rank,
-            vector,
+            work,
             1.0,
             round_timeouts,
             fault=fault,
+            out=work,
         )
         seconds = time.perf_counter() - start
         results.put(
@@ -204,8 +206,8 @@ def _gloo_worker(rank, settings, barrier, port, rounds, results):
     )
     vector = _make_vector(rank, settings.numel)
     for _ in range(rounds):
+        work = vector.clone()  # before the barrier, as for ours
         barrier.wait()
-        work = vector.clone()
         start = time.perf_counter()
         dist.all_reduce(work)
         work /= settings.peers

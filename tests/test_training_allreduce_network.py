@@ -95,3 +95,46 @@ def test_byte_accounting_matches_the_encoded_frames(compression):
     codec = COMPRESSIONS[compression]
     for numel in (0, 1, 63, 64, 65, 1000, 10_001):
         assert wire_size(codec, numel) == encoded_size(codec, torch.randn(numel)), numel
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_averaging_in_place_gives_the_same_bits_as_a_new_vector(compression):
+    """``out=vector`` (as torch.distributed's in-place all_reduce) for two of three members."""
+
+    async def scenario():
+        endpoints, services, members = await _start_members(3, compression)
+        generator = torch.Generator().manual_seed(1)
+        originals = [torch.randn(10_000, generator=generator) for _ in range(3)]
+        vectors = [v.clone() for v in originals]
+        try:
+            with pytest.raises(ValueError, match="contiguous float32"):
+                await services[0].all_reduce(
+                    "bad", members, 0, vectors[0], 1.0, TIMEOUTS, out=torch.empty(10, dtype=torch.float32)
+                )
+            outcomes = await asyncio.gather(
+                *(
+                    services[i].all_reduce(
+                        "round-1", members, i, vectors[i], 1.0, TIMEOUTS, out=vectors[i] if i < 2 else None
+                    )
+                    for i in range(3)
+                )
+            )
+            # Finished rounds stay reachable for late repairs but hold only what those need:
+            # the result of the one part each member backs up.
+            for service in services:
+                lingering = service._rounds["round-1"]
+                assert lingering.vector is None
+                states = lingering._states.values()
+                assert not any(state.contributions for state in states)
+                assert sum(state.result is not None for state in states) == 1
+        finally:
+            await _close(endpoints, services)
+        return originals, vectors, outcomes
+
+    originals, vectors, outcomes = asyncio.run(scenario())
+    assert outcomes[0].averaged is vectors[0] and outcomes[1].averaged is vectors[1]
+    assert torch.equal(vectors[2], originals[2])  # no out: the contribution is left alone
+    for outcome in outcomes:
+        assert torch.equal(outcome.averaged, outcomes[2].averaged)
+    tolerance = {"none": 1e-6, "int8": 0.05}[compression]
+    torch.testing.assert_close(outcomes[2].averaged, sum(originals) / 3, rtol=0, atol=tolerance)

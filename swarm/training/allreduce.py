@@ -97,6 +97,8 @@ class _PartState:
         self.ready = asyncio.Event()
 
     def add(self, sender: int, weight: float, values: torch.Tensor) -> None:
+        if self.ready.is_set():
+            return  # reduced already: a late contribution changes nothing
         self.contributions.setdefault(sender, (weight, values))
         self.changed.set()
 
@@ -158,7 +160,7 @@ class AllReduceRound:
         self.round_id = round_id
         self.members = members
         self.my_index = my_index
-        self.vector = vector.detach().to(torch.float32).reshape(-1)
+        self.vector: torch.Tensor | None = vector.detach().to(torch.float32).reshape(-1)
         self.weight = float(weight)
         self.call = call
         self.round_trip = round_trip
@@ -173,6 +175,21 @@ class AllReduceRound:
         """Cancel take-over work still running (the service calls this when the round is dropped)."""
         for task in self._tasks:
             task.cancel()
+
+    def release(self) -> None:
+        """Drop the buffers a finished round no longer needs, keeping what late requests ask for.
+
+        After :meth:`run` succeeded every part has its result, so a late repair request is
+        answered from the result of a part this member backs up and nothing else is read:
+        not the contributions, not the other parts' results, not this member's vector.
+        The service keeps a finished round reachable for a while (for slower members'
+        repairs); without this it would hold about twice the vector's size per round.
+        """
+        self.vector = None
+        for part, state in self._states.items():
+            state.contributions.clear()
+            if fallback_reducer(part, len(self.members)) != self.my_index:
+                state.result = None
 
     # -- incoming requests (called by the service) --------------------------------------
 
@@ -235,17 +252,37 @@ class AllReduceRound:
     # -- this member's own work ------------------------------------------------------------
 
     def _slice(self, part: int) -> torch.Tensor:
+        if self.vector is None:
+            raise RuntimeError(f"round {self.round_id} is finished and released its vector")
         start, end = self.parts[part]
         return self.vector[start:end]
 
-    async def run(self) -> torch.Tensor:
+    async def run(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the round; returns the averaged vector (same bits on every survivor).
 
+        Args:
+            out: a contiguous float32 CPU tensor of the vector's size to write the average
+                into, and return; it may be the vector itself (in place, as with
+                ``torch.distributed.all_reduce``). Written only once every part has its
+                result, when nothing reads the contribution any more. Reusing one buffer
+                across rounds saves allocating (and the kernel zeroing) a fresh vector.
+
         Raises:
+            ValueError: ``out`` has the wrong size, type or layout.
             DeadlineExceeded: some part has no result even after repair.
         """
         from transport.errors import DeadlineExceeded
 
+        if out is not None and (
+            out.dtype != torch.float32
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or out.numel() != self.vector.numel()
+        ):
+            raise ValueError(
+                f"out must be a contiguous float32 CPU tensor of {self.vector.numel()} values, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         loop = asyncio.get_running_loop()
         self._started = loop.time()
         scatter_deadline = self._started + self.timeouts.scatter
@@ -267,11 +304,11 @@ class AllReduceRound:
         if unresolved:
             raise DeadlineExceeded(f"all-reduce {self.round_id}: parts {unresolved} have no result")
 
-        result = torch.empty_like(self.vector)
+        result = torch.empty_like(self.vector) if out is None else out.view(-1)
         for j, (start, end) in enumerate(self.parts):
             result[start:end] = self._states[j].result
             self.report.contributors[j] = self._states[j].contributors
-        return result
+        return result if out is None else out
 
     async def _wait_ready(self, part: int, deadline: float) -> bool:
         remaining = deadline - asyncio.get_running_loop().time()

@@ -192,8 +192,12 @@ class AveragingService:
         weight: float,
         timeouts: AllReduceTimeouts = AllReduceTimeouts(),
         fault: Callable[[str, int], None] | None = None,
+        out: torch.Tensor | None = None,
     ) -> AveragingOutcome:
         """Average ``vector`` with the group; every survivor gets the same bits.
+
+        ``out``, when given, receives the average (see :meth:`AllReduceRound.run`); it may
+        be ``vector`` itself.
 
         ``fault(kind, target)``, when given, is called before each message this member
         sends (tests use it to kill the process at an exact point of the protocol).
@@ -236,7 +240,8 @@ class AveragingService:
             self._rounds[round_id] = round_
             self._registered.notify_all()
         try:
-            averaged = await round_.run()
+            averaged = await round_.run(out)
+            round_.release()
         finally:
             round_.close()
             # Keep the round reachable a little longer: a slower member may still ask for a repair.

@@ -412,14 +412,16 @@ class Trainer:
             repair=self.config.phase_timeout,
             call=min(10.0, self.config.phase_timeout),
         )
+        pseudo_gradient = self.outer.pseudo_gradient(flatten_parameters(self.model))
         outcome = await self.averaging.all_reduce(
             f"{self.config.run}/{round_index}",
             group.members,
             group.my_index,
-            self.outer.pseudo_gradient(flatten_parameters(self.model)),
+            pseudo_gradient,
             weight,
             timeouts,
             fault=self._fault_hook(round_index, len(group.members)),
+            out=pseudo_gradient,  # in place: no second model-sized buffer per round
         )
         self.outer.step(outcome.averaged)
         load_flat_parameters_(self.model, self.outer.parameters.detach())
