@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import hashlib
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -416,8 +417,18 @@ def _run_group(group: _Group, settings: Settings, measured: dict[str, SystemRoun
             _measure(measured, "hivemind", hivemind_round)
     group.processes = [p for p in group.processes if p.exitcode is None]  # less the killed member
     group.wait()  # members may now close their endpoints
-    for process in group.processes:
-        process.join(timeout=10)  # hivemind shuts down slowly; killed below
+    _join_all(group.processes, timeout=10)  # hivemind shuts down slowly; killed below
+
+
+def _join_all(processes, timeout: float) -> None:
+    """Waits up to ``timeout`` for ``processes`` to exit.
+
+    Checks exit codes (waitpid) between short waits on the sentinels: an exited member's
+    sentinel was seen to stay unreadable here, which made ``join`` sit out its timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in processes if p.exitcode is None]) and time.monotonic() < deadline:
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.1)
 
 
 def run(settings: Settings) -> dict[str, SystemRounds]:
@@ -426,7 +437,7 @@ def run(settings: Settings) -> dict[str, SystemRounds]:
     measured: dict[str, SystemRounds] = {}
     for name in settings.systems:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        group = None
+        group, started = None, time.perf_counter()
         try:
             group = _start_group(context, name, settings)
             _run_group(group, settings, measured)
@@ -434,6 +445,7 @@ def run(settings: Settings) -> dict[str, SystemRounds]:
             for process in group.processes if group else ():
                 if process.is_alive():
                     process.kill()
+        print(f"  {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return measured
 
 
