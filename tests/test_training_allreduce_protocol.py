@@ -138,3 +138,28 @@ def test_reducer_dead_before_committing_lets_the_backup_take_over():
     start, end = router.rounds[1].parts[0]
     survivors = (vectors[1] + vectors[2]) / 2
     torch.testing.assert_close(results[1][start:end], survivors[start:end], rtol=0, atol=0.05)
+
+
+def test_a_released_round_still_answers_late_requests_from_what_it_kept():
+    """After ``release`` a finished round answers a slower member's repair for the part it
+    backs up, ignores a late contribution, and refuses parts it does not back up."""
+    from swarm.training.parts import fallback_reducer
+
+    async def scenario():
+        results, router = await run_group(make_vectors(3, seed=7), [1.0, 1.0, 1.0])
+        for round_ in router.rounds.values():
+            round_.release()
+        member = router.rounds[0]
+        backed = next(p for p in range(3) if fallback_reducer(p, 3) == 0)
+        other = next(p for p in range(3) if p not in (0, backed))
+        size = member.parts[backed][1] - member.parts[backed][0]
+        late, contributors = await member.on_repair(1, backed, 1.0, torch.zeros(size))
+        start, end = member.parts[backed]
+        assert torch.equal(late, results[0][start:end]) and contributors == [0, 1, 2]
+        own = member.parts[0][1] - member.parts[0][0]
+        member.on_contribution(2, 0, 1.0, torch.full((own,), 99.0))  # ignored: reduced already
+        assert not member._states[0].contributions
+        with pytest.raises(ValueError, match="not the backup"):
+            await member.on_repair(1, other, 1.0, torch.zeros(size))
+
+    asyncio.run(scenario())
