@@ -3,6 +3,7 @@
 import torch
 
 from swarm.training.diloco import (
+    CachedHash,
     DiLoCoConfig,
     OuterOptimizer,
     average_weighted,
@@ -108,3 +109,17 @@ def test_config_errors_name_the_flag():
 
     with pytest.raises(ValueError, match="--outer-momentum"):
         DiLoCoConfig(outer_momentum=1.5)
+
+
+def test_cached_hash_follows_every_change_of_the_outer_parameters():
+    outer = OuterOptimizer(flatten_parameters(_model(0)), DiLoCoConfig())
+    cached = CachedHash()
+    first = cached(outer.parameters)
+    assert first == hash_parameters(outer.parameters)
+    assert cached(outer.parameters) == first and cached.computed == 1  # unchanged: not rehashed
+    outer.step(torch.full_like(outer.parameters, 0.01))  # an outer step changes them in place
+    assert cached(outer.parameters) == hash_parameters(outer.parameters) != first
+    state = OuterOptimizer(flatten_parameters(_model(1)), DiLoCoConfig()).state_dict()
+    outer.load_state_dict(state)  # a state synced from a donor
+    assert cached(outer.parameters) == hash_parameters(state["parameters"])
+    assert cached.computed == 3

@@ -67,8 +67,29 @@ def load_flat_parameters_(module: torch.nn.Module, flat: torch.Tensor) -> None:
 
 def hash_parameters(flat: torch.Tensor) -> str:
     """SHA-256 of the exact bytes of a flat float32 vector (members compare these after a round)."""
-    data = flat.detach().to(torch.float32).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
+    data = flat.detach().to(torch.float32).contiguous().numpy()
+    return hashlib.sha256(data).hexdigest()  # hashes the array's buffer: no copy of the model
+
+
+class CachedHash:
+    """:func:`hash_parameters` of a tensor, recomputed only after the tensor changed.
+
+    Keyed by the tensor's identity and version counter, which every in-place change
+    (an optimizer step, ``copy_``, a loaded state) advances. A trainer refreshes its
+    record every few seconds; hashing a large model each time would cost seconds.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._value = ""
+        self.computed = 0  # how many times the hash was actually computed
+
+    def __call__(self, tensor: torch.Tensor) -> str:
+        key = (id(tensor), tensor._version)
+        if key != self._key:
+            self._key, self._value = key, hash_parameters(tensor)
+            self.computed += 1
+        return self._value
 
 
 def make_inner_optimizer(

@@ -23,6 +23,7 @@ from swarm.training.averaging import AveragingService
 from swarm.training.checkpoint import load_training_state, save_training_state
 from swarm.training.data import WindowSampler, default_corpus_dir, list_text_files, tokenize_corpus
 from swarm.training.diloco import (
+    CachedHash,
     DiLoCoConfig,
     OuterOptimizer,
     flatten_parameters,
@@ -163,6 +164,7 @@ class Trainer:
         endpoint.add_handler(StateRequest, self._on_state_request)
         self.fault = FaultInjection.from_environment()
         self.fault_countdown = self.fault.nth if self.fault else 0
+        self._parameters_hash = CachedHash()
         self.model = load_or_init_model(Path(config.model), config.seed if config.init == "random" else None)
         self.outer = OuterOptimizer(flatten_parameters(self.model), config.diloco)
         self.inner, self.schedule = make_inner_optimizer(self.model, config.diloco)
@@ -190,13 +192,17 @@ class Trainer:
             tokens_per_second=self.tokens_per_second,
             bytes_last_round=self.bytes_last_round,
             members_last_round=self.members_last_round,
-            parameters_hash=hash_parameters(self.outer.parameters),
+            parameters_hash=self.parameters_hash(),
             addresses=(self.address,),
             curve_public_key=self.endpoint.public_key,
             bandwidth=self.config.bandwidth,
             version=self.version,
             updated_at=get_dht_time(),
         )
+
+    def parameters_hash(self) -> str:
+        """The hash of the global parameters (cached until they change)."""
+        return self._parameters_hash(self.outer.parameters)
 
     async def publish(self, state: TrainerState | None = None) -> None:
         if state is not None:
@@ -399,7 +405,7 @@ class Trainer:
             self.address,
             self.endpoint.public_key,
             self.config.bandwidth,
-            hash_parameters(self.outer.parameters),
+            self.parameters_hash(),
         )
         group = await self.matchmaker.form_group(round_index, me)
         if group is None:
@@ -480,7 +486,7 @@ class Trainer:
                             self.outer.round,
                             self.loss,
                             self.members_last_round,
-                            hash_parameters(self.outer.parameters)[:16],
+                            self.parameters_hash()[:16],
                             self.bytes_last_round / 1e6,
                             self.tokens_per_second,
                         )
