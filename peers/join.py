@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 
+from peers.metrics import MetricsServer, add_metrics_arguments, metrics_config_from_args
 from peers.options import (
     PeerOptions,
     add_config_arguments,
@@ -15,6 +17,12 @@ from peers.options import (
     install_stop_handlers,
     run_async,
     start_peer,
+)
+from peers.telemetry import (
+    TelemetryPublisher,
+    add_telemetry_arguments,
+    server_telemetry_state,
+    telemetry_config_from_args,
 )
 
 logger = logging.getLogger("swarm.join")
@@ -43,6 +51,8 @@ def register(subparsers) -> None:
     )
     add_config_arguments(parser, ServerConfig)
     add_config_arguments(parser.add_argument_group("swarm"), PeerOptions)
+    add_metrics_arguments(parser)
+    add_telemetry_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main)
 
@@ -54,6 +64,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_arguments(ServerConfig, args)
         options = config_from_arguments(PeerOptions, args)
+        metrics = metrics_config_from_args(args)
+        telemetry = telemetry_config_from_args(args)
     except ValueError as error:
         logger.error("%s", error)
         return 2
@@ -61,10 +73,50 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(config.torch_threads)
-    return run_async(lambda: _join(config, options))
+    return run_async(lambda: _join(config, options, metrics, telemetry))
 
 
-async def _join(config, options: PeerOptions) -> int:
+class _ServerCollector:
+    """Prometheus metrics of one server, read from it at each scrape."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from swarm import ServerState
+
+        server, stats = self.server, self.server.stats()
+        span = server.span
+        gauges = {
+            "swarm_serve_online": ("1 while ONLINE (0 while joining, moving or draining)",
+                                   float(server.state == ServerState.ONLINE)),
+            "swarm_serve_first_block": ("first block of the announced span", span.start if span else -1),
+            "swarm_serve_end_block": ("end (exclusive) of the announced span", span.end if span else -1),
+            "swarm_serve_throughput": ("measured tokens/s per block", server.throughput),
+            "swarm_serve_sessions": ("open inference sessions", stats.sessions),
+            "swarm_serve_cache_tokens_used": ("attention-cache tokens in use", stats.cache_tokens_used),
+            "swarm_serve_cache_tokens_total": ("attention-cache budget (--cache-tokens)",
+                                               stats.cache_tokens_total),
+        }  # fmt: skip
+        for name, (documentation, value) in gauges.items():
+            gauge = GaugeMetricFamily(name, documentation)
+            gauge.add_metric([], value)
+            yield gauge
+        counters = {
+            "swarm_serve_forwards": ("forward passes of inference steps", stats.forwards),
+            "swarm_serve_batched_steps": ("steps that ran batched with others", stats.batched_steps),
+            "swarm_serve_pushes_sent": ("outputs pushed to the next server", stats.pushes_sent),
+            "swarm_serve_pushes_used": ("inputs that arrived by a push", stats.pushes_used),
+        }
+        for name, (documentation, value) in counters.items():
+            counter = CounterMetricFamily(name, documentation)
+            counter.add_metric([], value)
+            yield counter
+
+
+async def _join(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
     from peers.cli import software_version
     from peers.server import InferenceServer, serve
     from transport import Endpoint, Timeouts
@@ -85,11 +137,35 @@ async def _join(config, options: PeerOptions) -> int:
             for maddr in dht.visible_maddrs():
                 print(f"initial peer for others: {maddr}", flush=True)
             server = InferenceServer(config, dht, endpoint, address, software_version())
+            publisher = None
+            if telemetry is not None:
+                publisher = TelemetryPublisher(
+                    telemetry,
+                    swarm=options.swarm,
+                    peer_id=str(dht.peer_id),
+                    snapshot=lambda: server_telemetry_state(server.record()) if server.span else {},
+                )
 
             def online(server: InferenceServer) -> None:
                 print(f"ONLINE serving blocks {server.span} at {address} as {dht.peer_id}", flush=True)
+                if publisher is not None:
+                    publisher.notify()
 
-            await serve(server, stop, online)
+            async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+                if metrics is not None:
+                    from prometheus_client import CollectorRegistry
+
+                    registry = CollectorRegistry()
+                    registry.register(_ServerCollector(server))
+                    exporter = await stack.enter_async_context(MetricsServer(metrics, registry))
+                    print(f"metrics at {exporter.url}", flush=True)
+                if publisher is not None:
+                    tasks.create_task(publisher.run())
+                try:
+                    await serve(server, stop, online)
+                finally:
+                    if publisher is not None:
+                        publisher.stop()
     except (SwarmError, ValueError, OSError) as error:
         logger.error("server failed: %s", error)
         return 1

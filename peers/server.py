@@ -157,8 +157,9 @@ class InferenceServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), deadline - loop.time())
 
-    def _records(self) -> dict:
-        record = ServerRecord(
+    def record(self) -> ServerRecord:
+        """This server's record as it stands now (what the next announcement publishes)."""
+        return ServerRecord(
             peer_id=self.dht.peer_id,
             state=self.state,
             span=self.span,
@@ -173,7 +174,9 @@ class InferenceServer:
             dtype=str(self.dtype).removeprefix("torch."),
             started_at=self.started_at,
         )
-        entries = server_record_entries(self.dht.swarm_name, record)
+
+    def _records(self) -> dict:
+        entries = server_record_entries(self.dht.swarm_name, self.record())
         model = ModelRecord(
             Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
         )
@@ -337,7 +340,8 @@ class InferenceServer:
         source = "client-copy" if request.from_client else "push"
         return PushAck(accepted=session.offer(request.step, request.hidden, source))
 
-    async def _stats(self, request: StatsRequest, context: RequestContext) -> ServerStats:
+    def stats(self) -> ServerStats:
+        """Counters and occupancy now (the ``StatsRequest`` reply; also ``/metrics``)."""
         return ServerStats(
             sessions=len(self.sessions),
             cache_tokens_used=self.sessions.budget.used_tokens,
@@ -349,6 +353,9 @@ class InferenceServer:
             client_copies_used=self.client_copies_used,
             draining=self.state == ServerState.DRAINING,
         )
+
+    async def _stats(self, request: StatsRequest, context: RequestContext) -> ServerStats:
+        return self.stats()
 
     async def _serve_session(self, stream: ServerStream) -> None:
         opening: OpenInference = stream.opening

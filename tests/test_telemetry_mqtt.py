@@ -302,3 +302,56 @@ def test_health_service_uses_the_mqtt_feed_for_live_updates(broker):
             publishing.cancel()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_swarm_join_publishes_telemetry_and_serves_metrics(broker, tmp_path):
+    """A real `swarm join` with --mqtt and --metrics-port: its state reaches the feed, /metrics
+    shows its span and budget, and SIGTERM leaves an "offline" message behind."""
+    import urllib.request
+
+    from kernels.tiny import write_tiny_checkpoint
+    from peers.processes import ProcessGroup
+    from swarm.dht import DHTConfig, SwarmDHT
+    from swarm.identity import Identity
+
+    write_tiny_checkpoint(tmp_path / "model", num_layers=2, hidden_size=32)
+    bootstrap = SwarmDHT(
+        Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    )
+    bootstrap.start()
+    group = ProcessGroup(tmp_path)
+    try:
+        server = group.start(
+            "server",
+            ["join", "--model", str(tmp_path / "model"), "--blocks", "0:2", "--swarm", SWARM,
+             "--initial-peers", bootstrap.visible_maddrs()[0], "--cache-tokens", "512",
+             "--metrics-port", "0", "--mqtt", broker.url, "--telemetry-period", "0.2"],
+        )  # fmt: skip
+        server.wait_for_line("ONLINE", timeout=120)
+        peer_id = server.wait_for_line("ONLINE", timeout=1).split()[-1]
+        url = server.wait_for_line("metrics at", timeout=10).split()[-1]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            metrics = response.read().decode()
+        for line in ("swarm_serve_online 1.0", "swarm_serve_first_block 0.0", "swarm_serve_end_block 2.0",
+                     "swarm_serve_cache_tokens_total 512.0", "swarm_serve_forwards_total 0.0"):  # fmt: skip
+            assert line in metrics, metrics
+
+        async def follow() -> None:
+            feed = make_feed(broker.url)
+            async with asyncio.TaskGroup() as tasks:
+                reading = tasks.create_task(feed.run())
+                await wait_until(
+                    lambda: peer_id in feed.peers and feed.peers[peer_id].server is not None,
+                    timeout=30, what="the server's telemetry",
+                )  # fmt: skip
+                live = feed.peers[peer_id]
+                assert live.online and (live.server.span.start, live.server.span.end) == (0, 2)
+                assert server.terminate(timeout=60) == 0
+                await wait_until(lambda: not feed.peers[peer_id].online, timeout=30, what="offline")
+                reading.cancel()
+
+        asyncio.run(follow())
+    finally:
+        group.close()
+        bootstrap.shutdown()
