@@ -355,3 +355,53 @@ def test_swarm_join_publishes_telemetry_and_serves_metrics(broker, tmp_path):
     finally:
         group.close()
         bootstrap.shutdown()
+
+
+@pytest.mark.slow
+def test_swarm_train_publishes_telemetry(broker, tmp_path):
+    """A real `swarm train` with --mqtt: its run, round and loss reach the feed; SIGTERM
+    leaves an "offline" message behind."""
+    from kernels.tiny import write_tiny_checkpoint
+    from peers.processes import ProcessGroup
+    from swarm.dht import DHTConfig, SwarmDHT
+    from swarm.identity import Identity
+
+    write_tiny_checkpoint(tmp_path / "model", num_layers=1, hidden_size=32)
+    bootstrap = SwarmDHT(
+        Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    )
+    bootstrap.start()
+    group = ProcessGroup(tmp_path)
+    try:
+        trainer = group.start(
+            "trainer",
+            ["train", "--model", str(tmp_path / "model"), "--init", "random", "--run", "r", "--swarm", SWARM,
+             "--initial-peers", bootstrap.visible_maddrs()[0], "--inner-steps", "4", "--seq-len", "16",
+             "--batch-size", "2", "--corpus-bytes", "20000", "--matchmaking-seconds", "1",
+             "--mqtt", broker.url, "--telemetry-period", "0.2"],
+        )  # fmt: skip
+        peer_id = trainer.wait_for_line("joined run", timeout=120).split()[2]
+
+        async def follow() -> None:
+            feed = make_feed(broker.url)
+            async with asyncio.TaskGroup() as tasks:
+                reading = tasks.create_task(feed.run())
+
+                def trained() -> bool:
+                    peer = next((p for key, p in feed.peers.items() if key.startswith(peer_id)), None)
+                    return peer is not None and peer.trainer is not None and peer.trainer[1].inner_step > 0
+
+                await wait_until(trained, timeout=60, what="the trainer's telemetry")
+                run, record = next(p.trainer for key, p in feed.peers.items() if key.startswith(peer_id))
+                assert run == "r" and record.loss > 0
+                assert trainer.terminate(timeout=60) == 0
+                await wait_until(
+                    lambda: not any(p.online for key, p in feed.peers.items() if key.startswith(peer_id)),
+                    timeout=30, what="offline",
+                )  # fmt: skip
+                reading.cancel()
+
+        asyncio.run(follow())
+    finally:
+        group.close()
+        bootstrap.shutdown()
