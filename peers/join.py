@@ -19,8 +19,8 @@ from peers.options import (
     start_peer,
 )
 from peers.telemetry import (
-    TelemetryPublisher,
     add_telemetry_arguments,
+    daemon_publisher,
     server_telemetry_state,
     telemetry_config_from_args,
 )
@@ -137,14 +137,12 @@ async def _join(config, options: PeerOptions, metrics=None, telemetry=None) -> i
             for maddr in dht.visible_maddrs():
                 print(f"initial peer for others: {maddr}", flush=True)
             server = InferenceServer(config, dht, endpoint, address, software_version())
-            publisher = None
-            if telemetry is not None:
-                publisher = TelemetryPublisher(
-                    telemetry,
-                    swarm=options.swarm,
-                    peer_id=str(dht.peer_id),
-                    snapshot=lambda: server_telemetry_state(server.record()) if server.span else {},
-                )
+            publisher = daemon_publisher(
+                telemetry,
+                options.swarm,
+                dht,
+                lambda: server_telemetry_state(server.record()) if server.span else {},
+            )
 
             def online(server: InferenceServer) -> None:
                 print(f"ONLINE serving blocks {server.span} at {address} as {dht.peer_id}", flush=True)

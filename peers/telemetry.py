@@ -196,6 +196,15 @@ def encode_message(swarm: str, peer: str, *, online: bool, state: Any, sent_at: 
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
+def daemon_publisher(
+    config: TelemetryConfig | None, swarm: str, dht, snapshot: Callable[[], Mapping[str, Any]]
+) -> TelemetryPublisher | None:
+    """A daemon's publisher for ``dht``'s peer in ``swarm``; None without ``--mqtt``."""
+    if config is None:
+        return None
+    return TelemetryPublisher(config, swarm=swarm, peer_id=str(dht.peer_id), snapshot=snapshot)
+
+
 class TelemetryPublisher:
     """Publishes one peer's state to MQTT periodically and on change; survives broker outages.
 

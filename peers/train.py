@@ -19,8 +19,8 @@ from peers.options import (
     start_peer,
 )
 from peers.telemetry import (
-    TelemetryPublisher,
     add_telemetry_arguments,
+    daemon_publisher,
     telemetry_config_from_args,
     trainer_telemetry_state,
 )
@@ -127,14 +127,12 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
                 print(f"initial peer for others: {maddr}", flush=True)
             gauges = _TrainerGauges()
             latest = {}
-            publisher = None
-            if telemetry is not None:
-                publisher = TelemetryPublisher(
-                    telemetry,
-                    swarm=options.swarm,
-                    peer_id=str(dht.peer_id),
-                    snapshot=lambda: trainer_telemetry_state(config.run, latest["record"]) if latest else {},
-                )
+            publisher = daemon_publisher(
+                telemetry,
+                options.swarm,
+                dht,
+                lambda: trainer_telemetry_state(config.run, latest["record"]) if latest else {},
+            )
 
             def on_progress(record) -> None:
                 latest["record"] = record

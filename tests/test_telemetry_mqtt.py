@@ -85,6 +85,25 @@ def broker(tmp_path):
     mosquitto.stop()
 
 
+@pytest.fixture
+def live_dht(tmp_path):
+    """A bootstrap DHT on 127.0.0.1 and a group for peer processes: (initial peer, group)."""
+    from peers.processes import ProcessGroup
+    from swarm.dht import DHTConfig, SwarmDHT
+    from swarm.identity import Identity
+
+    bootstrap = SwarmDHT(
+        Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    )
+    bootstrap.start()
+    group = ProcessGroup(tmp_path)
+    try:
+        yield str(bootstrap.visible_maddrs()[0]), group
+    finally:
+        group.close()
+        bootstrap.shutdown()
+
+
 def fast_config(url: str) -> TelemetryConfig:
     return TelemetryConfig(url=url, period=0.2, timeout=1.0, max_reconnect_delay=0.2)
 
@@ -305,103 +324,82 @@ def test_health_service_uses_the_mqtt_feed_for_live_updates(broker):
 
 
 @pytest.mark.slow
-def test_swarm_join_publishes_telemetry_and_serves_metrics(broker, tmp_path):
+def test_swarm_join_publishes_telemetry_and_serves_metrics(broker, live_dht, tmp_path):
     """A real `swarm join` with --mqtt and --metrics-port: its state reaches the feed, /metrics
     shows its span and budget, and SIGTERM leaves an "offline" message behind."""
     import urllib.request
 
     from kernels.tiny import write_tiny_checkpoint
-    from peers.processes import ProcessGroup
-    from swarm.dht import DHTConfig, SwarmDHT
-    from swarm.identity import Identity
 
+    initial_peer, group = live_dht
     write_tiny_checkpoint(tmp_path / "model", num_layers=2, hidden_size=32)
-    bootstrap = SwarmDHT(
-        Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=("/ip4/127.0.0.1/tcp/0",))
-    )
-    bootstrap.start()
-    group = ProcessGroup(tmp_path)
-    try:
-        server = group.start(
-            "server",
-            ["join", "--model", str(tmp_path / "model"), "--blocks", "0:2", "--swarm", SWARM,
-             "--initial-peers", bootstrap.visible_maddrs()[0], "--cache-tokens", "512",
-             "--metrics-port", "0", "--mqtt", broker.url, "--telemetry-period", "0.2"],
-        )  # fmt: skip
-        server.wait_for_line("ONLINE", timeout=120)
-        peer_id = server.wait_for_line("ONLINE", timeout=1).split()[-1]
-        url = server.wait_for_line("metrics at", timeout=10).split()[-1]
-        with urllib.request.urlopen(url, timeout=10) as response:
-            metrics = response.read().decode()
-        for line in ("swarm_serve_online 1.0", "swarm_serve_first_block 0.0", "swarm_serve_end_block 2.0",
-                     "swarm_serve_cache_tokens_total 512.0", "swarm_serve_forwards_total 0.0"):  # fmt: skip
-            assert line in metrics, metrics
+    server = group.start(
+        "server",
+        ["join", "--model", str(tmp_path / "model"), "--blocks", "0:2", "--swarm", SWARM,
+         "--initial-peers", initial_peer, "--cache-tokens", "512",
+         "--metrics-port", "0", "--mqtt", broker.url, "--telemetry-period", "0.2"],
+    )  # fmt: skip
+    peer_id = server.wait_for_line("ONLINE", timeout=120).split()[-1]
+    url = server.wait_for_line("metrics at", timeout=10).split()[-1]
+    with urllib.request.urlopen(url, timeout=10) as response:
+        metrics = response.read().decode()
+    for line in ("swarm_serve_online 1.0", "swarm_serve_first_block 0.0", "swarm_serve_end_block 2.0",
+                 "swarm_serve_cache_tokens_total 512.0", "swarm_serve_forwards_total 0.0"):  # fmt: skip
+        assert line in metrics, metrics
 
-        async def follow() -> None:
-            feed = make_feed(broker.url)
-            async with asyncio.TaskGroup() as tasks:
-                reading = tasks.create_task(feed.run())
-                await wait_until(
-                    lambda: peer_id in feed.peers and feed.peers[peer_id].server is not None,
-                    timeout=30, what="the server's telemetry",
-                )  # fmt: skip
-                live = feed.peers[peer_id]
-                assert live.online and (live.server.span.start, live.server.span.end) == (0, 2)
-                assert server.terminate(timeout=60) == 0
-                await wait_until(lambda: not feed.peers[peer_id].online, timeout=30, what="offline")
-                reading.cancel()
+    def online(feed) -> bool:
+        return peer_id in feed.peers and feed.peers[peer_id].server is not None
 
-        asyncio.run(follow())
-    finally:
-        group.close()
-        bootstrap.shutdown()
+    def check(feed):
+        live = feed.peers[peer_id]
+        assert live.online and (live.server.span.start, live.server.span.end) == (0, 2)
+
+    asyncio.run(follow_until_offline(broker, server, online, check, lambda key: key == peer_id))
 
 
 @pytest.mark.slow
-def test_swarm_train_publishes_telemetry(broker, tmp_path):
+def test_swarm_train_publishes_telemetry(broker, live_dht, tmp_path):
     """A real `swarm train` with --mqtt: its run, round and loss reach the feed; SIGTERM
     leaves an "offline" message behind."""
     from kernels.tiny import write_tiny_checkpoint
-    from peers.processes import ProcessGroup
-    from swarm.dht import DHTConfig, SwarmDHT
-    from swarm.identity import Identity
 
+    initial_peer, group = live_dht
     write_tiny_checkpoint(tmp_path / "model", num_layers=1, hidden_size=32)
-    bootstrap = SwarmDHT(
-        Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=("/ip4/127.0.0.1/tcp/0",))
-    )
-    bootstrap.start()
-    group = ProcessGroup(tmp_path)
-    try:
-        trainer = group.start(
-            "trainer",
-            ["train", "--model", str(tmp_path / "model"), "--init", "random", "--run", "r", "--swarm", SWARM,
-             "--initial-peers", bootstrap.visible_maddrs()[0], "--inner-steps", "4", "--seq-len", "16",
-             "--batch-size", "2", "--corpus-bytes", "20000", "--matchmaking-seconds", "1",
-             "--mqtt", broker.url, "--telemetry-period", "0.2"],
-        )  # fmt: skip
-        peer_id = trainer.wait_for_line("joined run", timeout=120).split()[2]
+    trainer = group.start(
+        "trainer",
+        ["train", "--model", str(tmp_path / "model"), "--init", "random", "--run", "r", "--swarm", SWARM,
+         "--initial-peers", initial_peer, "--inner-steps", "4", "--seq-len", "16",
+         "--batch-size", "2", "--corpus-bytes", "20000", "--matchmaking-seconds", "1",
+         "--mqtt", broker.url, "--telemetry-period", "0.2"],
+    )  # fmt: skip
+    prefix = trainer.wait_for_line("joined run", timeout=120).split()[2]  # the id's first 12 characters
 
-        async def follow() -> None:
-            feed = make_feed(broker.url)
-            async with asyncio.TaskGroup() as tasks:
-                reading = tasks.create_task(feed.run())
+    def mine(key: str) -> bool:
+        return key.startswith(prefix)
 
-                def trained() -> bool:
-                    peer = next((p for key, p in feed.peers.items() if key.startswith(peer_id)), None)
-                    return peer is not None and peer.trainer is not None and peer.trainer[1].inner_step > 0
+    def trained(feed) -> bool:
+        peer = next((p for key, p in feed.peers.items() if mine(key)), None)
+        return peer is not None and peer.trainer is not None and peer.trainer[1].inner_step > 0
 
-                await wait_until(trained, timeout=60, what="the trainer's telemetry")
-                run, record = next(p.trainer for key, p in feed.peers.items() if key.startswith(peer_id))
-                assert run == "r" and record.loss > 0
-                assert trainer.terminate(timeout=60) == 0
-                await wait_until(
-                    lambda: not any(p.online for key, p in feed.peers.items() if key.startswith(peer_id)),
-                    timeout=30, what="offline",
-                )  # fmt: skip
-                reading.cancel()
+    def check(feed):
+        run, record = next(p.trainer for key, p in feed.peers.items() if mine(key))
+        assert run == "r" and record.loss > 0
 
-        asyncio.run(follow())
-    finally:
-        group.close()
-        bootstrap.shutdown()
+    asyncio.run(follow_until_offline(broker, trainer, trained, check, mine))
+
+
+async def follow_until_offline(broker, process, ready, check, mine) -> None:
+    """Follows the feed until ``ready(feed)``, runs ``check(feed)``, SIGTERMs ``process`` (exit 0)
+    and waits for every peer whose id ``mine`` accepts to be marked offline."""
+    feed = make_feed(broker.url)
+    async with asyncio.TaskGroup() as tasks:
+        reading = tasks.create_task(feed.run())
+        await wait_until(lambda: ready(feed), timeout=60, what="the peer's telemetry")
+        check(feed)
+        assert process.terminate(timeout=60) == 0
+        await wait_until(
+            lambda: not any(p.online for key, p in feed.peers.items() if mine(key)),
+            timeout=30,
+            what="offline",
+        )
+        reading.cancel()
