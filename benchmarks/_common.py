@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark programs: CPU steal and timing summaries."""
+"""Helpers shared by the benchmark programs: CPU steal, timing summaries, free ports."""
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from contextlib import contextmanager
@@ -40,3 +41,10 @@ class Stopwatch:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -37,7 +37,6 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks._common import median, read_cpu_times
+from benchmarks._common import free_port, median, read_cpu_times
 
 SAMPLE = 4096  # values of each averaged vector sent back to check the mean
 
@@ -111,12 +110,6 @@ def _make_vector(rank: int, numel: int) -> torch.Tensor:
 
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()[:16]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- ours -----------------------------------------------------------------------------------
@@ -365,7 +358,7 @@ def _start_group(context, name: str, settings: Settings) -> _Group:
             arguments = (*common, group.up, group.down[rank], group.results)
             group.processes.append(context.Process(target=_ours_worker, args=arguments, daemon=True))
         elif name == "gloo":
-            port = group.__dict__.setdefault("port", _free_port())
+            port = group.__dict__.setdefault("port", free_port())
             arguments = (*common, port, 1 + settings.rounds, group.results)
             group.processes.append(context.Process(target=_gloo_worker, args=arguments, daemon=True))
         else:  # not daemons: hivemind's averager and DHT are child processes

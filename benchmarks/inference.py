@@ -32,7 +32,6 @@ import asyncio
 import dataclasses
 import multiprocessing
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch
 
-from benchmarks._common import median, steal_meter
+from benchmarks._common import free_port, median, steal_meter
 
 SERVERS = 3
 INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after block
@@ -157,12 +156,6 @@ def _chain_spans(layers: int) -> list[str]:
 # Emulated links: a delaying TCP proxy in front of every server.
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _pump(reader, writer, one_way, bits_per_second) -> None:
     """Forwards one direction: a chunk leaves once the link has carried it, plus the latency."""
     loop = asyncio.get_running_loop()
@@ -226,7 +219,7 @@ def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: floa
     """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token)."""
     context = multiprocessing.get_context("spawn")
     one_way, bits_per_second = context.Value("d", 0.0), context.Value("d", 1e9)
-    ports = [_free_port() for _ in range(SERVERS)]
+    ports = [free_port() for _ in range(SERVERS)]
     routes = [(f"127.0.0.{i + 2}", port) for i, port in enumerate(ports)]
     ready = context.Event()
     proxy = context.Process(target=_proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True)
@@ -234,9 +227,11 @@ def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: floa
     if not ready.wait(60):
         raise RuntimeError("the link-emulating proxy did not start")
     extra = [["--port", str(port), "--announce-host", host] for host, port in routes]
-    processes = _start_servers(setup, "wan", _chain_spans(_layers(setup)), extra)
-    hidden = _hidden(setup)
-    message_bits = (hidden * 4 + 512) * 8  # one token's activations (float32) plus framing
+    from kernels import load_config
+
+    config = load_config(setup.checkpoint)
+    processes = _start_servers(setup, "wan", _chain_spans(config.num_layers), extra)
+    message_bits = (config.hidden_size * 4 + 512) * 8  # one token's activations (float32) plus framing
     rows = []
     try:
         for rtt_ms, mbit in LINKS:
@@ -250,18 +245,6 @@ def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: floa
         proxy.terminate()
         proxy.join(10)
     return rows
-
-
-def _layers(setup: _Setup) -> int:
-    from kernels import load_config
-
-    return load_config(setup.checkpoint).num_layers
-
-
-def _hidden(setup: _Setup) -> int:
-    from kernels import load_config
-
-    return load_config(setup.checkpoint).hidden_size
 
 
 def main() -> None:

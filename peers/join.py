@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 
-from peers.metrics import MetricsServer, add_metrics_arguments, metrics_config_from_args
+from prometheus_client import CollectorRegistry
+
+from peers.metrics import add_metrics_arguments, metrics_config_from_args
 from peers.options import (
     PeerOptions,
     add_config_arguments,
@@ -21,6 +22,7 @@ from peers.options import (
 from peers.telemetry import (
     add_telemetry_arguments,
     daemon_publisher,
+    exporting,
     server_telemetry_state,
     telemetry_config_from_args,
 )
@@ -149,21 +151,10 @@ async def _join(config, options: PeerOptions, metrics=None, telemetry=None) -> i
                 if publisher is not None:
                     publisher.notify()
 
-            async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
-                if metrics is not None:
-                    from prometheus_client import CollectorRegistry
-
-                    registry = CollectorRegistry()
-                    registry.register(_ServerCollector(server))
-                    exporter = await stack.enter_async_context(MetricsServer(metrics, registry))
-                    print(f"metrics at {exporter.url}", flush=True)
-                if publisher is not None:
-                    tasks.create_task(publisher.run())
-                try:
-                    await serve(server, stop, online)
-                finally:
-                    if publisher is not None:
-                        publisher.stop()
+            registry = CollectorRegistry()
+            registry.register(_ServerCollector(server))
+            async with exporting(metrics, registry, publisher):
+                await serve(server, stop, online)
     except (SwarmError, ValueError, OSError) as error:
         logger.error("server failed: %s", error)
         return 1

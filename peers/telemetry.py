@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import json
@@ -43,6 +44,7 @@ from typing import Any
 
 import aiomqtt
 
+from peers.metrics import MetricsConfig, MetricsServer
 from swarm.records import ServerRecord
 from swarm.training.progress import TrainingPeerRecord
 
@@ -203,6 +205,27 @@ def daemon_publisher(
     if config is None:
         return None
     return TelemetryPublisher(config, swarm=swarm, peer_id=str(dht.peer_id), snapshot=snapshot)
+
+
+@contextlib.asynccontextmanager
+async def exporting(metrics: MetricsConfig | None, registry, publisher: TelemetryPublisher | None):
+    """Runs a daemon's ``/metrics`` server (``--metrics-port``) and telemetry publisher
+    (``--mqtt``) around its main work; either may be off.
+
+    Prints ``metrics at URL`` once ``/metrics`` serves; on the way out the publisher
+    announces the peer offline.
+    """
+    async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+        if metrics is not None:
+            server = await stack.enter_async_context(MetricsServer(metrics, registry))
+            print(f"metrics at {server.url}", flush=True)
+        if publisher is not None:
+            tasks.create_task(publisher.run())
+        try:
+            yield
+        finally:
+            if publisher is not None:
+                publisher.stop()
 
 
 class TelemetryPublisher:

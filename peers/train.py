@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 
-from peers.metrics import MetricsServer, add_metrics_arguments, metrics_config_from_args
+from peers.metrics import add_metrics_arguments, metrics_config_from_args
 from peers.options import (
     PeerOptions,
     add_config_arguments,
@@ -21,6 +20,7 @@ from peers.options import (
 from peers.telemetry import (
     add_telemetry_arguments,
     daemon_publisher,
+    exporting,
     telemetry_config_from_args,
     trainer_telemetry_state,
 )
@@ -142,17 +142,8 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
 
             trainer = Trainer(config, dht, endpoint, address, software_version(), on_progress)
             print(f"training peer {str(dht.peer_id)[:12]} joined run {config.run!r} at {address}", flush=True)
-            async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
-                if metrics is not None:
-                    server = await stack.enter_async_context(MetricsServer(metrics, gauges.registry))
-                    print(f"metrics at {server.url}", flush=True)
-                if publisher is not None:
-                    tasks.create_task(publisher.run())
-                try:
-                    await trainer.run(stop)
-                finally:
-                    if publisher is not None:
-                        publisher.stop()
+            async with exporting(metrics, gauges.registry, publisher):
+                await trainer.run(stop)
             print(f"left run {config.run!r} at round {trainer.outer.round}", flush=True)
     finally:
         dht.shutdown()
