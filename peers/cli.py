@@ -17,7 +17,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "peers.join",
     "peers.generate",
     "peers.train",
-    "peers.health",
+    "peers.health_server",
     "peers.status",
     "peers.demo",
 ]

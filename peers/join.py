@@ -19,13 +19,13 @@ from peers.options import (
     run_async,
     start_peer,
 )
-from peers.telemetry import (
+from peers.telemetry_publisher import (
     add_telemetry_arguments,
     daemon_publisher,
     exporting,
-    server_telemetry_state,
     telemetry_config_from_args,
 )
+from swarm.telemetry import server_telemetry_state
 
 logger = logging.getLogger("swarm.join")
 

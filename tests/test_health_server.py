@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers.health import HealthConfig, HealthService, SwarmViewConfig
+from peers.health_server import HealthConfig, HealthService, SwarmViewConfig
 from peers.metrics import MetricsConfig, MetricsServer
 from swarm.health import SwarmView
 from swarm.records import ModelRecord

@@ -13,23 +13,19 @@ from hypothesis import strategies as st
 from peers.health_page import render_fragment, render_page
 from peers.status import format_summary
 from swarm.errors import MalformedRecord
-from swarm.health import (
-    MAX_BLOCKS,
-    MAX_TEXT,
-    HealthThresholds,
-    PeerTelemetry,
-    RunProgressTracker,
-    SwarmView,
-    build_health_state,
-    parse_run_index,
-    parse_telemetry_state,
-    run_index_entry,
-    run_index_key,
-)
+from swarm.health import MAX_BLOCKS, HealthThresholds, RunProgressTracker, SwarmView, build_health_state
+from swarm.health_display import MAX_TEXT
 from swarm.identity import PeerId
 from swarm.records import ModelRecord, PeerValue, ServerRecord, ServerState, parse_server_listings
 from swarm.spans import Span
-from swarm.training.progress import TrainerState, TrainingPeerRecord
+from swarm.telemetry import PeerTelemetry, parse_telemetry_state
+from swarm.training.progress import (
+    TrainerState,
+    TrainingPeerRecord,
+    parse_run_index,
+    run_index_entry,
+    run_index_key,
+)
 from transport.errors import ConfigurationError
 
 pytestmark = pytest.mark.timeout(60)

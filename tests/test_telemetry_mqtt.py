@@ -16,17 +16,11 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from peers.health import HealthConfig, HealthService, SwarmViewConfig
 from peers.health_feed import TelemetryFeed
-from peers.telemetry import (
-    MAX_PAYLOAD_BYTES,
-    TelemetryConfig,
-    TelemetryPublisher,
-    encode_message,
-    parse_mqtt_url,
-    server_telemetry_state,
-)
+from peers.health_server import HealthConfig, HealthService, SwarmViewConfig
+from peers.telemetry_publisher import TelemetryConfig, TelemetryPublisher
 from swarm.health import SwarmView
+from swarm.telemetry import MAX_PAYLOAD_BYTES, encode_message, parse_mqtt_url, server_telemetry_state
 from tests.test_health_snapshot import MODEL, make_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -171,7 +165,7 @@ def test_last_will_marks_a_killed_peer_offline(broker):
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        from peers.telemetry import TelemetryConfig, TelemetryPublisher
+        from peers.telemetry_publisher import TelemetryConfig, TelemetryPublisher
         async def main():
             config = TelemetryConfig(url={broker.url!r}, period=0.2, timeout=1.0)
             publisher = TelemetryPublisher(config, swarm={SWARM!r}, peer_id="doomed", snapshot=lambda: {{}})
