@@ -172,8 +172,8 @@ def decode_message(payload: bytes, *, swarm: str, peer: str) -> PeerTelemetry:
         raise MalformedRecord(f"{len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
         message = json.loads(payload)
-    except ValueError as error:  # also bad UTF-8
-        raise MalformedRecord(f"not JSON: {error}") from error
+    except (ValueError, RecursionError) as error:  # bad UTF-8; nesting deeper than the stack
+        raise MalformedRecord(f"not JSON: {str(error)[:200]}") from error
     if not isinstance(message, dict) or message.get("peer") != peer or message.get("swarm") != swarm:
         raise MalformedRecord("peer or swarm does not match the topic")
     online = message.get("online")

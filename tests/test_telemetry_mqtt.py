@@ -259,6 +259,7 @@ def test_feed_skips_hostile_messages(broker):
             junk = {
                 "wrongpeer": encode_message(SWARM, "other", online=True, state=good_state, sent_at=1.0),
                 "notjson": b"<script>alert(1)</script>",
+                "deep": b"[" * 200_000,  # under the size limit, but json.loads recurses past the stack
                 "huge": b"x" * (MAX_PAYLOAD_BYTES + 1),
                 "badstate": encode_message(
                     SWARM, "badstate", online=True, state={"kind": "server"}, sent_at=1.0
