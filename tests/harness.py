@@ -168,11 +168,24 @@ class ServingSwarm(ProcessSwarm):
     def name_of(self, peer_id: str) -> str:
         return next(name for name, known in self.peer_ids.items() if known == peer_id)
 
-    async def connect(self, **changes):
-        """A RemoteModel client of this swarm (``client_config(**changes)``)."""
+    async def connect(self, *, listing: tuple[str, ...] = (), timeout: float = 30.0, **changes):
+        """A RemoteModel client of this swarm (``client_config(**changes)``), returned once the
+        DHT lists every server named in ``listing`` to it (within ``timeout`` seconds)."""
         from swarm.serving import RemoteModel
 
-        return await RemoteModel.connect(self.checkpoint, self.peers, config=client_config(**changes))
+        model = await RemoteModel.connect(self.checkpoint, self.peers, config=client_config(**changes))
+        if listing:
+            try:
+                await wait_until(
+                    model.list_servers,
+                    until=lambda servers: all(self.peer_ids[name] in servers for name in listing),
+                    timeout=timeout,
+                    what=f"the client to list servers {', '.join(listing)}",
+                )
+            except BaseException:
+                await model.close()
+                raise
+        return model
 
 
 # ---------------------------------------------------------------- records
