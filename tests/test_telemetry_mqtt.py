@@ -93,6 +93,11 @@ def fast_config(url: str) -> TelemetryConfig:
     return TelemetryConfig(url=url, period=0.2, timeout=1.0, max_reconnect_delay=0.2)
 
 
+def make_publisher(url: str, snapshot) -> TelemetryPublisher:
+    """Peer "peer1"'s publisher, fast (``fast_config``), publishing ``snapshot()``."""
+    return TelemetryPublisher(fast_config(url), swarm=SWARM, peer_id="peer1", snapshot=snapshot)
+
+
 def make_feed(url: str, on_update=lambda: None) -> TelemetryFeed:
     return TelemetryFeed(
         parse_mqtt_url(url), SWARM, timeout=1.0, max_reconnect_delay=0.2, on_update=on_update
@@ -118,12 +123,7 @@ def test_publisher_feed_round_trip_retained_and_offline_on_stop(broker):
     current = {"record": record}
 
     async def main() -> None:
-        publisher = TelemetryPublisher(
-            fast_config(broker.url),
-            swarm=SWARM,
-            peer_id="peer1",
-            snapshot=lambda: server_telemetry_state(current["record"]),
-        )
+        publisher = make_publisher(broker.url, lambda: server_telemetry_state(current["record"]))
         async with asyncio.TaskGroup() as group:
             group.create_task(publisher.run())
             await wait_until(lambda: publisher.published >= 1, what="first publication")
@@ -185,12 +185,7 @@ def test_broker_outage_neither_blocks_nor_stops_the_publisher(broker):
     current = {"record": make_server("peer1", 0, 4)}
 
     async def main() -> None:
-        publisher = TelemetryPublisher(
-            fast_config(broker.url),
-            swarm=SWARM,
-            peer_id="peer1",
-            snapshot=lambda: server_telemetry_state(current["record"]),
-        )
+        publisher = make_publisher(broker.url, lambda: server_telemetry_state(current["record"]))
         ticks = 0
 
         async def heartbeat() -> None:
@@ -273,11 +268,8 @@ def test_health_service_uses_the_mqtt_feed_for_live_updates(broker):
             view=SwarmViewConfig(swarm=SWARM), port=0, mqtt=broker.url, refresh_interval=3600
         )
         service = HealthService(config, read_view, feed=feed)
-        publisher = TelemetryPublisher(
-            fast_config(broker.url),
-            swarm=SWARM,
-            peer_id="peer1",
-            snapshot=lambda: server_telemetry_state(dataclasses.replace(record, load=17)),
+        publisher = make_publisher(
+            broker.url, lambda: server_telemetry_state(dataclasses.replace(record, load=17))
         )
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         async with asyncio.TaskGroup() as group:
