@@ -1,8 +1,16 @@
-"""``ClientConfig``: deadlines and failover policy of the inference client."""
+"""Configuration of both halves of inference, frozen dataclasses whose field docs are help.
+
+``ClientConfig``: deadlines and failover policy of the client (``RemoteModel``).
+``ServerConfig``: what an ``InferenceServer`` serves and how; `swarm join` generates
+its flags from the fields. ``resolve_device`` / ``resolve_dtype`` turn its ``auto``
+values into concrete ones.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -47,3 +55,108 @@ class ClientConfig:
                 raise ValueError(f"ClientConfig.{name} must be positive")
         if self.replay_attempts < 1:
             raise ValueError("ClientConfig.replay_attempts must be at least 1")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "int8", "nf4", "int4")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Configuration of one inference server (`swarm join` generates its flags from it)."""
+
+    model: str = field(default="", metadata={"help": "checkpoint folder (config.json + safetensors)"})
+    blocks: str = field(
+        default="auto", metadata={"help": "blocks to serve, 'a:b' (half-open) or 'auto' (fill the weakest)"}
+    )
+    max_blocks: int = field(
+        default=0,
+        metadata={"help": "with --blocks auto: serve at most this many (0: as many as memory allows)"},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto|cpu|cuda|mps (auto: cuda, then mps, then cpu)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto|float32|bfloat16|float16 (auto: bf16 on GPUs that have it, fp16 on older, fp32 on CPU)"
+        },
+    )
+    quant: str = field(default="none", metadata={"help": "weight quantization: none|int8|nf4|int4"})
+    cache_tokens: int = field(
+        default=32768, metadata={"help": "attention-cache budget in tokens (rows x length) over all sessions"}
+    )
+    session_idle_timeout: float = field(
+        default=60.0, metadata={"help": "seconds without a step before a session and its cache are dropped"}
+    )
+    push_wait: float = field(
+        default=30.0,
+        metadata={"help": "seconds a step sent without its input waits for the previous server's push"},
+    )
+    max_batch_rows: int = field(
+        default=64, metadata={"help": "rows of concurrent sessions batched into one forward"}
+    )
+    announce_period: float = field(default=20.0, metadata={"help": "seconds between DHT re-announcements"})
+    record_ttl: float = field(default=60.0, metadata={"help": "lifetime of the DHT records in seconds"})
+    drain_timeout: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, seconds to let open sessions finish before leaving"}
+    )
+    throughput_cache: str = field(
+        default="~/.cache/swarm/throughput.json", metadata={"help": "file caching measured throughput"}
+    )
+    torch_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    rebalance_period: float = field(
+        default=300.0,
+        metadata={
+            "help": "with --blocks auto: mean seconds between checks whether other blocks need this "
+            "server more (each wait is drawn from 0.5-1.5x; 0: never move)"
+        },
+    )
+    throughput: float = field(
+        default=0.0,
+        metadata={"help": "tokens/s per block to announce instead of measuring (0: measure, cached)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required: the checkpoint folder to serve from")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.quant not in QUANTIZATIONS:
+            raise ValueError(f"--quant must be one of {QUANTIZATIONS}, got {self.quant!r}")
+        for name in ("cache_tokens", "max_batch_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("rebalance_period", "throughput"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        for name in ("session_idle_timeout", "push_wait", "announce_period", "record_ttl", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.announce_period > self.record_ttl / 2:
+            raise ValueError("--announce-period must be at most half of --record-ttl")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the best available accelerator, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 where the GPU supports it, float16 on older GPUs, float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
