@@ -85,40 +85,28 @@ class AllReduceReport:
 
 
 class GroupLinks(Protocol):
-    """How one member's round reaches the other members of its group: the round's network seam.
+    """How one member's round reaches the others in its group: the round's network seam.
 
-    One implementation per member and round; it knows the round and which member is
-    sending. :class:`~swarm.training.averaging.AveragingService` implements it over the
-    transport; the protocol tests implement it with an in-process router. ``target`` is
-    a position in the group; every call is bounded by ``timeout`` seconds.
-
-    Raises (every method):
-        SwarmError or OSError: ``target`` could not be reached or refused the message.
+    One instance per member and round (it knows both). ``target`` is a position in the
+    group; every call is bounded by ``timeout`` seconds and raises SwarmError or OSError
+    when ``target`` cannot be reached or refuses. Implemented over the transport by
+    :class:`~swarm.training.averaging.AveragingService`, in process by the protocol tests.
     """
 
     async def send_contribution(
         self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
     ) -> None:
-        """Scatter: give ``target`` (the reducer of ``part``) this member's share of ``part``."""
+        """Scatter: this member's share of ``part`` to ``target``, the part's reducer."""
 
     async def send_result(
         self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
     ) -> bool:
-        """Gather: give ``target`` this member's reduced ``part``.
-
-        Returns:
-            False when ``target``, as the part's backup, has taken the part over (the
-            result must not be broadcast); True otherwise.
-        """
+        """Gather: the reduced ``part`` to ``target``. False: ``target``, its backup, took it over."""
 
     async def request_repair(
         self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
     ) -> tuple[torch.Tensor, list[int]]:
-        """Repair: ask ``target`` (the backup of ``part``) for its result, with this member's share.
-
-        Returns:
-            the part's result and the members whose contributions it averages.
-        """
+        """Repair: ``part``'s (result, contributors) from ``target``, its backup, given this member's share."""
 
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
