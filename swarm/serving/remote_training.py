@@ -241,6 +241,7 @@ class RemoteTraining:
     def __init__(self, model, loop: asyncio.AbstractEventLoop):
         self.model, self.loop = model, loop
         self.client = SpanClient(model.servers, model.config)
+        self.last_route: list[tuple[str, Span]] = []
         for parameter in model.pieces.parameters():  # the embeddings and head stay frozen
             parameter.requires_grad_(False)
 
@@ -249,6 +250,7 @@ class RemoteTraining:
         n_blocks = self.model.model_config.num_layers
         route = run_on_loop(self.loop, self.client.route(0, n_blocks))
         scaling = adapters.lora.scaling if adapters is not None else 1.0
+        self.last_route = [(server.peer_id, span) for server, span in route]  # of the latest forward
         for server, span in route:
             tensors = adapters.span_tensors(span.start, span.end) if adapters is not None else {}
             names = tuple(sorted(tensors))
