@@ -273,6 +273,21 @@ class RemoteTraining:
             hidden = prompts.prepend(hidden)
         return pieces.logits(self.hidden(hidden, adapters))
 
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, adapters: LoraAdapters | None = None, prompts=None
+    ) -> torch.Tensor:
+        """Greedy continuation with the adapters: ids (batch, tokens + max_new_tokens).
+
+        Each token runs the whole prefix again (stateless passes, no attention cache on
+        the servers): right for checking an adapter, slow for long texts.
+        """
+        ids = input_ids.to(torch.int64)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = self.forward(ids, adapters, prompts)
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
 
 class connect_in_thread:
     """A ``RemoteModel`` whose event loop runs in a thread of its own, for synchronous code::
