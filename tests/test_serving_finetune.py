@@ -7,6 +7,8 @@ with the same gradients; a request over a server's token budget is refused as bu
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -161,6 +163,36 @@ def test_trained_adapter_loaded_with_peft_gives_swarm_logits(swarm, tmp_path):
     with torch.no_grad():
         peft_logits = PeftModel.from_pretrained(base, tmp_path / "trained")(IDS).logits
     torch.testing.assert_close(swarm_logits, peft_logits, rtol=0, atol=1e-5)
+
+
+def test_finetune_command_trains_saves_resumes_and_saves_on_ctrl_c(swarm, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "data.txt"
+    data.write_text("def add(a, b):\n    return a + b\n\n" * 20)
+    out = tmp_path / "adapter"
+    command = ["finetune", "--model", str(swarm.checkpoint), "--initial-peers", *swarm.peers, "--data", str(data),
+               "--method", "lora", "--rank", "4", "--targets", "q,v,down", "--batch", "2", "--seq-len", "16",
+               "--lr", "1e-2", "--out", str(out)]  # fmt: skip
+    first = swarm.start("finetune-1", [*command, "--steps", "3"])
+    assert first.process.wait(timeout=180) == 0, "\n".join(first.lines[-20:])
+    assert any("step 3/3 loss" in line and "tokens/s" in line for line in first.lines)
+    base = AutoModelForCausalLM.from_pretrained(swarm.checkpoint, torch_dtype=torch.float32)
+    PeftModel.from_pretrained(base, out)  # the PEFT layout loads
+    resumed = swarm.start("finetune-2", [*command, "--steps", "5"])
+    assert resumed.process.wait(timeout=180) == 0, "\n".join(resumed.lines[-20:])
+    assert any("at step 3" in line for line in resumed.lines)
+    assert any("done: 5 steps" in line for line in resumed.lines)
+    assert not any("step 1/5" in line for line in resumed.lines)
+
+    interrupted = swarm.start("finetune-3", [*command, "--steps", "1000", "--save-every", "0"])
+    interrupted.wait_for_line("step 7/1000", timeout=180)
+    interrupted.process.send_signal(signal.SIGINT)
+    assert interrupted.process.wait(timeout=60) == 130
+    saved = torch.load(out / "training_state.pt", weights_only=True)["step"]
+    assert saved >= 7
+    assert any(f"saved step {saved}" in line for line in interrupted.lines)
 
 
 def test_malformed_backward_requests_get_clear_errors_and_server_keeps_serving(swarm):
