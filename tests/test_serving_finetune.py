@@ -130,6 +130,8 @@ def test_gradients_through_three_servers_equal_local_and_peft(swarm, tmp_path):
         again = _gradients(
             lambda ids, a, p: client.model.forward(ids, adapters=a, prompts=p), adapters, prompt
         )
+        # Every backward used the activations its forward kept on the server.
+        assert client.model.training.client.reused_forwards == 2 * len(route)
     finally:
         client.__exit__(None, None, None)
     local = _local_gradients(swarm.checkpoint, adapters, prompt)
@@ -262,11 +264,13 @@ def test_server_killed_between_forward_and_backward_is_replaced_with_same_gradie
         swarm.servers[killed].kill()
         _loss(logits, prompt.num_virtual_tokens).backward()
         failovers = training.client.failovers
+        reused = training.client.reused_forwards
     finally:
         client.__exit__(None, None, None)
     grads = {name: p.grad for name, p in adapters.named_parameters()}
     grads["prompt"] = prompt.prompt_embeddings.grad
     assert failovers == 1
+    assert reused == 2  # a and c kept theirs; the replacement of the killed server recomputed
     _assert_same(grads, expected)
 
 

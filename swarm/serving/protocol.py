@@ -9,6 +9,8 @@ A client runs a prompt through a chain of servers, each holding a span of blocks
   the previous server of the chain (pipelining) or from the client (its own copy);
   the first copy for that step wins.
 * ``StatsRequest`` -> ``ServerStats``: counters that show batching and pushes happen.
+* ``SpanForward`` / ``SpanBackward``: fine-tuning, stateless passes with the client's
+  adapters (below).
 
 Tensors are (batch, new_tokens, hidden_size) and travel raw (exact) by default.
 """
@@ -143,7 +145,13 @@ class ServerStats(Message):
 
 @message("serve.train_forward")
 class SpanForward(Message):
-    """Run blocks ``[start, end)`` over ``hidden`` (batch, seq, hidden) from position 0, with adapters."""
+    """Run blocks ``[start, end)`` over ``hidden`` (batch, seq, hidden) from position 0, with adapters.
+
+    ``keep`` (a client-chosen token, empty for none) asks the server to keep this
+    forward's activations for the backward that names the same token, when its token
+    budget allows: the backward then need not recompute the forward. Kept activations
+    expire unused after a while.
+    """
 
     start: int
     end: int
@@ -151,6 +159,7 @@ class SpanForward(Message):
     adapter_hash: bytes = b""
     adapters: dict[str, torch.Tensor] | None = None
     lora_scaling: float = 1.0
+    keep: bytes = b""
 
 
 @message("serve.train_forward_reply")
@@ -172,12 +181,14 @@ class SpanBackward(Message):
     adapter_hash: bytes = b""
     adapters: dict[str, torch.Tensor] | None = None
     lora_scaling: float = 1.0
+    kept: bytes = b""  # the ``keep`` token of this input's forward on this server (used if still kept)
 
 
 @message("serve.backward_reply")
 class SpanBackwardReply(Message):
     grad_hidden: torch.Tensor  # (batch, seq, hidden)
     grad_adapters: dict[str, torch.Tensor]  # by wire name; empty without adapters
+    reused_forward: bool = False  # the kept activations of the forward were used (no recomputation)
 
 
 class AdapterNotCached(ServerBusy):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -66,6 +67,7 @@ class SpanClient:
     def __init__(self, servers: ServerPool, config: ClientConfig):
         self.servers, self.config = servers, config
         self.failovers = 0
+        self.reused_forwards = 0  # backwards whose server kept the forward's activations
         self._sent: set[tuple[str, bytes]] = set()  # (peer, adapter hash) the server was sent
 
     async def route(self, start: int, end: int) -> list[tuple[ServerRecord, Span]]:
@@ -84,24 +86,31 @@ class SpanClient:
 
     async def forward(
         self, span: Span, server: ServerRecord | None, hidden: torch.Tensor,
-        adapters: dict[str, torch.Tensor], scaling: float,
+        adapters: dict[str, torch.Tensor], scaling: float, keep: bytes = b"",
     ) -> tuple[torch.Tensor, ServerRecord | None]:  # fmt: skip
         """Runs ``span`` over ``hidden`` on ``server`` (or another chain if it fails).
 
+        Args:
+            keep: a token under which the server keeps the activations for the backward.
         Returns:
             the output, and the server that ran the whole span (None if a chain did).
         """
         return await self._with_failover(
-            span, server, lambda route: self._forward_route(route, hidden, adapters, scaling)
+            span, server, lambda route: self._forward_route(route, hidden, adapters, scaling, keep)
         )
 
     async def backward(
         self, span: Span, server: ServerRecord | None, hidden: torch.Tensor, grad_output: torch.Tensor,
-        adapters: dict[str, torch.Tensor], scaling: float,
+        adapters: dict[str, torch.Tensor], scaling: float, kept: bytes = b"",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """Gradients of ``span``'s input and adapters on ``server`` (or another chain if it fails)."""
+        """Gradients of ``span``'s input and adapters on ``server`` (or another chain if it fails).
+
+        ``kept``: the forward's ``keep`` token (that server skips recomputing the forward).
+        """
         result, _ = await self._with_failover(
-            span, server, lambda route: self._backward_route(route, hidden, grad_output, adapters, scaling)
+            span,
+            server,
+            lambda route: self._backward_route(route, hidden, grad_output, adapters, scaling, kept),
         )
         return result
 
@@ -123,16 +132,18 @@ class SpanClient:
                 route = None
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _forward_route(self, route, hidden, adapters, scaling) -> torch.Tensor:
+    async def _forward_route(self, route, hidden, adapters, scaling, keep: bytes) -> torch.Tensor:
         for server, span in route:
-            message = dict(start=span.start, end=span.end, hidden=hidden)
+            message = dict(
+                start=span.start, end=span.end, hidden=hidden, keep=keep if len(route) == 1 else b""
+            )
             reply = await self._call(
                 server, SpanForward, message, _sub_adapters(adapters, route[0][1], span), scaling
             )
             hidden = reply.hidden
         return hidden
 
-    async def _backward_route(self, route, hidden, grad_output, adapters, scaling):
+    async def _backward_route(self, route, hidden, grad_output, adapters, scaling, kept: bytes):
         inputs = [hidden]
         for server, span in route[:-1]:  # a chain: recompute the inputs of its later hops
             message = dict(start=span.start, end=span.end, hidden=inputs[-1])
@@ -140,9 +151,11 @@ class SpanClient:
             inputs.append((await self._call(server, SpanForward, message, sub, scaling)).hidden)
         grads: list[dict[str, torch.Tensor]] = []
         for (server, span), span_input in zip(reversed(route), reversed(inputs), strict=True):
-            message = dict(start=span.start, end=span.end, hidden=span_input, grad_output=grad_output)
+            message = dict(start=span.start, end=span.end, hidden=span_input, grad_output=grad_output,
+                           kept=kept if len(route) == 1 else b"")  # fmt: skip
             sub = _sub_adapters(adapters, route[0][1], span)
             reply = await self._call(server, SpanBackward, message, sub, scaling)
+            self.reused_forwards += reply.reused_forward
             grad_output = reply.grad_hidden
             grads.insert(0, reply.grad_adapters)
         joined = {name: torch.cat([g[name] for g in grads]) for name in adapters}
@@ -184,9 +197,12 @@ class _SpanHop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hop: _HopContext, hidden: torch.Tensor, *adapter_values: torch.Tensor) -> torch.Tensor:
         adapters = dict(zip(hop.names, (v.detach() for v in adapter_values), strict=True))
+        keep = secrets.token_bytes(8) if hop.needs_grad else b""
         output, server = hop.run(
-            hop.client.forward(hop.span, hop.server, hidden.detach(), adapters, hop.scaling)
+            hop.client.forward(hop.span, hop.server, hidden.detach(), adapters, hop.scaling, keep)
         )
+        # The backward goes where the forward ran (its activations may be kept there).
+        hop.kept = keep if server is not None else b""
         hop.server = server or hop.server
         ctx.hop, ctx.adapters = hop, adapters
         ctx.save_for_backward(hidden)
@@ -197,15 +213,17 @@ class _SpanHop(torch.autograd.Function):
         (hidden,) = ctx.saved_tensors
         hop = ctx.hop
         grad_hidden, grad_adapters = hop.run(hop.client.backward(
-            hop.span, hop.server, hidden.detach(), grad_output.contiguous(), ctx.adapters, hop.scaling
+            hop.span, hop.server, hidden.detach(), grad_output.contiguous(), ctx.adapters, hop.scaling, hop.kept
         ))  # fmt: skip
         return (None, grad_hidden, *(grad_adapters[name] for name in hop.names))
 
 
 class _HopContext:
-    def __init__(self, client: SpanClient, loop, span: Span, server: ServerRecord, names, scaling: float):
+    def __init__(self, client: SpanClient, loop, span: Span, server: ServerRecord, names, scaling: float,
+                 needs_grad: bool):  # fmt: skip
         self.client, self.loop, self.span, self.server = client, loop, span, server
-        self.names, self.scaling = names, scaling
+        self.names, self.scaling, self.needs_grad = names, scaling, needs_grad
+        self.kept = b""
 
     def run(self, coroutine):
         return run_on_loop(self.loop, coroutine)
@@ -254,7 +272,10 @@ class RemoteTraining:
         for server, span in route:
             tensors = adapters.span_tensors(span.start, span.end) if adapters is not None else {}
             names = tuple(sorted(tensors))
-            hop = _HopContext(self.client, self.loop, span, server, names, scaling)
+            needs_grad = torch.is_grad_enabled() and (
+                hidden.requires_grad or any(tensors[name].requires_grad for name in names)
+            )
+            hop = _HopContext(self.client, self.loop, span, server, names, scaling, needs_grad)
             hidden = _SpanHop.apply(hop, hidden, *(tensors[name] for name in names))
         return hidden
 

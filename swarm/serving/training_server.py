@@ -8,9 +8,11 @@ inputs and of the adapters. Gradients are asked of those tensors only
 (``torch.autograd.grad``), so no server weight gets a gradient or changes, ever;
 quantized blocks work the same (the gradient flows through the dequantized weights).
 
-Memory: the tokens (batch x seq) of the requests in flight are bounded by the server's
-``--cache-tokens``; a request over the budget is refused with ``ServerBusy`` (the
-client goes to another holder or retries). Adapters are kept by content hash in an
+Memory: the tokens (batch x seq) of the requests in flight, and of forwards whose
+activations are kept for their backward (``SpanForward.keep``: the backward then
+skips the recomputation; kept ones expire after ``KEEP_SECONDS``), are bounded by the
+server's ``--cache-tokens``; a request over the budget is refused with ``ServerBusy``
+(the client goes to another holder or retries), and a forward is only kept if it fits. Adapters are kept by content hash in an
 ``AdapterCache`` (bounded, expiring) so a backward after its forward, or every step of
 a generation, need not resend them.
 """
@@ -23,6 +25,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +43,7 @@ from transport.errors import MalformedMessage, ServerBusy
 
 ADAPTER_CACHE_ENTRIES = 64  # span adapters kept at once (a few clients, a few steps each)
 ADAPTER_CACHE_SECONDS = 600.0  # an adapter unused this long is dropped
+KEEP_SECONDS = 60.0  # activations kept for a backward that never comes are dropped after this
 
 
 class AdapterCache:
@@ -92,13 +96,19 @@ class TrainingService:
             ``config.cache_tokens``, the budget of tokens in flight, are used).
     """
 
-    def __init__(self, server, cache: AdapterCache | None = None):
+    def __init__(
+        self, server, cache: AdapterCache | None = None, clock: Callable[[], float] = time.monotonic
+    ):
         self.server = server
         self.adapters = cache or AdapterCache()
         self.budget_tokens = server.config.cache_tokens
         self.tokens_in_flight = 0
+        self.clock = clock
         self.forwards = 0
         self.backwards = 0
+        self.reused_forwards = 0  # backwards that used their forward's kept activations
+        self._kept: dict[tuple, _Kept] = {}
+        self.kept_tokens = 0
 
     def register(self, endpoint) -> None:
         endpoint.add_handler(SpanForward, self._forward)
@@ -107,12 +117,21 @@ class TrainingService:
     async def _forward(self, request: SpanForward, context: RequestContext) -> SpanForwardReply:
         blocks, hidden = self._checked(request, request.hidden)
         adapters = self._adapters(request, len(blocks.blocks))
+        if request.keep:
+            graph = await self._run(hidden, lambda: _graph(blocks, hidden, adapters))
+            tokens = hidden.shape[0] * hidden.shape[1]
+            if self.tokens_in_flight + self.kept_tokens + tokens <= self.budget_tokens:
+                key = (request.keep, request.start, request.end, request.adapter_hash)
+                self._kept[key] = _Kept(self.clock() + KEEP_SECONDS, tokens, *graph)
+                self.kept_tokens += tokens
+            output = graph[0].detach()
+        else:
 
-        def run() -> torch.Tensor:
-            with torch.no_grad(), _maybe_lora(blocks, adapters):
-                return blocks(hidden)
+            def run() -> torch.Tensor:
+                with torch.no_grad(), _maybe_lora(blocks, adapters):
+                    return blocks(hidden)
 
-        output = await self._run(hidden, run)
+            output = await self._run(hidden, run)
         self.forwards += 1
         return SpanForwardReply(hidden=output.to(request.hidden.dtype).cpu())
 
@@ -126,26 +145,40 @@ class TrainingService:
         _check_finite("grad_output", request.grad_output)
         grad_output = request.grad_output.to(self.server.device, self.server.dtype)
         adapters = self._adapters(request, len(blocks.blocks))
+        kept = self._take_kept((request.kept, request.start, request.end, request.adapter_hash))
+        if kept is not None and tuple(kept.leaf.shape) != tuple(hidden.shape):
+            kept = None  # not this input's forward: recompute
 
         def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            output, leaf, trained = (
+                (kept.output, kept.leaf, kept.trained) if kept else _graph(blocks, hidden, adapters)
+            )
+            names = list(trained)
             with torch.enable_grad():
-                leaf = hidden.detach().requires_grad_(True)
-                trained = {} if adapters is None else {
-                    name: tensor.detach().requires_grad_(True) for name, tensor in adapters[0].items()
-                }  # fmt: skip
-                with _maybe_lora(blocks, None if adapters is None else (trained, adapters[1])):
-                    output = blocks(leaf)
-                names = list(trained)
                 grads = torch.autograd.grad(output, [leaf, *(trained[n] for n in names)], grad_output)
             return grads[0], dict(zip(names, grads[1:], strict=True))
 
         grad_hidden, grad_adapters = await self._run(hidden, run)
         self.backwards += 1
+        self.reused_forwards += kept is not None
         dtype = request.hidden.dtype
         return SpanBackwardReply(
             grad_hidden=grad_hidden.to(dtype).cpu(),
             grad_adapters={name: grad.to(dtype).cpu() for name, grad in grad_adapters.items()},
+            reused_forward=kept is not None,
         )
+
+    def _take_kept(self, key: tuple) -> _Kept | None:
+        self._expire_kept()
+        kept = self._kept.pop(key, None) if key[0] else None
+        if kept is not None:
+            self.kept_tokens -= kept.tokens
+        return kept
+
+    def _expire_kept(self) -> None:
+        now = self.clock()
+        for key in [key for key, kept in self._kept.items() if kept.expires_at < now]:
+            self.kept_tokens -= self._kept.pop(key).tokens
 
     def _checked(self, request, hidden: torch.Tensor) -> tuple[BlockSpan, torch.Tensor]:
         if self.server.blocks is None:
@@ -187,7 +220,8 @@ class TrainingService:
         tokens = hidden.shape[0] * hidden.shape[1]
         if tokens > self.budget_tokens:
             raise ServerBusy(f"{tokens} tokens exceed this server's budget of {self.budget_tokens}")
-        if self.tokens_in_flight + tokens > self.budget_tokens:
+        self._expire_kept()
+        if self.tokens_in_flight + self.kept_tokens + tokens > self.budget_tokens:
             raise ServerBusy(f"busy: {self.tokens_in_flight} of {self.budget_tokens} tokens in flight")
         self.tokens_in_flight += tokens
         try:
@@ -201,6 +235,29 @@ class TrainingService:
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise MalformedMessage(f"{name} holds NaN or infinite values")
+
+
+@dataclass
+class _Kept:
+    """A forward's autograd graph, kept for its backward."""
+
+    expires_at: float
+    tokens: int
+    output: torch.Tensor
+    leaf: torch.Tensor
+    trained: dict[str, torch.Tensor]
+
+
+def _graph(blocks: BlockSpan, hidden: torch.Tensor, adapters):
+    """The span's forward with autograd: (output, input leaf, adapter leaves by name)."""
+    with torch.enable_grad():
+        leaf = hidden.detach().requires_grad_(True)
+        trained = {} if adapters is None else {
+            name: tensor.detach().requires_grad_(True) for name, tensor in adapters[0].items()
+        }  # fmt: skip
+        with _maybe_lora(blocks, None if adapters is None else (trained, adapters[1])):
+            output = blocks(leaf)
+    return output, leaf, trained
 
 
 def _maybe_lora(blocks: BlockSpan, adapters: tuple[dict[str, torch.Tensor], float] | None):
