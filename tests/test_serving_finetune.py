@@ -2,8 +2,9 @@
 soft-prompt parameters through 3 and 2 servers equal local autograd and `transformers` +
 `peft` (float32, 1e-5); a trained adapter saved in the PEFT layout gives through `peft`
 locally the logits the swarm gives; malformed backward requests get clear errors and
-the server keeps serving; a server SIGKILLed between forward and backward is replaced
-with the same gradients; a request over a server's token budget is refused as busy."""
+the server keeps serving; a server SIGKILLed between forward and backward, or before the
+forward, is replaced with the same gradients; a request over a server's token budget is
+refused as busy; `swarm finetune` trains, resumes and saves on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -274,7 +275,7 @@ def test_server_killed_between_forward_and_backward_is_replaced_with_same_gradie
     _assert_same(grads, expected)
 
 
-def test_gradients_through_two_servers_and_a_request_over_budget_is_busy(swarm):
+def test_two_servers_a_request_over_budget_and_a_server_killed_before_the_forward(swarm):
     swarm.join("e", "2:4")
     swarm.join("tight", "0:1", "--cache-tokens", "8")
     swarm.wait_online("e", "tight")
@@ -296,7 +297,17 @@ def test_gradients_through_two_servers_and_a_request_over_budget_is_busy(swarm):
         with pytest.raises(RemoteError, match="exceed this server's budget") as raised:
             client.run(over_budget())
         assert raised.value.retryable
+        # e dies before the next forward (the listing still shows it): the client bans it and
+        # runs blocks 2:4 on the chain of the surviving 2:3 holder and c, forward and backward.
+        swarm.servers["e"].kill()
+        after_kill = _gradients(
+            lambda ids, a, p: client.model.forward(ids, adapters=a, prompts=p), adapters, prompt
+        )
+        failovers = client.model.training.client.failovers
     finally:
         client.__exit__(None, None, None)
     assert route == ["a", "e"]
-    _assert_same(remote, _local_gradients(swarm.checkpoint, adapters, prompt))
+    assert failovers >= 1
+    expected = _local_gradients(swarm.checkpoint, adapters, prompt)
+    _assert_same(remote, expected)
+    _assert_same(after_kill, expected)

@@ -68,7 +68,8 @@ class SpanClient:
         self.servers, self.config = servers, config
         self.failovers = 0
         self.reused_forwards = 0  # backwards whose server kept the forward's activations
-        self._sent: set[tuple[str, bytes]] = set()  # (peer, adapter hash) the server was sent
+        # The adapter hash each (peer, start, end) was last sent: one entry per server span.
+        self._sent: dict[tuple[str, int, int], bytes] = {}
 
     async def route(self, start: int, end: int) -> list[tuple[ServerRecord, Span]]:
         """A chain covering ``[start, end)``, waiting up to ``route_wait`` for coverage."""
@@ -166,7 +167,8 @@ class SpanClient:
     ):
         """One request; adapters go by hash when this server was sent them before."""
         key = adapter_hash(adapters, scaling) if adapters else b""
-        known = (server.peer_id, key) in self._sent
+        where = (server.peer_id, fields["start"], fields["end"])
+        known = self._sent.get(where) == key
         for resend in (False, True):
             inline = bool(adapters) and (resend or not known)
             message = kind(
@@ -180,7 +182,7 @@ class SpanClient:
                     continue
                 raise _HopFailed(server, error) from error
             if adapters:
-                self._sent.add((server.peer_id, key))
+                self._sent[where] = key
             return reply
         raise AssertionError("unreachable")
 
