@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernels import load_config, load_local_model
-from kernels.lora import LoraAdapters, LoraConfig, adapter_hash, local_forward, save_peft
+from kernels.lora import LoraAdapters, LoraConfig, adapter_hash, load_peft, local_forward, save_peft
 from kernels.prompt_tuning import SoftPrompt
 from kernels.tiny import write_tiny_checkpoint
 from swarm.serving.protocol import SpanBackward, SpanForward
@@ -180,14 +180,22 @@ def test_finetune_command_trains_saves_resumes_and_saves_on_ctrl_c(swarm, tmp_pa
                "--lr", "1e-2", "--out", str(out)]  # fmt: skip
     first = swarm.start("finetune-1", [*command, "--steps", "3"])
     assert first.process.wait(timeout=180) == 0, "\n".join(first.lines[-20:])
-    assert any("step 3/3 loss" in line and "tokens/s" in line for line in first.lines)
+    assert "tokens/s" in first.wait_for_line("step 3/3 loss", timeout=30)
     base = AutoModelForCausalLM.from_pretrained(swarm.checkpoint, torch_dtype=torch.float32)
     PeftModel.from_pretrained(base, out)  # the PEFT layout loads
     resumed = swarm.start("finetune-2", [*command, "--steps", "5"])
     assert resumed.process.wait(timeout=180) == 0, "\n".join(resumed.lines[-20:])
-    assert any("at step 3" in line for line in resumed.lines)
-    assert any("done: 5 steps" in line for line in resumed.lines)
+    resumed.wait_for_line("at step 3", timeout=30)
+    resumed.wait_for_line("done: 5 steps", timeout=30)
     assert not any("step 1/5" in line for line in resumed.lines)
+
+    # `swarm generate --adapter` continues greedily as the same adapter does locally.
+    generate = swarm.start("generate", ["generate", "--model", str(swarm.checkpoint), "--initial-peers", *swarm.peers,
+                                        "--adapter", str(out), "--max-new-tokens", "5", "def add("])  # fmt: skip
+    assert generate.process.wait(timeout=120) == 0, "\n".join(generate.lines[-20:])
+    expected = _local_greedy(swarm.checkpoint, out, "def add(", 5)
+    wait_until_sync(lambda: "".join(generate.lines), until=lambda text: text.endswith(expected + "\n"),
+                    what=f"the output to end with {expected!r}", timeout=30)  # fmt: skip
 
     interrupted = swarm.start("finetune-3", [*command, "--steps", "1000", "--save-every", "0"])
     interrupted.wait_for_line("step 7/1000", timeout=180)
@@ -195,7 +203,21 @@ def test_finetune_command_trains_saves_resumes_and_saves_on_ctrl_c(swarm, tmp_pa
     assert interrupted.process.wait(timeout=60) == 130
     saved = torch.load(out / "training_state.pt", weights_only=True)["step"]
     assert saved >= 7
-    assert any(f"saved step {saved}" in line for line in interrupted.lines)
+    interrupted.wait_for_line(f"saved step {saved}", timeout=30)
+
+
+def _local_greedy(checkpoint, adapter_dir, prompt: str, new_tokens: int) -> str:
+    from tokenizers import Tokenizer
+
+    model = load_local_model(checkpoint)
+    adapters = load_peft(model.config, adapter_dir)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, local_forward(model, ids, adapters)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokenizer.decode(ids[0, start:].tolist())
 
 
 def test_malformed_backward_requests_get_clear_errors_and_server_keeps_serving(swarm):

@@ -59,6 +59,21 @@ class FinetuneConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, targets=targets)
 
 
+def load_adapter(config, directory: str | Path) -> tuple[LoraAdapters | None, SoftPrompt | None]:
+    """A PEFT adapter folder as ``(adapters, prompt)``: LoRA or a soft prompt, the other None.
+
+    Raises:
+        ValueError: neither a LORA nor a PROMPT_TUNING adapter, or not for this model.
+        OSError: the folder or its files cannot be read.
+    """
+    kind = json.loads((Path(directory) / "adapter_config.json").read_text()).get("peft_type")
+    if kind == "LORA":
+        return load_peft(config, directory), None
+    if kind == "PROMPT_TUNING":
+        return None, load_prompt_peft(config, directory)
+    raise ValueError(f"{directory}: peft_type {kind!r} is neither LORA nor PROMPT_TUNING")
+
+
 def load_token_stream(tokenizer, files: list[str | Path]) -> torch.Tensor:
     """The files' text, tokenized and concatenated: (tokens,) int64.
 
