@@ -52,7 +52,9 @@ class RelayLimits:
         for name in ("max_reservations", "max_circuits", "data_limit_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigurationError(f"--relay-{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise ConfigurationError(
+                    f"--relay-{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
         if self.time_limit <= 0:
             raise ConfigurationError(f"--relay-time-limit must be positive, got {self.time_limit!r}")
 

@@ -133,7 +133,21 @@ class NatLab:
     def _attach_to_wan(self, namespace: str, number: int) -> str:
         address = f"10.99.0.{number}"
         port = f"{self.prefix}w{number}"
-        _run("ip", "-n", self.wan, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+        _run(
+            "ip",
+            "-n",
+            self.wan,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            namespace,
+        )
         _run("ip", "-n", self.wan, "link", "set", port, "master", "br0", "up")
         _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
         _run("ip", "-n", namespace, "link", "set", "eth0", "up")

@@ -60,28 +60,78 @@ _MAX_BUFFERED_MESSAGES = 4
 """Messages of ``max_message_bytes`` a stream may have queued before sends are refused."""
 
 
-def split_address(address: str) -> tuple[PeerID | None, list[Multiaddr]]:
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_P2P_CODE = 421
+
+
+class DaemonMaddr:
+    """A multiaddr in the binary form p2pd parses.
+
+    hivemind's ``Multiaddr.to_bytes`` writes a ``/p2p/<id>`` component as a CID, which
+    the Go daemon rejects ("length greater than remaining number of bytes"): relay
+    addresses (``.../p2p/<relay>/p2p-circuit``) could not be dialled. Here ``/p2p/``
+    values are written as the raw multihash, everything else by hivemind's encoder.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        parts = text.strip("/").split("/")
+        encoded = bytearray()
+        chunk: list[str] = []
+        index = 0
+        while index < len(parts):
+            if parts[index] == "p2p" and index + 1 < len(parts):
+                if chunk:
+                    encoded += Multiaddr("/" + "/".join(chunk)).to_bytes()
+                    chunk = []
+                multihash = PeerID.from_base58(parts[index + 1]).to_bytes()
+                encoded += _varint(_P2P_CODE) + _varint(len(multihash)) + multihash
+                index += 2
+            else:
+                chunk.append(parts[index])
+                index += 1
+        if chunk:
+            encoded += Multiaddr("/" + "/".join(chunk)).to_bytes()
+        self._bytes = bytes(encoded)
+
+    def to_bytes(self) -> bytes:
+        return self._bytes
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"DaemonMaddr({self.text!r})"
+
+
+def split_address(address: str) -> tuple[PeerID | None, list[DaemonMaddr]]:
     """The peer id an address names (None if none) and the transport parts to dial.
 
     Raises:
         ConfigurationError: not a multiaddr list.
     """
     named: PeerID | None = None
-    dial: list[Multiaddr] = []
+    dial: list[DaemonMaddr] = []
     for text in filter(None, (part.strip() for part in address.split(","))):
+        parts = text.rstrip("/").split("/")
         try:
-            maddr = Multiaddr(text)
-            peer = PeerID.from_base58(maddr.value_for_protocol("p2p")) if "/p2p/" in text else None
-        except Exception as error:  # multiaddr raises several unrelated classes
+            if len(parts) >= 3 and parts[-2] == "p2p":  # the target is the last /p2p/ (after any relay)
+                peer = PeerID.from_base58(parts[-1])
+                named = named or peer
+                if len(parts) == 3:
+                    continue  # a bare peer id: the peer store knows where
+                parts = parts[:-2]
+            dial.append(DaemonMaddr("/".join(parts)))
+        except Exception as error:  # multiaddr and base58 raise several unrelated classes
             raise ConfigurationError(f"{text!r} is not a libp2p multiaddr: {error}") from None
-        if peer is not None:
-            named = named or peer
-            suffix = Multiaddr(f"/p2p/{peer.to_base58()}")
-            if maddr == suffix:
-                continue  # a bare peer id: the peer store knows where
-            if str(maddr).endswith(str(suffix)):
-                maddr = maddr.decapsulate(suffix)  # keep relay hops, drop only the target
-        dial.append(maddr)
     return named, dial
 
 
@@ -249,7 +299,9 @@ class Libp2pEndpoint(BaseEndpoint):
         maddrs = await self.p2p.get_visible_maddrs(latest=True)
         return ",".join(str(maddr) for maddr in maddrs)
 
-    async def _serve_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_stream(
+        self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if self._closed or len(self._inbound) >= self.limits.max_sessions:
             writer.close()
             return
@@ -258,7 +310,9 @@ class Libp2pEndpoint(BaseEndpoint):
         receive = self._dispatcher.receive
         try:
             while True:
-                receive(await read_frames(reader, self.limits, self.timeouts.request), inbound, inbound.peer_key)
+                receive(
+                    await read_frames(reader, self.limits, self.timeouts.request), inbound, inbound.peer_key
+                )
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         except (MessageTooLarge, TimeoutError) as error:
@@ -294,7 +348,9 @@ class Libp2pEndpoint(BaseEndpoint):
         """
         expected = _expected_peer(server_public_key)
         if expected is None:
-            raise HandshakeTimeout(f"{server_public_key!r} is not a libp2p peer id, so not the peer at {address}")
+            raise HandshakeTimeout(
+                f"{server_public_key!r} is not a libp2p peer id, so not the peer at {address}"
+            )
         named, dial = split_address(address)
         if named is not None and named != expected:
             raise HandshakeTimeout(f"{address} names peer {named}, expected {expected}")
@@ -355,5 +411,7 @@ class Libp2pEndpoint(BaseEndpoint):
         if p2p is not None:
             if self._serving and self._daemon is not None:  # a shared daemon keeps running
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(p2p.remove_binary_stream_handler(self.protocol), self.timeouts.connect)
+                    await asyncio.wait_for(
+                        p2p.remove_binary_stream_handler(self.protocol), self.timeouts.connect
+                    )
             await p2p.shutdown()  # an owned daemon stops; a replica only lets go of it

@@ -1,0 +1,156 @@
+"""Roles that NAT tests run inside network namespaces (``python -m tests.netns_roles ROLE ...``).
+
+Each role prints ``READY <json>`` once it is up, then lines the test reads, and runs
+until killed (the ``NatLab`` kills it) or, for one-shot roles, exits with its result:
+
+- ``relay``: a reachable libp2p peer (a relay for others) on 0.0.0.0.
+- ``echo-server --relay MADDR``: a libp2p data-plane endpoint behind NAT that holds a
+  reservation on the relay; READY once its relayed address is known.
+- ``echo-client --address A --key K``: connects, calls Echo, prints ``REPLY <json>``.
+- ``checker``: a ZeroMQ endpoint that answers reachability questions.
+- ``check --checker ADDRESS:KEY ...``: runs the reachability check for a ZeroMQ
+  endpoint and a DHT-like TCP listener of its own, prints ``VERDICT <json>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import torch
+
+from transport import Endpoint, Libp2pEndpoint, Message, RequestContext, message
+
+
+@message("test.netns.echo")
+class Echo(Message):
+    text: str
+    tensor: torch.Tensor | None = None
+    caller: bytes = b""
+
+
+async def _echo(request: Echo, context: RequestContext) -> Echo:
+    return Echo(request.text, request.tensor, context.peer_key or b"")
+
+
+def _say(tag: str, value: object) -> None:
+    print(f"{tag} {json.dumps(value)}", flush=True)
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+async def relay(args: argparse.Namespace) -> None:
+    # go-libp2p runs the relay service only on peers that consider themselves public
+    options = {"host_maddrs": [f"/ip4/{args.host}/tcp/0"], "use_relay": True, "force_reachability": "public"}
+    async with Libp2pEndpoint(daemon_options=options) as endpoint:
+        await endpoint.start()
+        maddrs = [str(m) for m in await endpoint.p2p.get_visible_maddrs(latest=True)]
+        _say("READY", {"maddrs": maddrs, "peer": endpoint.public_key.decode()})
+        await _forever()
+
+
+async def echo_server(args: argparse.Namespace) -> None:
+    options = {
+        "host_maddrs": ["/ip4/0.0.0.0/tcp/0"],
+        "initial_peers": [args.relay],
+        "trusted_relays": [args.relay],
+        "use_relay": True,
+        "use_auto_relay": True,
+        "force_reachability": "private",
+    }
+    async with Libp2pEndpoint(daemon_options=options) as endpoint:
+        endpoint.add_handler(Echo, _echo)
+        await endpoint.bind()
+        deadline = time.monotonic() + args.timeout
+        while True:
+            address = await endpoint.visible_address()
+            relayed = [a for a in address.split(",") if "p2p-circuit" in a]
+            if relayed or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        _say("READY", {"relayed": relayed, "all": address, "peer": endpoint.public_key.decode()})
+        await _forever()
+
+
+async def echo_client(args: argparse.Namespace) -> None:
+    async with Libp2pEndpoint(daemon_options={"host_maddrs": ["/ip4/0.0.0.0/tcp/0"]}) as endpoint:
+        try:
+            connection = await endpoint.connect(args.address, args.key.encode())
+            tensor = torch.arange(args.elements, dtype=torch.float32)
+            reply = await connection.call(Echo("through the relay", tensor))
+            _say(
+                "REPLY",
+                {
+                    "text": reply.text,
+                    "equal": bool(torch.equal(reply.tensor, tensor)),
+                    "caller_ok": reply.caller == endpoint.public_key,
+                },
+            )
+        except Exception as error:  # the test reads the failure
+            _say("ERROR", {"kind": type(error).__name__, "message": str(error)[-600:]})
+
+
+async def checker(args: argparse.Namespace) -> None:
+    from swarm.reachability import serve_dial_back
+
+    async with Endpoint() as endpoint:
+        serve_dial_back(endpoint, dial_timeout=3.0)
+        address = await endpoint.bind(f"tcp://{args.host}:0")
+        _say("READY", {"address": address, "key": endpoint.public_key.decode()})
+        await _forever()
+
+
+async def check(args: argparse.Namespace) -> None:
+    from swarm.reachability import ReachabilityConfig, check_reachability
+
+    async def ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    listener = await asyncio.start_server(ignore, "0.0.0.0", 0)  # stands in for the DHT's port
+    dht_port = listener.sockets[0].getsockname()[1]
+    async with Endpoint() as endpoint:
+        bound = await endpoint.bind("tcp://0.0.0.0:0")
+        port = bound.rsplit(":", 1)[1]
+        checkers = [(c.rsplit("@", 1)[0], c.rsplit("@", 1)[1].encode()) for c in args.checker]
+        verdict = await check_reachability(
+            endpoint,
+            checkers,
+            dht_maddrs=[f"/ip4/{args.announce}/tcp/{dht_port}"],
+            data_address=f"tcp://{args.announce}:{port}",
+            public_key=endpoint.public_key,
+            config=ReachabilityConfig(dial_timeout=3.0, ask_timeout=10.0),
+        )
+        _say("VERDICT", verdict.to_wire())
+    listener.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--relay")
+    parser.add_argument("--address")
+    parser.add_argument("--key")
+    parser.add_argument("--announce")
+    parser.add_argument("--checker", action="append", default=[])
+    parser.add_argument("--elements", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    roles = {
+        "relay": relay,
+        "echo-server": echo_server,
+        "echo-client": echo_client,
+        "checker": checker,
+        "check": check,
+    }
+    asyncio.run(roles[args.role](args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
