@@ -26,7 +26,6 @@ from hivemind.utils import get_dht_time
 
 from swarm.errors import DHTStartError, RecordRejected
 from swarm.identity import Identity, PeerId
-from swarm.relay import RelayLimits, bounded_p2p_class
 from swarm.records import (
     ModelRecord,
     PeerValue,
@@ -37,6 +36,7 @@ from swarm.records import (
     parse_server_listings,
     server_record_entries,
 )
+from swarm.relay import RelayLimits, bounded_p2p_class
 from swarm.signing import SwarmRecordValidator
 from transport.errors import ConfigurationError, DeadlineExceeded
 
@@ -82,7 +82,7 @@ class DHTConfig:
     use_auto_relay: bool = False
     auto_nat: bool = True
     force_reachability: str | None = None
-    relay_limits: RelayLimits = RelayLimits()
+    relay_limits: RelayLimits = dataclasses.field(default_factory=RelayLimits)
 
     def __post_init__(self) -> None:
         if self.force_reachability not in (None, "public", "private"):
