@@ -1,0 +1,116 @@
+"""The reachability check on loopback: real endpoints dial back real (or dead) addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from swarm.reachability import (
+    Reachability,
+    ReachabilityConfig,
+    check_reachability,
+    serve_dial_back,
+    tcp_target,
+)
+from transport import ConfigurationError, Endpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = ReachabilityConfig(dial_timeout=1.0, ask_timeout=5.0)
+
+
+def _dead_port() -> int:
+    with socket.socket() as probe:  # bound, never listening: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def _checkers(count: int, stack):
+    found = []
+    for _ in range(count):
+        checker = await stack.enter_async_context(Endpoint())
+        serve_dial_back(checker, dial_timeout=1.0)
+        found.append((await checker.bind("tcp://127.0.0.1:0"), checker.public_key))
+    return found
+
+
+def test_reachable_peer_is_direct_and_unreachable_one_is_relayed():
+    async def body():
+        import contextlib
+
+        async with contextlib.AsyncExitStack() as stack:
+            checkers = await _checkers(3, stack)
+            dht = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+            stack.push_async_callback(dht.wait_closed)
+            stack.callback(dht.close)
+            dht_port = dht.sockets[0].getsockname()[1]
+            peer = await stack.enter_async_context(Endpoint())
+            data_address = await peer.bind("tcp://127.0.0.1:0")
+
+            direct = await check_reachability(
+                peer,
+                checkers,
+                dht_maddrs=[f"/ip4/127.0.0.1/tcp/{dht_port}"],
+                data_address=data_address,
+                public_key=peer.public_key,
+                config=FAST,
+            )
+            assert direct.direct and (direct.asked, direct.confirmed) == (3, 3), direct
+
+            dead = _dead_port()
+            relayed = await check_reachability(
+                peer,
+                checkers,
+                dht_maddrs=[f"/ip4/127.0.0.1/tcp/{dead}"],
+                data_address=f"tcp://127.0.0.1:{dead}",
+                public_key=peer.public_key,
+                config=FAST,
+            )
+            assert not relayed.direct and (relayed.asked, relayed.confirmed) == (3, 0), relayed
+            assert "relayed" in relayed.reason
+
+            # the data plane answers, but with another key: not us, so not reachable
+            impostor = await check_reachability(
+                peer,
+                checkers[:1],
+                dht_maddrs=[f"/ip4/127.0.0.1/tcp/{dht_port}"],
+                data_address=data_address,
+                public_key=Endpoint().public_key,
+                config=FAST,
+            )
+            assert not impostor.direct
+
+    asyncio.run(asyncio.wait_for(body(), 50))
+
+
+def test_first_peer_unanswered_checkers_and_overrides():
+    async def body():
+        async with Endpoint() as peer:
+            address = await peer.bind("tcp://127.0.0.1:0")
+            kwargs = dict(dht_maddrs=[], data_address=address, public_key=peer.public_key)
+            first = await check_reachability(peer, [], config=FAST, **kwargs)
+            assert first.direct and "nobody to ask" in first.reason
+            gone = [(f"tcp://127.0.0.1:{_dead_port()}", Endpoint().public_key)]
+            unanswered = await check_reachability(
+                peer, gone, config=ReachabilityConfig(dial_timeout=0.5, ask_timeout=1.0), **kwargs
+            )
+            assert unanswered.direct and "none of 1 peers answered" in unanswered.reason
+            forced = await check_reachability(peer, gone, config=ReachabilityConfig(mode="relayed"), **kwargs)
+            assert not forced.direct and "--reachability relayed" in forced.reason
+
+    asyncio.run(asyncio.wait_for(body(), 50))
+
+
+def test_verdict_round_trips_and_config_is_validated():
+    verdict = Reachability(False, "2 of 5 peers dialled us back: relayed", 5, 2)
+    assert Reachability.from_wire(verdict.to_wire()) == verdict and verdict.mode == "relayed"
+    for bad in (None, {"direct": 1}, {"direct": True, "asked": -1}, {"direct": True, "reason": 3}):
+        with pytest.raises(ValueError):
+            Reachability.from_wire(bad)
+    with pytest.raises(ConfigurationError, match="--reachability"):
+        ReachabilityConfig(mode="sometimes")
+    assert tcp_target("/ip4/10.0.0.1/tcp/31337/p2p/Qm") == ("10.0.0.1", 31337)
+    assert tcp_target("/ip4/10.0.0.1/tcp/1/p2p/R/p2p-circuit/p2p/T") is None
+    assert tcp_target("/ip4/10.0.0.1/udp/1/quic") is None
