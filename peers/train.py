@@ -1,10 +1,19 @@
-"""`swarm train`: start or join a DiLoCo training run."""
+"""`swarm train`: start or join a DiLoCo training run.
+
+Also the trainer's fault injection for tests and demos (``SWARM_FAULT``): the library
+only calls a ``before_send`` hook; acting on it, by killing this process, happens here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from peers.metrics import add_metrics_arguments, metrics_config_from_args
 from peers.options import (
@@ -25,6 +34,9 @@ from peers.telemetry_publisher import (
 )
 from swarm.telemetry import trainer_telemetry_state
 
+if TYPE_CHECKING:
+    from swarm.training.averaging import AllReduceSend
+
 logger = logging.getLogger("swarm.train")
 
 
@@ -41,7 +53,7 @@ Ctrl-C / SIGTERM finishes the current round, then leaves (twice to leave at once
 
 
 def register(subparsers) -> None:
-    from swarm.training.trainer import TrainerConfig
+    from swarm.training.trainer_config import TrainerConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -58,7 +70,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from swarm.training.trainer import TrainerConfig
+    from swarm.training.trainer_config import TrainerConfig
 
     configure_logging(args.verbose)
     try:
@@ -70,6 +82,59 @@ def main(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return 2
     return run_async(lambda: train(config, options, metrics, telemetry))
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Kill this process (SIGKILL) as it sends the all-reduce message ``kind`` in its
+    ``nth`` all-reduce (counting from 1) among at least ``min_members`` members.
+
+    Read from ``SWARM_FAULT=nth:kind[:min_members]``, e.g. ``2:result:3``; for tests and
+    demos only. Counting this member's own all-reduces rather than naming a round makes
+    the fault independent of when it joined the run.
+    """
+
+    nth: int
+    kind: str
+    min_members: int = 2
+
+    @classmethod
+    def from_environment(cls) -> FaultInjection | None:
+        value = os.environ.get("SWARM_FAULT", "")
+        if not value:
+            return None
+        try:
+            nth, kind, *rest = value.split(":")
+            return cls(int(nth), kind, *(int(r) for r in rest[:1]))
+        except ValueError:
+            raise ValueError(
+                f"SWARM_FAULT={value!r}: expected nth:kind[:min_members], e.g. 2:result:3"
+            ) from None
+
+
+def fault_hook(fault: FaultInjection) -> Callable[[AllReduceSend], None]:
+    """The trainer's ``before_send`` hook that carries out ``fault``."""
+    last_all_reduce, ordinal = 0, 0  # ordinal: among this member's all-reduces of min_members or more
+
+    def before_send(send: AllReduceSend) -> None:
+        nonlocal last_all_reduce, ordinal
+        if send.group_size < fault.min_members:
+            return
+        if send.all_reduce != last_all_reduce:
+            last_all_reduce = send.all_reduce
+            # A group of one sends nothing, so the hook never sees it: when such groups count
+            # too (min_members <= 1), every all-reduce counts and the service's count is the ordinal.
+            ordinal = send.all_reduce if fault.min_members <= 1 else ordinal + 1
+        if ordinal == fault.nth and send.kind == fault.kind:
+            logger.warning(
+                "fault injection: killing this process in its all-reduce %s, sending a %s to member %d",
+                send.round_id,
+                send.kind,
+                send.target,
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return before_send
 
 
 class _TrainerGauges:
@@ -112,6 +177,7 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
     from transport import Endpoint
     from transport.errors import SwarmError
 
+    fault = FaultInjection.from_environment()
     stop = asyncio.Event()
     install_stop_handlers(stop, asyncio.get_running_loop())
     try:
@@ -140,11 +206,19 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
                 if publisher is not None:
                     publisher.notify()
 
-            trainer = Trainer(config, dht, endpoint, address, software_version(), on_progress)
+            trainer = Trainer(
+                config,
+                dht,
+                endpoint,
+                address,
+                software_version(),
+                on_progress,
+                before_send=None if fault is None else fault_hook(fault),
+            )
             print(f"training peer {str(dht.peer_id)[:12]} joined run {config.run!r} at {address}", flush=True)
             async with exporting(metrics, gauges.registry, publisher):
                 await trainer.run(stop)
-            print(f"left run {config.run!r} at round {trainer.outer.round}", flush=True)
+            print(f"left run {config.run!r} at round {trainer.replica.round}", flush=True)
     finally:
         dht.shutdown()
     return 0

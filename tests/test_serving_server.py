@@ -14,8 +14,8 @@ import torch
 
 from kernels import load_blocks
 from kernels.tiny import write_tiny_checkpoint
-from peers.server_batching import StepBatcher
 from swarm.serving import RemoteModel
+from swarm.serving.batching import StepBatcher
 from swarm.serving.protocol import (
     ForwardRequest,
     InferenceStep,
