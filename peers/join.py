@@ -22,6 +22,7 @@ from peers.options import (
     configure_logging,
     data_plane_address,
     install_stop_handlers,
+    reachability_config,
     run_async,
     start_peer,
 )
@@ -73,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_arguments(ServerConfig, args)
         options = config_from_arguments(PeerOptions, args)
+        reachability_config(options)  # a bad --reachability fails here, before the DHT starts
         faults = config_from_arguments(FaultConfig, args)
         metrics = metrics_config_from_args(args)
         telemetry = telemetry_config_from_args(args)
@@ -105,6 +107,8 @@ class _ServerCollector:
             "swarm_serve_first_block": ("first block of the announced span", span.start if span else -1),
             "swarm_serve_end_block": ("end (exclusive) of the announced span", span.end if span else -1),
             "swarm_serve_throughput": ("measured tokens/s per block", server.throughput),
+            "swarm_serve_reachability_direct": ("1 if peers can dial us (direct), 0 if reached through relays",
+                                                float(server.reachability is None or server.reachability.direct)),
             "swarm_serve_sessions": ("open inference sessions", stats.sessions),
             "swarm_serve_cache_tokens_used": ("attention-cache tokens in use", stats.cache_tokens_used),
             "swarm_serve_cache_tokens_total": ("attention-cache budget (--cache-tokens)",
@@ -128,6 +132,7 @@ class _ServerCollector:
 
 async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None, telemetry=None) -> int:
     from peers.cli import software_version
+    from swarm.data_plane import direct_checkers, establish_reachability
     from swarm.serving import InferenceServer, serve
     from transport import Endpoint, Timeouts
     from transport.errors import SwarmError
@@ -149,6 +154,18 @@ async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None,
             server = InferenceServer(
                 config, dht, endpoint, address, software_version(), on_step=faults.server_step_hook()
             )
+            servers = await dht.list_servers(server.model_config.num_layers, timeout=30)
+            server.reachability, server.relayed = await establish_reachability(
+                dht,
+                endpoint,
+                address,
+                direct_checkers(servers.values(), dht.peer_id),
+                reachability_config(options),
+                swarm_key=swarm_key,
+            )
+            print(f"reachability: {server.reachability.mode} ({server.reachability.reason})", flush=True)
+            if server.relayed is not None:
+                print(f"reached through libp2p as {server.relayed.peer}", flush=True)
             publisher = daemon_publisher(
                 telemetry,
                 options.swarm,
@@ -163,8 +180,12 @@ async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None,
 
             registry = CollectorRegistry()
             registry.register(_ServerCollector(server))
-            async with exporting(metrics, registry, publisher):
-                await serve(server, stop, online)
+            try:
+                async with exporting(metrics, registry, publisher):
+                    await serve(server, stop, online)
+            finally:
+                if server.relayed is not None:
+                    await server.relayed.endpoint.close()
     except (SwarmError, ValueError, OSError) as error:
         logger.error("server failed: %s", error)
         return 1

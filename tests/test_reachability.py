@@ -114,3 +114,64 @@ def test_verdict_round_trips_and_config_is_validated():
     assert tcp_target("/ip4/10.0.0.1/tcp/31337/p2p/Qm") == ("10.0.0.1", 31337)
     assert tcp_target("/ip4/10.0.0.1/tcp/1/p2p/R/p2p-circuit/p2p/T") is None
     assert tcp_target("/ip4/10.0.0.1/udp/1/quic") is None
+
+
+# ---------------------------------------------------------------- records, balancing, routing
+
+RELAYED = Reachability(False, "0 of 3 peers dialled us back: relayed", 3, 0)
+P2P_ID = "12D3KooWGENeQmq8seeb4UPToMjANtThNaxpip7FyJ5JTLHPtt6c"
+
+
+def _relayed_server(peer: str, start: int, end: int, **changes):
+    from tests.harness import make_server
+
+    return make_server(
+        peer,
+        start,
+        end,
+        reachability=RELAYED,
+        libp2p_peer=P2P_ID,
+        addresses=("tcp://192.168.1.2:5000", f"/p2p/{P2P_ID}"),
+        **changes,
+    )
+
+
+def test_server_record_carries_reachability_and_libp2p_peer():
+    from swarm import ServerRecord
+    from swarm.records import PeerValue, parse_server_listings
+    from tests.harness import make_server
+
+    relayed = _relayed_server("a", 0, 4)
+    parsed = ServerRecord.from_wire("a", relayed.to_wire())
+    assert parsed == relayed and parsed.relayed
+    old = make_server("b", 0, 4)  # a peer from before the check: no field, read as direct
+    assert "reach" not in old.to_wire() and not ServerRecord.from_wire("b", old.to_wire()).relayed
+    # relayed without a libp2p peer id cannot be dialled over libp2p: treated as direct
+    assert not make_server("c", 0, 4, reachability=RELAYED).relayed
+    broken = {**relayed.to_wire(), "reach": {"direct": "yes"}}
+    assert parse_server_listings([{"a": PeerValue(broken, 1e12)}]) == {}  # malformed: skipped
+
+
+def test_balancing_counts_relayed_servers_at_a_fraction_and_routes_prefer_direct():
+    from swarm import choose_span, coverage_from_records, find_route
+    from swarm.data_plane import direct_checkers
+    from swarm.selection import RELAYED_THROUGHPUT_FACTOR
+    from tests.harness import make_server
+
+    direct = make_server("direct", 0, 4, throughput=10.0)
+    relayed = _relayed_server("relayed", 4, 8, throughput=10.0)
+    coverage = coverage_from_records([direct, relayed], 8)
+    assert list(coverage) == [10.0] * 4 + [10.0 * RELAYED_THROUGHPUT_FACTOR] * 4
+    assert choose_span(coverage, 4).start == 4  # a newcomer strengthens the relayed blocks first
+
+    # both cover 0:8: the direct one wins the route...
+    both = [make_server("direct", 0, 8), _relayed_server("relayed", 0, 8)]
+    assert [hop.peer_id for hop in find_route(both, 0, 8)] == ["direct"]
+    # ...but blocks only the relayed server holds are still served, by it
+    route = find_route([make_server("direct", 0, 4), _relayed_server("relayed", 4, 8)], 0, 8)
+    assert [hop.peer_id for hop in route] == ["direct", "relayed"]
+    # only direct servers are asked to check a newcomer's reachability
+    assert direct_checkers([direct, relayed], exclude="nobody") == [
+        (direct.addresses[0], direct.curve_public_key)
+    ]
+    assert direct_checkers([direct], exclude="direct") == []

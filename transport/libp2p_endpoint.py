@@ -157,6 +157,11 @@ class Libp2pConnection(Connection):
         self._broken: PeerUnavailable | None = None
         self._reading = self._loop.create_task(self._read_replies())
 
+    @property
+    def broken(self) -> bool:
+        """The stream ended or the connection was closed: calls fail; connect again."""
+        return self._closed or self._broken is not None
+
     async def _read_replies(self) -> None:
         reason = "the stream ended"
         try:

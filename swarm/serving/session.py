@@ -117,8 +117,9 @@ class InferenceSession:
                 after = self.chain[index + 1] if index + 1 < len(self.chain) else None
                 message = InferenceStep(
                     step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
-                    push_address=after.server.addresses[0] if after else "",
-                    push_key=after.server.curve_public_key if after else b"",
+                    # a relayed next server gets the client's copy only (no server push)
+                    push_address=after.server.addresses[0] if after and not after.server.relayed else "",
+                    push_key=after.server.curve_public_key if after and not after.server.relayed else b"",
                     push_token=after.token if after else b"",
                 )  # fmt: skip
                 calls[hop] = tasks.create_task(
