@@ -175,3 +175,21 @@ def test_balancing_counts_relayed_servers_at_a_fraction_and_routes_prefer_direct
         (direct.addresses[0], direct.curve_public_key)
     ]
     assert direct_checkers([direct], exclude="direct") == []
+
+
+def test_health_state_and_page_say_which_servers_are_relayed():
+    from peers.health_page import render_page
+    from swarm.health import RunProgressTracker, SwarmView, build_health_state
+    from tests.harness import MODEL, NOW, make_server
+
+    direct = make_server(
+        "d", 0, 4, reachability=Reachability(True, "3 of 3 peers dialled us back: direct", 3, 3)
+    )
+    servers = {"d": direct, "r": _relayed_server("r", 0, 4), "o": make_server("o", 0, 4)}
+    state = build_health_state(SwarmView("s", MODEL, servers), now=NOW, tracker=RunProgressTracker())
+    by_peer = {server["peer_id"]: server for server in state["servers"]}
+    assert [by_peer[p]["reachability"] for p in "dro"] == ["direct", "relayed", "unknown"]
+    assert "relayed" in by_peer["r"]["reachability_reason"]
+    page = render_page(state, poll_interval=5.0)
+    assert 'data-peer="r" data-state="online" data-reachability="relayed"' in page
+    assert page.count("(relayed)</span>") == 1
