@@ -3,10 +3,11 @@
 Each role prints ``READY <json>`` once it is up, then lines the test reads, and runs
 until killed (the ``NatLab`` kills it) or, for one-shot roles, exits with its result:
 
-- ``relay``: a reachable libp2p peer (a relay for others) on 0.0.0.0.
-- ``echo-server --relay MADDR``: a libp2p data-plane endpoint behind NAT that holds a
-  reservation on the relay; READY once its relayed address is known.
-- ``echo-client --address A --key K``: connects, calls Echo, prints ``REPLY <json>``.
+- ``relay --count N``: N reachable libp2p peers (relays for others).
+- ``echo-server --relay MADDR,...``: a libp2p data-plane endpoint behind NAT that holds a
+  reservation on a relay; READY once its relayed address is known.
+- ``echo-client --address A --key K``: connects (retrying for ``--timeout`` seconds),
+  calls Echo with a tensor, prints ``REPLY <json>`` (or ``ERROR <json>``).
 - ``checker``: a ZeroMQ endpoint that answers reachability questions.
 - ``check --checker ADDRESS:KEY ...``: runs the reachability check for a ZeroMQ
   endpoint and a DHT-like TCP listener of its own, prints ``VERDICT <json>``.
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 
 import torch
 
-from transport import Endpoint, Libp2pEndpoint, Message, RequestContext, message
+from transport import Endpoint, Libp2pEndpoint, Message, PeerUnavailable, RequestContext, message
 
 
 @message("test.netns.echo")
@@ -45,20 +47,25 @@ async def _forever() -> None:
 
 
 async def relay(args: argparse.Namespace) -> None:
-    # go-libp2p runs the relay service only on peers that consider themselves public
+    # go-libp2p runs the relay service only on peers that consider themselves public.
+    # Several relays: a peer behind NAT reserves a slot at once when it knows 4 candidates
+    # (go-libp2p autorelay's minimum); with fewer it waits its 3-minute boot delay.
     options = {"host_maddrs": [f"/ip4/{args.host}/tcp/0"], "use_relay": True, "force_reachability": "public"}
-    async with Libp2pEndpoint(daemon_options=options) as endpoint:
-        await endpoint.start()
-        maddrs = [str(m) for m in await endpoint.p2p.get_visible_maddrs(latest=True)]
-        _say("READY", {"maddrs": maddrs, "peer": endpoint.public_key.decode()})
+    async with contextlib.AsyncExitStack() as stack:
+        maddrs = []
+        for _ in range(args.count):
+            endpoint = await stack.enter_async_context(Libp2pEndpoint(daemon_options=options))
+            await endpoint.start()
+            maddrs += [str(m) for m in await endpoint.p2p.get_visible_maddrs(latest=True)]
+        _say("READY", {"maddrs": maddrs})
         await _forever()
 
 
 async def echo_server(args: argparse.Namespace) -> None:
     options = {
         "host_maddrs": ["/ip4/0.0.0.0/tcp/0"],
-        "initial_peers": [args.relay],
-        "trusted_relays": [args.relay],
+        "initial_peers": args.relay.split(","),
+        "trusted_relays": args.relay.split(","),
         "use_relay": True,
         "use_auto_relay": True,
         "force_reachability": "private",
@@ -80,7 +87,15 @@ async def echo_server(args: argparse.Namespace) -> None:
 async def echo_client(args: argparse.Namespace) -> None:
     async with Libp2pEndpoint(daemon_options={"host_maddrs": ["/ip4/0.0.0.0/tcp/0"]}) as endpoint:
         try:
-            connection = await endpoint.connect(args.address, args.key.encode())
+            deadline = time.monotonic() + args.timeout
+            while True:  # the server may not hold its relay reservation yet: retry, bounded
+                try:
+                    connection = await endpoint.connect(args.address, args.key.encode())
+                    break
+                except PeerUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1.0)
             tensor = torch.arange(args.elements, dtype=torch.float32)
             reply = await connection.call(Echo("through the relay", tensor))
             _say(
@@ -139,6 +154,7 @@ def main() -> None:
     parser.add_argument("--announce")
     parser.add_argument("--checker", action="append", default=[])
     parser.add_argument("--elements", type=int, default=1000)
+    parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     roles = {

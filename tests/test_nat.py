@@ -1,0 +1,118 @@
+"""Peers behind a real NAT (network namespaces, nftables masquerade): relays and the reachability check.
+
+Each test builds its own small internet with ``tests.netns.NatLab`` (root only; skipped
+with the reason elsewhere) and runs the roles of ``tests/netns_roles.py`` in it as
+real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.netns import NatLab, require_namespaces
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+PYTHON = sys.executable
+
+
+def role(*args: str) -> list[str]:
+    return [PYTHON, "-m", "tests.netns_roles", *args]
+
+
+def read_tagged(process: subprocess.Popen, tag: str, timeout: float = 90.0) -> dict:
+    """The JSON after the first ``tag`` line of ``process``'s output, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()  # the roles print often or exit; bounded by the test timeout
+        if not line:
+            raise AssertionError(f"role exited ({process.poll()}) before {tag}; output: {seen[-20:]}")
+        seen.append(line.rstrip())
+        for candidate in (tag, "ERROR"):
+            if line.startswith(candidate + " "):
+                value = json.loads(line[len(candidate) + 1 :])
+                if candidate != tag:
+                    value = {"error": value}
+                return value
+    raise AssertionError(f"no {tag} line within {timeout}s; output: {seen[-20:]}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _namespaces():
+    require_namespaces()
+
+
+def test_server_behind_nat_is_reachable_only_through_a_relay():
+    with NatLab() as lab:
+        relays_host, home, outside = lab.public("relays"), lab.behind_nat("home"), lab.public("client")
+        relays = read_tagged(
+            relays_host.spawn(role("relay", "--host", relays_host.address, "--count", "4")), "READY"
+        )
+        server = read_tagged(
+            home.spawn(role("echo-server", "--relay", ",".join(relays["maddrs"]), "--timeout", "5")), "READY"
+        )
+        peer = server["peer"]
+
+        # its own addresses (private, behind the router) cannot be dialled from outside
+        own = ",".join(a for a in server["all"].split(",") if "/127.0.0.1/" not in a)
+        direct = outside.spawn(role("echo-client", "--address", own, "--key", peer, "--timeout", "1"))
+        assert "error" in read_tagged(direct, "REPLY"), "a NATed server must not be directly reachable"
+
+        # through the relays (libp2p dials every circuit; the one holding our reservation wins)
+        circuits = ",".join(f"{maddr}/p2p-circuit/p2p/{peer}" for maddr in relays["maddrs"])
+        client = outside.spawn(
+            role(
+                "echo-client",
+                "--address",
+                circuits,
+                "--key",
+                peer,
+                "--elements",
+                "3000000",
+                "--timeout",
+                "60",
+            )
+        )
+        reply = read_tagged(client, "REPLY")
+        assert reply == {"text": "through the relay", "equal": True, "caller_ok": True}, reply
+
+        # a relay cannot pose as the server: the server's peer id is checked end to end
+        impostor = outside.spawn(
+            role(
+                "echo-client",
+                "--address",
+                circuits,
+                "--key",
+                relays["maddrs"][0].rsplit("/", 1)[1],
+                "--timeout",
+                "1",
+            )
+        )
+        assert "error" in read_tagged(impostor, "REPLY")
+
+
+def test_reachability_check_says_relayed_behind_nat_and_direct_in_public():
+    with NatLab() as lab:
+        checkers_host, home, public = lab.public("checkers"), lab.behind_nat("home"), lab.public("public")
+        checkers = [
+            read_tagged(checkers_host.spawn(role("checker", "--host", checkers_host.address)), "READY")
+            for _ in range(3)
+        ]
+        flags = [arg for c in checkers for arg in ("--checker", f"{c['address']}@{c['key']}")]
+
+        # behind NAT: neither its own address nor its router's public one can be dialled back
+        for announce in (home.address, home.public_address):
+            verdict = read_tagged(home.spawn(role("check", "--announce", announce, *flags)), "VERDICT")
+            assert verdict["direct"] is False and verdict["asked"] == 3 and verdict["confirmed"] == 0, verdict
+
+        verdict = read_tagged(public.spawn(role("check", "--announce", public.address, *flags)), "VERDICT")
+        assert verdict["direct"] is True and verdict["confirmed"] == 3, verdict
+
+        first = read_tagged(public.spawn(role("check", "--announce", public.address)), "VERDICT")
+        assert first["direct"] is True and "nobody to ask" in first["reason"]
