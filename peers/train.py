@@ -23,6 +23,7 @@ from peers.options import (
     configure_logging,
     data_plane_address,
     install_stop_handlers,
+    reachability_config,
     run_async,
     start_peer,
 )
@@ -76,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_arguments(TrainerConfig, args)
         options = config_from_arguments(PeerOptions, args)
+        reachability_config(options)  # a bad --reachability fails here, before the DHT starts
         metrics = metrics_config_from_args(args)
         telemetry = telemetry_config_from_args(args)
     except ValueError as error:
@@ -164,15 +166,23 @@ class _TrainerGauges:
                 "swarm_train_group_size", "members of the last all-reduce", labels, registry=self.registry
             ),
         }
+        self.direct = Gauge(
+            "swarm_train_reachability_direct",
+            "1 if peers can dial this member (direct), 0 if reached through relays",
+            labels,
+            registry=self.registry,
+        )
 
     def update(self, run: str, record) -> None:
         for name, gauge in self.gauges.items():
             gauge.labels(run=run).set(getattr(record, name))
+        self.direct.labels(run=run).set(float(record.reachability is None or record.reachability.direct))
 
 
 async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
     """Run one training member until it is stopped (SIGINT/SIGTERM) or reaches --max-rounds. Returns an exit code."""
     from peers.cli import software_version
+    from swarm.data_plane import direct_member_checkers, establish_reachability
     from swarm.training.trainer import Trainer
     from transport import Endpoint
     from transport.errors import SwarmError
@@ -215,6 +225,17 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
                 on_progress,
                 before_send=None if fault is None else fault_hook(fault),
             )
+            members = await trainer.membership.members()
+            trainer.reachability, _ = await establish_reachability(
+                dht,
+                endpoint,
+                address,
+                direct_member_checkers(members, dht.peer_id),
+                reachability_config(options),
+                swarm_key=swarm_key,
+                open_relayed=False,  # all-reduce over libp2p is not wired yet: we dial out only
+            )
+            print(f"reachability: {trainer.reachability.mode} ({trainer.reachability.reason})", flush=True)
             print(f"training peer {str(dht.peer_id)[:12]} joined run {config.run!r} at {address}", flush=True)
             async with exporting(metrics, gauges.registry, publisher):
                 await trainer.run(stop)

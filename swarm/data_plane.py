@@ -28,9 +28,10 @@ class RelayedPlane:
     Attributes:
         endpoint: serves the same handlers as the peer's ZeroMQ endpoint.
         peer: its libp2p peer id (base58), announced in the signed record.
-        addresses: multiaddrs to announce: ``/p2p/<peer>`` (the daemon's peer store and
-            DHT find the rest) followed by the daemon's visible ones (relay addresses
-            once it holds a reservation).
+        addresses: multiaddrs to announce: ``/p2p/<peer>``, the daemon's visible ones
+            (relay addresses once it shows its reservations), and a circuit through each
+            initial peer (the daemon's trusted relays): callers dial them all at once and
+            the circuit through a relay holding our reservation wins.
     """
 
     endpoint: BaseEndpoint
@@ -50,6 +51,17 @@ def direct_checkers(records: Iterable[ServerRecord], exclude: str) -> list[tuple
     return found
 
 
+def direct_member_checkers(members: dict, exclude: str) -> list[tuple[str, bytes]]:
+    """(address, CURVE key) of training members (``TrainingPeerRecord``) that are not relayed."""
+    found = []
+    for peer, record in members.items():
+        relayed = record.reachability is not None and not record.reachability.direct
+        direct = [address for address in record.addresses if address.startswith("tcp://")]
+        if peer != exclude and not relayed and direct:
+            found.append((direct[0], record.curve_public_key))
+    return found
+
+
 async def open_relayed_plane(dht, *, swarm_key: bytes | None, timeouts: Timeouts) -> RelayedPlane:
     """Serve the data plane over the DHT's p2p daemon (bind; add handlers to ``.endpoint``)."""
     from transport import Libp2pEndpoint
@@ -61,8 +73,13 @@ async def open_relayed_plane(dht, *, swarm_key: bytes | None, timeouts: Timeouts
         await endpoint.close()
         raise
     peer = endpoint.public_key.decode()
-    addresses = (f"/p2p/{peer}", *(a for a in visible.split(",") if a and "/127.0.0.1/" not in a))
-    return RelayedPlane(endpoint, peer, addresses)
+    visible_addresses = [a for a in visible.split(",") if a and "/127.0.0.1/" not in a]
+    circuits = [
+        f"{relay}/p2p-circuit/p2p/{peer}"
+        for relay in dht.config.initial_peers
+        if "/p2p/" in relay and "p2p-circuit" not in relay
+    ]
+    return RelayedPlane(endpoint, peer, (f"/p2p/{peer}", *visible_addresses, *circuits))
 
 
 async def establish_reachability(
@@ -73,6 +90,7 @@ async def establish_reachability(
     config: ReachabilityConfig,
     *,
     swarm_key: bytes | None,
+    open_relayed: bool = True,
 ) -> tuple[Reachability, RelayedPlane | None]:
     """Answer others' checks, run ours, and open the libp2p plane if we are relayed.
 
@@ -82,6 +100,7 @@ async def establish_reachability(
         checkers: direct peers to ask (``direct_checkers``).
         config: ``--reachability`` and the check's deadlines.
         swarm_key: a private swarm's key (the libp2p plane admits the same peers).
+        open_relayed: open the libp2p plane when relayed (False: only learn the verdict).
     Returns:
         the verdict, and the relayed plane when the verdict is relayed.
     """
@@ -94,7 +113,7 @@ async def establish_reachability(
         public_key=endpoint.public_key,
         config=config,
     )
-    if verdict.direct:
+    if verdict.direct or not open_relayed:
         return verdict, None
     plane = await open_relayed_plane(dht, swarm_key=swarm_key, timeouts=endpoint.timeouts)
     return verdict, plane

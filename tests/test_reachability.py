@@ -193,3 +193,24 @@ def test_health_state_and_page_say_which_servers_are_relayed():
     page = render_page(state, poll_interval=5.0)
     assert 'data-peer="r" data-state="online" data-reachability="relayed"' in page
     assert page.count("(relayed)</span>") == 1
+
+
+def test_relayed_training_members_get_no_reducer_share_unless_all_are_relayed():
+    import dataclasses
+
+    from swarm.data_plane import direct_member_checkers
+    from swarm.training.parts import split_parts
+    from swarm.training.progress import TrainingPeerRecord
+    from tests.harness import make_trainer
+
+    parts = split_parts(1024, [100.0, 0.0, 100.0])
+    assert parts[1][0] == parts[1][1] and parts[0][1] - parts[0][0] == 512  # the relayed one reduces nothing
+    assert [end - start for start, end in split_parts(1024, [0.0, 0.0])] == [512, 512]  # nobody else: all do
+    with pytest.raises(ValueError):
+        split_parts(1024, [1.0, -1.0])
+
+    relayed = dataclasses.replace(make_trainer(), reachability=RELAYED)
+    assert TrainingPeerRecord.from_wire(relayed.to_wire()) == relayed
+    direct = make_trainer()
+    checkers = direct_member_checkers({"r": relayed, "d": direct, "me": direct}, exclude="me")
+    assert checkers == [(direct.addresses[0], direct.curve_public_key)]
