@@ -214,3 +214,43 @@ def test_relayed_training_members_get_no_reducer_share_unless_all_are_relayed():
     direct = make_trainer()
     checkers = direct_member_checkers({"r": relayed, "d": direct, "me": direct}, exclude="me")
     assert checkers == [(direct.addresses[0], direct.curve_public_key)]
+
+
+def test_a_relayed_member_joins_the_round_but_does_not_lead_it():
+    from swarm.training.matchmaking import JoinGroup, Matchmaker
+    from swarm.training.parts import split_parts
+    from transport import MemoryEndpoint, MemoryNetwork
+
+    async def body():
+        network = MemoryNetwork()
+        peers = ["a-relayed", "b-direct", "c-direct"]  # the relayed one has the smallest id
+        endpoints = {peer: MemoryEndpoint(network) for peer in peers}
+        addresses = {peer: await endpoint.bind() for peer, endpoint in endpoints.items()}
+        live = {peer: (addresses[peer], endpoints[peer].public_key) for peer in peers}
+        live["a-relayed"] = ("memory://behind-nat", live["a-relayed"][1])  # nobody can dial it
+
+        async def live_members():
+            return dict(live)
+
+        makers = {
+            peer: Matchmaker(endpoints[peer], live_members, window=5.0, relayed_members=lambda: {"a-relayed"})
+            for peer in peers
+        }
+        joins = {
+            peer: JoinGroup(
+                0, peer, addresses[peer], endpoints[peer].public_key, 0.0 if "relayed" in peer else 1e8, "h"
+            )
+            for peer in peers
+        }
+        groups = await asyncio.gather(*(makers[peer].form_group(0, joins[peer]) for peer in peers))
+        for endpoint in endpoints.values():
+            await endpoint.close()
+        return groups
+
+    groups = asyncio.run(asyncio.wait_for(body(), 30))
+    assert all(group is not None for group in groups)
+    assert {tuple(m.peer_id for m in group.members) for group in groups} == {
+        ("a-relayed", "b-direct", "c-direct")
+    }
+    parts = split_parts(4096, [m.bandwidth for m in groups[0].members])
+    assert parts[0][0] == parts[0][1]  # no reducer share for the relayed member

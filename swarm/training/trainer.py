@@ -87,7 +87,10 @@ class Trainer:
             before_send=before_send,
         )
         self.matchmaker = Matchmaker(
-            endpoint, self.membership.live_addresses, window=config.matchmaking_seconds
+            endpoint,
+            self.membership.live_addresses,
+            window=config.matchmaking_seconds,
+            relayed_members=lambda: self.membership.relayed,
         )
         model = load_or_init_model(Path(config.model), config.random_init_seed)
         self.replica = Replica(model, config.diloco)
