@@ -141,7 +141,10 @@ class InferenceSession:
                     hop.history.append((position, current))
                     current = result.hidden
                     index += 1
-                    if index < len(self.chain) and self.config.send_copies:
+                    # nothing pushes to a relayed server: its input is always the client's copy
+                    if index < len(self.chain) and (
+                        self.config.send_copies or self.chain[index].server.relayed
+                    ):
                         after = self.chain[index]
                         copies[after] = tasks.create_task(self._send_copy(after, number, current))
                     continue
