@@ -9,6 +9,8 @@ until killed (the ``NatLab`` kills it) or, for one-shot roles, exits with its re
 - ``echo-client --address A --key K``: connects (retrying for ``--timeout`` seconds),
   calls Echo with a tensor, prints ``REPLY <json>`` (or ``ERROR <json>``).
 - ``checker``: a ZeroMQ endpoint that answers reachability questions.
+- ``generate --checkpoint DIR --initial-peer MADDR``: greedy tokens through the swarm,
+  compared with local generation: ``TOKENS <json>``.
 - ``check --checker ADDRESS:KEY ...``: runs the reachability check for a ZeroMQ
   endpoint and a DHT-like TCP listener of its own, prints ``VERDICT <json>``.
 """
@@ -144,6 +146,31 @@ async def check(args: argparse.Namespace) -> None:
     listener.close()
 
 
+async def generate_role(args: argparse.Namespace) -> None:
+    """Greedy generation through the swarm, compared with local generation of the same checkpoint."""
+    from kernels import generate, load_local_model
+    from swarm.serving import ClientConfig, RemoteModel
+
+    prompt = torch.tensor([[1, 17, 42, 99, 7, 300]])
+    local = generate(load_local_model(args.checkpoint), prompt, args.tokens)
+    config = ClientConfig(route_wait=20.0, route_poll=1.0, step_timeout=20.0, open_timeout=20.0)
+    async with await RemoteModel.connect(args.checkpoint, args.initial_peer, config=config) as model:
+        deadline = time.monotonic() + args.timeout
+        while True:  # until the DHT lists every server (bounded)
+            servers = await model.list_servers()
+            if len(servers) >= args.servers or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        relayed = sorted(peer for peer, server in servers.items() if server.relayed)
+        _say("LISTED", {"servers": len(servers), "relayed": relayed})
+        try:
+            output = await model.generate(prompt, args.tokens)
+        except Exception as error:  # the test reads the failure
+            _say("ERROR", {"kind": type(error).__name__, "message": str(error)[-600:]})
+            return
+        _say("TOKENS", {"equal": bool(torch.equal(output, local)), "tokens": output[0].tolist()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role")
@@ -155,6 +182,10 @@ def main() -> None:
     parser.add_argument("--checker", action="append", default=[])
     parser.add_argument("--elements", type=int, default=1000)
     parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--initial-peer", action="append", default=[])
+    parser.add_argument("--tokens", type=int, default=12)
+    parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     roles = {
@@ -163,6 +194,7 @@ def main() -> None:
         "echo-client": echo_client,
         "checker": checker,
         "check": check,
+        "generate": generate_role,
     }
     asyncio.run(roles[args.role](args))
     sys.exit(0)

@@ -116,3 +116,54 @@ def test_reachability_check_says_relayed_behind_nat_and_direct_in_public():
 
         first = read_tagged(public.spawn(role("check", "--announce", public.address)), "VERDICT")
         assert first["direct"] is True and "nobody to ask" in first["reason"]
+
+
+def swarm_join(checkpoint, blocks: str, host: str, initial_peers: list[str], *extra: str) -> list[str]:
+    return [
+        PYTHON, "-m", "peers.cli", "join", "--model", str(checkpoint), "--blocks", blocks, "--host", host,
+        "--initial-peers", *initial_peers, "--announce-period", "2", "--record-ttl", "30", "--push-wait", "5",
+        "--torch-threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def read_line(process: subprocess.Popen, prefix: str, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(f"process exited ({process.poll()}) before {prefix!r}; output: {seen[-30:]}")
+        seen.append(line.rstrip())
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"no {prefix!r} line within {timeout}s; output: {seen[-30:]}")
+
+
+def test_server_behind_nat_serves_a_client_on_the_internet_with_local_tokens(tmp_path):
+    from kernels.tiny import write_tiny_checkpoint
+
+    checkpoint = tmp_path / "model"
+    write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=64)
+    with NatLab() as lab:
+        public, home, outside = lab.public("public"), lab.behind_nat("home"), lab.public("client")
+        first = public.spawn(swarm_join(checkpoint, "0:2", public.address, []))
+        bootstrap = read_line(first, "initial peer for others:").rsplit(" ", 1)[1]
+        read_line(first, "ONLINE")
+        # four relay candidates: libp2p's autorelay reserves a slot at once with >= 4
+        relays = read_tagged(public.spawn(role("relay", "--host", public.address, "--count", "4")), "READY")
+        behind = home.spawn(
+            swarm_join(
+                checkpoint, "2:4", home.address, [bootstrap, *relays["maddrs"]], "--reachability", "relayed"
+            )
+        )
+        verdict = read_line(behind, "reachability:")
+        assert verdict.startswith("reachability: relayed"), verdict
+        read_line(behind, "ONLINE")
+
+        client = outside.spawn(
+            role("generate", "--checkpoint", str(checkpoint), "--initial-peer", bootstrap, "--timeout", "60")
+        )
+        listed = read_tagged(client, "LISTED")
+        assert listed["servers"] == 2 and len(listed["relayed"]) == 1, listed
+        result = read_tagged(client, "TOKENS", timeout=180)
+        assert result.get("equal") is True, result
