@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -132,7 +133,7 @@ class _ServerCollector:
 
 async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None, telemetry=None) -> int:
     from peers.cli import software_version
-    from swarm.data_plane import direct_checkers, establish_reachability
+    from swarm.data_plane import direct_checkers, establish_reachability, open_relayed_plane
     from swarm.serving import InferenceServer, serve
     from transport import Endpoint, Timeouts
     from transport.errors import SwarmError
@@ -155,16 +156,29 @@ async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None,
                 config, dht, endpoint, address, software_version(), on_step=faults.server_step_hook()
             )
             servers = await dht.list_servers(server.model_config.num_layers, timeout=30)
-            server.reachability, server.relayed = await establish_reachability(
+            server.reachability, _ = await establish_reachability(
                 dht,
                 endpoint,
                 address,
                 direct_checkers(servers.values(), dht.peer_id),
                 reachability_config(options),
                 swarm_key=swarm_key,
+                open_relayed=False,
             )
             print(f"reachability: {server.reachability.mode} ({server.reachability.reason})", flush=True)
-            if server.relayed is not None:
+            if not server.reachability.direct:
+                if options.reachability == "auto":
+                    # Our check says relayed; the daemon must take a relay reservation now,
+                    # not when its own AutoNAT agrees (minutes): restart the DHT saying so.
+                    await asyncio.to_thread(dht.shutdown)
+                    relayed_options = dataclasses.replace(options, reachability="relayed")
+                    _, dht, _ = await asyncio.to_thread(
+                        start_peer, relayed_options, config.record_ttl, False, identity
+                    )
+                    server.dht = dht
+                server.relayed = await open_relayed_plane(
+                    dht, swarm_key=swarm_key, timeouts=endpoint.timeouts
+                )
                 print(f"reached through libp2p as {server.relayed.peer}", flush=True)
             publisher = daemon_publisher(
                 telemetry,

@@ -104,8 +104,11 @@ class PeerOptions:
     )
 
 
-def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: bool = False):
+def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: bool = False, identity=None):
     """Loads the identity and swarm key and starts the DHT node. Returns ``(identity, dht, swarm_key)``.
+
+    ``identity``: use this one (a restart of the DHT keeps the peer's identity) instead of
+    loading ``--identity`` or making a fresh one.
 
     Raises:
         SwarmError: a key file is unsafe or unreadable, or the DHT did not start (the
@@ -117,8 +120,9 @@ def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: boo
     from swarm.identity import load_or_create_identity, load_swarm_key
     from swarm.relay import RelayLimits
 
-    identity_path = options.identity or str(Path(tempfile.mkdtemp(prefix="swarm-id-")) / "identity.pem")
-    identity = load_or_create_identity(identity_path)
+    if identity is None:
+        identity_path = options.identity or str(Path(tempfile.mkdtemp(prefix="swarm-id-")) / "identity.pem")
+        identity = load_or_create_identity(identity_path)
     swarm_key = load_swarm_key(options.swarm_key) if options.swarm_key else None
     host_maddrs = (f"/ip4/{options.host}/tcp/{options.dht_port}",)
     announce = (f"/ip4/{options.announce_host}/tcp/{options.dht_port}",) if options.announce_host else ()

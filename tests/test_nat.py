@@ -153,7 +153,7 @@ def test_server_behind_nat_serves_a_client_on_the_internet_with_local_tokens(tmp
         relays = read_tagged(public.spawn(role("relay", "--host", public.address, "--count", "4")), "READY")
         behind = home.spawn(
             swarm_join(
-                checkpoint, "2:4", home.address, [bootstrap, *relays["maddrs"]], "--reachability", "relayed"
+                checkpoint, "2:4", home.address, [bootstrap, *relays["maddrs"]], "--reachability", "auto"
             )
         )
         verdict = read_line(behind, "reachability:")
