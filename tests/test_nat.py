@@ -139,13 +139,17 @@ def read_line(process: subprocess.Popen, prefix: str, timeout: float = 120.0) ->
     raise AssertionError(f"no {prefix!r} line within {timeout}s; output: {seen[-30:]}")
 
 
-def test_server_behind_nat_serves_a_client_on_the_internet_with_local_tokens(tmp_path):
+@pytest.mark.parametrize("client_side", ["internet", "another_nat"])
+def test_server_behind_nat_serves_a_client_with_local_tokens(tmp_path, client_side):
+    """Issue #13 tests 1 and 2: the client on the internet side, or behind a second NAT
+    (then both legs of the relayed hop are dialled out, through a relay on the internet)."""
     from kernels.tiny import write_tiny_checkpoint
 
     checkpoint = tmp_path / "model"
     write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=64)
     with NatLab() as lab:
-        public, home, outside = lab.public("public"), lab.behind_nat("home"), lab.public("client")
+        public, home = lab.public("public"), lab.behind_nat("home")
+        outside = lab.public("client") if client_side == "internet" else lab.behind_nat("client")
         first = public.spawn(swarm_join(checkpoint, "0:2", public.address, []))
         bootstrap = read_line(first, "initial peer for others:").rsplit(" ", 1)[1]
         read_line(first, "ONLINE")
