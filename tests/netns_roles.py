@@ -163,10 +163,28 @@ async def generate_role(args: argparse.Namespace) -> None:
             await asyncio.sleep(1.0)
         relayed = sorted(peer for peer, server in servers.items() if server.relayed)
         _say("LISTED", {"servers": len(servers), "relayed": relayed})
+        started = time.monotonic()
         try:
-            output = await model.generate(prompt, args.tokens)
+            if args.pause_after:  # stream; after that many tokens, wait for a line on stdin
+                pieces = []
+                async for piece in model.stream(prompt, args.tokens):
+                    pieces.append(piece)
+                    if len(pieces) == args.pause_after:
+                        _say("PAUSED", {"tokens": len(pieces)})
+                        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+                        started = time.monotonic()
+                output = torch.cat([prompt, *pieces], dim=1)
+            else:
+                output = await model.generate(prompt, args.tokens)
         except Exception as error:  # the test reads the failure
-            _say("ERROR", {"kind": type(error).__name__, "message": str(error)[-600:]})
+            _say(
+                "ERROR",
+                {
+                    "kind": type(error).__name__,
+                    "message": str(error)[-600:],
+                    "seconds": time.monotonic() - started,
+                },
+            )
             return
         _say("TOKENS", {"equal": bool(torch.equal(output, local)), "tokens": output[0].tolist()})
 
@@ -186,6 +204,7 @@ def main() -> None:
     parser.add_argument("--initial-peer", action="append", default=[])
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--pause-after", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     roles = {

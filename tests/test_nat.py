@@ -171,3 +171,54 @@ def test_server_behind_nat_serves_a_client_with_local_tokens(tmp_path, client_si
         assert listed["servers"] == 2 and len(listed["relayed"]) == 1, listed
         result = read_tagged(client, "TOKENS", timeout=180)
         assert result.get("equal") is True, result
+
+
+def test_relays_killed_mid_generation_recover_or_fail_in_time_naming_the_span(tmp_path):
+    """Issue #13 test 5: every relay of the NATed server is SIGKILLed mid-generation. The
+    client either finishes with the same tokens (libp2p had upgraded the relayed
+    connection to a direct, hole-punched one: our NAT routers masquerade without changing
+    ports, so that can succeed) or fails within its deadline with an error naming the span."""
+    import os
+    import signal
+
+    from kernels.tiny import write_tiny_checkpoint
+
+    checkpoint = tmp_path / "model"
+    write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=64)
+    with NatLab() as lab:
+        public, relays_host, home, outside = (
+            lab.public("public"),
+            lab.public("relays"),
+            lab.behind_nat("home"),
+            lab.public("client"),
+        )
+        first = public.spawn(swarm_join(checkpoint, "0:2", public.address, []))
+        bootstrap = read_line(first, "initial peer for others:").rsplit(" ", 1)[1]
+        read_line(first, "ONLINE")
+        relay_process = relays_host.spawn(role("relay", "--host", relays_host.address, "--count", "4"))
+        relays = read_tagged(relay_process, "READY")
+        behind = home.spawn(
+            swarm_join(
+                checkpoint, "2:4", home.address, [bootstrap, *relays["maddrs"]], "--reachability", "relayed"
+            )
+        )
+        read_line(behind, "ONLINE")
+        client = outside.spawn(
+            role(
+                "generate", "--checkpoint", str(checkpoint), "--initial-peer", bootstrap, "--pause-after", "3"
+            ),
+            stdin=subprocess.PIPE,
+        )
+        assert read_tagged(client, "PAUSED")["tokens"] == 3  # the relayed hop works
+        os.killpg(relay_process.pid, signal.SIGKILL)
+        relay_process.wait(timeout=10)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        outcome = read_tagged(client, "TOKENS", timeout=120)
+        if "error" in outcome:
+            failure = outcome["error"]
+            assert failure["kind"] == "NoRouteError" and "2..3" in failure["message"], failure
+            # route_wait (20 s) plus a step deadline (20 s), with slack for a loaded machine
+            assert failure["seconds"] < 60, failure
+        else:
+            assert outcome["equal"] is True, outcome
