@@ -170,7 +170,10 @@ async def generate_role(args: argparse.Namespace) -> None:
                 async for piece in model.stream(prompt, args.tokens):
                     pieces.append(piece)
                     if len(pieces) == args.pause_after:
-                        _say("PAUSED", {"tokens": len(pieces)})
+                        paths = [
+                            getattr(c, "remote_address", "zmq") for c in model.servers._connections.values()
+                        ]
+                        _say("PAUSED", {"tokens": len(pieces), "paths": paths})
                         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
                         started = time.monotonic()
                 output = torch.cat([prompt, *pieces], dim=1)

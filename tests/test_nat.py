@@ -209,12 +209,15 @@ def test_relays_killed_mid_generation_recover_or_fail_in_time_naming_the_span(tm
             ),
             stdin=subprocess.PIPE,
         )
-        assert read_tagged(client, "PAUSED")["tokens"] == 3  # the relayed hop works
+        paused = read_tagged(client, "PAUSED")
+        assert paused["tokens"] == 3, paused  # the relayed hop works
+        print("paths before the relays die:", paused["paths"])
         os.killpg(relay_process.pid, signal.SIGKILL)
         relay_process.wait(timeout=10)
         client.stdin.write("go\n")
         client.stdin.flush()
         outcome = read_tagged(client, "TOKENS", timeout=120)
+        print("after the relays died:", outcome)
         if "error" in outcome:
             failure = outcome["error"]
             assert failure["kind"] == "NoRouteError" and "2..3" in failure["message"], failure

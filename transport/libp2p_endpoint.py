@@ -150,8 +150,15 @@ def _expected_peer(server_public_key: bytes | None) -> PeerID | None:
 class Libp2pConnection(Connection):
     """A connection over one libp2p stream; a reader task delivers the replies."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kwargs: Any):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        remote_address: str = "",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
+        self.remote_address = remote_address  # the libp2p connection the stream rides (p2p-circuit: relayed)
         self._reader = reader
         self._writer = writer
         self._broken: PeerUnavailable | None = None
@@ -384,6 +391,7 @@ class Libp2pEndpoint(BaseEndpoint):
         connection = Libp2pConnection(
             reader,
             writer,
+            str(info.addr),
             address=address,
             server_key=peer_key_of(expected),
             registry=self.registry,
