@@ -178,11 +178,11 @@ def serve_dial_back(endpoint: BaseEndpoint, *, dial_timeout: float = 5.0) -> Non
             raise ServerBusy("too many reachability checks at once")
         targets = [t for t in map(tcp_target, request.dht_maddrs[:MAX_DIALED_ADDRESSES]) if t is not None]
         running += 1
-        try:
-            dht_results = await asyncio.gather(
-                *(_dial_tcp(host, port, dial_timeout) for host, port in targets)
+        try:  # every dial at once: an answer takes one dial_timeout at most
+            data_failure, *dht_results = await asyncio.gather(
+                _dial_data_plane(request.data_address, request.public_key, dial_timeout),
+                *(_dial_tcp(host, port, dial_timeout) for host, port in targets),
             )
-            data_failure = await _dial_data_plane(request.data_address, request.public_key, dial_timeout)
         finally:
             running -= 1
         detail = f"dht {sum(dht_results)}/{len(targets)} direct maddrs; data plane {data_failure or 'ok'}"
@@ -230,16 +230,20 @@ async def check_reachability(
                     await connection.close()
         except (SwarmError, TimeoutError) as error:
             logger.info("reachability checker %s did not answer: %s", address, error)
+            silent.append(f"{address}: {type(error).__name__} {error}")
             return None
         return reply if isinstance(reply, DialBackReply) else None
 
+    silent: list[str] = []
     replies = [r for r in await asyncio.gather(*(ask(a, k) for a, k in asked)) if r is not None]
     if not replies:
-        return Reachability(True, f"none of {len(asked)} peers answered: assuming direct")
+        return Reachability(True, f"none of {len(asked)} peers answered ({silent[0][:120]}): assuming direct")
     confirmed = sum(1 for reply in replies if reply.dht_reached and reply.data_reached)
     direct = 2 * confirmed >= len(replies)
     verdict = "direct" if direct else "relayed"
     reason = f"{confirmed} of {len(replies)} peers dialled us back: {verdict}"
     if not direct:
         reason += f" ({replies[0].detail})"
+    if silent:
+        reason += f"; {len(silent)} did not answer ({silent[0][:120]})"
     return Reachability(direct, reason, len(replies), confirmed)

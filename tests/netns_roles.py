@@ -11,7 +11,7 @@ until killed (the ``NatLab`` kills it) or, for one-shot roles, exits with its re
 - ``checker``: a ZeroMQ endpoint that answers reachability questions.
 - ``generate --checkpoint DIR --initial-peer MADDR``: greedy tokens through the swarm,
   compared with local generation: ``TOKENS <json>``.
-- ``check --checker ADDRESS:KEY ...``: runs the reachability check for a ZeroMQ
+- ``check --checker 'ADDRESS|KEY' ...``: runs the reachability check for a ZeroMQ
   endpoint and a DHT-like TCP listener of its own, prints ``VERDICT <json>``.
 """
 
@@ -133,14 +133,15 @@ async def check(args: argparse.Namespace) -> None:
     async with Endpoint() as endpoint:
         bound = await endpoint.bind("tcp://0.0.0.0:0")
         port = bound.rsplit(":", 1)[1]
-        checkers = [(c.rsplit("@", 1)[0], c.rsplit("@", 1)[1].encode()) for c in args.checker]
+        # "|" is neither in a tcp:// address nor in z85 (whose alphabet has "@")
+        checkers = [(c.split("|", 1)[0], c.split("|", 1)[1].encode()) for c in args.checker]
         verdict = await check_reachability(
             endpoint,
             checkers,
             dht_maddrs=[f"/ip4/{args.announce}/tcp/{dht_port}"],
             data_address=f"tcp://{args.announce}:{port}",
             public_key=endpoint.public_key,
-            config=ReachabilityConfig(dial_timeout=3.0, ask_timeout=10.0),
+            config=ReachabilityConfig(dial_timeout=3.0, ask_timeout=30.0),
         )
         _say("VERDICT", verdict.to_wire())
     listener.close()

@@ -104,7 +104,7 @@ def test_reachability_check_says_relayed_behind_nat_and_direct_in_public():
             read_tagged(checkers_host.spawn(role("checker", "--host", checkers_host.address)), "READY")
             for _ in range(3)
         ]
-        flags = [arg for c in checkers for arg in ("--checker", f"{c['address']}@{c['key']}")]
+        flags = [arg for c in checkers for arg in ("--checker", f"{c['address']}|{c['key']}")]
 
         # behind NAT: neither its own address nor its router's public one can be dialled back
         for announce in (home.address, home.public_address):
