@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Debian packages the tests need (MQTT broker, headless browser). Root only; skipped
+# Debian packages the tests need (MQTT broker, headless browser, nftables and iproute2 for
+# the NAT tests' network namespaces). Root only; skipped
 # with a message when apt-get is missing or we are not root.
 system-deps:
-	@if command -v mosquitto >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+	@if command -v mosquitto >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 \
+		&& command -v nft >/dev/null 2>&1 && command -v ip >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto chromium >/dev/null; \
-	else echo "system-deps: install mosquitto and chromium yourself (needs root)"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto chromium nftables iproute2 >/dev/null; \
+	else echo "system-deps: install mosquitto, chromium, nftables and iproute2 yourself (needs root)"; fi
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -34,6 +34,7 @@ from peers.options import (
     configure_logging,
     data_plane_address,
     install_stop_handlers,
+    reachability_config,
     run_async,
     start_peer,
 )
@@ -106,11 +107,12 @@ class RunningPeer:
 
     Attributes:
         identity: this peer's key pair.
-        dht: its DHT node (stopped by the runner on the way out).
+        dht: its DHT node (the work may replace it; the runner stops whichever is here at the end).
         endpoint: its data-plane endpoint, bound.
         address: the data-plane address others dial (``--announce-host`` applied).
         stop: set by the first SIGINT / SIGTERM.
         arguments: what the daemon was started with.
+        swarm_key: the private swarm's key, or None in a public swarm.
     """
 
     identity: Any
@@ -119,6 +121,7 @@ class RunningPeer:
     address: str
     stop: asyncio.Event
     arguments: DaemonArguments
+    swarm_key: bytes | None = None
 
     def exporting(self, registry, snapshot: Callable[[], dict]):
         """``/metrics`` (from ``registry``) and MQTT telemetry (from ``snapshot()``) around the work.
@@ -135,9 +138,11 @@ def parse_daemon_arguments(
 ) -> DaemonArguments | None:
     """Builds :class:`DaemonArguments` from parsed flags; logs the bad flag and returns None."""
     try:
+        options = config_from_arguments(PeerOptions, args)
+        reachability_config(options)  # a bad --reachability fails here, before the DHT starts
         return DaemonArguments(
             config=config_from_arguments(config_class, args),
-            options=config_from_arguments(PeerOptions, args),
+            options=options,
             faults=config_from_arguments(FaultConfig, args),
             metrics=metrics_config_from_args(args),
             telemetry=telemetry_config_from_args(args),
@@ -200,17 +205,19 @@ async def run_daemon(
         logger.error("could not join the swarm: %s", error)
         return 1
     endpoint_timeouts = {} if timeouts is None else {"timeouts": timeouts(config)}
+    peer = None
     try:
         async with Endpoint(identity.curve_keypair(), swarm_key=swarm_key, **endpoint_timeouts) as endpoint:
             bound = await endpoint.bind(f"tcp://{options.host}:{options.port}")
             address = data_plane_address(options, bound)
             for maddr in dht.visible_maddrs():
                 print(f"initial peer for others: {maddr}", flush=True)
-            await work(RunningPeer(identity, dht, endpoint, address, stop, arguments))
+            peer = RunningPeer(identity, dht, endpoint, address, stop, arguments, swarm_key)
+            await work(peer)
     except (SwarmError, ValueError, OSError) as error:
         logger.error("stopped by an error: %s", error)
         return 1
     finally:
-        await asyncio.to_thread(dht.shutdown)
+        await asyncio.to_thread((dht if peer is None else peer.dht).shutdown)
     logger.info("left the swarm")
     return 0

@@ -168,6 +168,16 @@ def _render_model(model: dict[str, Any] | None) -> str:
     )
 
 
+def _relayed_mark(server: dict) -> str:
+    """A small mark after the state of a server reached through relays (issue #13)."""
+    if server.get("reachability") != "relayed":
+        return ""
+    reason = _text(server.get("reachability_reason", ""))
+    return (
+        f' <span class="muted relayed" title="behind NAT, reached through a relay: {reason}">(relayed)</span>'
+    )
+
+
 def _render_servers(servers: list[dict[str, Any]]) -> str:
     rows = []
     for server in servers:
@@ -176,9 +186,10 @@ def _render_servers(servers: list[dict[str, Any]]) -> str:
         )
         version_class = ' class="stale"' if server["stale_version"] else ""
         rows.append(
-            f'<tr data-peer="{_text(server["peer_id"])}" data-state="{_text(server["state"])}">'
+            f'<tr data-peer="{_text(server["peer_id"])}" data-state="{_text(server["state"])}" '
+            f'data-reachability="{_text(server.get("reachability", "unknown"))}">'
             f'<td title="{_text(server["peer_id"])}"><code>{_text(server["short_id"])}</code></td>'
-            f"<td>{_text(server['state'])}</td>"
+            f"<td>{_text(server['state'])}{_relayed_mark(server)}</td>"
             f"<td{version_class}>{_text(server['version'])}</td>"
             f"<td>{_text(server['device'])} {_text(server['dtype'])}</td>"
             f"<td>{server['span'][0]}:{server['span'][1]}</td>"

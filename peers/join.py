@@ -8,6 +8,8 @@ test faults are passed to the server as a hook (``peers/faults.py``).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -73,6 +75,8 @@ class _ServerCollector:
             "swarm_serve_first_block": ("first block of the announced span", span.start if span else -1),
             "swarm_serve_end_block": ("end (exclusive) of the announced span", span.end if span else -1),
             "swarm_serve_throughput": ("measured tokens/s per block", server.throughput),
+            "swarm_serve_reachability_direct": ("1 if peers can dial us (direct), 0 if reached through relays",
+                                                float(server.reachability is None or server.reachability.direct)),
             "swarm_serve_sessions": ("open inference sessions", stats.sessions),
             "swarm_serve_cache_tokens_used": ("attention-cache tokens in use", stats.cache_tokens_used),
             "swarm_serve_cache_tokens_total": ("attention-cache budget (--cache-tokens)",
@@ -107,6 +111,7 @@ async def _serve(peer: RunningPeer) -> None:
     server = InferenceServer(
         config, peer.dht, peer.endpoint, peer.address, software_version(), on_step=faults.server_step_hook()
     )
+    await _establish_reachability(server, peer)
     registry = CollectorRegistry()
     registry.register(_ServerCollector(server))
     exports, publisher = peer.exporting(
@@ -120,3 +125,40 @@ async def _serve(peer: RunningPeer) -> None:
 
     async with exports:
         await serve(server, peer.stop, online)
+
+
+async def _establish_reachability(server, peer: RunningPeer) -> None:
+    """Asks peers already in the swarm to dial us back; behind NAT, serves through libp2p relays too.
+
+    With ``--reachability auto`` and a "relayed" verdict the DHT node is restarted told it
+    is unreachable, so its daemon takes a relay reservation now rather than when its own
+    AutoNAT agrees (minutes later).
+    """
+    from peers.options import reachability_config, start_peer
+    from swarm.data_plane import direct_checkers, establish_reachability, open_relayed_plane
+
+    options, config = peer.arguments.options, peer.arguments.config
+    servers = await peer.dht.list_servers(server.model_config.num_layers, timeout=30)
+    server.reachability, _ = await establish_reachability(
+        peer.dht,
+        peer.endpoint,
+        peer.address,
+        direct_checkers(servers.values(), peer.dht.peer_id),
+        reachability_config(options),
+        swarm_key=peer.swarm_key,
+        open_relayed=False,
+    )
+    print(f"reachability: {server.reachability.mode} ({server.reachability.reason})", flush=True)
+    if server.reachability.direct:
+        return
+    if options.reachability == "auto":
+        await asyncio.to_thread(peer.dht.shutdown)
+        relayed_options = dataclasses.replace(options, reachability="relayed")
+        _, peer.dht, _ = await asyncio.to_thread(
+            start_peer, relayed_options, config.record_ttl, False, peer.identity
+        )
+        server.dht = peer.dht
+    server.relayed = await open_relayed_plane(
+        peer.dht, swarm_key=peer.swarm_key, timeouts=peer.endpoint.timeouts
+    )
+    print(f"reached through libp2p as {server.relayed.peer}", flush=True)

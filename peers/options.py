@@ -83,10 +83,32 @@ class PeerOptions:
     announce_host: str = field(
         default="", metadata={"help": "public address others should use, when it differs from --host (NAT)"}
     )
+    reachability: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: ask up to 5 peers to dial us back at start-up; direct or relayed: say so "
+            "without asking (relayed peers are reached through libp2p relays)"
+        },
+    )
+    relay_service: bool = field(
+        default=True, metadata={"help": "relay for peers behind NAT when we are reachable"}
+    )
+    relay_max_circuits: int = field(
+        default=16, metadata={"help": "relayed connections at once per peer we relay for"}
+    )
+    relay_max_reservations: int = field(
+        default=128, metadata={"help": "peers behind NAT that may hold a relay slot here"}
+    )
+    relay_data_limit: int = field(
+        default=4 * 2**30, metadata={"help": "bytes per relayed connection and direction before it is reset"}
+    )
 
 
-def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: bool = False):
+def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: bool = False, identity=None):
     """Loads the identity and swarm key and starts the DHT node. Returns ``(identity, dht, swarm_key)``.
+
+    ``identity``: use this one (a restart of the DHT keeps the peer's identity) instead of
+    loading ``--identity`` or making a fresh one.
 
     Raises:
         SwarmError: a key file is unsafe or unreadable, or the DHT did not start (the
@@ -96,9 +118,11 @@ def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: boo
 
     from swarm.dht import DHTConfig, SwarmDHT
     from swarm.identity import load_or_create_identity, load_swarm_key
+    from swarm.relay import RelayLimits
 
-    identity_path = options.identity or str(Path(tempfile.mkdtemp(prefix="swarm-id-")) / "identity.pem")
-    identity = load_or_create_identity(identity_path)
+    if identity is None:
+        identity_path = options.identity or str(Path(tempfile.mkdtemp(prefix="swarm-id-")) / "identity.pem")
+        identity = load_or_create_identity(identity_path)
     swarm_key = load_swarm_key(options.swarm_key) if options.swarm_key else None
     host_maddrs = (f"/ip4/{options.host}/tcp/{options.dht_port}",)
     announce = (f"/ip4/{options.announce_host}/tcp/{options.dht_port}",) if options.announce_host else ()
@@ -109,10 +133,27 @@ def start_peer(options: PeerOptions, record_ttl: float = 240.0, client_mode: boo
         announce_maddrs=announce if options.dht_port else (),
         record_ttl=record_ttl,
         client_mode=client_mode,
+        # behind NAT the daemon takes a relay reservation (AutoNAT decides; --reachability
+        # relayed tells it at once), so relayed peers can be reached through other peers
+        use_auto_relay=True,
+        force_reachability={"direct": "public", "relayed": "private"}.get(options.reachability),
+        relay_limits=RelayLimits(
+            enabled=options.relay_service,
+            max_circuits=options.relay_max_circuits,
+            max_reservations=options.relay_max_reservations,
+            data_limit_bytes=options.relay_data_limit,
+        ),
     )
     dht = SwarmDHT(identity, config, swarm_key)
     dht.start()
     return identity, dht, swarm_key
+
+
+def reachability_config(options: PeerOptions):
+    """The reachability check's settings from ``--reachability`` (``ValueError`` names the flag)."""
+    from swarm.reachability import ReachabilityConfig
+
+    return ReachabilityConfig(mode=options.reachability)  # type: ignore[arg-type]
 
 
 def data_plane_address(options: PeerOptions, bound: str) -> str:

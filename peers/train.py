@@ -87,10 +87,17 @@ class _TrainerGauges:
                 "swarm_train_group_size", "members of the last all-reduce", labels, registry=self.registry
             ),
         }
+        self.direct = Gauge(
+            "swarm_train_reachability_direct",
+            "1 if peers can dial this member (direct), 0 if reached through relays",
+            labels,
+            registry=self.registry,
+        )
 
     def update(self, run: str, record) -> None:
         for name, gauge in self.gauges.items():
             gauge.labels(run=run).set(getattr(record, name))
+        self.direct.labels(run=run).set(float(record.reachability is None or record.reachability.direct))
 
 
 async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hivemind
+import hivemind.dht.node
 from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 
@@ -35,6 +36,7 @@ from swarm.records import (
     parse_server_listings,
     server_record_entries,
 )
+from swarm.relay import RelayLimits, bounded_p2p_class
 from swarm.signing import SwarmRecordValidator
 from transport.errors import ConfigurationError, DeadlineExceeded
 
@@ -56,6 +58,15 @@ class DHTConfig:
             its most common field failure).
         request_timeout: default deadline of one get/store, in seconds.
         client_mode: do not serve DHT requests (peers behind NAT, short-lived clients).
+        use_relay: reach peers behind NAT through libp2p circuit relays, and relay for
+            them when reachable (``relay_limits`` bounds that).
+        use_auto_relay: behind NAT, hold a reservation on a reachable peer so others can
+            reach this one through it (the daemon decides with AutoNAT, or
+            ``force_reachability``).
+        auto_nat: run AutoNAT (learn whether we are reachable; also enables hole punching).
+        force_reachability: ``public`` or ``private`` overrides AutoNAT's verdict in the
+            daemon (``private`` makes it take a relay reservation at once); None: AutoNAT.
+        relay_limits: what this peer relays for others (``swarm.relay``).
     """
 
     swarm_name: str = "swarm"
@@ -67,8 +78,17 @@ class DHTConfig:
     start_timeout: float = 60.0
     request_timeout: float = 10.0
     client_mode: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    auto_nat: bool = True
+    force_reachability: str | None = None
+    relay_limits: RelayLimits = dataclasses.field(default_factory=RelayLimits)
 
     def __post_init__(self) -> None:
+        if self.force_reachability not in (None, "public", "private"):
+            raise ConfigurationError(
+                f"force_reachability must be public, private or None, got {self.force_reachability!r}"
+            )
         if self.record_ttl <= 0:
             raise ConfigurationError(f"--record-ttl must be positive, got {self.record_ttl}")
         if self.start_timeout <= 0 or self.request_timeout <= 0:
@@ -114,11 +134,22 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+async def _daemon_listen_maddr(_dht, node):
+    return str(node.p2p.daemon_listen_maddr)
+
+
 class _DHTProcess(hivemind.DHT):
-    """hivemind's DHT process, dying with the peer that started it."""
+    """hivemind's DHT process, dying with the peer that started it, its daemon's relay bounded."""
+
+    def __init__(self, *args: Any, relay_limits: RelayLimits, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._relay_limits = relay_limits
 
     def run(self) -> None:
         _die_with_parent()
+        # In this (child) process only: the node's daemon starts with the relay limits,
+        # which hivemind's P2P.create does not pass (see swarm.relay).
+        hivemind.dht.node.P2P = bounded_p2p_class(self._relay_limits)
         super().run()
 
 
@@ -163,13 +194,19 @@ class SwarmDHT:
             "startup_timeout": self.config.start_timeout,
             "client_mode": self.config.client_mode,
             "bootstrap_timeout": self.config.start_timeout / 2,
+            "use_relay": self.config.use_relay,
+            "use_auto_relay": self.config.use_auto_relay,
+            "auto_nat": self.config.auto_nat,
         }
+        if self.config.force_reachability is not None:
+            kwargs["force_reachability"] = self.config.force_reachability
         if self.config.announce_maddrs:
             kwargs["announce_maddrs"] = list(self.config.announce_maddrs)
         dht = _DHTProcess(
             initial_peers=list(self.config.initial_peers) or None,
             start=False,
             record_validators=[self.validator],
+            relay_limits=self.config.relay_limits,
             **kwargs,
         )
         try:
@@ -212,6 +249,16 @@ class SwarmDHT:
     def visible_maddrs(self) -> list[str]:
         """Multiaddrs other peers can use as ``initial_peers`` to join through this one."""
         return [str(maddr) for maddr in self._node.get_visible_maddrs()]
+
+    @property
+    def libp2p_peer_id(self) -> str:
+        """The libp2p peer id of this node's daemon (base58): the data plane's identity over libp2p."""
+        return self._node.peer_id.to_base58()
+
+    async def daemon_listen_maddr(self, *, timeout: float | None = None) -> str:
+        """The control multiaddr of this node's p2p daemon, for ``Libp2pEndpoint(daemon=...)``."""
+        future = self._node.run_coroutine(_daemon_listen_maddr, return_future=True)
+        return await self._await(future, timeout, "daemon address lookup")
 
     async def _await(self, future: Any, timeout: float | None, what: str) -> Any:
         timeout = self.config.request_timeout if timeout is None else timeout

@@ -279,6 +279,10 @@ def build_health_state(
                 "rtts": {short_id(peer): finite(rtt) for peer, rtt in list(record.next_rtts.items())[:16]},
                 "uptime": max(0.0, now - record.started_at) if record.started_at > 0 else None,
                 "source": source,
+                # issue #13: "direct", "relayed" (behind NAT, reached through libp2p), or
+                # "unknown" (a peer from before the start-up check)
+                "reachability": record.reachability.mode if record.reachability else "unknown",
+                "reachability_reason": clip_text(record.reachability.reason) if record.reachability else "",
             }
         )
         if state == "offline":

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from swarm.errors import InvalidSpan, MalformedRecord
 from swarm.identity import PeerId
+from swarm.reachability import Reachability
 from swarm.spans import Span
 from transport.errors import ConfigurationError
 
@@ -195,6 +196,11 @@ class ServerRecord:
         device: e.g. ``"cuda:NVIDIA H100"``.
         dtype: e.g. ``"bfloat16"``.
         started_at: DHT time the server started.
+        reachability: the start-up reachability check's verdict (None: an older peer,
+            read as direct).
+        libp2p_peer: the libp2p peer id a relayed server is reached as (its data plane
+            over libp2p: ``transport.Libp2pEndpoint``); empty for direct servers. Signed
+            with the record, and checked against the authenticated remote of every stream.
     """
 
     peer_id: PeerId
@@ -211,9 +217,24 @@ class ServerRecord:
     device: str = ""
     dtype: str = ""
     started_at: float = 0.0
+    reachability: Reachability | None = None
+    libp2p_peer: str = ""
+
+    @property
+    def relayed(self) -> bool:
+        """Reached through libp2p (relay or hole punch), not by dialling its ZeroMQ address."""
+        return self.reachability is not None and not self.reachability.direct and bool(self.libp2p_peer)
 
     def to_wire(self) -> dict[str, Any]:
         """Returns the msgpack-friendly dict stored in the DHT (without ``peer_id``)."""
+        wire = self._core_wire()
+        if self.reachability is not None:
+            wire["reach"] = self.reachability.to_wire()
+        if self.libp2p_peer:
+            wire["p2p"] = self.libp2p_peer
+        return wire
+
+    def _core_wire(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
             "span": [self.span.start, self.span.end],
@@ -267,7 +288,18 @@ class ServerRecord:
             device=read_field(wire, "device", str, ""),
             dtype=read_field(wire, "dtype", str, ""),
             started_at=float(read_field(wire, "started", (int, float), 0.0)),
+            reachability=_read_reachability(wire),
+            libp2p_peer=read_field(wire, "p2p", str, ""),
         )
+
+
+def _read_reachability(wire: Mapping[str, Any]) -> Reachability | None:
+    if "reach" not in wire:
+        return None
+    try:
+        return Reachability.from_wire(wire["reach"])
+    except ValueError as error:
+        raise MalformedRecord(str(error)) from error
 
 
 def server_record_entries(swarm: str, record: ServerRecord) -> dict[str, dict[str, Any]]:

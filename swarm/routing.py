@@ -31,6 +31,9 @@ class RoutingConfig:
         cache_penalty: seconds added for a server without cache room for the session
             (Petals: 10 s), so it is used only when nothing else covers those blocks.
         exclude_without_cache: drop such servers entirely instead.
+        relay_penalty: seconds added to each hop through a relayed server (behind NAT),
+            so routes prefer direct servers and use relayed ones for blocks nobody
+            else covers (or when they are much faster).
     """
 
     default_rtt: float = 0.1
@@ -38,9 +41,16 @@ class RoutingConfig:
     load_weight: float = 1.0
     cache_penalty: float = 10.0
     exclude_without_cache: bool = False
+    relay_penalty: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.default_rtt < 0 or self.tokens_per_step < 1 or self.load_weight < 0 or self.cache_penalty < 0:
+        if (
+            self.default_rtt < 0
+            or self.tokens_per_step < 1
+            or self.load_weight < 0
+            or self.cache_penalty < 0
+            or self.relay_penalty < 0
+        ):
             raise ConfigurationError(
                 "routing: rtt, load weight and penalty must be >= 0; tokens per step >= 1"
             )
@@ -77,6 +87,8 @@ def estimate_hop_seconds(
     seconds = rtt + n_blocks * per_block * (1.0 + config.load_weight * server.load)
     if server.free_cache_tokens < session_tokens:
         seconds += config.cache_penalty
+    if server.relayed:
+        seconds += config.relay_penalty
     return seconds
 
 

@@ -4,6 +4,10 @@ Coverage of a block is the sum of the throughputs of the servers holding it. A s
 takes as many blocks as its memory allows, at the window whose *sorted* coverage vector
 is lexicographically smallest: first the window containing the weakest block, among
 those the one whose second-weakest block is weakest, and so on.
+
+A relayed server (behind NAT, reached through libp2p) counts at
+``RELAYED_THROUGHPUT_FACTOR`` of its throughput (Petals, PR #428: 0.2): its blocks look
+weaker, so direct servers go there first, yet a block only it covers is still covered.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from transport.errors import ConfigurationError
 # States that count towards coverage when choosing: a JOINING server is already on its way
 # to those blocks, so a second joiner should not pick the same gap.
 PLANNED_STATES = frozenset({ServerState.JOINING, ServerState.ONLINE})
+
+RELAYED_THROUGHPUT_FACTOR = 0.2
+"""Share of a relayed server's throughput that counts as coverage (every hop crosses a relay)."""
+
+
+def effective_throughput(server: ServerRecord) -> float:
+    """The throughput ``server`` contributes to coverage (relayed servers count at a fraction)."""
+    return server.throughput * (RELAYED_THROUGHPUT_FACTOR if server.relayed else 1.0)
 
 
 def compute_coverage(
@@ -56,7 +68,10 @@ def coverage_from_records(
     excluded = set(exclude)
     chosen = [s for s in servers if s.state in states and s.peer_id not in excluded]
     return compute_coverage(
-        [s.span.start for s in chosen], [s.span.end for s in chosen], [s.throughput for s in chosen], n_blocks
+        [s.span.start for s in chosen],
+        [s.span.end for s in chosen],
+        [effective_throughput(s) for s in chosen],
+        n_blocks,
     )
 
 

@@ -27,8 +27,10 @@ def test_parts_follow_bandwidth():
 
 
 def test_bad_bandwidth_is_rejected():
-    with pytest.raises(ValueError):
-        split_parts(10, [1.0, 0.0])
+    # 0 is allowed (a relayed member holds no reducer share, issue #13); negatives and NaN are not
+    for bad in ([1.0, -1.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError):
+            split_parts(10, bad)
     with pytest.raises(ValueError):
         split_parts(10, [])
 

@@ -1,4 +1,7 @@
-"""One behaviour suite that the ZeroMQ endpoint and the in-memory endpoint both pass."""
+"""One behaviour suite that the ZeroMQ, in-memory and libp2p endpoints all pass.
+
+The libp2p endpoints each start their own p2p daemon on 127.0.0.1 (a real libp2p peer).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from transport import (
     Endpoint,
     HandshakeTimeout,
     KeyPair,
+    Libp2pEndpoint,
     Limits,
     MemoryEndpoint,
     MemoryNetwork,
@@ -86,13 +90,15 @@ def run(coroutine, timeout: float = 30.0):
     return asyncio.run(bounded())
 
 
-@pytest.fixture(params=["zmq", "memory"])
+@pytest.fixture(params=["zmq", "memory", "libp2p"])
 def make_endpoint(request) -> Callable[..., BaseEndpoint]:
     network = MemoryNetwork()
 
     def make(**kwargs) -> BaseEndpoint:
         if request.param == "zmq":
             return Endpoint(**kwargs)
+        if request.param == "libp2p":
+            return Libp2pEndpoint(**kwargs)
         return MemoryEndpoint(network, **kwargs)
 
     return make

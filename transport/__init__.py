@@ -1,4 +1,4 @@
-"""How bytes move: typed wire messages, tensor frames, codecs, ZeroMQ RPC.
+"""How bytes move: typed wire messages, tensor frames, codecs, ZeroMQ and libp2p RPC.
 
 Public surface (everything else is private to the package)::
 
@@ -7,7 +7,8 @@ Public surface (everything else is private to the package)::
     RawCodec, Float16Codec, BFloat16Codec,
     Int8BlockwiseCodec, FourBitBlockwiseCodec,
     CodedTensor                                      tensor codecs
-    Endpoint (ZeroMQ) / MemoryEndpoint + MemoryNetwork
+    Endpoint (ZeroMQ) / Libp2pEndpoint (hivemind's p2p daemon, for peers behind NAT)
+    / MemoryEndpoint + MemoryNetwork
     Connection, ClientStream, ServerStream, RequestContext
     KeyPair, Limits, Timeouts                        configuration values
     the error tree of ``transport.errors``
@@ -60,6 +61,17 @@ from transport.messages import (
 from transport.streams import ServerStream
 from transport.zmq_endpoint import Endpoint
 
+
+def __getattr__(name: str) -> object:
+    # imported on first use: the libp2p endpoint pulls in hivemind, which ZeroMQ-only
+    # users (and every import of ``transport``) should not pay for
+    if name in ("Libp2pEndpoint", "DATA_PROTOCOL"):
+        from transport import libp2p_endpoint
+
+        return getattr(libp2p_endpoint, name)
+    raise AttributeError(f"module 'transport' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_REGISTRY",
     "PROTOCOL_VERSION",
@@ -78,6 +90,7 @@ __all__ = [
     "HandshakeTimeout",
     "Int8BlockwiseCodec",
     "KeyPair",
+    "Libp2pEndpoint",
     "Limits",
     "MalformedMessage",
     "MemoryEndpoint",

@@ -104,6 +104,7 @@ class RemoteModel:
 
     async def close(self) -> None:
         """Closes connections and leaves the DHT. Idempotent."""
+        await self.servers.close()
         await self.endpoint.close()
         await asyncio.to_thread(self.dht.shutdown)
 

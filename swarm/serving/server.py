@@ -49,6 +49,7 @@ from swarm import (
     server_record_entries,
 )
 from swarm.records import model_key
+from swarm.selection import effective_throughput
 from swarm.serving.batching import SpanBatchers, StepBatcher
 from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions
 from swarm.serving.protocol import (
@@ -87,10 +88,20 @@ class InferenceServer:
         version: software version for the records.
         on_step: called with a session's step count after each step it takes (replayed
             steps count), before the step runs; the process layer injects faults with it.
+        reachability: the start-up check's verdict (``swarm.data_plane``), announced.
+        relayed: when relayed, the libp2p plane that serves the same handlers.
     """
 
     def __init__(
-        self, config: ServerConfig, dht, endpoint, address: str, version: str, on_step: StepHook | None = None
+        self,
+        config: ServerConfig,
+        dht,
+        endpoint,
+        address: str,
+        version: str,
+        on_step: StepHook | None = None,
+        reachability=None,
+        relayed=None,
     ):
         self.config = config
         self.dht = dht
@@ -98,6 +109,8 @@ class InferenceServer:
         self.address = address
         self.version = version
         self.on_step = on_step
+        self.reachability = reachability
+        self.relayed = relayed
         self.loader = SpanLoader(config)
         self.model_config = self.loader.model_config
         self.device = self.loader.device
@@ -130,11 +143,13 @@ class InferenceServer:
         )
         await announcer.announce_once()  # JOINING: others see the span being filled
         self.blocks = await asyncio.to_thread(self.loader.load, self.span)
-        self.endpoint.add_handler(ForwardRequest, self._forward)
-        self.endpoint.add_handler(PushHidden, self._push_received)
-        self.endpoint.add_handler(StatsRequest, self._stats)
-        self.endpoint.add_stream_handler(OpenInference, self._serve_session)
-        TrainingService(self).register(self.endpoint)  # fine-tuning: forward/backward, client adapters
+        training = TrainingService(self)  # fine-tuning: forward/backward with client adapters
+        for endpoint in (self.endpoint, *([self.relayed.endpoint] if self.relayed else [])):
+            endpoint.add_handler(ForwardRequest, self._forward)
+            endpoint.add_handler(PushHidden, self._push_received)
+            endpoint.add_handler(StatsRequest, self._stats)
+            endpoint.add_stream_handler(OpenInference, self._serve_session)
+            training.register(endpoint)
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
             self.state = ServerState.ONLINE
@@ -168,12 +183,14 @@ class InferenceServer:
             inference_rate=self.throughput,
             free_cache_tokens=self.sessions.budget.free_tokens,
             load=len(self.sessions),
-            addresses=(self.address,),
+            addresses=(self.address, *(self.relayed.addresses if self.relayed else ())),
             curve_public_key=self.endpoint.public_key,
             version=self.version,
             device=self.device.type,
             dtype=str(self.dtype).removeprefix("torch."),
             started_at=self.started_at,
+            reachability=self.reachability,
+            libp2p_peer=self.relayed.peer if self.relayed else "",
         )
 
     def _records(self) -> dict:
@@ -214,8 +231,9 @@ class InferenceServer:
                 servers = await self.dht.list_servers(n_blocks, timeout=LIST_TIMEOUT)
                 # Ourselves as we are now, not as the last announcement says.
                 coverage = coverage_from_records(servers.values(), n_blocks, exclude=(self.dht.peer_id,))
-                coverage[self.span.start : self.span.end] += self.throughput
-                target = plan_move(coverage, self.span, self.throughput, max_blocks, policy)
+                own = effective_throughput(self.record())  # a relayed server counts at a fraction
+                coverage[self.span.start : self.span.end] += own
+                target = plan_move(coverage, self.span, own, max_blocks, policy)
                 if target is not None and not stop.is_set():
                     await self.move_to(target, announcer)
             except (SwarmError, OSError, RuntimeError) as error:

@@ -2,12 +2,15 @@
 
 Every ``InferenceSession`` of a ``RemoteModel`` shares the model's pool: a server that
 failed one session is avoided by the others for the length of its ban, and one
-connection per server address carries every session's streams.
+connection per server address carries every session's streams. Relayed servers
+(behind NAT) are dialled over libp2p through the DHT's daemon (``RelayedDialer``),
+authenticated as the libp2p peer id in their signed record.
 """
 
 from __future__ import annotations
 
 from swarm import BanList, ServerRecord, SwarmDHT
+from swarm.data_plane import RelayedDialer
 from transport import Connection, Endpoint
 
 
@@ -29,6 +32,7 @@ class ServerPool:
         self.bans = bans
         self.dht_timeout = dht_timeout
         self._connections: dict[str, Connection] = {}
+        self._relayed = RelayedDialer(dht, endpoint.swarm_key, endpoint.timeouts)
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
@@ -39,13 +43,20 @@ class ServerPool:
         return await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
 
     async def connection_to(self, server: ServerRecord) -> Connection:
-        """A (cached) connection to ``server``'s first address."""
-        address = server.addresses[0]
+        """A (cached) connection to ``server``: its first address, or libp2p when it is relayed."""
+        address = f"/p2p/{server.libp2p_peer}" if server.relayed else server.addresses[0]
         connection = self._connections.get(address)
-        if connection is None:
-            connection = await self.endpoint.connect(address, server.curve_public_key)
+        if connection is None or getattr(connection, "broken", False):  # libp2p does not reconnect
+            if server.relayed:
+                connection = await self._relayed.connect(server)
+            else:
+                connection = await self.endpoint.connect(address, server.curve_public_key)
             self._connections[address] = connection
         return connection
+
+    async def close(self) -> None:
+        """Closes the libp2p side (the ZeroMQ connections close with the client's endpoint)."""
+        await self._relayed.close()
 
     def ban(self, peer_id: str) -> None:
         """Avoids ``peer_id`` for a while (longer on each repeated failure)."""

@@ -117,8 +117,9 @@ class InferenceSession:
                 after = self.chain[index + 1] if index + 1 < len(self.chain) else None
                 message = InferenceStep(
                     step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
-                    push_address=after.server.addresses[0] if after else "",
-                    push_key=after.server.curve_public_key if after else b"",
+                    # a relayed next server gets the client's copy only (no server push)
+                    push_address=after.server.addresses[0] if after and not after.server.relayed else "",
+                    push_key=after.server.curve_public_key if after and not after.server.relayed else b"",
                     push_token=after.token if after else b"",
                 )  # fmt: skip
                 calls[hop] = tasks.create_task(
@@ -140,7 +141,10 @@ class InferenceSession:
                     hop.history.append((position, current))
                     current = result.hidden
                     index += 1
-                    if index < len(self.chain) and self.config.send_copies:
+                    # nothing pushes to a relayed server: its input is always the client's copy
+                    if index < len(self.chain) and (
+                        self.config.send_copies or self.chain[index].server.relayed
+                    ):
                         after = self.chain[index]
                         copies[after] = tasks.create_task(self._send_copy(after, number, current))
                     continue

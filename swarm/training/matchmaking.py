@@ -101,6 +101,8 @@ class Matchmaker:
     Args:
         endpoint: this trainer's endpoint (serves :class:`JoinGroup`).
         live_members: returns ``{peer_id: (address, public_key)}`` of the live members.
+        relayed_members: peer ids of live members behind NAT (as of the last
+            ``live_members`` call); they lead only when no one else can.
         window: seconds the leader waits for every live member; joiners wait a bit longer.
         call_timeout: bound on connecting to a leader candidate.
     """
@@ -111,9 +113,11 @@ class Matchmaker:
         live_members: Callable[[], Awaitable[dict[str, tuple[str, bytes]]]],
         window: float = 10.0,
         call_timeout: float = 5.0,
+        relayed_members: Callable[[], set[str]] = set,
     ):
         self.endpoint = endpoint
         self.live_members = live_members
+        self.relayed_members = relayed_members
         self.window = window
         self.call_timeout = call_timeout
         self._current: _Matchmaking | None = None
@@ -155,7 +159,10 @@ class Matchmaker:
         state = _Matchmaking(
             round_index, me, joined={me.peer_id: me}, changed=asyncio.Event(), done=asyncio.Event()
         )
-        candidates = sorted(live)
+        # Members behind NAT (relayed, joining with no reducer share) do not lead while a
+        # direct member can: the others could not reach them. They still join (dialling out).
+        relayed = self.relayed_members() | ({me.peer_id} if me.bandwidth == 0 else set())
+        candidates = sorted(peer for peer in live if peer not in relayed) or sorted(live)
         try:
             for candidate in candidates:
                 state.leader = candidate

@@ -39,6 +39,7 @@ class RunMembership:
     """
 
     def __init__(self, dht: SwarmDHT, run: str, record_ttl: float):
+        self.relayed: set[str] = set()  # live members behind NAT, as of the last live_addresses()
         self.dht = dht
         self.run = run
         self.record_ttl = record_ttl
@@ -75,12 +76,19 @@ class RunMembership:
         }
 
     async def live_addresses(self) -> dict[str, tuple[str, bytes]]:
-        """``{peer_id: (address, public_key)}`` of the members that take part in rounds (for matchmaking)."""
-        return {
-            peer: (record.addresses[0], record.curve_public_key)
+        """``{peer_id: (address, public_key)}`` of the members that take part in rounds (for matchmaking).
+
+        Also updates ``relayed``: those of them behind NAT (reached through relays).
+        """
+        live = {
+            peer: record
             for peer, record in (await self.members()).items()
             if record.state in _ACTIVE and record.addresses
         }
+        self.relayed = {
+            peer for peer, r in live.items() if r.reachability is not None and not r.reachability.direct
+        }
+        return {peer: (record.addresses[0], record.curve_public_key) for peer, record in live.items()}
 
     async def others_averaging(self, round_index: int) -> bool:
         """Whether another member is averaging round ``round_index`` already (False when unsure)."""

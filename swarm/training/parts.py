@@ -1,6 +1,8 @@
 """How a butterfly all-reduce cuts a vector among its members.
 
-Member ``j`` reduces part ``j``. Part sizes follow the members' declared bandwidth,
+Member ``j`` reduces part ``j``. Part sizes follow the members' declared bandwidth
+(0 for a member behind NAT reached through a relay: it reduces nothing, unless every
+member declares 0, and then the parts are equal),
 so a fast link carries more (hivemind solves a linear program for this; with one
 part per member the proportional split is the optimum of the same program when every
 member sends and receives the whole vector once). Part boundaries fall on multiples
@@ -15,17 +17,19 @@ def split_parts(numel: int, bandwidths: list[float], alignment: int = 64) -> lis
 
     Args:
         numel: length of the vector.
-        bandwidths: one positive number per member, in member order.
+        bandwidths: one number >= 0 per member, in member order (0: no reducer share).
         alignment: boundaries are multiples of this (except the final ``numel``).
     Returns:
         ``len(bandwidths)`` ranges; a member may get an empty range when the vector is small.
     Raises:
-        ValueError: no members, or a bandwidth that is not positive.
+        ValueError: no members, or a bandwidth that is negative or not a number.
     """
     if not bandwidths:
         raise ValueError("an all-reduce needs at least one member")
-    if any(b <= 0 for b in bandwidths):
-        raise ValueError(f"bandwidths must be positive, got {bandwidths}")
+    if not all(b >= 0 for b in bandwidths):  # also rejects NaN
+        raise ValueError(f"bandwidths must be >= 0, got {bandwidths}")
+    if not any(bandwidths):  # only relayed members: someone must reduce, so everyone does
+        bandwidths = [1.0] * len(bandwidths)
     total = sum(bandwidths)
     units = -(-numel // alignment)  # ceil: aligned units to distribute
     boundaries, cumulative = [0], 0.0

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from swarm.errors import MalformedRecord
+from swarm.reachability import Reachability
 from swarm.records import check_name, is_valid_name, namespaced_key, read_field, read_state, read_wire_dict
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class TrainingPeerRecord:
         bandwidth: declared bytes/s, sets this peer's all-reduce part size.
         version: software version.
         updated_at: DHT time of this record.
+        reachability: the start-up reachability check's verdict (None: an older peer).
+            A relayed member joins rounds with a zero reducer share.
     """
 
     state: TrainerState
@@ -119,8 +122,15 @@ class TrainingPeerRecord:
     bandwidth: float
     version: str
     updated_at: float
+    reachability: Reachability | None = None
 
     def to_wire(self) -> dict[str, Any]:
+        wire = self._core_wire()
+        if self.reachability is not None:
+            wire["reach"] = self.reachability.to_wire()
+        return wire
+
+    def _core_wire(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
             "round": self.round,
@@ -175,10 +185,20 @@ class TrainingPeerRecord:
             bandwidth=float(_get(wire, "bw", (int, float))),
             version=_get(wire, "ver", str),
             updated_at=float(_get(wire, "at", (int, float))),
+            reachability=_read_reachability(wire),
         )
         if record.round < 0 or record.inner_step < 0 or record.bandwidth <= 0:
             raise MalformedRecord("round and step must be >= 0 and bandwidth > 0")
         return record
+
+
+def _read_reachability(wire: Mapping[str, Any]) -> Reachability | None:
+    if "reach" not in wire:
+        return None
+    try:
+        return Reachability.from_wire(wire["reach"])
+    except ValueError as error:
+        raise MalformedRecord(f"training record: {error}") from error
 
 
 def parse_run_listing(listing: Mapping[str, Any]) -> dict[str, TrainingPeerRecord]:

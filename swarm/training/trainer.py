@@ -70,8 +70,10 @@ class Trainer:
         version: str = "0",
         on_progress: Callable[[TrainingPeerRecord], None] | None = None,
         before_send: BeforeSend | None = None,
+        reachability=None,
     ):
         self.config = config
+        self.reachability = reachability  # swarm.reachability.Reachability, announced
         self.endpoint = endpoint
         self.address = address
         self.version = version
@@ -85,7 +87,10 @@ class Trainer:
             before_send=before_send,
         )
         self.matchmaker = Matchmaker(
-            endpoint, self.membership.live_addresses, window=config.matchmaking_seconds
+            endpoint,
+            self.membership.live_addresses,
+            window=config.matchmaking_seconds,
+            relayed_members=lambda: self.membership.relayed,
         )
         model = load_or_init_model(Path(config.model), config.random_init_seed)
         self.replica = Replica(model, config.diloco)
@@ -175,7 +180,7 @@ class Trainer:
             self.peer_id,
             self.address,
             self.endpoint.public_key,
-            self.config.bandwidth,
+            self._reducer_bandwidth(),
             self.replica.parameters_hash(),
         )
         group = await self.matchmaker.form_group(round_index, me)
@@ -229,6 +234,11 @@ class Trainer:
         if self.config.checkpoint_dir:
             save_training_state(self.config.checkpoint_dir, checkpoint_state(self.replica, self.loss_history))
 
+    def _reducer_bandwidth(self) -> float:
+        """Declared bandwidth for the all-reduce; 0 (no reducer share) when reached only through relays."""
+        relayed = self.reachability is not None and not self.reachability.direct
+        return 0.0 if relayed else self.config.bandwidth
+
     # -- records -----------------------------------------------------------------------
 
     def record(self) -> TrainingPeerRecord:
@@ -249,6 +259,7 @@ class Trainer:
             bandwidth=self.config.bandwidth,
             version=self.version,
             updated_at=get_dht_time(),
+            reachability=self.reachability,
         )
 
     async def publish(self, state: TrainerState | None = None) -> None:
