@@ -87,6 +87,8 @@ class Dispatcher:
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
         self._stream_handlers: dict[str, tuple[type[Message], StreamHandler]] = {}
         self._sessions: dict[tuple[Any, bytes], ServerStream] = {}
+        self._sessions_of: dict[Any, int] = {}  # peer -> open streaming sessions
+        self._inflight_bytes: dict[Any, int] = {}  # peer -> bytes of its unary requests in hand
         self._tasks: set[asyncio.Task] = set()
         self._suspended: dict[asyncio.Future, Coroutine[Any, Any, None]] = {}
         self._closed = False
@@ -156,8 +158,14 @@ class Dispatcher:
             pending = len(self._tasks) + len(self._suspended)
             if pending >= self._limits.max_pending_requests:
                 raise ServerBusy(f"{pending} requests pending")
+            owner = peer_key if peer_key is not None else route
+            size = sum(memoryview(frame).nbytes for frame in frames)
+            held = self._inflight_bytes.get(owner, 0)
+            if held + size > self._limits.max_inflight_bytes_per_peer:
+                raise ServerBusy(f"{held} bytes of this peer's requests are still being handled")
+            self._inflight_bytes[owner] = held + size
             context = RequestContext(peer_key)
-            self._start_eagerly(self._run_handler(entry[1], request, context, route, request_id))
+            self._start_eagerly(self._run_handler(entry[1], request, context, route, request_id, owner, size))
         except SwarmError as error:
             if not request_id and frames:
                 request_id = salvage_request_id(frames[0])
@@ -206,7 +214,14 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_handler(
-        self, handler: Handler, request: Message, context: RequestContext, route: Any, request_id: int
+        self,
+        handler: Handler,
+        request: Message,
+        context: RequestContext,
+        route: Any,
+        request_id: int,
+        owner: Any = None,
+        size: int = 0,
     ) -> None:
         try:
             result = await handler(request, context)
@@ -215,6 +230,10 @@ class Dispatcher:
                 log.exception("handler for %s from %r failed", request.kind, context.peer_key)
             self.reply(route, request_id, error_reply(error))
             return
+        finally:
+            left = self._inflight_bytes.pop(owner, 0) - size
+            if left > 0:
+                self._inflight_bytes[owner] = left
         if not isinstance(result, Message):
             result = ErrorReply("TypeError", f"handler for {request.kind} returned {type(result).__name__}")
         self.reply(route, request_id, result)
@@ -232,10 +251,15 @@ class Dispatcher:
                 raise StreamClosed("no such streaming session (closed, expired, or never opened)")
             if len(self._sessions) >= self._limits.max_sessions:
                 raise ServerBusy(f"{len(self._sessions)} streaming sessions open")
+            if self._sessions_of.get(key[0], 0) >= self._limits.max_sessions_per_peer:
+                raise ServerBusy(
+                    f"this peer holds {self._sessions_of[key[0]]} streaming sessions, the most one may"
+                )
             opening = decode_body(entry[0], envelope, frames, self._limits)
             context = RequestContext(peer_key, envelope.session)
             stream = ServerStream(self, opening, context, route, envelope.request_id, self._timeouts)
             self._sessions[key] = stream
+            self._sessions_of[key[0]] = self._sessions_of.get(key[0], 0) + 1
             self._start(self._run_stream(entry[1], stream, key))
             return
         step = decode_body(self._registry.lookup(envelope.kind), envelope, frames, self._limits)
@@ -255,6 +279,9 @@ class Dispatcher:
         finally:
             if self._sessions.get(key) is stream:
                 del self._sessions[key]
+            left = self._sessions_of.pop(key[0], 0) - 1
+            if left > 0:
+                self._sessions_of[key[0]] = left
             stream.finish(error)
 
     async def close(self) -> None:

@@ -50,7 +50,7 @@ from swarm import (
 )
 from swarm.records import model_key
 from swarm.serving.batching import SpanBatchers, StepBatcher
-from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions
+from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions, PeerQuota
 from swarm.serving.protocol import (
     ForwardReply,
     ForwardRequest,
@@ -105,7 +105,12 @@ class InferenceServer:
         self.span: Span | None = None  # announced (the target while moving)
         self.blocks: BlockSpan | None = None  # loaded and served
         self.throughput = 0.0
-        self.sessions = HostedSessions(CacheBudget(config.cache_tokens))
+        quota = PeerQuota(
+            max_sessions=config.max_sessions_per_client,
+            max_cache_tokens=max(1, int(config.cache_tokens * config.client_cache_share)),
+            mailbox_steps=config.mailbox_steps,
+        )
+        self.sessions = HostedSessions(CacheBudget(config.cache_tokens), quota)
         self.pushes_sent = 0
         self.pushes_used = 0
         self.client_copies_used = 0
@@ -290,6 +295,9 @@ class InferenceServer:
         session = self.sessions.get(request.token)
         if session is None:
             raise MalformedMessage("no such session on this server")
+        self._check_hidden(request.hidden)
+        if request.hidden.shape[0] != session.batch or request.hidden.shape[1] > session.max_length:
+            raise MalformedMessage(f"pushed hidden {tuple(request.hidden.shape)} does not fit the session")
         source = "client-copy" if request.from_client else "push"
         return PushAck(accepted=session.offer(request.step, request.hidden, source))
 
@@ -325,6 +333,7 @@ class InferenceServer:
             session = self.sessions.open(
                 opening.token, opening.batch, opening.max_length,
                 lambda batch, length: batcher.span.allocate_cache(batch, length),
+                owner=stream.context.peer_key,
             )  # fmt: skip
         except BaseException:
             self._batchers.release(batcher)
@@ -332,6 +341,14 @@ class InferenceServer:
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
+                    if not isinstance(step, InferenceStep):
+                        # Any registered kind decodes; only steps belong here (the session stays).
+                        await stream.reply_error(
+                            MalformedMessage(
+                                f"a session takes {InferenceStep.kind} messages, got {step.kind}"
+                            )
+                        )
+                        continue
                     try:
                         reply = await self._serve_step(session, batcher, step, pushes)
                     except MalformedMessage as error:

@@ -1,18 +1,31 @@
-"""``ServerPool``: the servers a client can use, as one owner of listing, bans and connections.
+"""``ServerPool``: the servers a client can use, as one owner of listing, bans, connections and pace.
 
 Every ``InferenceSession`` of a ``RemoteModel`` shares the model's pool: a server that
-failed one session is avoided by the others for the length of its ban, and one
-connection per server address carries every session's streams.
+failed one session is avoided by the others for the length of its ban, one connection
+per server address carries every session's streams, and what each server's steps have
+taken so far sets the deadline of its next step (:meth:`ServerPool.step_deadline`), so
+a hung server is given up on in seconds rather than after ``step_timeout``.
+
+A ban remembers the ``started_at`` of the record it was made on: a listing that shows a
+newer one (the server restarted and re-announced) lifts the ban at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import deque
+
 from swarm import BanList, ServerRecord, SwarmDHT
 from transport import Connection, Endpoint
 
+logger = logging.getLogger(__name__)
+
+_PACE_SAMPLES = 32  # recent steps per server the deadline is derived from
+
 
 class ServerPool:
-    """The DHT's listing of a model's servers, the client's bans, and cached connections.
+    """The DHT's listing of a model's servers, the client's bans, connections and step pace.
 
     Args:
         dht: a started ``SwarmDHT`` (client mode is enough).
@@ -20,37 +33,94 @@ class ServerPool:
         n_blocks: blocks of the model (the listing covers them all).
         bans: servers to avoid for a while after they failed.
         dht_timeout: seconds for one DHT lookup.
+        deadline_floor, deadline_factor, deadline_ceiling: a step's deadline on a server is
+            ``deadline_factor`` times the slowest of its recent steps (scaled by tokens),
+            within ``[deadline_floor, deadline_ceiling]``; the ceiling while nothing is known.
     """
 
-    def __init__(self, dht: SwarmDHT, endpoint: Endpoint, n_blocks: int, bans: BanList, dht_timeout: float):
+    def __init__(
+        self,
+        dht: SwarmDHT,
+        endpoint: Endpoint,
+        n_blocks: int,
+        bans: BanList,
+        dht_timeout: float,
+        *,
+        deadline_floor: float = 2.0,
+        deadline_factor: float = 5.0,
+        deadline_ceiling: float = 120.0,
+    ):
         self.dht = dht
         self.endpoint = endpoint
         self.n_blocks = n_blocks
         self.bans = bans
         self.dht_timeout = dht_timeout
-        self._connections: dict[str, Connection] = {}
+        self.deadline_floor = deadline_floor
+        self.deadline_factor = deadline_factor
+        self.deadline_ceiling = deadline_ceiling
+        self._connections: dict[str, asyncio.Future] = {}
+        self._pace: dict[str, deque[tuple[float, int]]] = {}  # peer id -> (seconds, tokens) per step
+        self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
 
+        Bans of servers listed with a newer ``started_at`` than the banned one are lifted.
+
         Raises:
             SwarmError: the lookup failed or ran past ``dht_timeout``.
         """
-        return await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
+        servers = await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
+        self._started = {peer: record.started_at for peer, record in servers.items()}
+        for peer in self.bans.lift_restarted(self._started):
+            logger.info("lifted the ban of %s: it restarted", peer)
+            self._pace.pop(peer, None)
+        return servers
 
     async def connection_to(self, server: ServerRecord) -> Connection:
-        """A (cached) connection to ``server``'s first address."""
+        """A (cached) connection to ``server``'s first address.
+
+        Concurrent callers share one connection attempt; a failed attempt is not cached.
+
+        Raises:
+            PeerUnavailable, HandshakeTimeout, NotAuthorized: see ``Endpoint.connect``.
+        """
         address = server.addresses[0]
-        connection = self._connections.get(address)
-        if connection is None:
-            connection = await self.endpoint.connect(address, server.curve_public_key)
-            self._connections[address] = connection
+        pending = self._connections.get(address)
+        if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
+            pending = asyncio.ensure_future(self.endpoint.connect(address, server.curve_public_key))
+            self._connections[address] = pending
+        try:
+            connection = await asyncio.shield(pending)
+        except BaseException:
+            if self._connections.get(address) is pending and pending.done():
+                del self._connections[address]
+            raise
+        if connection._closed:  # closed under us (endpoint closing, or forgotten): dial again
+            del self._connections[address]
+            return await self.connection_to(server)
         return connection
 
-    def ban(self, peer_id: str) -> None:
-        """Avoids ``peer_id`` for a while (longer on each repeated failure)."""
-        self.bans.ban(peer_id)
+    def ban(self, server: ServerRecord | str) -> None:
+        """Avoids ``server`` for a while (longer on each repeated failure) or until it restarts."""
+        if isinstance(server, ServerRecord):
+            self.bans.ban(server.peer_id, evidence=self._started.get(server.peer_id, server.started_at))
+        else:
+            self.bans.ban(server)
 
     def banned(self) -> frozenset[str]:
         """Peer ids avoided now."""
         return self.bans.banned()
+
+    def record_step(self, peer_id: str, seconds: float, tokens: int) -> None:
+        """Notes that a step of ``tokens`` new tokens took ``seconds`` on ``peer_id``."""
+        samples = self._pace.setdefault(peer_id, deque(maxlen=_PACE_SAMPLES))
+        samples.append((seconds, max(1, tokens)))
+
+    def step_deadline(self, peer_id: str, tokens: int) -> float:
+        """Seconds to wait for ``peer_id``'s next step of ``tokens`` tokens before giving up on it."""
+        samples = self._pace.get(peer_id)
+        if not samples:
+            return self.deadline_ceiling
+        slowest = max(seconds * max(1.0, tokens / sampled) for seconds, sampled in samples)
+        return min(self.deadline_ceiling, max(self.deadline_floor, self.deadline_factor * slowest))
