@@ -89,7 +89,9 @@ class Announcer:
             delay = self.period
             try:
                 await self.announce_once()
-            except (SwarmError, OSError) as error:  # OSError: e.g. out of descriptors for a moment
+            except (SwarmError, OSError, RuntimeError) as error:
+                # OSError / RuntimeError: out of descriptors for a while (a connection flood);
+                # hivemind's futures then fail to map their shared memory (issue #19).
                 self.failures += 1
                 delay = self.retry_period
                 logger.warning("announcement failed (retrying in %.1fs): %s", delay, error)

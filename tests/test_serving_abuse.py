@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import resource
 import secrets
 import socket
@@ -87,7 +88,7 @@ def _flood(port: int, count: int) -> list[socket.socket]:
 
 async def _record_expiration(swarm, peer_id: str) -> float:
     listing = await swarm.bootstrap.list(block_key("swarm", 0), timeout=10)
-    return listing[peer_id].expiration if peer_id in listing else 0.0
+    return listing[peer_id].expiration_time if peer_id in listing else 0.0
 
 
 def test_connection_flood_at_the_descriptor_limit_does_not_stop_the_server(swarm, expected):
@@ -106,6 +107,12 @@ def test_connection_flood_at_the_descriptor_limit_does_not_stop_the_server(swarm
             assert torch.equal(await model.generate(PROMPT, NEW_TOKENS), expected)  # connected before
             sockets = await asyncio.to_thread(_flood, port, FLOOD)
             try:
+                await wait_until(  # the flood takes (nearly) every descriptor the server has
+                    lambda: len(os.listdir(f"/proc/{pid}/fd")),
+                    until=lambda count: count >= 1000,
+                    timeout=30,
+                    what="the server's descriptors to run out",
+                )
                 flooded_at = await _record_expiration(swarm, peer_id)
                 # The connected client is served while the descriptors are exhausted.
                 during = await model.generate(PROMPT, NEW_TOKENS)

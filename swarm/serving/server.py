@@ -119,6 +119,7 @@ class InferenceServer:
         self._moved_from: list[Span] = []
         self._connections: dict[str, Connection] = {}
         self._tasks: asyncio.TaskGroup | None = None
+        self._model_record: dict | None = None
 
     # Lifecycle.
 
@@ -181,10 +182,13 @@ class InferenceServer:
 
     def _records(self) -> dict:
         entries = server_record_entries(self.dht.swarm_name, self.record())
-        model = ModelRecord(
-            Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
-        )
-        entries[model_key(self.dht.swarm_name)] = model.to_wire()
+        if self._model_record is None:
+            # Read once: re-reading config.json at each announcement fails when a connection
+            # flood has taken every descriptor, and the records would lapse (issue #19).
+            self._model_record = ModelRecord(
+                Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
+            ).to_wire()
+        entries[model_key(self.dht.swarm_name)] = self._model_record
         return entries
 
     async def _choose_span(self) -> Span:
