@@ -112,6 +112,11 @@ class ZmqConnection(Connection):
         self._loop.add_reader(self._fds[0], self._on_socket_events)
         self._loop.add_reader(self._fds[1], self._on_monitor_events)
 
+    @property
+    def is_up(self) -> bool:
+        """Whether an encrypted session with the peer is established now (ZeroMQ redials while not)."""
+        return self._up
+
     def _connect(self) -> None:
         self._socket.connect(self.address)
         # The descriptors are edge-triggered and only signal once a read has come up

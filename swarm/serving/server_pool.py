@@ -58,7 +58,7 @@ class ServerPool:
         self.deadline_floor = deadline_floor
         self.deadline_factor = deadline_factor
         self.deadline_ceiling = deadline_ceiling
-        self._connections: dict[str, asyncio.Future] = {}
+        self._connections: dict[tuple[str, bytes], asyncio.Future] = {}  # (address, key) -> connect
         self._pace: dict[str, deque[tuple[float, int]]] = {}  # peer id -> (seconds, tokens) per step
         self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
 
@@ -75,7 +75,20 @@ class ServerPool:
         for peer in self.bans.lift_restarted(self._started):
             logger.info("lifted the ban of %s: it restarted", peer)
             self._pace.pop(peer, None)
+        await self._forget_gone(servers)
         return servers
+
+    async def _forget_gone(self, servers: dict[str, ServerRecord]) -> None:
+        """Closes cached connections that are down and whose server is no longer listed there
+        (it died or restarted elsewhere): ZeroMQ would redial them forever."""
+        listed = {(record.addresses[0], record.curve_public_key) for record in servers.values()}
+        for key, pending in list(self._connections.items()):
+            if key in listed or not pending.done() or pending.cancelled() or pending.exception() is not None:
+                continue
+            connection = pending.result()
+            if not getattr(connection, "is_up", True):  # the ZeroMQ transport knows
+                del self._connections[key]
+                await connection.close()
 
     async def connection_to(self, server: ServerRecord) -> Connection:
         """A (cached) connection to ``server``'s first address.
@@ -85,19 +98,19 @@ class ServerPool:
         Raises:
             PeerUnavailable, HandshakeTimeout, NotAuthorized: see ``Endpoint.connect``.
         """
-        address = server.addresses[0]
-        pending = self._connections.get(address)
+        key = (server.addresses[0], server.curve_public_key)  # a new server may reuse an address
+        pending = self._connections.get(key)
         if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
-            pending = asyncio.ensure_future(self.endpoint.connect(address, server.curve_public_key))
-            self._connections[address] = pending
+            pending = asyncio.ensure_future(self.endpoint.connect(*key))
+            self._connections[key] = pending
         try:
             connection = await asyncio.shield(pending)
         except BaseException:
-            if self._connections.get(address) is pending and pending.done():
-                del self._connections[address]
+            if self._connections.get(key) is pending and pending.done():
+                del self._connections[key]
             raise
         if connection._closed:  # closed under us (endpoint closing, or forgotten): dial again
-            del self._connections[address]
+            self._connections.pop(key, None)
             return await self.connection_to(server)
         return connection
 
