@@ -159,11 +159,7 @@ class Dispatcher:
             if pending >= self._limits.max_pending_requests:
                 raise ServerBusy(f"{pending} requests pending")
             owner = peer_key if peer_key is not None else route
-            size = sum(memoryview(frame).nbytes for frame in frames)
-            held = self._inflight_bytes.get(owner, 0)
-            if held + size > self._limits.max_inflight_bytes_per_peer:
-                raise ServerBusy(f"{held} bytes of this peer's requests are still being handled")
-            self._inflight_bytes[owner] = held + size
+            size = self._hold_bytes(owner, frames)
             context = RequestContext(peer_key)
             self._start_eagerly(self._run_handler(entry[1], request, context, route, request_id, owner, size))
         except SwarmError as error:
@@ -173,6 +169,28 @@ class Dispatcher:
         except Exception as error:  # a bug of ours: report it, keep serving
             log.exception("dispatcher failed on a message from %r", peer_key)
             self.reply_error(route, request_id, error)
+
+    def _hold_bytes(self, owner: Any, frames: list[Any]) -> int:
+        """Counts a received message against its sender's in-flight bytes; returns its size.
+
+        Raises:
+            ServerBusy: the sender's requests in hand would exceed ``max_inflight_bytes_per_peer``.
+        """
+        size = sum(memoryview(frame).nbytes for frame in frames)
+        held = self._inflight_bytes.get(owner, 0)
+        if held + size > self._limits.max_inflight_bytes_per_peer:
+            raise ServerBusy(f"{held} bytes of this peer's requests are still being handled")
+        self._inflight_bytes[owner] = held + size
+        return size
+
+    def _release(self, owner: Any, size: int) -> None:
+        left = self._inflight_bytes.pop(owner, 0) - size
+        if left > 0:
+            self._inflight_bytes[owner] = left
+
+    def release_bytes(self, owner: Any, size: int) -> None:
+        """A queued stream step of ``size`` bytes from ``owner`` was taken (or dropped)."""
+        self._release(owner, size)
 
     def _check_admission(self, peer_key: PeerKey | None, token: bytes | None) -> None:
         if peer_key is None or token is None:
@@ -231,9 +249,7 @@ class Dispatcher:
             self.reply(route, request_id, error_reply(error))
             return
         finally:
-            left = self._inflight_bytes.pop(owner, 0) - size
-            if left > 0:
-                self._inflight_bytes[owner] = left
+            self._release(owner, size)
         if not isinstance(result, Message):
             result = ErrorReply("TypeError", f"handler for {request.kind} returned {type(result).__name__}")
         self.reply(route, request_id, result)
@@ -263,7 +279,12 @@ class Dispatcher:
             self._start(self._run_stream(entry[1], stream, key))
             return
         step = decode_body(self._registry.lookup(envelope.kind), envelope, frames, self._limits)
-        stream.push(envelope.request_id, step, route, self._limits.max_stream_backlog)
+        size = self._hold_bytes(key[0], frames)
+        try:
+            stream.push(envelope.request_id, step, route, self._limits.max_stream_backlog, size)
+        except BaseException:
+            self._release(key[0], size)
+            raise
 
     async def _run_stream(self, handler: StreamHandler, stream: ServerStream, key: tuple) -> None:
         error: BaseException | None = None

@@ -66,11 +66,12 @@ class ServerStream:
         self.context = context
         self._dispatcher = dispatcher
         self._route = route
+        self._owner = context.peer_key if context.peer_key is not None else route  # whose bytes
         self._open_request_id = open_request_id
         self._idle_timeout = timeouts.stream_idle
         self._accepted = False
         self._ended = False
-        self._steps: deque[tuple[int, Message]] = deque()
+        self._steps: deque[tuple[int, Message, int]] = deque()  # (request id, step, bytes)
         self._unanswered: int | None = None
         self._waiter: asyncio.Future | None = None
 
@@ -104,7 +105,8 @@ class ServerStream:
             finally:
                 timer.cancel()
                 self._waiter = None
-        request_id, step = self._steps.popleft()
+        request_id, step, size = self._steps.popleft()
+        self._dispatcher.release_bytes(self._owner, size)
         self._unanswered = request_id
         return step
 
@@ -136,14 +138,15 @@ class ServerStream:
 
     # The dispatcher's side.
 
-    def push(self, request_id: int, step: Message, route: Any, max_backlog: int) -> None:
-        """Queue a step (the client may have reconnected: reply on its newest route)."""
+    def push(self, request_id: int, step: Message, route: Any, max_backlog: int, size: int = 0) -> None:
+        """Queue a step of ``size`` bytes, counted by the dispatcher until the handler takes it
+        (the client may have reconnected: reply on its newest route)."""
         if self._ended:
             raise StreamClosed("the streaming session is closing")
         if len(self._steps) >= max_backlog:
             raise ServerBusy(f"{len(self._steps)} steps queued in this session")
         self._route = route
-        self._steps.append((request_id, step))
+        self._steps.append((request_id, step, size))
         self._wake()
 
     def end(self) -> None:
@@ -169,4 +172,6 @@ class ServerStream:
             self._dispatcher.reply_error(self._route, self._unanswered, error or closed)
             self._unanswered = None
         while self._steps:
-            self._dispatcher.reply_error(self._route, self._steps.popleft()[0], closed)
+            request_id, _, size = self._steps.popleft()
+            self._dispatcher.release_bytes(self._owner, size)
+            self._dispatcher.reply_error(self._route, request_id, closed)
