@@ -3,7 +3,8 @@
 Three spans with two holders each. While a loop SIGKILLs and restarts random servers
 (never both holders of a span at once; a restarted server keeps its peer id), several
 concurrent generations run: every one completes, with the tokens of a no-fault run.
-Then a server is SIGSTOPped mid-generation: the client gives up on it within its step
+Bans that would leave a span uncovered are retried rather than waited out. Then a
+server is SIGSTOPped mid-generation: the client gives up on it within its step
 deadline (seconds, not ``step_timeout``) and the tokens are unchanged. Then one holder
 of each span is killed, leaving three ghost records: a new client's first generation
 does not pay a connect deadline per ghost.
@@ -92,6 +93,21 @@ def test_generations_complete_with_equal_tokens_while_servers_churn(churn, expec
     # Restarted servers came back under their old peer ids (the bans were lifted by their
     # new start times, or the generations could not have gone on).
     swarm.wait_online(*SPANS)
+
+
+def test_bans_that_would_leave_a_span_uncovered_are_retried_first(churn, expected):
+    swarm, _ = churn
+
+    async def scenario():
+        async with await swarm.connect(listing=tuple(SPANS), route_wait=2.0) as model:
+            for name in ("b1", "b2"):  # every holder of blocks 1:2 (wrongly) banned
+                model.bans.ban(swarm.peer_ids[name])
+            output = await model.generate(PROMPTS[2], NEW_TOKENS)
+            return output, model.bans.banned()
+
+    output, banned = asyncio.run(scenario())
+    assert torch.equal(output, expected[2][:, : PROMPTS[2].shape[1] + NEW_TOKENS])
+    assert {swarm.peer_ids["b1"], swarm.peer_ids["b2"]} <= banned  # still banned: retried, not forgiven
 
 
 def test_sigstopped_server_is_skipped_within_seconds_with_equal_tokens(churn, expected):
