@@ -18,6 +18,7 @@ from collections import deque
 
 from swarm import BanList, ServerRecord, SwarmDHT
 from transport import Connection, Endpoint
+from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,15 @@ class ServerPool:
             self._connections.pop(key, None)
             return await self.connection_to(server)
         return connection
+
+    async def answers_ping(self, server: ServerRecord, timeout: float) -> bool:
+        """Whether ``server``'s process answers a ping within ``timeout`` seconds (it is not hung)."""
+        try:
+            connection = await asyncio.wait_for(self.connection_to(server), timeout)
+            await connection.ping(timeout=timeout)
+        except (SwarmError, TimeoutError):
+            return False
+        return True
 
     def ban(self, server: ServerRecord | str) -> None:
         """Avoids ``server`` for a while (longer on each repeated failure) or until it restarts."""

@@ -11,8 +11,9 @@ replacement that dies during the replay is banned too and another one is tried
 answers (the push got there first), so a step never waits for a copy's ack.
 
 A hop that does not answer within its deadline (``ServerPool.step_deadline``: a few
-times what that server's recent steps took, counted from when its input was ready) is
-given up on like a dead one, so a hung server stalls a step for seconds. A hop whose
+times what that server's recent steps took, counted from when its input was ready) and
+then does not answer a ping either is given up on like a dead one, so a hung server
+stalls a step for seconds while a merely slow one is waited for. A hop whose
 session expired (``StreamClosed``) is reopened elsewhere or on the same server without
 a ban: the server is fine. When bans would leave a span uncovered, the banned holders
 are tried once more before waiting for a new one (a ban is a guess, not a verdict).
@@ -209,16 +210,28 @@ class InferenceSession:
     async def _await_hop(
         self, hop: _Hop, call: asyncio.Task, ready_at: float, new_tokens: int, number: int
     ) -> InferenceReply | BaseException:
-        """The hop's reply, or its error; ``DeadlineExceeded`` once it ran past its step deadline."""
+        """The hop's reply, or its error; ``DeadlineExceeded`` once it ran past its step deadline
+        and does not answer a ping either (a hung process), or past ``step_timeout``.
+
+        A server that is only slow (a loaded machine) answers the ping, since its forwards run
+        off its event loop: it gets another deadline instead of a ban.
+        """
+        loop = asyncio.get_running_loop()
         deadline = self.servers.step_deadline(hop.server.peer_id, new_tokens)
-        remaining = ready_at + deadline - asyncio.get_running_loop().time()
-        done, _ = await asyncio.wait({call}, timeout=max(0.0, remaining))
-        if done:
-            return call.result()
+        ends_at = ready_at + deadline
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=max(0.0, ends_at - loop.time()))
+            if done:
+                return call.result()
+            if loop.time() - ready_at >= self.config.step_timeout or not await self.servers.answers_ping(
+                hop.server, timeout=self.config.step_deadline_floor / 2
+            ):
+                break
+            ends_at = loop.time() + deadline
         call.cancel()
         return DeadlineExceeded(
-            f"server {hop.server.peer_id} did not answer step {number} within {deadline:.1f}s "
-            "(its recent steps were much faster: hung?)"
+            f"server {hop.server.peer_id} did not answer step {number} within {loop.time() - ready_at:.1f}s "
+            "nor a ping (hung?)"
         )
 
     async def _send_copy(self, hop: _Hop, number: int, hidden: torch.Tensor) -> None:
