@@ -58,11 +58,15 @@ class RequestContext:
 
 
 class Replies(Protocol):
-    """How a stream answers its client: the dispatcher that owns the stream's route."""
+    """How a stream answers its client, and returns the bytes its queued steps held: the
+    dispatcher that owns the stream's route."""
 
     def reply(self, route: Any, request_id: int, msg: Message, session: SessionId | None) -> None: ...
 
     def reply_error(self, route: Any, request_id: int, error: BaseException) -> None: ...
+
+    def release_bytes(self, owner: Any, size: int) -> None:
+        """A queued step of ``size`` bytes from ``owner`` was taken or dropped (in-flight bytes)."""
 
 
 class ServerStream:
