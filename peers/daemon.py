@@ -7,7 +7,8 @@ swarm. This module owns what they share:
   faults, where they apply), ``/metrics`` and MQTT telemetry (:func:`add_daemon_arguments`), parsed back into
   :class:`DaemonArguments` with exit code 2 and one clear line for a bad value;
 - logging and the event loop (:func:`run_daemon`);
-- start-up: signals (first Ctrl-C / SIGTERM drains, a second one exits), the identity
+- start-up: the open-file limit raised to its hard limit (connection floods), signals
+  (first Ctrl-C / SIGTERM drains, a second one exits), the identity
   and DHT node, the data-plane endpoint and the address to announce, the
   ``initial peer for others`` lines;
 - shut-down: the DHT node is stopped whatever happens; swarm errors become exit code 1.
@@ -197,6 +198,7 @@ async def run_daemon(
     from transport.errors import SwarmError
 
     config, options = arguments.config, arguments.options
+    raise_descriptor_limit(logger)
     stop = asyncio.Event()
     install_stop_handlers(stop, asyncio.get_running_loop())
     try:
@@ -221,3 +223,26 @@ async def run_daemon(
         await asyncio.to_thread((dht if peer is None else peer.dht).shutdown)
     logger.info("left the swarm")
     return 0
+
+
+def raise_descriptor_limit(logger: logging.Logger) -> None:
+    """Raises this process's soft open-file limit to its hard limit (no-op where unsupported).
+
+    The common soft limit of 1,024 descriptors is reached by about a thousand idle inbound
+    connections; the hard limit is usually far higher, and a daemon that cannot open a file
+    (its DHT pipes, its logs) stops announcing (issue #19).
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            logger.info("open-file limit raised from %d to %d", soft, target)
+    except (ValueError, OSError) as error:
+        logger.warning("could not raise the open-file limit: %s", error)

@@ -82,13 +82,16 @@ class Announcer:
         self.rounds += 1
 
     async def run(self) -> None:
-        """Announces until ``stop()`` (or cancellation); failures are logged and retried."""
+        """Announces until ``stop()`` (or cancellation); failures (swarm or OS errors) are logged
+        and retried, so a flood that exhausts descriptors for a while never ends the peer."""
         while not self._stopped.is_set():
             self._wake.clear()
             delay = self.period
             try:
                 await self.announce_once()
-            except SwarmError as error:
+            except (SwarmError, OSError, RuntimeError) as error:
+                # OSError / RuntimeError: out of descriptors for a while (a connection flood);
+                # hivemind's futures then fail to map their shared memory (issue #19).
                 self.failures += 1
                 delay = self.retry_period
                 logger.warning("announcement failed (retrying in %.1fs): %s", delay, error)

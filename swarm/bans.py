@@ -1,10 +1,16 @@
-"""``BanList``: servers that failed are avoided for a while, longer each time they fail again."""
+"""``BanList``: servers that failed are avoided for a while, longer each time they fail again.
+
+A ban is tied to the evidence it was made on (the banned server's ``started_at``, which a
+restarted server announces anew): fresh evidence (:meth:`BanList.lift_restarted`) lifts
+it at once, and a repeat offender's backoff decays: a failure more than ``max_seconds``
+after the previous ban ended starts over at ``base_seconds``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from transport.errors import ConfigurationError
 
@@ -15,6 +21,7 @@ Clock = Callable[[], float]
 class _Entry:
     failures: int
     until: float
+    evidence: object = None  # what the ban was made on (the server's announced start time)
 
 
 class BanList:
@@ -45,11 +52,16 @@ class BanList:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
 
-    def ban(self, peer_id: str) -> float:
+    def ban(self, peer_id: str, evidence: object = None) -> float:
         """Records a failure of ``peer_id`` and bans it.
 
         A failure long after the previous ban ended (more than ``max_seconds``) starts the
         backoff over.
+
+        Args:
+            peer_id: the server that failed.
+            evidence: what identifies the failed incarnation of the server (its record's
+                ``started_at``); :meth:`lift_restarted` lifts the ban once it changes.
 
         Returns:
             The ban's length in seconds.
@@ -60,8 +72,31 @@ class BanList:
         if entry is not None and now - entry.until <= self.max_seconds:
             failures = entry.failures + 1
         duration = min(self.base_seconds * self.factor ** (failures - 1), self.max_seconds)
-        self._entries[peer_id] = _Entry(failures, now + duration)
+        self._entries[peer_id] = _Entry(failures, now + duration, evidence)
         return duration
+
+    def lift_restarted(self, current: Mapping[str, object]) -> list[str]:
+        """Lifts the bans of servers whose evidence changed (they restarted and re-announced).
+
+        Args:
+            current: peer id -> its evidence now (e.g. ``started_at`` of its newest record).
+
+        Returns:
+            the peer ids whose ban was lifted.
+        """
+        now = self._clock()
+        lifted = []
+        for peer_id, entry in list(self._entries.items()):
+            fresh = current.get(peer_id)
+            if (
+                now < entry.until
+                and entry.evidence is not None
+                and fresh is not None
+                and fresh != entry.evidence
+            ):
+                del self._entries[peer_id]
+                lifted.append(peer_id)
+        return lifted
 
     def forgive(self, peer_id: str) -> None:
         """Forgets ``peer_id``'s failures (call after it served a request well)."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import hivemind
 import hivemind.dht.node
+import msgpack
 from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 
@@ -38,7 +39,7 @@ from swarm.records import (
 )
 from swarm.relay import RelayLimits, bounded_p2p_class
 from swarm.signing import SwarmRecordValidator
-from transport.errors import ConfigurationError, DeadlineExceeded
+from transport.errors import ConfigurationError, DeadlineExceeded, MessageTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,21 @@ async def _store_many(_dht, node, keys, values, expirations, subkeys):
             ok = hasattr(entry, "get") and entry.get(subkey) is not None
         accepted[key] = bool(ok)
     return accepted
+
+
+MAX_RECORD_BYTES = 64 * 1024
+"""Largest value one record may carry (msgpack bytes, before signing). Values over about
+256 KiB break the pipe between hivemind's DHT process and ours (issue #19); records are a
+few hundred bytes, so this leaves room and catches a runaway field early."""
+
+
+def _check_record_sizes(values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        size = len(msgpack.packb(value, use_bin_type=True))
+        if size > MAX_RECORD_BYTES:
+            raise MessageTooLarge(
+                f"record under {key} is {size} bytes, over the {MAX_RECORD_BYTES}-byte limit"
+            )
 
 
 async def _get_many(_dht, node, keys):
@@ -287,9 +303,11 @@ class SwarmDHT:
                 outsider's publish into a private swarm "succeeds" on its own node, and no
                 member ever sees it.
             DeadlineExceeded: the store did not finish in time.
+            MessageTooLarge: a value is over ``MAX_RECORD_BYTES`` (nothing is published).
         """
         if not values:
             return get_dht_time()
+        _check_record_sizes(values)
         expiration = get_dht_time() + (self.config.record_ttl if ttl is None else ttl)
         keys = list(values)
         future = self._node.run_coroutine(

@@ -105,6 +105,8 @@ class SwarmRecordValidator(RecordValidatorBase):
         self._cipher = _derive_cipher(swarm_key) if swarm_key is not None else None
         self._max_ahead = max_ttl + max_clock_skew
         self._last_log: dict[str, float] = {}
+        self._logged_count: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}  # cause -> records refused (this process)
 
     @property
     def priority(self) -> int:
@@ -122,43 +124,57 @@ class SwarmRecordValidator(RecordValidatorBase):
         Returns:
             None if the record is valid, else a one-line reason.
         """
+        refusal = self._check(record)
+        return None if refusal is None else refusal[1]
+
+    def _check(self, record: DHTRecord) -> tuple[str, str] | None:
+        """None if valid, else (cause, reason): the cause names the kind of refusal (for the log)."""
         envelope = _unpack_envelope(record.value)
         if envelope is None:
-            return "value is not a signed Swarm record"
+            return "unsigned", "value is not a signed Swarm record"
         try:
             subkey = msgpack.unpackb(record.subkey, raw=False)
         except (ValueError, msgpack.UnpackException):
-            return "subkey is not msgpack"
+            return "subkey", "subkey is not msgpack"
         try:
             signer = peer_id_from_public_key(envelope.public_key)
         except ValueError:
-            return "malformed public key"
+            return "public-key", "malformed public key"
         if subkey != signer:
-            return f"subkey {subkey!r} is not the signer's peer id {signer}"
+            return "forged-subkey", f"subkey {subkey!r} is not the signer's peer id {signer}"
         if record.expiration_time > get_dht_time() + self._max_ahead:
-            return f"expiration {record.expiration_time - get_dht_time():.0f}s ahead exceeds the limit"
+            return (
+                "expiration",
+                f"expiration {record.expiration_time - get_dht_time():.0f}s ahead exceeds the limit",
+            )
         if not verify_signature(
             envelope.public_key, _signed_bytes(record, envelope.payload), envelope.signature
         ):
-            return f"bad signature from {signer}"
+            return "signature", f"bad signature from {signer}"
         if self._cipher is not None:
             if not envelope.nonce:
-                return (
+                return "unsealed", (
                     f"record from {signer} is not sealed with the swarm key (outsider or public-swarm peer)"
                 )
             try:
                 self._cipher.decrypt(envelope.nonce, envelope.payload, _associated_data(record))
             except InvalidTag:
-                return f"record from {signer} is sealed with a different swarm key (wrong --swarm-key?)"
+                return (
+                    "wrong-swarm-key",
+                    f"record from {signer} is sealed with a different swarm key (wrong --swarm-key?)",
+                )
         elif envelope.nonce:
-            return f"record from {signer} belongs to a private swarm (this peer has no --swarm-key)"
+            return (
+                "private-record",
+                f"record from {signer} belongs to a private swarm (this peer has no --swarm-key)",
+            )
         return None
 
     def validate(self, record: DHTRecord) -> bool:
-        reason = self.check(record)
-        if reason is not None:
-            self._log_refusal(reason)
-        return reason is None
+        refusal = self._check(record)
+        if refusal is not None:
+            self._log_refusal(*refusal)
+        return refusal is None
 
     def sign_value(self, record: DHTRecord) -> bytes:
         payload, nonce = record.value, b""
@@ -179,10 +195,14 @@ class SwarmRecordValidator(RecordValidatorBase):
         except InvalidTag:
             return _NIL
 
-    def _log_refusal(self, reason: str) -> None:
-        # Refusals can come in floods (a misconfigured peer re-announcing); log each kind rarely.
-        kind = reason.split(" from ")[0]
+    def _log_refusal(self, cause: str, reason: str) -> None:
+        # Refusals come in floods (a misconfigured peer re-announcing, 400 forged records);
+        # log each cause once per interval, with how many were refused since (issue #19: a
+        # key with seconds and peer ids in it let every refusal through).
+        self.refusals[cause] = self.refusals.get(cause, 0) + 1
         now = time.monotonic()
-        if now - self._last_log.get(kind, -_LOG_INTERVAL_S) >= _LOG_INTERVAL_S:
-            self._last_log[kind] = now
-            logger.warning("refused DHT record: %s", reason)
+        if now - self._last_log.get(cause, -_LOG_INTERVAL_S) >= _LOG_INTERVAL_S:
+            self._last_log[cause] = now
+            count = self.refusals[cause] - self._logged_count.get(cause, 0)
+            self._logged_count[cause] = self.refusals[cause]
+            logger.warning("refused DHT record (%d of this kind since the last such line): %s", count, reason)

@@ -132,10 +132,12 @@ PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300]])
 
 
 def client_config(**changes):
-    """The serving tests' ClientConfig: short waits and deadlines, for servers on loopback."""
+    """The serving tests' ClientConfig: short waits and deadlines, for servers on loopback
+    (``changes`` override any field, these defaults included)."""
     from swarm.serving import ClientConfig
 
-    return ClientConfig(route_wait=3.0, route_poll=0.5, step_timeout=8.0, open_timeout=5.0, **changes)
+    defaults = {"route_wait": 3.0, "route_poll": 0.5, "step_timeout": 8.0, "open_timeout": 5.0}
+    return ClientConfig(**{**defaults, **changes})
 
 
 class ServingSwarm(ProcessSwarm):
@@ -250,3 +252,74 @@ def hostile_view():
     model = ModelRecord(model_id=f'"><img src=x onerror=alert(1)>{HUGE}', config_hash=HOSTILE, n_blocks=4)
     runs = {"demo": {"t": make_trainer(2, version=HOSTILE)}}
     return SwarmView("s", model, servers, runs)
+
+
+# ---------------------------------------------------------------- churn
+
+
+class ChurnLoop:
+    """Kills servers of a ``ServingSwarm`` at random and restarts them, never every holder of a span.
+
+    Each server keeps its identity file, so a restarted server comes back under the same
+    peer id (with a new start time and a new data-plane port). Run :meth:`run` in a thread;
+    it returns once ``stop`` is set and every restarted server is ONLINE again.
+
+    Args:
+        swarm: the swarm; its servers must have been started with :meth:`join_server`.
+        spans: server name -> its blocks (``"0:1"``); servers with equal blocks are holders
+            of the same span.
+        period: mean seconds between kills (each wait drawn from 0.5-1.5x).
+        seed: for the choice of victims and waits.
+    """
+
+    def __init__(self, swarm: ServingSwarm, spans: dict[str, str], extra: dict[str, tuple[str, ...]],
+                 period: float, seed: int = 0):  # fmt: skip
+        import random
+        import threading
+
+        self.swarm = swarm
+        self.spans = spans
+        self.extra = extra
+        self.period = period
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.kills: list[str] = []
+        self._restarts: dict[str, int] = {}
+        self._down: set[str] = set()
+
+    def identity(self, name: str) -> str:
+        return str(self.swarm.tmp_path / f"{name}.identity")
+
+    def join_server(self, name: str) -> None:
+        """Starts server ``name`` on its blocks with its identity file (logs to ``name[.n].log``)."""
+        restarts = self._restarts.get(name, 0)
+        log_name = name if restarts == 0 else f"{name}.{restarts}"
+        args = ("--identity", self.identity(name), *self.extra.get(name, ()))
+        self.swarm.servers[name] = self.swarm.join(log_name, self.spans[name], *args)
+        if log_name != name:
+            del self.swarm.servers[log_name]
+
+    def _is_up(self, name: str) -> bool:
+        return any("ONLINE" in line for line in list(self.swarm.servers[name].lines))
+
+    def _victims(self) -> list[str]:
+        for name in list(self._down):
+            if self._is_up(name):
+                self._down.discard(name)
+        down_spans = {self.spans[name] for name in self._down}
+        return sorted(name for name, blocks in self.spans.items() if blocks not in down_spans)
+
+    def run(self) -> None:
+        """Kills and restarts until ``stop`` is set; then waits for the restarted servers."""
+        while not self.stop.wait(self.period * self.rng.uniform(0.5, 1.5)):
+            victims = self._victims()
+            if not victims:
+                continue
+            name = self.rng.choice(victims)
+            self.swarm.servers[name].kill()
+            self.kills.append(name)
+            self._restarts[name] = self._restarts.get(name, 0) + 1
+            self._down.add(name)
+            self.join_server(name)
+        for name in list(self._down):
+            self.swarm.servers[name].wait_for_line("ONLINE", timeout=180)

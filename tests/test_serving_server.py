@@ -181,6 +181,37 @@ def test_idle_session_expires_and_frees_its_cache(swarm):
 
 
 @pytest.mark.slow
+def test_expired_session_is_reopened_on_the_same_server_without_a_ban(swarm):
+    """A session that expired while its client was busy elsewhere is not the server's fault."""
+    torch.manual_seed(1)
+    first, second = torch.randn(1, 3, HIDDEN), torch.randn(1, 2, HIDDEN)
+
+    async def scenario():
+        # 8 tokens fit x's per-client share, and one hop over every block is the cheapest route.
+        async with await _connect(swarm) as model, model.inference_session(8) as session:
+            route = [swarm.name_of(peer) for peer, _ in session.route]
+            out_first = await session.step(first)
+            await wait_until(  # x expires sessions after 1 s without a step
+                lambda: _stats(model, swarm, "x"),
+                until=lambda stats: stats.sessions == 0,
+                timeout=30,
+                what="x to expire the idle session",
+            )
+            out_second = await session.step(second)
+            return route, out_first, out_second, session.failovers, session.route, model.bans.banned()
+
+    route, out_first, out_second, failovers, after, banned = asyncio.run(scenario())
+    assert route == ["x"] and failovers == 1
+    assert [peer for peer, _ in after] == [swarm.peer_ids["x"]]  # reopened and replayed on x
+    assert swarm.peer_ids["x"] not in banned
+    blocks = _local_blocks(swarm)
+    cache = blocks.allocate_cache(1, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(out_first, blocks(first, cache), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_second, blocks(second, cache), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_concurrent_sessions_share_forwards_with_unchanged_outputs(swarm):
     lengths = [3, 5, 2, 4, 6, 1, 3, 2]  # different prefixes: the batch mixes cache lengths
     steps = 6

@@ -37,8 +37,12 @@ class Limits:
         max_tensor_elements: elements of one tensor, checked before any allocation.
         max_tensor_dims: dimensions of one tensor.
         max_sessions: concurrent streaming sessions one endpoint serves.
+        max_sessions_per_peer: of those, what one peer (one CURVE key) may hold, so one
+            client cannot fill the session table.
         max_stream_backlog: steps queued in one session before ``ServerBusy``.
         max_pending_requests: unary requests one endpoint runs at once before ``ServerBusy``.
+        max_inflight_bytes_per_peer: bytes of one peer's unary requests being handled at
+            once before ``ServerBusy`` (pushes into its own session cannot pile up).
     """
 
     max_message_bytes: int = 256 * 2**20
@@ -47,8 +51,10 @@ class Limits:
     max_tensor_elements: int = 2**28
     max_tensor_dims: int = 16
     max_sessions: int = 1024
+    max_sessions_per_peer: int = 256
     max_stream_backlog: int = 64
     max_pending_requests: int = 4096
+    max_inflight_bytes_per_peer: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         _check_positive(self)

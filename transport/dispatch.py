@@ -71,6 +71,8 @@ class Dispatcher:
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
         self._stream_handlers: dict[str, tuple[type[Message], StreamHandler]] = {}
         self._sessions: dict[tuple[Any, bytes], ServerStream] = {}
+        self._sessions_of: dict[Any, int] = {}  # peer -> open streaming sessions
+        self._inflight_bytes: dict[Any, int] = {}  # peer -> bytes of its unary requests in hand
         self._tasks: set[asyncio.Task] = set()
         self._suspended: dict[asyncio.Future, Coroutine[Any, Any, None]] = {}
         self._closed = False
@@ -140,8 +142,10 @@ class Dispatcher:
             pending = len(self._tasks) + len(self._suspended)
             if pending >= self._limits.max_pending_requests:
                 raise ServerBusy(f"{pending} requests pending")
+            owner = peer_key if peer_key is not None else route
+            size = self._hold_bytes(owner, frames)
             context = RequestContext(peer_key)
-            self._start_eagerly(self._run_handler(entry[1], request, context, route, request_id))
+            self._start_eagerly(self._run_handler(entry[1], request, context, route, request_id, owner, size))
         except SwarmError as error:
             if not request_id and frames:
                 request_id = salvage_request_id(frames[0])
@@ -149,6 +153,28 @@ class Dispatcher:
         except Exception as error:  # a bug of ours: report it, keep serving
             log.exception("dispatcher failed on a message from %r", peer_key)
             self.reply_error(route, request_id, error)
+
+    def _hold_bytes(self, owner: Any, frames: list[Any]) -> int:
+        """Counts a received message against its sender's in-flight bytes; returns its size.
+
+        Raises:
+            ServerBusy: the sender's requests in hand would exceed ``max_inflight_bytes_per_peer``.
+        """
+        size = sum(memoryview(frame).nbytes for frame in frames)
+        held = self._inflight_bytes.get(owner, 0)
+        if held + size > self._limits.max_inflight_bytes_per_peer:
+            raise ServerBusy(f"{held} bytes of this peer's requests are still being handled")
+        self._inflight_bytes[owner] = held + size
+        return size
+
+    def _release(self, owner: Any, size: int) -> None:
+        left = self._inflight_bytes.pop(owner, 0) - size
+        if left > 0:
+            self._inflight_bytes[owner] = left
+
+    def release_bytes(self, owner: Any, size: int) -> None:
+        """A queued stream step of ``size`` bytes from ``owner`` was taken (or dropped)."""
+        self._release(owner, size)
 
     def _check_admission(self, peer_key: PeerKey | None, token: bytes | None) -> None:
         if peer_key is None or token is None:
@@ -190,7 +216,14 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_handler(
-        self, handler: Handler, request: Message, context: RequestContext, route: Any, request_id: int
+        self,
+        handler: Handler,
+        request: Message,
+        context: RequestContext,
+        route: Any,
+        request_id: int,
+        owner: Any = None,
+        size: int = 0,
     ) -> None:
         try:
             result = await handler(request, context)
@@ -199,6 +232,8 @@ class Dispatcher:
                 log.exception("handler for %s from %r failed", request.kind, context.peer_key)
             self.reply(route, request_id, error_reply(error))
             return
+        finally:
+            self._release(owner, size)
         if not isinstance(result, Message):
             result = ErrorReply("TypeError", f"handler for {request.kind} returned {type(result).__name__}")
         self.reply(route, request_id, result)
@@ -216,14 +251,24 @@ class Dispatcher:
                 raise StreamClosed("no such streaming session (closed, expired, or never opened)")
             if len(self._sessions) >= self._limits.max_sessions:
                 raise ServerBusy(f"{len(self._sessions)} streaming sessions open")
+            if self._sessions_of.get(key[0], 0) >= self._limits.max_sessions_per_peer:
+                raise ServerBusy(
+                    f"this peer holds {self._sessions_of[key[0]]} streaming sessions, the most one may"
+                )
             opening = decode_body(entry[0], envelope, frames, self._limits)
             context = RequestContext(peer_key, envelope.session)
             stream = ServerStream(self, opening, context, route, envelope.request_id, self._timeouts)
             self._sessions[key] = stream
+            self._sessions_of[key[0]] = self._sessions_of.get(key[0], 0) + 1
             self._start(self._run_stream(entry[1], stream, key))
             return
         step = decode_body(self._registry.lookup(envelope.kind), envelope, frames, self._limits)
-        stream.push(envelope.request_id, step, route, self._limits.max_stream_backlog)
+        size = self._hold_bytes(key[0], frames)
+        try:
+            stream.push(envelope.request_id, step, route, self._limits.max_stream_backlog, size)
+        except BaseException:
+            self._release(key[0], size)
+            raise
 
     async def _run_stream(self, handler: StreamHandler, stream: ServerStream, key: tuple) -> None:
         error: BaseException | None = None
@@ -239,6 +284,9 @@ class Dispatcher:
         finally:
             if self._sessions.get(key) is stream:
                 del self._sessions[key]
+            left = self._sessions_of.pop(key[0], 0) - 1
+            if left > 0:
+                self._sessions_of[key[0]] = left
             stream.finish(error)
 
     async def close(self) -> None:

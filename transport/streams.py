@@ -58,11 +58,15 @@ class RequestContext:
 
 
 class Replies(Protocol):
-    """How a stream answers its client: the dispatcher that owns the stream's route."""
+    """How a stream answers its client, and returns the bytes its queued steps held: the
+    dispatcher that owns the stream's route."""
 
     def reply(self, route: Any, request_id: int, msg: Message, session: SessionId | None) -> None: ...
 
     def reply_error(self, route: Any, request_id: int, error: BaseException) -> None: ...
+
+    def release_bytes(self, owner: Any, size: int) -> None:
+        """A queued step of ``size`` bytes from ``owner`` was taken or dropped (in-flight bytes)."""
 
 
 class ServerStream:
@@ -86,11 +90,12 @@ class ServerStream:
         self.context = context
         self._dispatcher = dispatcher
         self._route = route
+        self._owner = context.peer_key if context.peer_key is not None else route  # whose bytes
         self._open_request_id = open_request_id
         self._idle_timeout = timeouts.stream_idle
         self._accepted = False
         self._ended = False
-        self._steps: deque[tuple[int, Message]] = deque()
+        self._steps: deque[tuple[int, Message, int]] = deque()  # (request id, step, bytes)
         self._unanswered: int | None = None
         self._waiter: asyncio.Future | None = None
 
@@ -124,7 +129,8 @@ class ServerStream:
             finally:
                 timer.cancel()
                 self._waiter = None
-        request_id, step = self._steps.popleft()
+        request_id, step, size = self._steps.popleft()
+        self._dispatcher.release_bytes(self._owner, size)
         self._unanswered = request_id
         return step
 
@@ -156,14 +162,15 @@ class ServerStream:
 
     # The dispatcher's side.
 
-    def push(self, request_id: int, step: Message, route: Any, max_backlog: int) -> None:
-        """Queue a step (the client may have reconnected: reply on its newest route)."""
+    def push(self, request_id: int, step: Message, route: Any, max_backlog: int, size: int = 0) -> None:
+        """Queue a step of ``size`` bytes, counted by the dispatcher until the handler takes it
+        (the client may have reconnected: reply on its newest route)."""
         if self._ended:
             raise StreamClosed("the streaming session is closing")
         if len(self._steps) >= max_backlog:
             raise ServerBusy(f"{len(self._steps)} steps queued in this session")
         self._route = route
-        self._steps.append((request_id, step))
+        self._steps.append((request_id, step, size))
         self._wake()
 
     def end(self) -> None:
@@ -189,4 +196,6 @@ class ServerStream:
             self._dispatcher.reply_error(self._route, self._unanswered, error or closed)
             self._unanswered = None
         while self._steps:
-            self._dispatcher.reply_error(self._route, self._steps.popleft()[0], closed)
+            request_id, _, size = self._steps.popleft()
+            self._dispatcher.release_bytes(self._owner, size)
+            self._dispatcher.reply_error(self._route, request_id, closed)

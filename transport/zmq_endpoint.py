@@ -4,7 +4,13 @@ Each endpoint owns one ZeroMQ context (so one ZAP handler names its clients by
 their CURVE keys). Frames are sent with ``copy=False`` and received as ZeroMQ frames
 whose memory tensors wrap directly. CURVE handshake failures are silent in ZeroMQ:
 ``connect`` watches the socket monitor for ``HANDSHAKE_SUCCEEDED`` and gives up
-with ``HandshakeTimeout`` at the connect deadline (or at the first handshake failure).
+with ``HandshakeTimeout`` at the connect deadline (or at the first handshake failure),
+and with ``PeerUnavailable`` at once when the first TCP connect is refused.
+
+Floods: the serving socket drops connections whose handshake has not finished within
+``HANDSHAKE_IVL_MS``; when the process runs out of descriptors, libzmq's listener
+skips the accept (``EMFILE`` is one of the errors it tolerates) and keeps serving the
+connections it has.
 
 The ROUTER and DEALER sockets are plain (not ``zmq.asyncio``) sockets driven by event
 loop reader callbacks on their file descriptors: a received request is dispatched, and
@@ -55,6 +61,7 @@ _HANDSHAKE_FAILED = {
 }
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -64,6 +71,14 @@ _MONITOR_EVENTS = (
 
 _READ_BATCH = 64
 """Messages one descriptor callback reads before letting other callbacks run."""
+
+HANDSHAKE_IVL_MS = 5000
+"""ZeroMQ drops an inbound connection that has not finished its handshake (greeting and
+CURVE) within this many milliseconds (its default is 30 s): idle or stalled connections
+hold a descriptor for at most 5 s, which bounds what a flood of them can take."""
+
+LISTEN_BACKLOG = 256
+"""Pending TCP connections the kernel queues for the serving socket (ZeroMQ's default: 100)."""
 
 
 def _random_port_address(address: str) -> str:
@@ -96,6 +111,11 @@ class ZmqConnection(Connection):
         self._fds = (socket.FD, monitor.FD)
         self._loop.add_reader(self._fds[0], self._on_socket_events)
         self._loop.add_reader(self._fds[1], self._on_monitor_events)
+
+    @property
+    def is_up(self) -> bool:
+        """Whether an encrypted session with the peer is established now (ZeroMQ redials while not)."""
+        return self._up
 
     def _connect(self) -> None:
         self._socket.connect(self.address)
@@ -216,6 +236,12 @@ class ZmqConnection(Connection):
             self._loop.call_soon(self._on_socket_events)  # queued sends may go out now
         elif event == zmq.EVENT_CONNECTED:
             self._tcp_connected = True
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            # The first TCP connect failed (refused: nothing listens there, e.g. the record
+            # of a dead server): fail now rather than at the deadline. Once connected,
+            # ZeroMQ's own reconnecting goes on as before.
+            if not handshake.done() and not self._tcp_connected:
+                handshake.set_exception(PeerUnavailable(f"{self.address} refused the connection"))
         elif event == zmq.EVENT_DISCONNECTED:
             if self._up:
                 self._up = False
@@ -297,6 +323,8 @@ class Endpoint(BaseEndpoint):
         if self._router is None:
             router = self._socket(zmq.ROUTER)
             try:
+                router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+                router.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
                 if self.encrypted:
                     configure_server_socket(router, self.keys)
                 router.bind(_random_port_address(address))

@@ -8,7 +8,11 @@ A session's cache is allocated from a budget of tokens (``batch * max_length`` p
 session); a session that does not fit is refused with ``ServerBusy`` so the client
 routes elsewhere. Step inputs may arrive in the step itself, pushed by the previous
 server of the chain, or as the client's copy: the mailbox keeps the first copy of
-each step and drops the rest.
+each step and drops the rest, and holds at most ``mailbox_steps`` inputs.
+
+Quotas (issue #19): one peer (one CURVE key) holds at most ``PeerQuota.max_sessions``
+sessions and ``PeerQuota.max_cache_tokens`` of the budget, so a greedy client leaves the
+rest to the others; beyond either it gets ``ServerBusy`` (and routes elsewhere).
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ import torch
 
 from kernels import KVCache
 from transport.errors import MalformedMessage, ServerBusy
+
+
+@dataclass(frozen=True)
+class PeerQuota:
+    """What one peer (one CURVE key) may hold on this server.
+
+    Attributes:
+        max_sessions: open sessions.
+        max_cache_tokens: cache tokens over its sessions.
+        mailbox_steps: inputs one session's mailbox holds before refusing more.
+    """
+
+    max_sessions: int = 64
+    max_cache_tokens: int = 2**62
+    mailbox_steps: int = 4
 
 
 class CacheBudget:
@@ -71,6 +90,8 @@ class HostedSession:
     max_length: int
     inputs: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
     steps: int = 0  # steps taken so far (replayed ones included)
+    owner: object = None  # the peer key that opened it (quotas)
+    mailbox_steps: int = 4
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -78,9 +99,18 @@ class HostedSession:
         return self.batch * self.max_length
 
     def offer(self, step: int, hidden: torch.Tensor, source: str) -> bool:
-        """Stores the input of ``step`` unless a copy is already there. Returns whether it was used."""
+        """Stores the input of ``step`` unless a copy is already there or the mailbox is full.
+
+        Returns:
+            whether it was stored.
+        """
+        if source == "step":  # the step brought its own input: older ones are moot
+            for old in [s for s in self.inputs if s < step]:
+                del self.inputs[old]
         if step in self.inputs or (self.inputs and step < min(self.inputs)):
             return False
+        if len(self.inputs) >= self.mailbox_steps:
+            return False  # bounded: pushes far ahead of the steps are dropped (the step resends)
         self.inputs[step] = (hidden, source)
         self._arrived.set()
         return True
@@ -128,20 +158,26 @@ class HostedSession:
 class HostedSessions:
     """The open sessions by token, with the budget they draw from."""
 
-    def __init__(self, budget: CacheBudget):
+    def __init__(self, budget: CacheBudget, quota: PeerQuota = PeerQuota()):
         self.budget = budget
+        self.quota = quota
         self._sessions: dict[bytes, HostedSession] = {}
+        self._by_owner: dict[object, tuple[int, int]] = {}  # owner -> (sessions, cache tokens)
         self._closed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, token: bytes, batch: int, max_length: int, allocate) -> HostedSession:
+    def open(
+        self, token: bytes, batch: int, max_length: int, allocate, owner: object = None
+    ) -> HostedSession:
         """Reserves the cache and registers a session; ``allocate(batch, max_length) -> KVCache``.
 
+        Args:
+            owner: who opens it (the client's CURVE key); quotas count per owner.
         Raises:
             MalformedMessage: bad sizes, or the token is in use.
-            ServerBusy: the budget cannot hold it.
+            ServerBusy: the budget cannot hold it, or the owner is at its quota.
         """
         if batch < 1 or max_length < 1:
             raise MalformedMessage(f"batch {batch} and max_length {max_length} must be positive")
@@ -149,18 +185,34 @@ class HostedSessions:
             raise MalformedMessage("session token must have at least 8 bytes")
         if token in self._sessions:
             raise MalformedMessage("session token already in use")
-        self.budget.reserve(batch * max_length)
+        tokens = batch * max_length
+        sessions, held = self._by_owner.get(owner, (0, 0))
+        if sessions >= self.quota.max_sessions:
+            raise ServerBusy(f"this client holds {sessions} sessions here, the most one client may")
+        if held + tokens > self.quota.max_cache_tokens:
+            raise ServerBusy(
+                f"per-client cache budget: this client holds {held} tokens here, {tokens} more would "
+                f"exceed its share of {self.quota.max_cache_tokens}"
+            )
+        self.budget.reserve(tokens)
         try:
-            session = HostedSession(token, allocate(batch, max_length), batch, max_length)
+            session = HostedSession(
+                token, allocate(batch, max_length), batch, max_length, owner=owner,
+                mailbox_steps=self.quota.mailbox_steps,
+            )  # fmt: skip
         except BaseException:
-            self.budget.release(batch * max_length)
+            self.budget.release(tokens)
             raise
         self._sessions[token] = session
+        self._by_owner[owner] = (sessions + 1, held + tokens)
         return session
 
     def close(self, session: HostedSession) -> None:
         if self._sessions.pop(session.token, None) is session:
             self.budget.release(session.tokens)
+            sessions, held = self._by_owner.pop(session.owner, (1, session.tokens))
+            if sessions > 1:
+                self._by_owner[session.owner] = (sessions - 1, held - session.tokens)
         self._closed.set()
 
     async def wait_until_empty(self, timeout: float) -> None:

@@ -15,9 +15,10 @@ sends hidden states through a chain of servers found in the DHT::
 Servers are listed, banned and connected to through ``model.servers``, a ``ServerPool``
 that the model's sessions share.
 
-Errors (``transport.errors`` tree): ``NoRouteError`` (names the uncovered blocks)
-when a span stays uncovered past ``ClientConfig.route_wait``; ``RemoteError`` for a
-request a server refused as malformed; ``ValueError`` for bad arguments.
+Errors (``transport.errors`` tree, never an ``ExceptionGroup``): ``NoRouteError``
+(names the uncovered blocks) when a span stays uncovered past ``ClientConfig.route_wait``;
+``RemoteError`` for a request a server refused as malformed; a ``RetryableError`` when
+every replacement for a failed span failed too; ``ValueError`` for bad arguments.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from swarm import BanList, DHTConfig, Identity, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
-from swarm.serving.session import InferenceSession
+from swarm.serving.session import InferenceSession, first_documented_error
 from swarm.serving.settings import ClientConfig
-from transport import Connection, Endpoint
+from transport import Connection, Endpoint, Timeouts
 
 
 class RemoteModel:
@@ -59,7 +60,11 @@ class RemoteModel:
         self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None  # set by connect()
         bans = BanList(base_seconds=config.ban_seconds)
-        self.servers = ServerPool(dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout)
+        self.servers = ServerPool(
+            dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout,
+            deadline_floor=config.step_deadline_floor, deadline_factor=config.step_deadline_factor,
+            deadline_ceiling=config.step_timeout,
+        )  # fmt: skip
 
     @classmethod
     def connect(
@@ -92,9 +97,10 @@ class RemoteModel:
         dht_config = DHTConfig(swarm_name=swarm, initial_peers=tuple(initial_peers), client_mode=True)
         dht = SwarmDHT(Identity.generate(), dht_config, swarm_key)
         await asyncio.to_thread(dht.start)
-        endpoint = Endpoint(swarm_key=swarm_key)
+        config = config or ClientConfig()
+        endpoint = Endpoint(swarm_key=swarm_key, timeouts=Timeouts(connect=config.connect_timeout))
         try:
-            model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
+            model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config)
             model.loop = asyncio.get_running_loop()  # where its connections live (see forward)
             return model
         except BaseException:
@@ -186,10 +192,13 @@ class RemoteModel:
                 raise ValueError(
                     "a list of prompts runs in sessions of its own; pass one prompt with session="
                 )
-            async with asyncio.TaskGroup() as tasks:
-                runs = [
-                    tasks.create_task(self.generate(p, max_new_tokens, sampling=sampling)) for p in prompt
-                ]
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    runs = [
+                        tasks.create_task(self.generate(p, max_new_tokens, sampling=sampling)) for p in prompt
+                    ]
+            except BaseExceptionGroup as group:  # the documented error, not a group of them
+                raise first_documented_error(group) from None
             return [run.result() for run in runs]
         pieces = [piece async for piece in self._run(prompt, max_new_tokens, session, sampling)]
         if isinstance(prompt, torch.Tensor):

@@ -51,7 +51,7 @@ from swarm import (
 from swarm.records import model_key
 from swarm.selection import effective_throughput
 from swarm.serving.batching import SpanBatchers, StepBatcher
-from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions
+from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions, PeerQuota
 from swarm.serving.protocol import (
     ForwardReply,
     ForwardRequest,
@@ -119,7 +119,12 @@ class InferenceServer:
         self.span: Span | None = None  # announced (the target while moving)
         self.blocks: BlockSpan | None = None  # loaded and served
         self.throughput = 0.0
-        self.sessions = HostedSessions(CacheBudget(config.cache_tokens))
+        quota = PeerQuota(
+            max_sessions=config.max_sessions_per_client,
+            max_cache_tokens=max(1, int(config.cache_tokens * config.client_cache_share)),
+            mailbox_steps=config.mailbox_steps,
+        )
+        self.sessions = HostedSessions(CacheBudget(config.cache_tokens), quota)
         self.pushes_sent = 0
         self.pushes_used = 0
         self.client_copies_used = 0
@@ -128,6 +133,7 @@ class InferenceServer:
         self._moved_from: list[Span] = []
         self._connections: dict[str, Connection] = {}
         self._tasks: asyncio.TaskGroup | None = None
+        self._model_record: dict | None = None
 
     # Lifecycle.
 
@@ -195,10 +201,13 @@ class InferenceServer:
 
     def _records(self) -> dict:
         entries = server_record_entries(self.dht.swarm_name, self.record())
-        model = ModelRecord(
-            Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
-        )
-        entries[model_key(self.dht.swarm_name)] = model.to_wire()
+        if self._model_record is None:
+            # Read once: re-reading config.json at each announcement fails when a connection
+            # flood has taken every descriptor, and the records would lapse (issue #19).
+            self._model_record = ModelRecord(
+                Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
+            ).to_wire()
+        entries[model_key(self.dht.swarm_name)] = self._model_record
         return entries
 
     async def _choose_span(self) -> Span:
@@ -310,6 +319,9 @@ class InferenceServer:
         session = self.sessions.get(request.token)
         if session is None:
             raise MalformedMessage("no such session on this server")
+        self._check_hidden(request.hidden)
+        if request.hidden.shape[0] != session.batch or request.hidden.shape[1] > session.max_length:
+            raise MalformedMessage(f"pushed hidden {tuple(request.hidden.shape)} does not fit the session")
         source = "client-copy" if request.from_client else "push"
         return PushAck(accepted=session.offer(request.step, request.hidden, source))
 
@@ -345,6 +357,7 @@ class InferenceServer:
             session = self.sessions.open(
                 opening.token, opening.batch, opening.max_length,
                 lambda batch, length: batcher.span.allocate_cache(batch, length),
+                owner=stream.context.peer_key,
             )  # fmt: skip
         except BaseException:
             self._batchers.release(batcher)
@@ -352,6 +365,14 @@ class InferenceServer:
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
+                    if not isinstance(step, InferenceStep):
+                        # Any registered kind decodes; only steps belong here (the session stays).
+                        await stream.reply_error(
+                            MalformedMessage(
+                                f"a session takes {InferenceStep.kind} messages, got {step.kind}"
+                            )
+                        )
+                        continue
                     try:
                         reply = await self._serve_step(session, batcher, step, pushes)
                     except MalformedMessage as error:

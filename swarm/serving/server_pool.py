@@ -1,21 +1,35 @@
-"""``ServerPool``: the servers a client can use, as one owner of listing, bans and connections.
+"""``ServerPool``: the servers a client can use, as one owner of listing, bans, connections and pace.
 
 Every ``InferenceSession`` of a ``RemoteModel`` shares the model's pool: a server that
-failed one session is avoided by the others for the length of its ban, and one
-connection per server address carries every session's streams. Relayed servers
-(behind NAT) are dialled over libp2p through the DHT's daemon (``RelayedDialer``),
-authenticated as the libp2p peer id in their signed record.
+failed one session is avoided by the others for the length of its ban, one connection
+per server address carries every session's streams, and what each server's steps have
+taken so far sets the deadline of its next step (:meth:`ServerPool.step_deadline`), so
+a hung server is given up on in seconds rather than after ``step_timeout``.
+
+A ban remembers the ``started_at`` of the record it was made on: a listing that shows a
+newer one (the server restarted and re-announced) lifts the ban at once.
+Relayed servers (behind NAT) are dialled over libp2p through the DHT's daemon
+(``RelayedDialer``), authenticated as the libp2p peer id in their signed record.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import deque
+
 from swarm import BanList, ServerRecord, SwarmDHT
 from swarm.data_plane import RelayedDialer
 from transport import Connection, Endpoint
+from transport.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+_PACE_SAMPLES = 32  # recent steps per server the deadline is derived from
 
 
 class ServerPool:
-    """The DHT's listing of a model's servers, the client's bans, and cached connections.
+    """The DHT's listing of a model's servers, the client's bans, connections and step pace.
 
     Args:
         dht: a started ``SwarmDHT`` (client mode is enough).
@@ -23,45 +37,128 @@ class ServerPool:
         n_blocks: blocks of the model (the listing covers them all).
         bans: servers to avoid for a while after they failed.
         dht_timeout: seconds for one DHT lookup.
+        deadline_floor, deadline_factor, deadline_ceiling: a step's deadline on a server is
+            ``deadline_factor`` times the slowest of its recent steps (scaled by tokens),
+            within ``[deadline_floor, deadline_ceiling]``; the ceiling while nothing is known.
     """
 
-    def __init__(self, dht: SwarmDHT, endpoint: Endpoint, n_blocks: int, bans: BanList, dht_timeout: float):
+    def __init__(
+        self,
+        dht: SwarmDHT,
+        endpoint: Endpoint,
+        n_blocks: int,
+        bans: BanList,
+        dht_timeout: float,
+        *,
+        deadline_floor: float = 2.0,
+        deadline_factor: float = 5.0,
+        deadline_ceiling: float = 120.0,
+    ):
         self.dht = dht
         self.endpoint = endpoint
         self.n_blocks = n_blocks
         self.bans = bans
         self.dht_timeout = dht_timeout
-        self._connections: dict[str, Connection] = {}
+        self.deadline_floor = deadline_floor
+        self.deadline_factor = deadline_factor
+        self.deadline_ceiling = deadline_ceiling
+        self._connections: dict[tuple[str, bytes], asyncio.Future] = {}  # (address, key) -> connect
+        self._pace: dict[str, deque[tuple[float, int]]] = {}  # peer id -> (seconds, tokens) per step
+        self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
         self._relayed = RelayedDialer(dht, endpoint.swarm_key, endpoint.timeouts)
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
 
+        Bans of servers listed with a newer ``started_at`` than the banned one are lifted.
+
         Raises:
             SwarmError: the lookup failed or ran past ``dht_timeout``.
         """
-        return await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
+        servers = await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
+        self._started = {peer: record.started_at for peer, record in servers.items()}
+        for peer in self.bans.lift_restarted(self._started):
+            logger.info("lifted the ban of %s: it restarted", peer)
+            self._pace.pop(peer, None)
+        await self._forget_gone(servers)
+        return servers
+
+    async def _forget_gone(self, servers: dict[str, ServerRecord]) -> None:
+        """Closes cached connections that are down and whose server is no longer listed there
+        (it died or restarted elsewhere): ZeroMQ would redial them forever."""
+        listed = {(record.addresses[0], record.curve_public_key) for record in servers.values()}
+        for key, pending in list(self._connections.items()):
+            if key in listed or not pending.done() or pending.cancelled() or pending.exception() is not None:
+                continue
+            connection = pending.result()
+            if not getattr(connection, "is_up", True):  # the ZeroMQ transport knows
+                del self._connections[key]
+                await connection.close()
 
     async def connection_to(self, server: ServerRecord) -> Connection:
-        """A (cached) connection to ``server``: its first address, or libp2p when it is relayed."""
-        address = f"/p2p/{server.libp2p_peer}" if server.relayed else server.addresses[0]
-        connection = self._connections.get(address)
-        if connection is None or getattr(connection, "broken", False):  # libp2p does not reconnect
-            if server.relayed:
-                connection = await self._relayed.connect(server)
-            else:
-                connection = await self.endpoint.connect(address, server.curve_public_key)
-            self._connections[address] = connection
+        """A (cached) connection to ``server``: its first address over ZeroMQ, or libp2p when it
+        is relayed (behind NAT).
+
+        Concurrent callers share one connection attempt; a failed attempt is not cached.
+
+        Raises:
+            PeerUnavailable, HandshakeTimeout, NotAuthorized: see ``Endpoint.connect``.
+        """
+        if server.relayed:
+            key = (f"/p2p/{server.libp2p_peer}", b"")
+        else:
+            key = (server.addresses[0], server.curve_public_key)  # a new server may reuse an address
+        pending = self._connections.get(key)
+        if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
+            connecting = self._relayed.connect(server) if server.relayed else self.endpoint.connect(*key)
+            pending = asyncio.ensure_future(connecting)
+            self._connections[key] = pending
+        try:
+            connection = await asyncio.shield(pending)
+        except BaseException:
+            if self._connections.get(key) is pending and pending.done():
+                del self._connections[key]
+            raise
+        # closed under us (endpoint closing, or forgotten), or a broken libp2p stream (it does
+        # not reconnect by itself): dial again
+        if getattr(connection, "_closed", False) or getattr(connection, "broken", False):
+            self._connections.pop(key, None)
+            return await self.connection_to(server)
         return connection
 
     async def close(self) -> None:
         """Closes the libp2p side (the ZeroMQ connections close with the client's endpoint)."""
         await self._relayed.close()
 
-    def ban(self, peer_id: str) -> None:
-        """Avoids ``peer_id`` for a while (longer on each repeated failure)."""
-        self.bans.ban(peer_id)
+    async def answers_ping(self, server: ServerRecord, timeout: float) -> bool:
+        """Whether ``server``'s process answers a ping within ``timeout`` seconds (it is not hung)."""
+        try:
+            connection = await asyncio.wait_for(self.connection_to(server), timeout)
+            await connection.ping(timeout=timeout)
+        except (SwarmError, TimeoutError):
+            return False
+        return True
+
+    def ban(self, server: ServerRecord | str) -> None:
+        """Avoids ``server`` for a while (longer on each repeated failure) or until it restarts."""
+        if isinstance(server, ServerRecord):
+            self.bans.ban(server.peer_id, evidence=self._started.get(server.peer_id, server.started_at))
+        else:
+            self.bans.ban(server)
 
     def banned(self) -> frozenset[str]:
         """Peer ids avoided now."""
         return self.bans.banned()
+
+    def record_step(self, peer_id: str, seconds: float, tokens: int) -> None:
+        """Notes that a step of ``tokens`` new tokens took ``seconds`` on ``peer_id``."""
+        samples = self._pace.setdefault(peer_id, deque(maxlen=_PACE_SAMPLES))
+        samples.append((seconds, max(1, tokens)))
+
+    def step_deadline(self, peer_id: str, tokens: int) -> float:
+        """Seconds to wait for ``peer_id``'s next step of ``tokens`` tokens before giving up on it."""
+        samples = self._pace.get(peer_id)
+        if not samples:
+            return self.deadline_ceiling
+        slowest = max(seconds * max(1.0, tokens / sampled) for seconds, sampled in samples)
+        return min(self.deadline_ceiling, max(self.deadline_floor, self.deadline_factor * slowest))

@@ -10,6 +10,16 @@ replacement that dies during the replay is banned too and another one is tried
 (``ClientConfig.replay_attempts`` at most). A hop's copy is dropped once that hop
 answers (the push got there first), so a step never waits for a copy's ack.
 
+A hop that does not answer within its deadline (``ServerPool.step_deadline``: a few
+times what that server's recent steps took, counted from when its input was ready) and
+then does not answer a ping either is given up on like a dead one, so a hung server
+stalls a step for seconds while a merely slow one is waited for. A hop whose
+session expired (``StreamClosed``) is reopened elsewhere or on the same server without
+a ban: the server is fine. When bans would leave a span uncovered, the banned holders
+are tried once more before waiting for a new one (a ban is a guess, not a verdict).
+Errors leave ``step`` as the documented ``SwarmError`` classes, never as an
+``ExceptionGroup``.
+
 Servers are found, banned and connected to through a ``ServerPool`` that every session
 of a ``RemoteModel`` shares. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
@@ -29,7 +39,7 @@ from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference,
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
 from transport import ClientStream
-from transport.errors import RemoteError, SwarmError
+from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,31 @@ class _Hop:
     stream: ClientStream
     token: bytes
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, input) per step
+
+
+def _session_lost(error: BaseException) -> bool:
+    """The session ended (expired while the client was busy elsewhere): not the server's fault."""
+    return isinstance(error, StreamClosed) or (
+        isinstance(error, RemoteError) and error.kind == "StreamClosed"
+    )
+
+
+def first_documented_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to raise for ``group``: its first ``SwarmError`` or ``ValueError``, else its first leaf."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        elif not isinstance(error, asyncio.CancelledError):
+            leaves.append(error)
+
+    collect(group)
+    for leaf in leaves:
+        if isinstance(leaf, (SwarmError, ValueError)):
+            return leaf
+    return leaves[0] if leaves else group
 
 
 def _is_server_failure(error: BaseException) -> bool:
@@ -101,6 +136,8 @@ class InferenceSession:
             ValueError: the step would exceed ``max_length`` or has the wrong batch.
             NoRouteError: a failed span found no replacement within ``route_wait``.
             RemoteError: a server refused the step as malformed.
+            RetryableError: every replacement chain tried for a failed span
+                (``replay_attempts``) failed in turn (``DeadlineExceeded``, ``PeerUnavailable``...).
         """
         if hidden.shape[0] != self.batch:
             raise ValueError(f"this session has {self.batch} rows, got {hidden.shape[0]}")
@@ -108,6 +145,16 @@ class InferenceSession:
             raise ValueError(f"{self.position + hidden.shape[1]} tokens exceed max_length={self.max_length}")
         number, position = self._step, self.position
         self._step += 1
+        try:
+            current = await self._run_step(hidden, number, position)
+        except BaseExceptionGroup as group:
+            raise first_documented_error(group) from None
+        self.position += hidden.shape[1]
+        return current
+
+    async def _run_step(self, hidden: torch.Tensor, number: int, position: int) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        new_tokens = hidden.shape[1]
         async with asyncio.TaskGroup() as tasks:
             calls: dict[_Hop, asyncio.Task] = {}
             copies: dict[_Hop, asyncio.Task] = {}
@@ -129,15 +176,18 @@ class InferenceSession:
             for index in range(len(self.chain)):
                 launch(index, hidden if index == 0 else None)
             current, index = hidden, 0
+            ready_at = loop.time()  # when the current hop's input was on its way
             while index < len(self.chain):
                 hop = self.chain[index]
-                result = await calls.pop(hop)
+                result = await self._await_hop(hop, calls.pop(hop), ready_at, new_tokens, number)
                 copy = copies.pop(hop, None)
                 if copy is not None:
                     # The hop answered: its copy is moot. Waiting for the copy's ack would
                     # make every step one more one-way latency long.
                     copy.cancel()
                 if isinstance(result, InferenceReply) and result.hidden is not None:
+                    self.servers.record_step(hop.server.peer_id, loop.time() - ready_at, new_tokens)
+                    ready_at = loop.time()
                     hop.history.append((position, current))
                     current = result.hidden
                     index += 1
@@ -150,6 +200,7 @@ class InferenceSession:
                     continue
                 if isinstance(result, InferenceReply):  # its input never came: resend it
                     launch(index, current)
+                    ready_at = loop.time()
                     continue
                 if not _is_server_failure(result):
                     raise result
@@ -157,8 +208,35 @@ class InferenceSession:
                 added = await self._replace(index, result)
                 for offset in range(added):
                     launch(index + offset, current if offset == 0 else None)
-        self.position += hidden.shape[1]
+                ready_at = loop.time()
         return current
+
+    async def _await_hop(
+        self, hop: _Hop, call: asyncio.Task, ready_at: float, new_tokens: int, number: int
+    ) -> InferenceReply | BaseException:
+        """The hop's reply, or its error; ``DeadlineExceeded`` once it ran past its step deadline
+        and does not answer a ping either (a hung process), or past ``step_timeout``.
+
+        A server that is only slow (a loaded machine) answers the ping, since its forwards run
+        off its event loop: it gets another deadline instead of a ban.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = self.servers.step_deadline(hop.server.peer_id, new_tokens)
+        ends_at = ready_at + deadline
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=max(0.0, ends_at - loop.time()))
+            if done:
+                return call.result()
+            if loop.time() - ready_at >= self.config.step_timeout or not await self.servers.answers_ping(
+                hop.server, timeout=self.config.step_deadline_floor / 2
+            ):
+                break
+            ends_at = loop.time() + deadline
+        call.cancel()
+        return DeadlineExceeded(
+            f"server {hop.server.peer_id} did not answer step {number} within {loop.time() - ready_at:.1f}s "
+            "nor a ping (hung?)"
+        )
 
     async def _send_copy(self, hop: _Hop, number: int, hidden: torch.Tensor) -> None:
         message = PushHidden(token=hop.token, step=number, hidden=hidden, from_client=True)
@@ -181,7 +259,8 @@ class InferenceSession:
             SwarmError: the last replacement failed too, or a server refused the replay as malformed.
         """
         failed = self.chain[index]
-        self.servers.ban(failed.server.peer_id)
+        if not _session_lost(error):
+            self.servers.ban(failed.server)
         self.failovers += 1
         await failed.stream.close()
         for attempt in range(1, self.config.replay_attempts + 1):
@@ -196,7 +275,8 @@ class InferenceSession:
                 raise replay_error
             logger.warning("replacement %s failed during replay (attempt %d of %d): %s", hop.server.peer_id,
                            attempt, self.config.replay_attempts, replay_error)  # fmt: skip
-            self.servers.ban(hop.server.peer_id)
+            if not _session_lost(replay_error):
+                self.servers.ban(hop.server)
             self.replay_failures += 1
         logger.info("replaced %s with %s for blocks %s (%d steps replayed)", failed.server.peer_id,
                     [hop.server.peer_id for hop in replacement], failed.span, len(failed.history))  # fmt: skip
@@ -207,16 +287,19 @@ class InferenceSession:
         self, history: list[tuple[int, torch.Tensor]], hops: list[_Hop]
     ) -> tuple[_Hop, SwarmError] | None:
         """Feeds the kept inputs through ``hops``; returns the hop that failed and its error, or None."""
+        loop = asyncio.get_running_loop()
         for position, value in history:
             for hop in hops:
                 hop.history.append((position, value))
+                peer, tokens, started = hop.server.peer_id, value.shape[1], loop.time()
                 try:
                     reply = await hop.stream.call(
-                        InferenceStep(step=-1, position=position, new_tokens=value.shape[1], hidden=value),
-                        timeout=self.config.step_timeout,
+                        InferenceStep(step=-1, position=position, new_tokens=tokens, hidden=value),
+                        timeout=self.servers.step_deadline(peer, tokens),
                     )
                 except SwarmError as error:
                     return hop, error
+                self.servers.record_step(peer, loop.time() - started, tokens)
                 value = reply.hidden
         return None
 
@@ -228,15 +311,22 @@ class InferenceSession:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.route_wait
+        failed_now: set[str] = set()  # failed in this round: not retried until the next poll
         while True:
             listed = await self.servers.list()
             try:
-                route = find_route(listed.values(), start, end, excluded=self.servers.banned())
+                route = find_route(listed.values(), start, end, excluded=self.servers.banned() | failed_now)
             except NoRouteError as error:
-                if loop.time() >= deadline:
-                    raise error
-                await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
-                continue
+                try:
+                    # Only banned holders are left: try them again before waiting, since a
+                    # ban is a guess (a stall elsewhere, a restart) and they may serve fine.
+                    route = find_route(listed.values(), start, end, excluded=failed_now)
+                except NoRouteError:
+                    if loop.time() >= deadline:
+                        raise error from None
+                    failed_now.clear()
+                    await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
+                    continue
             # All hops at once: one round trip instead of one per hop.
             results = await asyncio.gather(*(_settle(self._open_hop(hop.server, hop.span)) for hop in route))
             opened = [result for result in results if isinstance(result, _Hop)]
@@ -250,7 +340,8 @@ class InferenceSession:
                 if not _is_server_failure(error):
                     raise error
                 logger.warning("could not open a session on %s: %s", hop.peer_id, error)
-                self.servers.ban(hop.peer_id)
+                self.servers.ban(hop.server)
+                failed_now.add(hop.peer_id)
 
     async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
         token = secrets.token_bytes(16)

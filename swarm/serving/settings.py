@@ -19,7 +19,27 @@ class ClientConfig:
 
     step_timeout: float = field(
         default=120.0,
-        metadata={"help": "seconds for one step on one server (covers waiting for the previous hop's push)"},
+        metadata={
+            "help": "most seconds for one step on one server (covers waiting for the previous hop's "
+            "push); the ceiling of the step deadline, and the deadline on a server not yet measured"
+        },
+    )
+    step_deadline_factor: float = field(
+        default=5.0,
+        metadata={
+            "help": "a step's deadline on a server is this many times the slowest of its recent "
+            "steps (scaled by tokens), so a hung server is given up on in seconds"
+        },
+    )
+    step_deadline_floor: float = field(
+        default=2.0, metadata={"help": "seconds a step's deadline never goes below (jitter, batching)"}
+    )
+    connect_timeout: float = field(
+        default=3.0,
+        metadata={
+            "help": "seconds to connect to a server (TCP + encrypted handshake); a refused "
+            "connection fails at once, so a dead server's record costs little"
+        },
     )
     open_timeout: float = field(default=15.0, metadata={"help": "seconds to open a session on a server"})
     route_wait: float = field(
@@ -45,6 +65,9 @@ class ClientConfig:
     def __post_init__(self) -> None:
         for name in (
             "step_timeout",
+            "step_deadline_factor",
+            "step_deadline_floor",
+            "connect_timeout",
             "open_timeout",
             "route_wait",
             "route_poll",
@@ -55,6 +78,8 @@ class ClientConfig:
                 raise ValueError(f"ClientConfig.{name} must be positive")
         if self.replay_attempts < 1:
             raise ValueError("ClientConfig.replay_attempts must be at least 1")
+        if self.step_deadline_floor > self.step_timeout:
+            raise ValueError("ClientConfig.step_deadline_floor must not exceed step_timeout")
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -86,6 +111,19 @@ class ServerConfig:
     quant: str = field(default="none", metadata={"help": "weight quantization: none|int8|nf4|int4"})
     cache_tokens: int = field(
         default=32768, metadata={"help": "attention-cache budget in tokens (rows x length) over all sessions"}
+    )
+    max_sessions_per_client: int = field(
+        default=64, metadata={"help": "open sessions one client (one CURVE key) may hold on this server"}
+    )
+    client_cache_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction of --cache-tokens one client may hold, so a greedy client leaves "
+            "the rest to the others (1: no per-client limit)"
+        },
+    )
+    mailbox_steps: int = field(
+        default=4, metadata={"help": "pushed inputs one session holds ahead of its steps"}
     )
     session_idle_timeout: float = field(
         default=60.0, metadata={"help": "seconds without a step before a session and its cache are dropped"}
@@ -127,7 +165,9 @@ class ServerConfig:
             raise ValueError(f"--dtype must be auto or one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.quant not in QUANTIZATIONS:
             raise ValueError(f"--quant must be one of {QUANTIZATIONS}, got {self.quant!r}")
-        for name in ("cache_tokens", "max_batch_rows"):
+        if not 0 < self.client_cache_share <= 1:
+            raise ValueError("--client-cache-share must be in (0, 1]")
+        for name in ("cache_tokens", "max_batch_rows", "max_sessions_per_client", "mailbox_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         for name in ("rebalance_period", "throughput"):
