@@ -61,16 +61,20 @@ class RouterLinks:
         round_ = await self.router.deliver(self.source, "contribution", target)
         round_.on_contribution(self.source, part, weight, values.clone())
 
-    async def send_result(self, target, part, contributors, values, timeout) -> bool:
+    async def send_result(self, target, part, contributors, values, timeout):
         round_ = await self.router.deliver(self.source, "result", target)
-        return round_.on_result(part, values.clone(), contributors)
+        return await round_.on_result(part, values.clone(), contributors)
 
-    async def request_repair(self, target, part, weight, values, timeout):
+    async def send_verdict(self, target, part, digest, timeout) -> None:
+        round_ = await self.router.deliver(self.source, "verdict", target)
+        round_.on_verdict(part, digest)
+
+    async def request_repair(self, target, part, weight, values, timeout, arbitrate):
         round_ = await self.router.deliver(self.source, "repair", target)
         result, contributors = await asyncio.wait_for(
-            round_.on_repair(self.source, part, weight, values.clone()), timeout * 4
+            round_.on_repair(self.source, part, weight, values.clone(), arbitrate), timeout * 4
         )
-        return result.clone(), contributors
+        return (None if result is None else result.clone()), contributors
 
 
 async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
