@@ -131,10 +131,7 @@ def aggregate(
     live = {m: wv for m, wv in kept.items() if wv[0] > 0}
     if not live:
         return Aggregate(torch.zeros(numel, dtype=torch.float32), [], rejected, clipped)
-    if config.rule == "trimmed_mean":
-        values = _trimmed_mean(live)
-    else:
-        values = _centered_clip(live, config)
+    values = _trimmed_mean(live) if config.rule == "trimmed_mean" else _centered_clip(live, config)
     return Aggregate(values, sorted(live), rejected, clipped)
 
 
