@@ -2,6 +2,8 @@
 
 Also the trainer's fault injection for tests and demos (``SWARM_FAULT``): the library
 only calls a ``before_send`` hook; acting on it, by killing this process, happens here.
+Likewise the test-only attacker (``SWARM_ATTACK``): the library calls a
+``before_contribute`` hook; poisoning the contribution happens here, never in ``swarm/``.
 """
 
 from __future__ import annotations
@@ -137,6 +139,65 @@ def fault_hook(fault: FaultInjection) -> Callable[[AllReduceSend], None]:
     return before_send
 
 
+ATTACKS = ("nan", "scale", "flip", "weight")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Make this member dishonest, for tests of the defences: from its ``from_round``-th
+    all-reduce on, poison its contribution with ``kind``:
+
+    - ``nan``: every value of the pseudo-gradient NaN;
+    - ``scale``: the pseudo-gradient times ``factor`` (default 1000);
+    - ``flip``: the pseudo-gradient times ``-factor`` (default 1);
+    - ``weight``: claim ``factor`` samples (default 1e9).
+
+    Read from ``SWARM_ATTACK=kind[:factor[:from_round]]``, e.g. ``scale:1000:1``.
+    """
+
+    kind: str
+    factor: float | None = None
+    from_round: int = 1
+
+    @classmethod
+    def from_environment(cls) -> Attack | None:
+        value = os.environ.get("SWARM_ATTACK", "")
+        if not value:
+            return None
+        kind, *rest = value.split(":")
+        try:
+            factor = float(rest[0]) if rest and rest[0] else None
+            from_round = int(rest[1]) if len(rest) > 1 else 1
+        except ValueError:
+            raise ValueError(f"SWARM_ATTACK={value!r}: expected kind[:factor[:from_round]]") from None
+        if kind not in ATTACKS:
+            raise ValueError(f"SWARM_ATTACK={value!r}: kind must be one of {ATTACKS}")
+        return cls(kind, factor, from_round)
+
+
+def attack_hook(attack: Attack) -> Callable:
+    """The trainer's ``before_contribute`` hook that carries out ``attack``."""
+    contributions = 0
+
+    def before_contribute(round_index: int, pseudo_gradient, weight: float) -> float:
+        nonlocal contributions
+        contributions += 1
+        if contributions < attack.from_round or weight <= 0:
+            return weight
+        logger.warning("attack: poisoning our contribution to round %d (%s)", round_index, attack.kind)
+        if attack.kind == "nan":
+            pseudo_gradient.fill_(float("nan"))
+        elif attack.kind == "scale":
+            pseudo_gradient.mul_(attack.factor or 1000.0)
+        elif attack.kind == "flip":
+            pseudo_gradient.mul_(-(attack.factor or 1.0))
+        else:
+            return attack.factor or 1e9
+        return weight
+
+    return before_contribute
+
+
 class _TrainerGauges:
     """The trainer's Prometheus gauges, updated from each published record."""
 
@@ -164,10 +225,20 @@ class _TrainerGauges:
                 "swarm_train_group_size", "members of the last all-reduce", labels, registry=self.registry
             ),
         }
+        self.named = Gauge(
+            "swarm_train_named_peer",
+            "1 for each peer this member rejected, clipped or accused (kind) in its last round",
+            ["run", "peer", "kind"],
+            registry=self.registry,
+        )
 
     def update(self, run: str, record) -> None:
         for name, gauge in self.gauges.items():
             gauge.labels(run=run).set(getattr(record, name))
+        self.named.clear()
+        for kind in ("rejected", "clipped", "accused"):
+            for peer in getattr(record, kind):
+                self.named.labels(run=run, peer=peer, kind=kind).set(1)
 
 
 async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
@@ -178,6 +249,7 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
     from transport.errors import SwarmError
 
     fault = FaultInjection.from_environment()
+    attack = Attack.from_environment()
     stop = asyncio.Event()
     install_stop_handlers(stop, asyncio.get_running_loop())
     try:
@@ -214,6 +286,7 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
                 software_version(),
                 on_progress,
                 before_send=None if fault is None else fault_hook(fault),
+                before_contribute=None if attack is None else attack_hook(attack),
             )
             print(f"training peer {str(dht.peer_id)[:12]} joined run {config.run!r} at {address}", flush=True)
             async with exporting(metrics, gauges.registry, publisher):

@@ -279,7 +279,9 @@ class AllReduceRound:
         """Verification: the part's backup endorses a result digest ("": the part is disputed)."""
         self._state(part)
         self._verdicts.setdefault(part, digest)
-        if digest:
+        if part == self.my_index:
+            self._check_endorsement(part)  # a dispute of our part reached us as the commit's answer
+        elif digest:
             self._settle(part)
         else:
             self._dispute(part)
@@ -357,10 +359,10 @@ class AllReduceRound:
         return False
 
     def _announce(self, part: int, digest: str) -> None:
-        """As the backup: tell every member but the reducer (it got our answer) our verdict."""
+        """As the backup: tell every other member our verdict."""
         self._verdicts[part] = digest
         for target in range(len(self.members)):
-            if target not in (part, self.my_index):
+            if target != self.my_index:
                 send = self.links.send_verdict(target, part, digest, self.timeouts.call)
                 self._background(self._quietly("verdict", target, send))
 
@@ -379,13 +381,25 @@ class AllReduceRound:
         values, contributors = state.candidate
         if result_digest(values) == digest:
             state.finish(values, contributors)
-        else:  # the reducer sent us other bytes than it committed, or the backup lies: let the arbiter decide
+        else:  # the reducer sent us other bytes than it committed: take the committed ones from the backup
             logger.error(
-                "round %s: reducer %d sent us a result its backup did not endorse; disputing it",
+                "round %s: reducer %d sent us a result its backup did not endorse; asking the backup",
                 self.round_id,
                 part,
             )
-            self._dispute(part)
+            self.report.accused.add(part)
+            state.candidate = None
+            state.settled.set()
+
+    def _check_endorsement(self, part: int) -> None:
+        """As a reducer: a backup that endorses other bytes than we committed is lying."""
+        state, digest = self._state(part), self._verdicts.get(part)
+        if digest and state.result is not None and digest != result_digest(state.result):
+            backup = fallback_reducer(part, len(self.members))
+            logger.error(
+                "round %s: backup %d endorsed a result of our part we never sent", self.round_id, backup
+            )
+            self.report.accused.add(backup)
 
     # -- this member's own work ------------------------------------------------------------
 
@@ -456,7 +470,11 @@ class AllReduceRound:
             sends += [self._send_contribution(target, part) for target in targets]
         await asyncio.gather(self._reduce_own(scatter_deadline), *sends)
 
-        missing = [j for j in range(count) if not await self._wait_settled(j, gather_deadline)]
+        for j in range(count):
+            await self._wait_settled(j, gather_deadline)
+        missing = [
+            j for j in range(count) if not self._state(j).ready.is_set() and j not in self.report.disputed
+        ]
         if missing:
             logger.warning(
                 "round %s: no result for parts %s by the deadline; repairing", self.round_id, missing
@@ -527,6 +545,7 @@ class AllReduceRound:
                 )
                 return
         state.finish(values, contributors)
+        self._check_endorsement(part)
         others = [i for i in range(len(self.members)) if i not in (self.my_index, backup)]
         await asyncio.gather(
             *(
@@ -559,6 +578,11 @@ class AllReduceRound:
         if values is None:
             self._dispute(part)
             return
+        endorsed = self._verdicts.get(part)
+        if endorsed and result_digest(values) != endorsed:
+            logger.error("round %s: backup %d answered other bytes than it endorsed", self.round_id, backup)
+            self.report.accused.add(backup)
+            return  # no trustworthy result: the round fails and is skipped
         if not state.ready.is_set():
             state.finish(values.reshape(-1), list(contributors))
 

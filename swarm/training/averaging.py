@@ -121,6 +121,11 @@ class AllReduceSend:
 BeforeSend = Callable[[AllReduceSend], None]
 """Called before each all-reduce message this member sends (fault injection, tracing)."""
 
+BeforeContribute = Callable[[int, torch.Tensor, float], float]
+"""Called with (round, pseudo-gradient, sample weight) before a member's contribution goes
+into the all-reduce; returns the weight to send, may change the pseudo-gradient in place.
+The process layer's test-only attacker uses it (``SWARM_ATTACK`` in ``peers/train.py``)."""
+
 
 @dataclass
 class AveragingOutcome:
