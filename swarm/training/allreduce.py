@@ -42,101 +42,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import TypeVar
 
 import torch
 
+from swarm.training import verification
+from swarm.training.group_links import (  # re-exported: the round's public types
+    AllReduceReport,
+    AllReduceTimeouts,
+    CommitReply,
+    GroupLinks,
+    Member,
+)
 from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
-from swarm.training.reduction import PartState, RoundTrip, result_digest, results_agree
+from swarm.training.reduction import PartState, RoundTrip, result_digest
 from swarm.training.robust import RobustConfig
 
 logger = logging.getLogger(__name__)
 
 _Reply = TypeVar("_Reply")
 
-CommitReply = Literal["accepted", "taken_over", "disputed"]
-"""A backup's answer to a reducer's commit: kept, refused (it took the part over), or
-refused (its own recomputation disagrees: the part goes to its arbiter)."""
-
-
-@dataclass(frozen=True)
-class AllReduceTimeouts:
-    """Deadlines of one all-reduce round, in seconds."""
-
-    scatter: float = 30.0
-    """Reducers wait this long for contributions, counted from the round's start."""
-    gather: float = 30.0
-    """Members wait this long after the scatter deadline for every part's result."""
-    repair: float = 30.0
-    """A backup (or arbiter) that takes a part over waits this long for the survivors' contributions."""
-    call: float = 10.0
-    """Bound on one request to one member."""
-
-
-@dataclass(frozen=True)
-class Member:
-    """One member of a group, as every member sees it.
-
-    Attributes:
-        peer_id: its identity; groups are sorted by it.
-        bandwidth: declared bytes/s; sets the size of the part it reduces.
-        address: its transport endpoint.
-        public_key: the z85 CURVE key its endpoint must present (and its requests carry).
-    """
-
-    peer_id: str
-    bandwidth: float = 1.0
-    address: str = ""
-    public_key: bytes = b""
-
-
-@dataclass
-class AllReduceReport:
-    """What one member's round did, by part and by member position.
-
-    ``rejected``/``clipped``: members whose contribution to a part this member reduced
-    was dropped (not finite, invalid weight) or clipped (weight or norm over the bound).
-    ``disputed``: parts whose backup disagreed with the reducer. ``accused``: members
-    this member has evidence lied as a reducer or backup (their result disagreed with
-    the recomputation that was used).
-    """
-
-    contributors: dict[int, list[int]] = field(default_factory=dict)
-    repaired_parts: list[int] = field(default_factory=list)
-    rejected: dict[int, list[int]] = field(default_factory=dict)
-    clipped: dict[int, list[int]] = field(default_factory=dict)
-    disputed: list[int] = field(default_factory=list)
-    accused: set[int] = field(default_factory=set)
-
-
-class GroupLinks(Protocol):
-    """How one member's round reaches the others in its group: the round's network seam.
-
-    One instance per member and round (it knows both). ``target`` is a position in the
-    group; every call is bounded by ``timeout`` seconds and raises SwarmError or OSError
-    when ``target`` cannot be reached or refuses. Implemented over the transport by
-    :class:`~swarm.training.averaging.AveragingService`, in process by the protocol tests.
-    """
-
-    async def send_contribution(
-        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
-    ) -> None:
-        """Scatter: this member's share of ``part`` to ``target``, the part's reducer or backup."""
-
-    async def send_result(
-        self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
-    ) -> CommitReply:
-        """Gather: the reduced ``part`` to ``target``; the part's backup may refuse it."""
-
-    async def send_verdict(self, target: int, part: int, digest: str, timeout: float) -> None:
-        """Verification: the backup endorses the result of ``part`` with this digest ("": disputed)."""
-
-    async def request_repair(
-        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float, arbitrate: bool
-    ) -> tuple[torch.Tensor | None, list[int]]:
-        """Repair: ``part``'s (result, contributors) from ``target``, its backup (or, with
-        ``arbitrate``, its arbiter), given this member's share. A result of None: disputed."""
+__all__ = ["AllReduceReport", "AllReduceRound", "AllReduceTimeouts", "CommitReply", "GroupLinks", "Member"]
 
 
 class AllReduceRound:
@@ -261,7 +187,7 @@ class AllReduceRound:
             return "accepted"
         if backup != self.my_index:
             state.candidate = (values, contributors)
-            self._settle(part)
+            verification.settle(self, part)
             return "accepted"
         verdict = await self._verify(part, values, contributors)
         if state.ready.is_set() or state.taken_over:
@@ -269,10 +195,10 @@ class AllReduceRound:
         if not verdict:
             self._dispute(part)
             self.report.accused.add(part)
-            self._announce(part, "")
+            verification.announce(self, part, "")
             return "disputed"
         state.finish(values, contributors)
-        self._announce(part, result_digest(values))
+        verification.announce(self, part, result_digest(values))
         return "accepted"
 
     def on_verdict(self, part: int, digest: str) -> None:
@@ -280,9 +206,11 @@ class AllReduceRound:
         self._state(part)
         self._verdicts.setdefault(part, digest)
         if part == self.my_index:
-            self._check_endorsement(part)  # a dispute of our part reached us as the commit's answer
+            verification.check_endorsement(
+                self, part
+            )  # a dispute of our part reached us as the commit's answer
         elif digest:
-            self._settle(part)
+            verification.settle(self, part)
         else:
             self._dispute(part)
 
@@ -295,7 +223,7 @@ class AllReduceRound:
         if arbitrate:
             if not self.verifying or arbiter_of(part, count) != self.my_index:
                 raise ValueError(f"member {self.my_index} is not the arbiter of part {part}")
-            return await self._arbitrate(sender, part, weight, values)
+            return await verification.arbitrate(self, sender, part, weight, values)
         if fallback_reducer(part, count) != self.my_index:
             raise ValueError(f"member {self.my_index} is not the backup of part {part}")
         state = self._state(part)
@@ -313,17 +241,9 @@ class AllReduceRound:
         await asyncio.wait_for(state.ready.wait(), self.timeouts.repair + self.timeouts.call)
         return state.result, state.contributors
 
-    async def _arbitrate(self, sender: int, part: int, weight: float, values: torch.Tensor | None):
-        state = self._state(part, self._arbitrations)
-        if not state.taken_over:
-            state.taken_over = True
-            logger.warning("round %s: arbitrating disputed part %d", self.round_id, part)
-            state.add(self.my_index, self.weight, self._own_share(part))
-            self._background(self._reduce_taken_over(part, state, set(range(len(self.members)))))
-        if sender != self.my_index:
-            state.add(sender, float(weight), self._check_contribution(sender, part, values))
-        await asyncio.wait_for(state.ready.wait(), self.timeouts.repair + self.timeouts.call)
-        return state.result, state.contributors
+    async def _verify(self, part: int, committed: torch.Tensor, contributors: list[int]) -> bool:
+        """On the backup: does the committed result match our own recomputation? (verification.py)"""
+        return await verification.verify_commit(self, part, committed, contributors)
 
     async def _reduce_taken_over(self, part: int, state: PartState, expected: set[int]) -> None:
         await state.wait_for(expected, asyncio.get_running_loop().time() + self.timeouts.repair)
@@ -333,73 +253,11 @@ class AllReduceRound:
 
     # -- verification ------------------------------------------------------------------------
 
-    async def _verify(self, part: int, committed: torch.Tensor, contributors: list[int]) -> bool:
-        """On the backup: does the reducer's committed result match our own recomputation?"""
-        check = self._state(part, self._checks)
-        scatter_deadline = (self._started or asyncio.get_running_loop().time()) + self.timeouts.scatter
-        await check.wait_for(set(contributors), scatter_deadline + self.timeouts.call)
-        own = check.compute(self.round_trip, self.robust)
-        if own.contributors == contributors and results_agree(committed, own.values):
-            return True
-        missing = set(contributors) - check.contributions.keys()
-        if missing and part not in missing:
-            # A member died between its sends to the reducer and to us: we cannot recompute
-            # the same thing. Accepted unverified (the reducer's own share reached us).
-            logger.warning(
-                "round %s: part %d unverifiable (no copy from members %s); accepting it",
-                self.round_id,
-                part,
-                sorted(missing),
-            )
-            return True
-        logger.error(
-            "round %s: reducer %d (%s) committed a result for part %d that disagrees with ours; disputing it",
-            self.round_id, part, self.members[part].peer_id[:12], part,
-        )  # fmt: skip
-        return False
-
-    def _announce(self, part: int, digest: str) -> None:
-        """As the backup: tell every other member our verdict."""
-        self._verdicts[part] = digest
-        for target in range(len(self.members)):
-            if target != self.my_index:
-                send = self.links.send_verdict(target, part, digest, self.timeouts.call)
-                self._background(self._quietly("verdict", target, send))
-
     def _dispute(self, part: int) -> None:
         state = self._state(part)
         if part not in self.report.disputed:
             self.report.disputed.append(part)
         state.settled.set()
-
-    def _settle(self, part: int) -> None:
-        """Accept the reducer's result once the backup endorsed exactly its bytes."""
-        state = self._state(part)
-        digest = self._verdicts.get(part)
-        if state.ready.is_set() or not digest or state.candidate is None:
-            return
-        values, contributors = state.candidate
-        if result_digest(values) == digest:
-            state.finish(values, contributors)
-        else:  # the reducer sent us other bytes than it committed: take the committed ones from the backup
-            logger.error(
-                "round %s: reducer %d sent us a result its backup did not endorse; asking the backup",
-                self.round_id,
-                part,
-            )
-            self.report.accused.add(part)
-            state.candidate = None
-            state.settled.set()
-
-    def _check_endorsement(self, part: int) -> None:
-        """As a reducer: a backup that endorses other bytes than we committed is lying."""
-        state, digest = self._state(part), self._verdicts.get(part)
-        if digest and state.result is not None and digest != result_digest(state.result):
-            backup = fallback_reducer(part, len(self.members))
-            logger.error(
-                "round %s: backup %d endorsed a result of our part we never sent", self.round_id, backup
-            )
-            self.report.accused.add(backup)
 
     # -- this member's own work ------------------------------------------------------------
 
@@ -484,7 +342,7 @@ class AllReduceRound:
             j for j in range(count) if j in self.report.disputed and not self._state(j).ready.is_set()
         ]
         if disputed:
-            await asyncio.gather(*(self._resolve_dispute(j) for j in disputed))
+            await asyncio.gather(*(verification.resolve_dispute(self, j) for j in disputed))
         unresolved = [j for j in range(count) if not self._state(j).ready.is_set()]
         if unresolved:
             raise DeadlineExceeded(f"all-reduce {self.round_id}: parts {unresolved} have no result")
@@ -545,7 +403,7 @@ class AllReduceRound:
                 )
                 return
         state.finish(values, contributors)
-        self._check_endorsement(part)
+        verification.check_endorsement(self, part)
         others = [i for i in range(len(self.members)) if i not in (self.my_index, backup)]
         await asyncio.gather(
             *(
@@ -585,28 +443,3 @@ class AllReduceRound:
             return  # no trustworthy result: the round fails and is skipped
         if not state.ready.is_set():
             state.finish(values.reshape(-1), list(contributors))
-
-    async def _resolve_dispute(self, part: int) -> None:
-        """A disputed part: every member asks the arbiter, whose result everyone then uses."""
-        arbiter = arbiter_of(part, len(self.members))
-        if arbiter == self.my_index:
-            reply = await self._quietly(
-                "arbitration", arbiter, self._arbitrate(self.my_index, part, self.weight, self._slice(part))
-            )
-        else:
-            request = self.links.request_repair(
-                arbiter, part, self.weight, self._slice(part), self.timeouts.call + self.timeouts.repair, True
-            )
-            reply = await self._quietly("arbitration", arbiter, request)
-        if reply is None or reply[0] is None:
-            return  # no result: the round fails with DeadlineExceeded and is skipped
-        values, contributors = reply
-        values = values.reshape(-1)
-        state = self._state(part)
-        if state.candidate is not None:  # the reducer's result, as it reached us
-            if results_agree(state.candidate[0], values):
-                if part == self.my_index or self._verdicts.get(part):
-                    self.report.accused.add(fallback_reducer(part, len(self.members)))  # the backup lied
-            else:
-                self.report.accused.add(part)  # the reducer's result contradicts the arbiter's
-        state.finish(values, list(contributors))
