@@ -172,3 +172,28 @@ def test_a_backup_that_disputes_honest_results_cannot_replace_them():
     assert_identical(results)
     assert torch.equal(results[0], honest_results[0])
     assert ATTACKER in router.rounds[2].report.accused  # the honest reducer names its backup
+
+
+def test_a_checkpoint_is_refused_for_non_finite_parameters_or_an_exploded_loss():
+    from swarm.training.run_checkpoint import checkpoint_refusal
+
+    assert checkpoint_refusal(True, 5.0, None, 2.0) is None
+    assert checkpoint_refusal(True, 5.5, 5.0, 2.0) is None
+    assert "not finite" in checkpoint_refusal(False, 5.0, 5.0, 2.0)
+    assert "nan" in checkpoint_refusal(True, float("nan"), 5.0, 2.0)
+    assert "exploded" in checkpoint_refusal(True, 700.0, 6.0, 2.0)
+
+
+def test_the_training_record_names_rejected_clipped_and_accused_peers():
+    from swarm.training.progress import TrainerState, TrainingPeerRecord
+
+    record = TrainingPeerRecord(
+        TrainerState.TRAINING, 3, 30, 5.0, ((3, 5.0),), 100.0, 1000, 4, "h", ("tcp://x",), b"k", 1.0, "0",
+        1.0, rejected=("peer-d",), clipped=("peer-c", "peer-d"), accused=("peer-e",),
+    )  # fmt: skip
+    parsed = TrainingPeerRecord.from_wire(record.to_wire())
+    assert (parsed.rejected, parsed.clipped, parsed.accused) == (("peer-d",), ("peer-c", "peer-d"), ("peer-e",))
+    older = record.to_wire()
+    for name in ("rejected", "clipped", "accused"):
+        del older[name]
+    assert TrainingPeerRecord.from_wire(older).rejected == ()  # records of older peers still parse
