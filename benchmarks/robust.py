@@ -77,7 +77,9 @@ def aggregate_like_the_reducers(pseudo_gradients, weights, robust: RobustConfig)
     return result
 
 
-def train(setting, config, samplers, inner_config, holdout, robust: RobustConfig, attack: str | None) -> float:
+def train(
+    setting, config, samplers, inner_config, holdout, robust: RobustConfig, attack: str | None
+) -> float:
     replicas = [init_model(config, seed=0) for _ in range(setting.workers)]
     outer = OuterOptimizer(flatten_parameters(replicas[0]), inner_config)
     optimizers = [make_inner_optimizer(replica, inner_config) for replica in replicas]
@@ -130,7 +132,9 @@ def main() -> int:
         for worker in range(setting.workers)
     ]
     holdout = samplers()[0].holdout_batch(64)
-    inner = DiLoCoConfig(inner_lr=2e-3, warmup_steps=setting.inner_steps // 2, total_inner_steps=setting.steps)
+    inner = DiLoCoConfig(
+        inner_lr=2e-3, warmup_steps=setting.inner_steps // 2, total_inner_steps=setting.steps
+    )
     trainer_defaults = TrainerConfig(model="-")
     default = trainer_defaults.robust
 

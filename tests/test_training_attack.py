@@ -32,7 +32,9 @@ RUN = "attack-run"
 @pytest.fixture
 def swarm(tmp_path):
     write_tiny_checkpoint(tmp_path / "model", num_layers=2, hidden_size=64)
-    bootstrap = SwarmDHT(Identity.generate(), DHTConfig(swarm_name="ci", host_maddrs=("/ip4/127.0.0.1/tcp/0",)))
+    bootstrap = SwarmDHT(
+        Identity.generate(), DHTConfig(swarm_name="ci", host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    )
     bootstrap.start()
     group = ProcessGroup(tmp_path)
     common = [

@@ -54,7 +54,9 @@ def test_a_join_request_in_a_live_members_name_is_refused_and_the_member_keeps_i
                     await connection.call(forged, timeout=5)
                 refusals.append(str(refused.value))
             await connection.close()
-            following = await member.form_group(0, join("b-member", member_address, member_endpoint.public_key))
+            following = await member.form_group(
+                0, join("b-member", member_address, member_endpoint.public_key)
+            )
             led = await leading
         finally:
             for endpoint in (leader_endpoint, member_endpoint, impostor):
@@ -80,7 +82,9 @@ def test_a_verdict_from_a_member_that_is_not_the_parts_backup_is_refused():
             members.append(Member(f"peer{i}", 1.0, address, endpoint.public_key))
         try:
             victim = asyncio.create_task(
-                services[2].all_reduce("round-v", members, 2, torch.ones(192), 1.0, AllReduceTimeouts(2, 2, 2, 2))
+                services[2].all_reduce(
+                    "round-v", members, 2, torch.ones(192), 1.0, AllReduceTimeouts(2, 2, 2, 2)
+                )
             )
             # Member 0 is a member of the round, but the backup of part 0 is member 1.
             connection = await endpoints[0].connect(members[2].address, members[2].public_key)

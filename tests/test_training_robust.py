@@ -192,7 +192,11 @@ def test_the_training_record_names_rejected_clipped_and_accused_peers():
         1.0, rejected=("peer-d",), clipped=("peer-c", "peer-d"), accused=("peer-e",),
     )  # fmt: skip
     parsed = TrainingPeerRecord.from_wire(record.to_wire())
-    assert (parsed.rejected, parsed.clipped, parsed.accused) == (("peer-d",), ("peer-c", "peer-d"), ("peer-e",))
+    assert (parsed.rejected, parsed.clipped, parsed.accused) == (
+        ("peer-d",),
+        ("peer-c", "peer-d"),
+        ("peer-e",),
+    )
     older = record.to_wire()
     for name in ("rejected", "clipped", "accused"):
         del older[name]
