@@ -139,10 +139,14 @@ def main() -> int:
     default = trainer_defaults.robust
 
     def run(robust, attack=None) -> float:
-        return train(setting, config, samplers(), inner, holdout, robust, attack)
+        began = time.perf_counter()
+        loss = train(setting, config, samplers(), inner, holdout, robust, attack)
+        print(f"  {robust.rule:<14} attack={attack or '-':<6} loss {loss:.4f} "
+              f"({time.perf_counter() - began:.0f} s)", flush=True)  # fmt: skip
+        return loss
 
     print(f"4 members x {setting.rounds} rounds x H={setting.inner_steps}; attacker: member {ATTACKER}; "
-          f"default rule: {default.rule}")  # fmt: skip
+          f"default rule: {default.rule}", flush=True)  # fmt: skip
     losses = {"clean": run(RobustConfig(rule="mean"))}
     for rule in ("centered_clip", "trimmed_mean"):
         losses[f"clean/{rule}"] = run(RobustConfig(rule=rule))
