@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="outer rounds (default: 6 quick, 20 full)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on shared cores, two threads ran 16x slower per step (barrier spinning)
     if args.quick:
         setting = Setting(workers=4, inner_steps=30, rounds=args.rounds or 6, batch=8, seq_len=64, hidden=64,
                           layers=2, corpus_bytes=2_000_000)  # fmt: skip

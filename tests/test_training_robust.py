@@ -201,3 +201,12 @@ def test_the_training_record_names_rejected_clipped_and_accused_peers():
     for name in ("rejected", "clipped", "accused"):
         del older[name]
     assert TrainingPeerRecord.from_wire(older).rejected == ()  # records of older peers still parse
+
+
+def test_of_two_members_one_cannot_claim_a_thousand_times_the_others_norm_or_weight():
+    honest, attacker = correlated_vectors(count=2, seed=5)
+    contributions = {0: (32.0, honest), 1: (1e9, attacker * 1000)}
+    result = aggregate(contributions, RobustConfig())
+    assert result.clipped == [1]
+    norm = float(torch.linalg.vector_norm(honest))
+    assert float(torch.linalg.vector_norm(result.values)) <= 2 * norm

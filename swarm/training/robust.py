@@ -7,11 +7,11 @@ anything is averaged, :func:`aggregate` therefore
 
 1. **rejects** a contribution that is not finite (NaN or infinity anywhere) or has a
    negative or non-finite weight: it counts as absent;
-2. **caps each weight** at ``max_weight_ratio`` times the median weight of the round's
-   contributions, and at the member's own cap (what its throughput could have
-   processed, when the group knows it);
-3. **clips each norm** to ``max_norm_ratio`` times the median norm (clip rather than
-   drop: an honest member with a large step still counts, just not more than a bound);
+2. **caps each weight** at ``max_weight_ratio`` times the lower median weight of the
+   round's contributions (the smaller middle value: with two members, the smaller
+   bounds the larger), and at the member's own cap when the caller knows one;
+3. **clips each norm** to ``max_norm_ratio`` times the lower median norm (clip rather
+   than drop: an honest member with a large step still counts, just not more than a bound);
 4. combines what is left with the configured rule:
 
    - ``centered_clip`` (Gorbunov et al. 2022, "Secure Distributed Training at Scale",
@@ -76,10 +76,10 @@ class Aggregate:
     """Members whose weight was capped or whose norm was clipped."""
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+def _lower_median(values: list[float]) -> float:
+    """The smaller middle value: with two members the smaller one bounds the larger, so
+    one of two cannot claim 1000x the other's norm or weight (it can only hold it back)."""
+    return sorted(values)[(len(values) - 1) // 2]
 
 
 def aggregate(
@@ -112,9 +112,9 @@ def aggregate(
         return Aggregate(_weighted_mean(kept, numel), [m for m in kept if kept[m][0] > 0], rejected)
 
     positive = [weight for weight, _ in kept.values() if weight > 0]
-    weight_bound = config.max_weight_ratio * _median(positive) if positive else 0.0
+    weight_bound = config.max_weight_ratio * _lower_median(positive) if positive else 0.0
     norms = {m: float(torch.linalg.vector_norm(v)) for m, (w, v) in kept.items() if w > 0}
-    norm_bound = config.max_norm_ratio * _median(list(norms.values())) if norms else 0.0
+    norm_bound = config.max_norm_ratio * _lower_median(list(norms.values())) if norms else 0.0
     for member, (weight, values) in list(kept.items()):
         if weight <= 0:
             continue
