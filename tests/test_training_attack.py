@@ -69,6 +69,8 @@ def test_a_member_sending_a_x1000_pseudo_gradient_is_clipped_named_and_harmless(
     for process in honest:
         wait_for_round(process, "a third round with all four", lambda r: r.members == 4 and r.index >= 3)
     attacker.wait_for_line("attack: poisoning", timeout=10)
+    # b's record and gauge name the attacker from the first round it clipped it until the next
+    honest[1].wait_for(lambda line: "clipped the contribution" in line and attacker_id in line, "a clip", 120)
     metrics_url = honest[1].wait_for_line("metrics at", timeout=10).split()[-1]
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         metrics = response.read().decode()
@@ -86,7 +88,7 @@ def test_a_member_sending_a_x1000_pseudo_gradient_is_clipped_named_and_harmless(
     named = [line for p in honest for line in p.lines if "clipped the contribution or result of" in line]
     assert any(attacker_id in line for line in named), named
     assert re.search(
-        rf'swarm_train_named_peer{{run="{RUN}",peer="{attacker_id}\w*",kind="clipped"}} 1.0', metrics
+        rf'swarm_train_named_peer{{kind="clipped",peer="{attacker_id}\w*",run="{RUN}"}} 1.0', metrics
     ), metrics
 
 

@@ -21,7 +21,8 @@ anything is averaged, :func:`aggregate` therefore
    - ``trimmed_mean``: coordinate-wise, drop the highest and lowest values (a quarter
      of the contributions on each side, at least one when there are three or more) and
      take the weighted mean of the rest;
-   - ``mean``: the plain weighted mean (no defence; for comparison).
+   - ``mean``: the plain weighted mean, with no validation or clipping either (no
+     defence; for comparison).
 
 Every step is a fixed sequence of float32 CPU ops in member order, so a backup that
 recomputes the same part from the same inputs gets the same bits. The result says
@@ -38,6 +39,11 @@ import torch
 RULES = ("centered_clip", "trimmed_mean", "mean")
 """Aggregation rules (``--aggregation``)."""
 
+NOTABLE_CLIP = 2.0
+"""A norm clip is reported (``Aggregate.clipped``) when it scaled a contribution down by
+more than this: at ``max_norm_ratio`` 1 the larger honest contributions are always
+trimmed a little, and naming them every round would hide the member that matters."""
+
 
 @dataclass(frozen=True)
 class RobustConfig:
@@ -47,8 +53,10 @@ class RobustConfig:
     """One of :data:`RULES`."""
     max_weight_ratio: float = 4.0
     """A sample weight counts at most this many times the round's median weight."""
-    max_norm_ratio: float = 2.0
-    """A contribution's norm is clipped to this many times the round's median norm."""
+    max_norm_ratio: float = 1.0
+    """A contribution's norm is clipped to this many times the round's lower median norm.
+    1.0 measured best (benchmarks/robust.py): honest members' norms are close, so it
+    rarely clips them, and an attacker's contribution then weighs no more than theirs."""
     clip_iterations: int = 5
     """CenteredClip iterations (BTARD uses a handful; it converges in 2-3 on honest inputs)."""
     clip_tau_ratio: float = 2.0
@@ -73,7 +81,7 @@ class Aggregate:
     rejected: list[int] = field(default_factory=list)
     """Members whose contribution was dropped: not finite, or an invalid weight."""
     clipped: list[int] = field(default_factory=list)
-    """Members whose weight was capped or whose norm was clipped."""
+    """Members whose weight was capped or whose norm was clipped by more than :data:`NOTABLE_CLIP`."""
 
 
 def _lower_median(values: list[float]) -> float:
@@ -99,6 +107,9 @@ def aggregate(
     """
     order = sorted(contributions)
     numel = contributions[order[0]][1].numel() if order else 0
+    if config.rule == "mean":  # no defence at all, for comparison: what DiLoCo does without this module
+        plain = {m: (w, v.reshape(-1).to(torch.float32)) for m, (w, v) in contributions.items()}
+        return Aggregate(_weighted_mean(plain, numel), [m for m in order if contributions[m][0] != 0])
     rejected, clipped = [], []
     kept: dict[int, tuple[float, torch.Tensor]] = {}
     for member in order:
@@ -108,9 +119,6 @@ def aggregate(
             rejected.append(member)
             continue
         kept[member] = (weight, values)
-    if config.rule == "mean":
-        return Aggregate(_weighted_mean(kept, numel), [m for m in kept if kept[m][0] > 0], rejected)
-
     positive = [weight for weight, _ in kept.values() if weight > 0]
     weight_bound = config.max_weight_ratio * _lower_median(positive) if positive else 0.0
     norms = {m: float(torch.linalg.vector_norm(v)) for m, (w, v) in kept.items() if w > 0}
@@ -124,7 +132,7 @@ def aggregate(
             weight, was_clipped = cap, True
         if norms[member] > norm_bound:
             values = values * (norm_bound / norms[member])
-            was_clipped = True
+            was_clipped = was_clipped or norms[member] > NOTABLE_CLIP * norm_bound
         if was_clipped:
             clipped.append(member)
         kept[member] = (weight, values)

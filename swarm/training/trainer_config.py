@@ -46,14 +46,15 @@ class TrainerConfig:
     record_ttl: float = _opt(30.0, "seconds this member's run record lives unless refreshed")
     aggregation: str = _opt(
         "centered_clip",
-        "how reducers combine contributions: centered_clip (BTARD), trimmed_mean, or mean (no defence); "
+        "how reducers combine contributions: centered_clip (BTARD), trimmed_mean, or mean (no defence "
+        "at all: no validation or clipping either); "
         "every member of a run must use the same",
     )
     max_weight_ratio: float = _opt(
         2.0, "a contribution's sample weight counts at most this many times the round's median"
     )
     max_norm_ratio: float = _opt(
-        2.0, "a contribution's norm is clipped to this many times the round's median norm"
+        1.0, "a contribution's norm is clipped to this many times the round's lower median norm"
     )
     verify_reducers: bool = _opt(
         True, "backups recompute every reduced part and dispute a reducer that disagrees (1.5x scatter bytes)"
