@@ -7,11 +7,13 @@ import torch
 
 from swarm.training.allreduce import AllReduceTimeouts, Member
 from swarm.training.averaging import AveragingService, Contribution
+from swarm.training.robust import RobustConfig
 from transport import CodedTensor, Endpoint, NotAuthorized
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUTS = AllReduceTimeouts(scatter=5, gather=5, repair=5, call=5)
+PLAIN_MEAN = RobustConfig(rule="mean")  # compared with the weighted mean; the rules: test_training_robust.py
 
 
 async def _start_members(count, compression="int8"):
@@ -42,7 +44,9 @@ def test_three_members_average_bit_identically_over_zeromq(compression):
         try:
             outcomes = await asyncio.gather(
                 *(
-                    services[i].all_reduce("round-1", members, i, vectors[i], weights[i], TIMEOUTS)
+                    services[i].all_reduce(
+                        "round-1", members, i, vectors[i], weights[i], TIMEOUTS, robust=PLAIN_MEAN
+                    )
                     for i in range(3)
                 )
             )
@@ -116,7 +120,14 @@ def test_averaging_in_place_gives_the_same_bits_as_a_new_vector(compression):
             outcomes = await asyncio.gather(
                 *(
                     services[i].all_reduce(
-                        "round-1", members, i, vectors[i], 1.0, TIMEOUTS, out=vectors[i] if i < 2 else None
+                        "round-1",
+                        members,
+                        i,
+                        vectors[i],
+                        1.0,
+                        TIMEOUTS,
+                        out=vectors[i] if i < 2 else None,
+                        robust=PLAIN_MEAN,
                     )
                     for i in range(3)
                 )

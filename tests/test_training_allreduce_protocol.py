@@ -13,11 +13,14 @@ import torch
 
 from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from swarm.training.allreduce import AllReduceRound, AllReduceTimeouts, GroupLinks, Member
+from swarm.training.robust import RobustConfig
 from transport.errors import PeerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUTS = AllReduceTimeouts(scatter=0.5, gather=0.5, repair=0.5, call=0.5)
+PLAIN_MEAN = RobustConfig(rule="mean")
+"""These tests check the protocol against the weighted mean; test_training_robust.py the rules."""
 
 
 def int8_round_trip(values: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,15 @@ async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
     members = [Member(f"peer{i}", bandwidths[i]) for i in range(len(vectors))]
     for i, vector in enumerate(vectors):
         router.rounds[i] = AllReduceRound(
-            "r1", members, i, vector, weights[i], router.links(i), int8_round_trip, TIMEOUTS
+            "r1",
+            members,
+            i,
+            vector,
+            weights[i],
+            router.links(i),
+            int8_round_trip,
+            TIMEOUTS,
+            robust=PLAIN_MEAN,
         )
     for i, round_ in router.rounds.items():
         router.tasks[i] = asyncio.create_task(round_.run())

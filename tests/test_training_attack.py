@@ -97,9 +97,9 @@ def test_undefended_a_nan_member_poisons_the_model_but_never_the_last_good_check
     undefended = ("--aggregation", "mean")
     a = swarm("a", *undefended, "--checkpoint-dir", str(checkpoint_dir))
     b = swarm("b", *undefended)
-    attacker = swarm("c", *undefended, env={"SWARM_ATTACK": "nan::2"})  # from its second all-reduce
-    for process in (a, b, attacker):
-        peer_id_of(process)
+    wait_for_round(a, "a round of a and b (a checkpoints it)", lambda r: r.members == 2)
+    # The attacker joins a healthy run; its first all-reduce is a newcomer's zero update.
+    attacker = swarm("c", *undefended, env={"SWARM_ATTACK": "nan::2"})
     refusal = a.wait_for_line("NOT writing a checkpoint", timeout=300)
     assert "not finite" in refusal
     for process in (a, b, attacker):

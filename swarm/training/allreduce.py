@@ -337,7 +337,7 @@ class AllReduceRound:
             logger.warning(
                 "round %s: no result for parts %s by the deadline; repairing", self.round_id, missing
             )
-            await asyncio.gather(*(self._repair(j) for j in missing))
+            await asyncio.gather(*(verification.repair(self, j) for j in missing))
         disputed = [
             j for j in range(count) if j in self.report.disputed and not self._state(j).ready.is_set()
         ]
@@ -413,33 +413,3 @@ class AllReduceRound:
                 for i in others
             )
         )
-
-    async def _repair(self, part: int) -> None:
-        backup = fallback_reducer(part, len(self.members))
-        if backup == self.my_index:
-            reply = await self.on_repair(self.my_index, part, self.weight, self._slice(part))
-        else:
-            request = self.links.request_repair(
-                backup, part, self.weight, self._slice(part), self.timeouts.call, False
-            )
-            reply = await self._quietly("repair", backup, request)
-        state = self._state(part)
-        if reply is None:
-            if state.candidate is not None and part not in self.report.disputed:
-                # The backup is gone: nobody can verify this part; take the reducer's result.
-                logger.warning(
-                    "round %s: backup of part %d unreachable; using it unverified", self.round_id, part
-                )
-                state.finish(*state.candidate)
-            return
-        values, contributors = reply
-        if values is None:
-            self._dispute(part)
-            return
-        endorsed = self._verdicts.get(part)
-        if endorsed and result_digest(values) != endorsed:
-            logger.error("round %s: backup %d answered other bytes than it endorsed", self.round_id, backup)
-            self.report.accused.add(backup)
-            return  # no trustworthy result: the round fails and is skipped
-        if not state.ready.is_set():
-            state.finish(values.reshape(-1), list(contributors))

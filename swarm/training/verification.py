@@ -1,5 +1,6 @@
-"""How the members of an all-reduce round check its reducers (the verification half of
-:mod:`swarm.training.allreduce`; see its docstring for the protocol).
+"""How the members of an all-reduce round check its reducers and repair missing parts
+(the verification and repair half of :mod:`swarm.training.allreduce`; see its
+docstring for the protocol).
 
 - the *backup* of a part recomputes it from its own copies of the contributions and
   endorses the reducer's commit (:func:`verify_commit`, :func:`announce`) or disputes it;
@@ -8,7 +9,8 @@
   (:func:`check_endorsement`);
 - a disputed part goes to its *arbiter*, which reduces it from every member's share
   (:func:`arbitrate`); every member then uses the arbiter's result (:func:`resolve_dispute`)
-  and names whoever's result contradicted it.
+  and names whoever's result contradicted it;
+- a member missing a part at the gather deadline asks its backup (:func:`repair`).
 
 These are functions of the round's state rather than methods so the round itself stays
 one readable module.
@@ -145,3 +147,36 @@ async def resolve_dispute(round_: AllReduceRound, part: int) -> None:
         else:
             round_.report.accused.add(part)  # the reducer's result contradicts the arbiter's
     state.finish(values, list(contributors))
+
+
+async def repair(round_: AllReduceRound, part: int) -> None:
+    """A part with no (endorsed) result at the gather deadline: ask its backup, which answers
+    the committed result or takes the part over; a dispute sends the member to the arbiter."""
+    backup = fallback_reducer(part, len(round_.members))
+    if backup == round_.my_index:
+        reply = await round_.on_repair(round_.my_index, part, round_.weight, round_._slice(part))
+    else:
+        request = round_.links.request_repair(
+            backup, part, round_.weight, round_._slice(part), round_.timeouts.call, False
+        )
+        reply = await round_._quietly("repair", backup, request)
+    state = round_._state(part)
+    if reply is None:
+        if state.candidate is not None and part not in round_.report.disputed:
+            # The backup is gone: nobody can verify this part; take the reducer's result.
+            logger.warning(
+                "round %s: backup of part %d unreachable; using it unverified", round_.round_id, part
+            )
+            state.finish(*state.candidate)
+        return
+    values, contributors = reply
+    if values is None:
+        round_._dispute(part)
+        return
+    endorsed = round_._verdicts.get(part)
+    if endorsed and result_digest(values) != endorsed:
+        logger.error("round %s: backup %d answered other bytes than it endorsed", round_.round_id, backup)
+        round_.report.accused.add(backup)
+        return  # no trustworthy result: the round fails and is skipped
+    if not state.ready.is_set():
+        state.finish(values.reshape(-1), list(contributors))
