@@ -102,9 +102,9 @@ def test_undefended_a_nan_member_poisons_the_model_but_never_the_last_good_check
     attacker = swarm("c", *undefended, env={"SWARM_ATTACK": "nan::2"})
     refusal = a.wait_for_line("NOT writing a checkpoint", timeout=300)
     assert "not finite" in refusal
+    wait_for_round(a, "a round trained from poisoned parameters", lambda r: math.isnan(r.loss))
     for process in (a, b, attacker):
         process.terminate(timeout=120)
-    assert any(math.isnan(r.loss) for r in rounds_of(a))  # the model was poisoned...
     state = load_training_state(checkpoint_dir)  # ...but the checkpoint is the last good one
     assert state is not None
     assert bool(torch.isfinite(state["outer"]["parameters"]).all())
