@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from peers.train import FaultInjection
+from peers.faults import AllReduceFault
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -15,10 +15,10 @@ pytestmark = pytest.mark.timeout(60)
 # and prints each one before it is handed to the hook; the last line printed is the fatal one.
 FEED = """
 import sys
-from peers.train import FaultInjection, fault_hook
+from peers.faults import AllReduceFault
 from swarm.training.averaging import AllReduceSend
 
-hook = fault_hook(FaultInjection.from_environment())
+hook = AllReduceFault.from_environment().before_send_hook()
 for count, size in ((1, 2), (2, 3), (3, 1), (4, 3), (5, 3)):
     for kind in ("contribution", "result", "repair"):
         print(count, size, kind, flush=True)
@@ -55,9 +55,9 @@ def test_a_member_with_fewer_all_reduces_than_nth_survives():
 def test_a_malformed_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("SWARM_FAULT", "two:result")
     with pytest.raises(ValueError, match="SWARM_FAULT='two:result'"):
-        FaultInjection.from_environment()
+        AllReduceFault.from_environment()
     monkeypatch.delenv("SWARM_FAULT")
-    assert FaultInjection.from_environment() is None
+    assert AllReduceFault.from_environment() is None
 
 
 def test_swarm_attack_poisons_this_members_contribution_from_the_named_all_reduce(monkeypatch):

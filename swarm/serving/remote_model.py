@@ -23,6 +23,7 @@ request a server refused as malformed; ``ValueError`` for bad arguments.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from kernels import load_client_pieces, load_config
 from swarm import BanList, DHTConfig, Identity, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows
+from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
 from swarm.serving.settings import ClientConfig
@@ -55,6 +57,7 @@ class RemoteModel:
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by connect()
         bans = BanList(base_seconds=config.ban_seconds)
         self.servers = ServerPool(dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout)
 
@@ -91,7 +94,9 @@ class RemoteModel:
         await asyncio.to_thread(dht.start)
         endpoint = Endpoint(swarm_key=swarm_key)
         try:
-            return await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
+            model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
+            model.loop = asyncio.get_running_loop()  # where its connections live (see forward)
+            return model
         except BaseException:
             await endpoint.close()
             await asyncio.to_thread(dht.shutdown)
@@ -124,6 +129,17 @@ class RemoteModel:
     def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
         """A session whose server caches persist between :meth:`generate` calls (multi-turn)."""
         return InferenceSession(self.servers, self.config, max_length, batch)
+
+    def forward(self, input_ids: torch.Tensor, *, adapters=None, prompts=None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) with autograd through the swarm to ``adapters`` (``LoraAdapters``)
+        and ``prompts`` (``SoftPrompt``); blocks the calling thread, which must not be the model's
+        loop (``swarm/serving/remote_training.py``)."""
+        return self.training.forward(input_ids, adapters, prompts)
+
+    @functools.cached_property
+    def training(self) -> RemoteTraining:
+        """Fine-tuning through the swarm (stateless forward/backward with failover)."""
+        return RemoteTraining(self, self.loop)
 
     def encode(self, text: str) -> torch.Tensor:
         """text -> ids (1, tokens)."""
