@@ -3,12 +3,17 @@
 Start-up, flags, signals and exit codes come from the shared daemon runner
 (``peers/daemon.py``); this module adds the trainer's Prometheus gauges and telemetry,
 and passes ``SWARM_FAULT`` test faults to the trainer as a hook (``peers/faults.py``).
+Likewise the test-only attacker (``SWARM_ATTACK``, :class:`Attack`): the library calls a
+``before_contribute`` hook; poisoning the contribution happens here, never in ``swarm/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from peers.daemon import (
     DaemonArguments,
@@ -54,10 +59,70 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         AllReduceFault.from_environment()  # a bad SWARM_FAULT fails before anything starts
+        Attack.from_environment()  # likewise SWARM_ATTACK
     except ValueError as error:
         logger.error("%s", error)
         return 2
     return daemon_main(TrainerConfig, args, logger, _train)
+
+
+ATTACKS = ("nan", "scale", "flip", "weight")
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Make this member dishonest, for tests of the defences: from its ``from_round``-th
+    all-reduce on, poison its contribution with ``kind``:
+
+    - ``nan``: every value of the pseudo-gradient NaN;
+    - ``scale``: the pseudo-gradient times ``factor`` (default 1000);
+    - ``flip``: the pseudo-gradient times ``-factor`` (default 1);
+    - ``weight``: claim ``factor`` samples (default 1e9).
+
+    Read from ``SWARM_ATTACK=kind[:factor[:from_round]]``, e.g. ``scale:1000:1``.
+    """
+
+    kind: str
+    factor: float | None = None
+    from_round: int = 1
+
+    @classmethod
+    def from_environment(cls) -> Attack | None:
+        value = os.environ.get("SWARM_ATTACK", "")
+        if not value:
+            return None
+        kind, *rest = value.split(":")
+        try:
+            factor = float(rest[0]) if rest and rest[0] else None
+            from_round = int(rest[1]) if len(rest) > 1 else 1
+        except ValueError:
+            raise ValueError(f"SWARM_ATTACK={value!r}: expected kind[:factor[:from_round]]") from None
+        if kind not in ATTACKS:
+            raise ValueError(f"SWARM_ATTACK={value!r}: kind must be one of {ATTACKS}")
+        return cls(kind, factor, from_round)
+
+
+def attack_hook(attack: Attack) -> Callable:
+    """The trainer's ``before_contribute`` hook that carries out ``attack``."""
+    contributions = 0
+
+    def before_contribute(round_index: int, pseudo_gradient, weight: float) -> float:
+        nonlocal contributions
+        contributions += 1
+        if contributions < attack.from_round or weight <= 0:
+            return weight
+        logger.warning("attack: poisoning our contribution to round %d (%s)", round_index, attack.kind)
+        if attack.kind == "nan":
+            pseudo_gradient.fill_(float("nan"))
+        elif attack.kind == "scale":
+            pseudo_gradient.mul_(attack.factor or 1000.0)
+        elif attack.kind == "flip":
+            pseudo_gradient.mul_(-(attack.factor or 1.0))
+        else:
+            return attack.factor or 1e9
+        return weight
+
+    return before_contribute
 
 
 class _TrainerGauges:
@@ -93,11 +158,21 @@ class _TrainerGauges:
             labels,
             registry=self.registry,
         )
+        self.named = Gauge(
+            "swarm_train_named_peer",
+            "1 for each peer this member rejected, clipped or accused (kind) in its last round",
+            ["run", "peer", "kind"],
+            registry=self.registry,
+        )
 
     def update(self, run: str, record) -> None:
         for name, gauge in self.gauges.items():
             gauge.labels(run=run).set(getattr(record, name))
         self.direct.labels(run=run).set(float(record.reachability is None or record.reachability.direct))
+        self.named.clear()
+        for kind in ("rejected", "clipped", "accused"):
+            for peer in getattr(record, kind):
+                self.named.labels(run=run, peer=peer, kind=kind).set(1)
 
 
 async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
@@ -116,6 +191,7 @@ async def _train(peer: RunningPeer) -> None:
 
     config = peer.arguments.config
     fault = AllReduceFault.from_environment()
+    attack = Attack.from_environment()
     gauges = _TrainerGauges()
     latest = {}
     exports, publisher = peer.exporting(
@@ -136,6 +212,7 @@ async def _train(peer: RunningPeer) -> None:
         software_version(),
         on_progress,
         before_send=None if fault is None else fault.before_send_hook(),
+        before_contribute=None if attack is None else attack_hook(attack),
     )
     print(
         f"training peer {str(peer.dht.peer_id)[:12]} joined run {config.run!r} at {peer.address}", flush=True

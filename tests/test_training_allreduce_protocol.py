@@ -13,11 +13,14 @@ import torch
 
 from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from swarm.training.allreduce import AllReduceRound, AllReduceTimeouts, GroupLinks, Member
+from swarm.training.robust import RobustConfig
 from transport.errors import PeerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUTS = AllReduceTimeouts(scatter=0.5, gather=0.5, repair=0.5, call=0.5)
+PLAIN_MEAN = RobustConfig(rule="mean")
+"""These tests check the protocol against the weighted mean; test_training_robust.py the rules."""
 
 
 def int8_round_trip(values: torch.Tensor) -> torch.Tensor:
@@ -59,18 +62,22 @@ class RouterLinks:
 
     async def send_contribution(self, target, part, weight, values, timeout) -> None:
         round_ = await self.router.deliver(self.source, "contribution", target)
-        round_.on_contribution(self.source, part, weight, values.clone())
+        round_.on_contribution(self.source, part, weight, int8_round_trip(values))  # as the wire decodes it
 
-    async def send_result(self, target, part, contributors, values, timeout) -> bool:
+    async def send_result(self, target, part, contributors, values, timeout):
         round_ = await self.router.deliver(self.source, "result", target)
-        return round_.on_result(part, values.clone(), contributors)
+        return await round_.on_result(part, values.clone(), contributors)
 
-    async def request_repair(self, target, part, weight, values, timeout):
+    async def send_verdict(self, target, part, digest, timeout) -> None:
+        round_ = await self.router.deliver(self.source, "verdict", target)
+        round_.on_verdict(part, digest)
+
+    async def request_repair(self, target, part, weight, values, timeout, arbitrate):
         round_ = await self.router.deliver(self.source, "repair", target)
         result, contributors = await asyncio.wait_for(
-            round_.on_repair(self.source, part, weight, values.clone()), timeout * 4
+            round_.on_repair(self.source, part, weight, int8_round_trip(values), arbitrate), timeout * 4
         )
-        return result.clone(), contributors
+        return (None if result is None else result.clone()), contributors
 
 
 async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
@@ -80,7 +87,15 @@ async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
     members = [Member(f"peer{i}", bandwidths[i]) for i in range(len(vectors))]
     for i, vector in enumerate(vectors):
         router.rounds[i] = AllReduceRound(
-            "r1", members, i, vector, weights[i], router.links(i), int8_round_trip, TIMEOUTS
+            "r1",
+            members,
+            i,
+            vector,
+            weights[i],
+            router.links(i),
+            int8_round_trip,
+            TIMEOUTS,
+            robust=PLAIN_MEAN,
         )
     for i, round_ in router.rounds.items():
         router.tasks[i] = asyncio.create_task(round_.run())
@@ -113,8 +128,10 @@ def test_all_members_get_the_weighted_mean_bit_identically():
     assert len(results) == 4
     assert_all_identical(results)
     expected = sum(w * v for w, v in zip(weights, vectors, strict=True)) / sum(weights)
-    # int8 round trip of the result: half a step of each block's absmax / 127
-    torch.testing.assert_close(results[0], expected, rtol=0, atol=expected.abs().max().item() / 254 + 1e-6)
+    # int8 round trips of the contributions and of the result: half a step of absmax / 127 each
+    largest = max(v.abs().max().item() for v in vectors)
+    atol = (expected.abs().max().item() + largest) / 254 + 1e-6
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=atol)
 
 
 def test_member_dead_before_scatter_is_excluded_and_its_part_repaired():

@@ -58,3 +58,26 @@ def test_a_malformed_value_names_the_variable(monkeypatch):
         AllReduceFault.from_environment()
     monkeypatch.delenv("SWARM_FAULT")
     assert AllReduceFault.from_environment() is None
+
+
+def test_swarm_attack_poisons_this_members_contribution_from_the_named_all_reduce(monkeypatch):
+    """``SWARM_ATTACK``, the process layer's test-only attacker (see test_training_attack.py)."""
+    import torch
+
+    from peers.train import Attack, attack_hook
+
+    monkeypatch.setenv("SWARM_ATTACK", "scale:1000:2")
+    attack = Attack.from_environment()
+    assert attack == Attack("scale", 1000.0, 2)
+    hook = attack_hook(attack)
+    vector = torch.ones(4)
+    assert hook(0, vector, 8.0) == 8.0 and torch.equal(vector, torch.ones(4))  # its first: honest
+    assert hook(1, vector, 8.0) == 8.0 and torch.equal(vector, torch.full((4,), 1000.0))
+    assert attack_hook(Attack("weight"))(0, vector, 8.0) == 1e9
+    nan = torch.ones(4)
+    attack_hook(Attack("nan"))(0, nan, 8.0)
+    assert bool(torch.isnan(nan).all())
+    for bad in ("melt", "scale:lots"):
+        monkeypatch.setenv("SWARM_ATTACK", bad)
+        with pytest.raises(ValueError, match="SWARM_ATTACK"):
+            Attack.from_environment()

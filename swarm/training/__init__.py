@@ -7,10 +7,14 @@
   ``data``: the corpus and each member's window order.
 - ``membership``: the run's records in the DHT; ``matchmaking``: each round's group;
   ``progress``: the record a member publishes.
-- ``allreduce``: the fault-tolerant butterfly all-reduce behind its ``GroupLinks``
-  seam; ``parts``: how the vector is cut; ``averaging``: the all-reduce on the wire.
+- ``allreduce``: the fault-tolerant, verified butterfly all-reduce behind its
+  ``GroupLinks`` seam (``group_links``: the group's types); ``verification``: backups
+  that check reducers, arbiters that settle disputes; ``reduction``: one part's
+  bookkeeping; ``robust``: validation, clipping and the robust rules (CenteredClip,
+  trimmed mean); ``parts``: how the vector is cut; ``averaging``: the all-reduce on the wire.
 - ``state``: state for members that join or fall behind; ``run_checkpoint``: checkpoints.
 
 Nothing here exits or kills its process: the process layer (``peers/train.py``) wires
-a trainer to its DHT and endpoint and injects faults through ``before_send``.
+a trainer to its DHT and endpoint and injects faults through ``before_send`` (and, for
+tests of the defences, a poisoned contribution through ``before_contribute``).
 """

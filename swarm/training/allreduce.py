@@ -1,161 +1,68 @@
-"""Fault-tolerant butterfly all-reduce of one flat float32 vector.
+"""Fault-tolerant, verified butterfly all-reduce of one flat float32 vector.
 
 Member ``j`` of a group (sorted by peer id) reduces part ``j`` of the vector
-(:func:`~swarm.training.parts.split_parts`). A round has three phases, each with a
-deadline:
+(:func:`~swarm.training.parts.split_parts`); the next member in the ring is the part's
+*backup*, the one after it its *arbiter*. A round has these phases, each with a deadline:
 
 1. **scatter**: every member sends its contribution to part ``j`` (quantized by the
-   codec, with its sample weight) to reducer ``j``. A reducer waits for all members
-   or the scatter deadline, then averages what arrived, weighted by samples, in
-   float32, in member order.
-2. **gather**: reducer ``j`` quantizes its result, first *commits* it to the part's
-   backup (the next member in the ring) and only then sends it to everyone else.
+   codec, with its sample weight) to reducer ``j`` and, when verifying, to the backup.
+   A reducer waits for all members or the scatter deadline, then aggregates what
+   arrived robustly (:mod:`swarm.training.robust`: validated, clipped, CenteredClip or
+   trimmed mean), in float32, in member order.
+2. **gather**: reducer ``j`` quantizes its result, first *commits* it to the backup and
+   only then sends it to everyone else. When verifying, the backup recomputes the part
+   from its own copies of the contributions; if the results agree it endorses the
+   result (sends every member its digest), otherwise it refuses the commit and
+   declares the part *disputed*. A member takes a reducer's result only once the
+   backup endorsed exactly those bytes.
 3. **repair**: a member still missing part ``j`` at the gather deadline asks the
    backup, attaching its own contribution. The backup answers with the committed
    result if it holds one; otherwise it takes the part over (refusing any later
    commit from the original reducer), reduces the contributions the survivors send
    it, and answers them all.
+4. **arbitration** (only for a disputed part): every member sends its contribution to
+   the arbiter, which reduces the part itself and answers everyone with its result.
+   One liar among reducer and backup cannot steer the part: the third member decides.
 
-Because a result is only ever broadcast after the backup holds it, and the backup
+Because a result is only ever accepted once the backup holds it, and the backup
 refuses a commit once it has taken over, every part has exactly one final value, and
 every survivor receives the same bytes: survivors end bit-identical even when a
 member dies mid-round. (A reducer and its backup dying in the same round can still
 split the survivors; the trainer's parameter hash check catches and repairs that.)
+Verification needs three members (with two, nobody can break a tie) and costs a
+second copy of the scatter: 1.5x the bytes of an unverified round.
 
-A round reaches the other members only through :class:`GroupLinks` (send a
-contribution, send a result, request a repair): the averaging service implements it
-over the transport, the protocol tests with an in-process router that can kill a
-member at an exact message.
+A round reaches the other members only through :class:`GroupLinks`: the averaging
+service implements it over the transport, the protocol tests with an in-process
+router that can kill a member, or make one lie, at an exact message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import torch
 
-from swarm.training.parts import fallback_reducer, split_parts
+from swarm.training import verification
+from swarm.training.group_links import (  # re-exported: the round's public types
+    AllReduceReport,
+    AllReduceTimeouts,
+    CommitReply,
+    GroupLinks,
+    Member,
+)
+from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
+from swarm.training.reduction import PartState, RoundTrip, result_digest
+from swarm.training.robust import RobustConfig
 
 logger = logging.getLogger(__name__)
 
 _Reply = TypeVar("_Reply")
 
-
-@dataclass(frozen=True)
-class AllReduceTimeouts:
-    """Deadlines of one all-reduce round, in seconds."""
-
-    scatter: float = 30.0
-    """Reducers wait this long for contributions, counted from the round's start."""
-    gather: float = 30.0
-    """Members wait this long after the scatter deadline for every part's result."""
-    repair: float = 30.0
-    """A backup that takes a part over waits this long for the survivors' contributions."""
-    call: float = 10.0
-    """Bound on one request to one member."""
-
-
-@dataclass(frozen=True)
-class Member:
-    """One member of a group, as every member sees it.
-
-    Attributes:
-        peer_id: its identity; groups are sorted by it.
-        bandwidth: declared bytes/s; sets the size of the part it reduces.
-        address: its transport endpoint.
-        public_key: the z85 CURVE key its endpoint must present (and its requests carry).
-    """
-
-    peer_id: str
-    bandwidth: float = 1.0
-    address: str = ""
-    public_key: bytes = b""
-
-
-@dataclass
-class AllReduceReport:
-    """What one member's round did: contributors per part and the parts it repaired as a backup."""
-
-    contributors: dict[int, list[int]] = field(default_factory=dict)
-    repaired_parts: list[int] = field(default_factory=list)
-
-
-class GroupLinks(Protocol):
-    """How one member's round reaches the others in its group: the round's network seam.
-
-    One instance per member and round (it knows both). ``target`` is a position in the
-    group; every call is bounded by ``timeout`` seconds and raises SwarmError or OSError
-    when ``target`` cannot be reached or refuses. Implemented over the transport by
-    :class:`~swarm.training.averaging.AveragingService`, in process by the protocol tests.
-    """
-
-    async def send_contribution(
-        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
-    ) -> None:
-        """Scatter: this member's share of ``part`` to ``target``, the part's reducer."""
-
-    async def send_result(
-        self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
-    ) -> bool:
-        """Gather: the reduced ``part`` to ``target``. False: ``target``, its backup, took it over."""
-
-    async def request_repair(
-        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Repair: ``part``'s (result, contributors) from ``target``, its backup, given this member's share."""
-
-
-RoundTrip = Callable[[torch.Tensor], torch.Tensor]
-"""Quantize-dequantize with the wire codec: the values as receivers will decode them."""
-
-
-class _PartState:
-    """One part's bookkeeping on the member that reduces it (as reducer or as backup)."""
-
-    def __init__(self) -> None:
-        self.contributions: dict[int, tuple[float, torch.Tensor]] = {}
-        self.changed = asyncio.Event()
-        self.result: torch.Tensor | None = None
-        self.contributors: list[int] = []
-        self.taken_over = False
-        self.ready = asyncio.Event()
-
-    def add(self, sender: int, weight: float, values: torch.Tensor) -> None:
-        if self.ready.is_set():
-            return  # reduced already: a late contribution changes nothing
-        self.contributions.setdefault(sender, (weight, values))
-        self.changed.set()
-
-    async def wait_for(self, expected: set[int], deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        while not expected <= self.contributions.keys():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
-            except TimeoutError:
-                return
-
-    def reduce(self, round_trip: RoundTrip) -> None:
-        """Weighted mean of the contributions in member order, float32, then through the codec."""
-        order = sorted(self.contributions)
-        total = sum(self.contributions[i][0] for i in order)
-        first = self.contributions[order[0]][1]
-        accumulator = torch.zeros(first.shape, dtype=torch.float32)
-        if total > 0:
-            for sender in order:
-                weight, values = self.contributions[sender]
-                if weight:
-                    accumulator.add_(values.to(torch.float32), alpha=weight / total)
-        self.result = round_trip(accumulator)
-        self.contributors = order
-        self.ready.set()
+__all__ = ["AllReduceReport", "AllReduceRound", "AllReduceTimeouts", "CommitReply", "GroupLinks", "Member"]
 
 
 class AllReduceRound:
@@ -171,6 +78,8 @@ class AllReduceRound:
         round_trip: the wire codec's quantize-dequantize, applied to every result.
         timeouts: phase deadlines.
         alignment: part boundaries are multiples of this (the codec's block size).
+        robust: how reducers validate and aggregate (every member must use the same).
+        verify: backups recompute and endorse each part (groups of three or more).
     """
 
     def __init__(
@@ -184,6 +93,8 @@ class AllReduceRound:
         round_trip: RoundTrip,
         timeouts: AllReduceTimeouts = AllReduceTimeouts(),
         alignment: int = 64,
+        robust: RobustConfig = RobustConfig(),
+        verify: bool = True,
     ):
         self.round_id = round_id
         self.members = members
@@ -193,11 +104,16 @@ class AllReduceRound:
         self.links = links
         self.round_trip = round_trip
         self.timeouts = timeouts
+        self.robust = robust
+        self.verifying = verify and len(members) >= 3
         self.parts = split_parts(self.vector.numel(), [m.bandwidth for m in members], alignment)
-        self._states: dict[int, _PartState] = {}
+        self._states: dict[int, PartState] = {}
+        self._checks: dict[int, PartState] = {}  # as a backup: the copies it recomputes from
+        self._arbitrations: dict[int, PartState] = {}
+        self._verdicts: dict[int, str] = {}
         self.report = AllReduceReport()
         self._started: float | None = None
-        self._tasks: set[asyncio.Task] = set()  # take-overs this member runs as a backup; see close()
+        self._tasks: set[asyncio.Task] = set()  # take-overs and verdicts; see close()
 
     def close(self) -> None:
         """Cancel take-over work still running (the service calls this when the round is dropped)."""
@@ -214,17 +130,23 @@ class AllReduceRound:
         repairs); without this it would hold about twice the vector's size per round.
         """
         self.vector = None
+        for state in (*self._checks.values(), *self._arbitrations.values()):
+            state.contributions.clear()
         for part, state in self._states.items():
             state.contributions.clear()
+            state.candidate = None
             if fallback_reducer(part, len(self.members)) != self.my_index:
                 state.result = None
 
+    def _background(self, work: Awaitable) -> None:
+        self._tasks.add(asyncio.get_running_loop().create_task(work))
+
     # -- incoming requests (called by the service) --------------------------------------
 
-    def _state(self, part: int) -> _PartState:
+    def _state(self, part: int, table: dict[int, PartState] | None = None) -> PartState:
         if not 0 <= part < len(self.members):
             raise ValueError(f"part {part} out of range for a group of {len(self.members)}")
-        return self._states.setdefault(part, _PartState())
+        return (self._states if table is None else table).setdefault(part, PartState())
 
     def _check_contribution(self, sender: int, part: int, values: torch.Tensor | None) -> torch.Tensor:
         if not 0 <= sender < len(self.members):
@@ -235,47 +157,107 @@ class AllReduceRound:
         return values.reshape(-1)
 
     def on_contribution(self, sender: int, part: int, weight: float, values: torch.Tensor | None) -> None:
-        """Scatter phase: another member's contribution to a part this member reduces."""
-        if part != self.my_index:
-            raise ValueError(f"member {self.my_index} does not reduce part {part}")
-        self._state(part).add(sender, float(weight), self._check_contribution(sender, part, values))
+        """Scatter phase: another member's contribution to a part this member reduces or backs up."""
+        if part == self.my_index:
+            state = self._state(part)
+        elif self.verifying and fallback_reducer(part, len(self.members)) == self.my_index:
+            state = self._state(part, self._checks)
+        else:
+            raise ValueError(f"member {self.my_index} neither reduces nor backs up part {part}")
+        state.add(sender, float(weight), self._check_contribution(sender, part, values))
 
-    def on_result(self, part: int, values: torch.Tensor | None, contributors: list[int]) -> bool:
-        """Gather phase: a reducer's result. Returns False when this member (as backup) took the part over."""
+    async def on_result(self, part: int, values: torch.Tensor | None, contributors: list[int]) -> CommitReply:
+        """Gather phase: a reducer's result (on the backup: its commit, verified first)."""
         state = self._state(part)
         if state.ready.is_set():
-            return True
+            return "accepted"
         if state.taken_over:
-            return False
+            return "taken_over"
         start, end = self.parts[part]
         if values is None or values.numel() != end - start:
             raise ValueError(f"result for part {part} needs {end - start} values")
-        state.result, state.contributors = values.reshape(-1), list(contributors)
-        state.ready.set()
-        return True
+        if any(not 0 <= c < len(self.members) for c in contributors) or len(set(contributors)) != len(
+            contributors
+        ):
+            raise ValueError(f"result for part {part} names contributors {contributors} not in the group")
+        values, contributors = values.reshape(-1), list(contributors)
+        backup = fallback_reducer(part, len(self.members))
+        if not self.verifying:
+            state.finish(values, contributors)
+            return "accepted"
+        if backup != self.my_index:
+            state.candidate = (values, contributors)
+            verification.settle(self, part)
+            return "accepted"
+        verdict = await self._verify(part, values, contributors)
+        if state.ready.is_set() or state.taken_over:
+            return "accepted" if state.ready.is_set() else "taken_over"
+        if not verdict:
+            self._dispute(part)
+            self.report.accused.add(part)
+            verification.announce(self, part, "")
+            return "disputed"
+        state.finish(values, contributors)
+        verification.announce(self, part, result_digest(values))
+        return "accepted"
 
-    async def on_repair(self, sender: int, part: int, weight: float, values: torch.Tensor | None):
-        """Repair phase, on the backup: returns (result, contributors) once the part has one."""
-        if fallback_reducer(part, len(self.members)) != self.my_index:
+    def on_verdict(self, part: int, digest: str) -> None:
+        """Verification: the part's backup endorses a result digest ("": the part is disputed)."""
+        self._state(part)
+        self._verdicts.setdefault(part, digest)
+        if part == self.my_index:
+            verification.check_endorsement(
+                self, part
+            )  # a dispute of our part reached us as the commit's answer
+        elif digest:
+            verification.settle(self, part)
+        else:
+            self._dispute(part)
+
+    async def on_repair(
+        self, sender: int, part: int, weight: float, values: torch.Tensor | None, arbitrate: bool = False
+    ):
+        """Repair (on the backup) or arbitration (on the arbiter): (result, contributors) once
+        the part has one; (None, []) from a backup that disputes the part."""
+        count = len(self.members)
+        if arbitrate:
+            if not self.verifying or arbiter_of(part, count) != self.my_index:
+                raise ValueError(f"member {self.my_index} is not the arbiter of part {part}")
+            return await verification.arbitrate(self, sender, part, weight, values)
+        if fallback_reducer(part, count) != self.my_index:
             raise ValueError(f"member {self.my_index} is not the backup of part {part}")
         state = self._state(part)
+        if self._verdicts.get(part) == "":
+            return None, []
         if not state.ready.is_set() and not state.taken_over:
             state.taken_over = True
+            state.settled.set()  # nothing more to wait for from the reducer
             logger.warning("round %s: taking over part %d from member %d", self.round_id, part, part)
             state.contributions.clear()  # only survivors' repair contributions count now
-            state.add(self.my_index, self.weight, self._slice(part))
-            self._tasks.add(asyncio.get_running_loop().create_task(self._reduce_taken_over(part)))
+            state.add(self.my_index, self.weight, self._own_share(part))
+            self._background(self._reduce_taken_over(part, state, set(range(count)) - {part}))
         if not state.ready.is_set():
             state.add(sender, float(weight), self._check_contribution(sender, part, values))
         await asyncio.wait_for(state.ready.wait(), self.timeouts.repair + self.timeouts.call)
         return state.result, state.contributors
 
-    async def _reduce_taken_over(self, part: int) -> None:
-        state = self._states[part]
-        survivors = set(range(len(self.members))) - {part}
-        await state.wait_for(survivors, asyncio.get_running_loop().time() + self.timeouts.repair)
-        state.reduce(self.round_trip)
+    async def _verify(self, part: int, committed: torch.Tensor, contributors: list[int]) -> bool:
+        """On the backup: does the committed result match our own recomputation? (verification.py)"""
+        return await verification.verify_commit(self, part, committed, contributors)
+
+    async def _reduce_taken_over(self, part: int, state: PartState, expected: set[int]) -> None:
+        await state.wait_for(expected, asyncio.get_running_loop().time() + self.timeouts.repair)
+        state.reduce(self.round_trip, self.robust)
+        self._note_aggregate(part, state)
         self.report.repaired_parts.append(part)
+
+    # -- verification ------------------------------------------------------------------------
+
+    def _dispute(self, part: int) -> None:
+        state = self._state(part)
+        if part not in self.report.disputed:
+            self.report.disputed.append(part)
+        state.settled.set()
 
     # -- this member's own work ------------------------------------------------------------
 
@@ -284,6 +266,22 @@ class AllReduceRound:
             raise RuntimeError(f"round {self.round_id} is finished and released its vector")
         start, end = self.parts[part]
         return self.vector[start:end]
+
+    def _own_share(self, part: int) -> torch.Tensor:
+        """This member's share of ``part`` as the others decode it from the wire.
+
+        Counted this way where it is reduced locally too, so that a reducer, a backup and
+        an arbiter that recompute a part all start from the same values.
+        """
+        return self.round_trip(self._slice(part))
+
+    def _note_aggregate(self, part: int, state: PartState) -> None:
+        if state.aggregate is None:
+            return
+        if state.aggregate.rejected:
+            self.report.rejected[part] = state.aggregate.rejected
+        if state.aggregate.clipped:
+            self.report.clipped[part] = state.aggregate.clipped
 
     async def run(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the round; returns the averaged vector (same bits on every survivor).
@@ -318,16 +316,33 @@ class AllReduceRound:
         count = len(self.members)
 
         own = self._state(self.my_index)
-        own.add(self.my_index, self.weight, self._slice(self.my_index))
-        sends = [self._send_contribution(j) for j in range(count) if j != self.my_index]
+        own.add(self.my_index, self.weight, self._own_share(self.my_index))
+        sends = []
+        for part in range(count):
+            targets = [part] if part != self.my_index else []
+            backup = fallback_reducer(part, count)
+            if self.verifying and backup == self.my_index:
+                self._state(part, self._checks).add(self.my_index, self.weight, self._own_share(part))
+            elif self.verifying:
+                targets.append(backup)
+            sends += [self._send_contribution(target, part) for target in targets]
         await asyncio.gather(self._reduce_own(scatter_deadline), *sends)
 
-        missing = [j for j in range(count) if not await self._wait_ready(j, gather_deadline)]
+        for j in range(count):
+            await self._wait_settled(j, gather_deadline)
+        missing = [
+            j for j in range(count) if not self._state(j).ready.is_set() and j not in self.report.disputed
+        ]
         if missing:
             logger.warning(
                 "round %s: no result for parts %s by the deadline; repairing", self.round_id, missing
             )
-            await asyncio.gather(*(self._repair(j) for j in missing))
+            await asyncio.gather(*(verification.repair(self, j) for j in missing))
+        disputed = [
+            j for j in range(count) if j in self.report.disputed and not self._state(j).ready.is_set()
+        ]
+        if disputed:
+            await asyncio.gather(*(verification.resolve_dispute(self, j) for j in disputed))
         unresolved = [j for j in range(count) if not self._state(j).ready.is_set()]
         if unresolved:
             raise DeadlineExceeded(f"all-reduce {self.round_id}: parts {unresolved} have no result")
@@ -338,17 +353,17 @@ class AllReduceRound:
             self.report.contributors[j] = self._states[j].contributors
         return result if out is None else out
 
-    async def _wait_ready(self, part: int, deadline: float) -> bool:
+    async def _wait_settled(self, part: int, deadline: float) -> bool:
         remaining = deadline - asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(self._state(part).ready.wait(), max(remaining, 0.0))
+            await asyncio.wait_for(self._state(part).settled.wait(), max(remaining, 0.0))
         except TimeoutError:
             return False
         return True
 
-    async def _send_contribution(self, part: int) -> None:
-        send = self.links.send_contribution(part, part, self.weight, self._slice(part), self.timeouts.call)
-        await self._quietly("contribution", part, send)
+    async def _send_contribution(self, target: int, part: int) -> None:
+        send = self.links.send_contribution(target, part, self.weight, self._slice(part), self.timeouts.call)
+        await self._quietly("contribution", target, send)
 
     async def _quietly(self, kind: str, target: int, sending: Awaitable[_Reply]) -> _Reply | None:
         """``await sending``; a member that cannot be reached is logged and yields None."""
@@ -356,7 +371,7 @@ class AllReduceRound:
 
         try:
             return await sending
-        except (SwarmError, OSError) as error:
+        except (SwarmError, OSError, TimeoutError) as error:
             logger.warning("round %s: %s to member %d failed: %s", self.round_id, kind, target, error)
             return None
 
@@ -365,33 +380,36 @@ class AllReduceRound:
         await state.wait_for(set(range(len(self.members))), scatter_deadline)
         if state.taken_over:
             return
-        state.reduce(self.round_trip)
-        await self._broadcast(self.my_index, state)
+        computed = state.compute(self.round_trip, self.robust)
+        state.aggregate = computed
+        self._note_aggregate(self.my_index, state)
+        await self._broadcast(self.my_index, state, computed.values, computed.contributors)
 
-    async def _broadcast(self, part: int, state: _PartState) -> None:
+    async def _broadcast(
+        self, part: int, state: PartState, values: torch.Tensor, contributors: list[int]
+    ) -> None:
         backup = fallback_reducer(part, len(self.members))
         if backup != self.my_index:
-            accepted = await self._quietly("result", backup, self._send_result(backup, part, state))
-            if accepted is False:
+            send = self.links.send_result(backup, part, contributors, values, self.timeouts.call)
+            reply = await self._quietly("result", backup, send)
+            if reply == "disputed":
+                logger.warning("round %s: backup %d disputes our part %d", self.round_id, backup, part)
+                state.candidate = (values, contributors)
+                self._dispute(part)
+                return
+            if reply == "taken_over":
                 logger.warning(
                     "round %s: backup %d took over part %d; not broadcasting", self.round_id, backup, part
                 )
-                state.ready.clear()
                 return
+        state.finish(values, contributors)
+        verification.check_endorsement(self, part)
         others = [i for i in range(len(self.members)) if i not in (self.my_index, backup)]
-        await asyncio.gather(*(self._quietly("result", i, self._send_result(i, part, state)) for i in others))
-
-    def _send_result(self, target: int, part: int, state: _PartState) -> Awaitable[bool]:
-        return self.links.send_result(target, part, state.contributors, state.result, self.timeouts.call)
-
-    async def _repair(self, part: int) -> None:
-        backup = fallback_reducer(part, len(self.members))
-        if backup == self.my_index:
-            await self.on_repair(self.my_index, part, self.weight, self._slice(part))
-            return
-        request = self.links.request_repair(backup, part, self.weight, self._slice(part), self.timeouts.call)
-        reply = await self._quietly("repair", backup, request)
-        if reply is None:
-            return
-        values, contributors = reply
-        self.on_result(part, values, list(contributors))
+        await asyncio.gather(
+            *(
+                self._quietly(
+                    "result", i, self.links.send_result(i, part, contributors, values, self.timeouts.call)
+                )
+                for i in others
+            )
+        )

@@ -23,7 +23,9 @@ from typing import Literal
 
 import torch
 
-from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, Member
+from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
+from swarm.training.parts import fallback_reducer
+from swarm.training.robust import RobustConfig
 from transport import (
     BaseEndpoint,
     CodedTensor,
@@ -66,6 +68,8 @@ class PartResult(Message):
     part: int
     contributors: list[int]
     values: torch.Tensor
+    disputed: bool = False
+    """In a repair reply: the backup disputes the part (ask its arbiter); ``values`` is empty."""
 
 
 @message("train.repair")
@@ -75,11 +79,24 @@ class RepairRequest(Message):
     sender: int
     weight: float
     values: torch.Tensor
+    arbitrate: bool = False
+    """Ask the part's arbiter (its reducer and backup disagree), not its backup."""
+
+
+@message("train.verdict")
+class Verdict(Message):
+    """From a part's backup: the digest of the result it endorses ("": it disputes the part)."""
+
+    round: str
+    part: int
+    digest: str
 
 
 @message("train.ack")
 class Ack(Message):
     accepted: bool = True
+    status: str = "accepted"
+    """To a result: ``accepted``, ``taken_over`` or ``disputed`` (see ``CommitReply``)."""
 
 
 @dataclass(frozen=True)
@@ -89,20 +106,25 @@ class AllReduceSend:
     Attributes:
         all_reduce: which of this service's all-reduces it belongs to, counting from 1.
         round_id: the round's name on the wire.
-        kind: ``"contribution"`` (scatter), ``"result"`` (gather) or ``"repair"``.
+        kind: ``"contribution"`` (scatter), ``"result"`` (gather), ``"verdict"`` or ``"repair"``.
         target: the receiving member's position in the group.
         group_size: members in the group.
     """
 
     all_reduce: int
     round_id: str
-    kind: Literal["contribution", "result", "repair"]
+    kind: Literal["contribution", "result", "verdict", "repair"]
     target: int
     group_size: int
 
 
 BeforeSend = Callable[[AllReduceSend], None]
 """Called before each all-reduce message this member sends (fault injection, tracing)."""
+
+BeforeContribute = Callable[[int, torch.Tensor, float], float]
+"""Called with (round, pseudo-gradient, sample weight) before a member's contribution goes
+into the all-reduce; returns the weight to send, may change the pseudo-gradient in place.
+The process layer's test-only attacker uses it (``SWARM_ATTACK`` in ``peers/train.py``)."""
 
 
 @dataclass
@@ -173,6 +195,7 @@ class AveragingService:
         endpoint.add_handler(Contribution, self._on_contribution)
         endpoint.add_handler(PartResult, self._on_result)
         endpoint.add_handler(RepairRequest, self._on_repair)
+        endpoint.add_handler(Verdict, self._on_verdict)
 
     async def _round(self, round_id: str, sender: int | None, context: RequestContext) -> AllReduceRound:
         async def registered() -> AllReduceRound:
@@ -187,10 +210,15 @@ class AveragingService:
         if sender is not None:
             if not 0 <= sender < len(round_.members):
                 raise MalformedMessage(f"sender {sender} is not in round {round_id!r}")
-            expected = round_.members[sender].public_key
-            if expected and context.peer_key is not None and context.peer_key != expected:
-                raise NotAuthorized(f"this connection is not member {sender} of round {round_id!r}")
+            self._check_sender(round_, sender, context)
         return round_
+
+    @staticmethod
+    def _check_sender(round_: AllReduceRound, sender: int, context: RequestContext) -> None:
+        """The request must come from the CURVE key of member ``sender`` of the round."""
+        expected = round_.members[sender].public_key
+        if expected and context.peer_key is not None and context.peer_key != expected:
+            raise NotAuthorized(f"this connection is not member {sender} of round {round_.round_id!r}")
 
     async def _on_contribution(self, request: Contribution, context: RequestContext) -> Ack:
         round_ = await self._round(request.round, request.sender, context)
@@ -201,20 +229,31 @@ class AveragingService:
         return Ack()
 
     async def _on_result(self, request: PartResult, context: RequestContext) -> Ack:
-        round_ = await self._round(request.round, request.part, context)
+        round_ = await self._round(request.round, request.part, context)  # only the part's reducer
         try:
-            return Ack(accepted=round_.on_result(request.part, request.values, request.contributors))
+            status = await round_.on_result(request.part, request.values, request.contributors)
         except ValueError as error:
             raise MalformedMessage(str(error)) from None
+        return Ack(accepted=status == "accepted", status=status)
+
+    async def _on_verdict(self, request: Verdict, context: RequestContext) -> Ack:
+        round_ = await self._round(request.round, None, context)
+        if not 0 <= request.part < len(round_.members):
+            raise MalformedMessage(f"part {request.part} is not in round {request.round!r}")
+        self._check_sender(round_, fallback_reducer(request.part, len(round_.members)), context)
+        round_.on_verdict(request.part, request.digest)
+        return Ack()
 
     async def _on_repair(self, request: RepairRequest, context: RequestContext) -> PartResult:
         round_ = await self._round(request.round, request.sender, context)
         try:
             result, contributors = await round_.on_repair(
-                request.sender, request.part, request.weight, request.values
+                request.sender, request.part, request.weight, request.values, request.arbitrate
             )
         except ValueError as error:
             raise MalformedMessage(str(error)) from None
+        if result is None:
+            return PartResult(request.round, request.part, [], torch.zeros(0), disputed=True)
         return PartResult(request.round, request.part, contributors, CodedTensor(result, self.codec))
 
     async def _connection(self, member: Member) -> Connection:
@@ -232,6 +271,8 @@ class AveragingService:
         weight: float,
         timeouts: AllReduceTimeouts = AllReduceTimeouts(),
         out: torch.Tensor | None = None,
+        robust: RobustConfig = RobustConfig(),
+        verify: bool = True,
     ) -> AveragingOutcome:
         """Average ``vector`` with the group; every survivor gets the same bits.
 
@@ -253,6 +294,8 @@ class AveragingService:
             lambda values: codec_round_trip(self.codec, values),
             timeouts,
             alignment=getattr(self.codec, "block_size", 64),
+            robust=robust,
+            verify=verify,
         )
         async with self._registered:
             self._rounds[round_id] = round_
@@ -293,21 +336,24 @@ class _TransportLinks:
 
     async def send_result(
         self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
-    ) -> bool:
+    ) -> CommitReply:
         message = PartResult(self.round_id, part, list(contributors), self._coded(values))
         reply = await self._call("result", target, message, timeout)
-        if not isinstance(reply, Ack):
-            raise MalformedMessage(f"member {target} answered a result with {type(reply).__name__}")
-        return reply.accepted
+        if not isinstance(reply, Ack) or reply.status not in ("accepted", "taken_over", "disputed"):
+            raise MalformedMessage(f"member {target} answered a result with {reply!r:.80}")
+        return reply.status
+
+    async def send_verdict(self, target: int, part: int, digest: str, timeout: float) -> None:
+        await self._call("verdict", target, Verdict(self.round_id, part, digest), timeout)
 
     async def request_repair(
-        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
-    ) -> tuple[torch.Tensor, list[int]]:
-        message = RepairRequest(self.round_id, part, self.my_index, weight, self._coded(values))
+        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float, arbitrate: bool
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        message = RepairRequest(self.round_id, part, self.my_index, weight, self._coded(values), arbitrate)
         reply = await self._call("repair", target, message, timeout)
-        if not isinstance(reply, PartResult):
-            raise MalformedMessage(f"member {target} answered a repair with {type(reply).__name__}")
-        return reply.values, reply.contributors
+        if not isinstance(reply, PartResult) or reply.part != part:
+            raise MalformedMessage(f"member {target} answered a repair with {reply!r:.80}")
+        return (None, []) if reply.disputed else (reply.values, reply.contributors)
 
     def _coded(self, values: torch.Tensor) -> CodedTensor:
         return CodedTensor(values, self.service.codec)
@@ -317,5 +363,8 @@ class _TransportLinks:
             send = AllReduceSend(self.count, self.round_id, kind, target, len(self.members))
             self.service.before_send(send)
         connection = await self.service._connection(self.members[target])
-        self.bytes_sent += wire_size(self.service.codec, message.values.tensor.numel())
+        if isinstance(message, Verdict):
+            self.bytes_sent += len(message.digest)
+        else:
+            self.bytes_sent += wire_size(self.service.codec, message.values.tensor.numel())
         return await connection.call(message, timeout=timeout)

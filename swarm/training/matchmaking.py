@@ -11,6 +11,12 @@ expires).
 Each joiner also reports the hash of its ``theta_global``: the leader compares them
 and names, for any member in the minority, a majority member to re-sync from. So the
 bit-identity of all members is checked at every round, not assumed.
+
+Every peer a message names is checked against who sent it: a join request must come
+from the CURVE key that the named peer's own signed run record announces (with the
+address it announces), so no one can take another member's place in a round; and a
+follower accepts a group only from the leader it asked, naming only members whose
+records carry the keys and addresses the group lists.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from swarm.training.allreduce import Member
-from transport import BaseEndpoint, Message, RequestContext, ServerBusy, message
+from transport import BaseEndpoint, Message, NotAuthorized, RequestContext, ServerBusy, message
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +132,18 @@ class Matchmaker:
 
     async def _on_join(self, request: JoinGroup, context: RequestContext) -> GroupReply:
         if context.peer_key is not None and context.peer_key != request.public_key:
-            raise ServerBusy("join request's key does not match its connection")
+            raise NotAuthorized("join request's key does not match its connection")
+        announced = (await self.live_members()).get(request.peer_id)
+        if announced is None or tuple(announced) != (request.address, request.public_key):
+            logger.error(
+                "round %d: refused a join request as %s: %s",
+                request.round,
+                request.peer_id[:12],
+                "no live record of that peer" if announced is None else "not that peer's key or address",
+            )
+            raise NotAuthorized(
+                f"peer {request.peer_id[:12]}'s record does not announce this key and address"
+            )
 
         async def my_matchmaking_for_round() -> _Matchmaking:
             async with self._current_changed:
@@ -240,7 +257,28 @@ class Matchmaker:
                 reply.leader[:12],
             )
             return None
+        problem = await self._check_group(reply, leader, state.me)
+        if problem:
+            logger.error("round %d: refusing the group from %s: %s", state.round, leader[:12], problem)
+            return None
         return self._group(reply, state.me.peer_id)
+
+    async def _check_group(self, reply: GroupReply, leader: str, me: JoinGroup) -> str | None:
+        """Why a leader's group cannot be trusted, or None: it must come from the leader we
+        asked, and every member it lists must have a live record with that key and address."""
+        lengths = {len(reply.peer_ids), len(reply.addresses), len(reply.public_keys), len(reply.bandwidths)}
+        if reply.leader != leader or len(lengths) != 1 or me.peer_id not in reply.peer_ids:
+            return "not from the leader we asked, malformed, or we are not in it"
+        if reply.peer_ids != sorted(set(reply.peer_ids)) or any(not b > 0 for b in reply.bandwidths):
+            return "members not sorted and distinct, or a bandwidth that is not positive"
+        live = await self.live_members()
+        live[me.peer_id] = (me.address, me.public_key)
+        for peer, address, key in zip(reply.peer_ids, reply.addresses, reply.public_keys, strict=True):
+            if tuple(live.get(peer, ())) != (address, key):
+                return f"member {peer[:12]} is listed with a key or address its record does not announce"
+        if any(a not in reply.peer_ids or b not in reply.peer_ids for a, b in reply.resync_from.items()):
+            return "re-sync advice names peers outside the group"
+        return None
 
     @staticmethod
     def _group(reply: GroupReply, my_peer_id: str) -> Group:

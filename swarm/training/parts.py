@@ -43,3 +43,8 @@ def split_parts(numel: int, bandwidths: list[float], alignment: int = 64) -> lis
 def fallback_reducer(part_index: int, member_count: int) -> int:
     """The member that takes over part ``part_index`` when its reducer fails: the next one in ring order."""
     return (part_index + 1) % member_count
+
+
+def arbiter_of(part_index: int, member_count: int) -> int:
+    """The member that decides a part its reducer and backup disagree on: the one after the backup."""
+    return (part_index + 2) % member_count

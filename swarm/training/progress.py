@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 LOSS_HISTORY_LENGTH = 64
 """Rounds of loss kept in the record: enough for the health page's chart, small in the DHT."""
+MAX_NAMED = 16
+"""Most peers a record names as rejected, clipped or accused (a round's group is smaller)."""
 MAX_RUNS = 32
 """Most runs a reader takes from the run index; a hostile index may list thousands."""
 
@@ -106,6 +108,11 @@ class TrainingPeerRecord:
         updated_at: DHT time of this record.
         reachability: the start-up reachability check's verdict (None: an older peer).
             A relayed member joins rounds with a zero reducer share.
+        rejected: peer ids whose contribution this peer, as a reducer, dropped in its last
+            round (not finite, or an invalid sample weight).
+        clipped: peer ids whose contribution it clipped (weight or norm over the round's bound).
+        accused: peer ids it caught, as a reducer, backup or member, returning a reduced
+            part that disagreed with the recomputation that was used.
     """
 
     state: TrainerState
@@ -123,6 +130,9 @@ class TrainingPeerRecord:
     version: str
     updated_at: float
     reachability: Reachability | None = None
+    rejected: tuple[str, ...] = ()
+    clipped: tuple[str, ...] = ()
+    accused: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         wire = self._core_wire()
@@ -146,6 +156,9 @@ class TrainingPeerRecord:
             "bw": float(self.bandwidth),
             "ver": self.version,
             "at": float(self.updated_at),
+            "rejected": list(self.rejected[:MAX_NAMED]),
+            "clipped": list(self.clipped[:MAX_NAMED]),
+            "accused": list(self.accused[:MAX_NAMED]),
         }
 
     @classmethod
@@ -170,6 +183,12 @@ class TrainingPeerRecord:
         addresses = _get(wire, "addrs", (list, tuple))
         if not all(isinstance(address, str) for address in addresses):
             raise MalformedRecord("addresses must be strings")
+        named = {}
+        for name in ("rejected", "clipped", "accused"):
+            peers = _get(wire, name, (list, tuple), [])
+            if not all(isinstance(peer, str) for peer in peers):
+                raise MalformedRecord(f"{name} must list peer ids")
+            named[name] = tuple(peers[:MAX_NAMED])
         record = cls(
             state=state,
             round=_get(wire, "round", int),
@@ -186,6 +205,7 @@ class TrainingPeerRecord:
             version=_get(wire, "ver", str),
             updated_at=float(_get(wire, "at", (int, float))),
             reachability=_read_reachability(wire),
+            **named,
         )
         if record.round < 0 or record.inner_step < 0 or record.bandwidth <= 0:
             raise MalformedRecord("round and step must be >= 0 and bandwidth > 0")

@@ -45,6 +45,7 @@ class Replica:
         """Set while the local work is relative to parameters other than ``theta_global``."""
         self._data_position = 0
         self._parameters_hash = CachedHash()
+        self._probe: torch.Tensor | None = None
 
     @property
     def round(self) -> int:
@@ -60,6 +61,8 @@ class Replica:
     def attach_data(self, tokens, seq_len: int, seed: int) -> None:
         """Sample inner batches from ``tokens`` in ``seed``'s order, from the restored position."""
         self.sampler = WindowSampler(tokens, seq_len, seed, self._data_position)
+        # A fixed batch, the same every round, to tell whether an outer step made the model worse.
+        self._probe = WindowSampler(tokens, seq_len, seed + 1).next_batch(4)
 
     @property
     def data_position(self) -> int:
@@ -83,6 +86,19 @@ class Replica:
         self.inner.step()
         self.schedule.step()
         return float(loss.detach())
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """The model's loss on a fixed batch of this member's data (NaN before data is attached)."""
+        if self._probe is None:
+            return float("nan")
+        return float(language_model_loss(self.model, self._probe))
+
+    def parameters_finite(self) -> bool:
+        """Whether ``theta_global`` and the local model hold only finite numbers."""
+        return bool(torch.isfinite(self.outer.parameters).all()) and all(
+            bool(torch.isfinite(p).all()) for p in self.model.parameters()
+        )
 
     def pseudo_gradient(self) -> torch.Tensor:
         """``theta_global - theta_local``: this round's contribution, a new flat float32 vector."""

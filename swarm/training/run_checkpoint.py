@@ -16,6 +16,7 @@ One file, ``<--checkpoint-dir>/trainer-state.pt``, holds a dict (read with
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,26 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"--checkpoint-dir: cannot read {path}: {error}") from error
+
+
+def checkpoint_refusal(
+    parameters_finite: bool, probe_loss: float, last_good_loss: float | None, explosion_factor: float
+) -> str | None:
+    """Why a member must not overwrite its last good checkpoint now, or None when it may.
+
+    Args:
+        parameters_finite: whether every parameter is a finite number.
+        probe_loss: the loss of the parameters to save, on the member's fixed probe batch.
+        last_good_loss: the same loss when the last checkpoint was written (None: none yet).
+        explosion_factor: a loss this many times the last good one counts as exploded.
+    """
+    if not parameters_finite:
+        return "the parameters are not finite (NaN or infinity)"
+    if not math.isfinite(probe_loss):
+        return f"the loss is {probe_loss}"
+    if last_good_loss is not None and probe_loss > explosion_factor * last_good_loss:
+        return f"the loss exploded: {probe_loss:.4g} against {last_good_loss:.4g} at the last good checkpoint"
+    return None
 
 
 def checkpoint_state(replica: Replica, loss_history: list[tuple[int, float]]) -> dict[str, Any]:

@@ -27,13 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from swarm.dht import SwarmDHT
-from swarm.training.averaging import AveragingService, BeforeSend
+from swarm.training.allreduce import AllReduceReport
+from swarm.training.averaging import AveragingService, BeforeContribute, BeforeSend
 from swarm.training.data import load_corpus, member_seed
 from swarm.training.matchmaking import JoinGroup, Matchmaker
 from swarm.training.membership import RunMembership
 from swarm.training.progress import TrainerState, TrainingPeerRecord
 from swarm.training.replica import Replica
 from swarm.training.run_checkpoint import (
+    checkpoint_refusal,
     checkpoint_state,
     load_training_state,
     restore_checkpoint,
@@ -43,6 +45,7 @@ from swarm.training.state import StateSync
 from swarm.training.trainer_config import TrainerConfig
 from swarm.training.training_model import load_or_init_model
 from transport import BaseEndpoint
+from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ class Trainer:
         on_progress: called with each published record (for logs, metrics, telemetry).
         before_send: called before each all-reduce message this member sends (the
             process layer's fault injection); see :class:`~swarm.training.averaging.AllReduceSend`.
+        before_contribute: called with (round, pseudo-gradient, sample weight) before this
+            member's contribution goes into the all-reduce; returns the weight to send and
+            may change the pseudo-gradient in place. The process layer's test-only attacker
+            (``SWARM_ATTACK`` in ``peers/train.py``) uses it; the library never does.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class Trainer:
         on_progress: Callable[[TrainingPeerRecord], None] | None = None,
         before_send: BeforeSend | None = None,
         reachability=None,
+        before_contribute: BeforeContribute | None = None,
     ):
         self.config = config
         self.reachability = reachability  # swarm.reachability.Reachability, announced
@@ -78,6 +86,7 @@ class Trainer:
         self.address = address
         self.version = version
         self.on_progress = on_progress
+        self.before_contribute = before_contribute
         self.membership = RunMembership(dht, config.run, config.record_ttl)
         self.peer_id = self.membership.peer_id
         self.averaging = AveragingService(
@@ -108,6 +117,9 @@ class Trainer:
         self.tokens_per_second = 0.0
         self.bytes_last_round = 0
         self.members_last_round = 0
+        self.named_last_round: dict[str, tuple[str, ...]] = {"rejected": (), "clipped": (), "accused": ()}
+        """Peer ids whose contribution or reduced part this member dropped, clipped or caught lying."""
+        self._last_good_loss: float | None = None  # probe loss at the last checkpoint written
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -190,15 +202,24 @@ class Trainer:
         # a member that just synced, or is about to re-sync, adds nothing but still averages
         weight = 0.0 if self.replica.zero_update_next_round or group.resync_from else float(samples)
         pseudo_gradient = self.replica.pseudo_gradient()
-        outcome = await self.averaging.all_reduce(
-            f"{self.config.run}/{round_index}",
-            group.members,
-            group.my_index,
-            pseudo_gradient,
-            weight,
-            self.config.allreduce_timeouts,
-            out=pseudo_gradient,  # in place: no second model-sized buffer per round
-        )
+        if self.before_contribute is not None:
+            weight = self.before_contribute(round_index, pseudo_gradient, weight)
+        try:
+            outcome = await self.averaging.all_reduce(
+                f"{self.config.run}/{round_index}",
+                group.members,
+                group.my_index,
+                pseudo_gradient,
+                weight,
+                self.config.allreduce_timeouts,
+                out=pseudo_gradient,  # in place: no second model-sized buffer per round
+                robust=self.config.robust,
+                verify=self.config.verify_reducers,
+            )
+        except SwarmError as error:
+            logger.warning("round %d: all-reduce failed (%s); training on", round_index, error)
+            return False
+        self._name_suspects(round_index, group.members, outcome.report)
         self.replica.apply_outer_step(outcome.averaged)
         self.bytes_last_round = outcome.bytes_sent
         self.members_last_round = len(group.members)
@@ -212,6 +233,28 @@ class Trainer:
             await self.state_sync.sync_from(group.resync_from, await self.membership.members())
             self.replica.zero_update_next_round = False  # the donor's state is exactly the group's result
         return True
+
+    def _name_suspects(self, round_index: int, members: list, report: AllReduceReport) -> None:
+        """Log and keep (for the record) whom this round's validation and verification named."""
+
+        def peers(positions) -> tuple[str, ...]:
+            return tuple(sorted({members[i].peer_id for i in positions}))
+
+        self.named_last_round = {
+            "rejected": peers(i for part in report.rejected.values() for i in part),
+            "clipped": peers(i for part in report.clipped.values() for i in part),
+            "accused": peers(report.accused),
+        }
+        for kind, named in self.named_last_round.items():
+            if named:
+                log = logger.error if kind != "clipped" else logger.warning
+                log("round %d: %s the contribution or result of %s", round_index, kind, ", ".join(named))
+        if report.disputed:
+            logger.error(
+                "round %d: parts %s were disputed between their reducer and backup; arbiters decided",
+                round_index,
+                sorted(report.disputed),
+            )
 
     # -- data and checkpoints ----------------------------------------------------------
 
@@ -227,12 +270,32 @@ class Trainer:
         if checkpoint is None:
             return False
         self.loss_history = restore_checkpoint(self.replica, checkpoint)
+        self._last_good_loss = self.replica.probe_loss()
         logger.info("resumed from checkpoint at round %d", self.replica.round)
         return True
 
     def _checkpoint(self) -> None:
-        if self.config.checkpoint_dir:
-            save_training_state(self.config.checkpoint_dir, checkpoint_state(self.replica, self.loss_history))
+        """Write a checkpoint, unless the parameters are not finite or their loss exploded:
+        then say so loudly and keep the last good one."""
+        if not self.config.checkpoint_dir:
+            return
+        probe = self.replica.probe_loss()
+        refusal = checkpoint_refusal(
+            self.replica.parameters_finite(),
+            probe,
+            self._last_good_loss,
+            self.config.checkpoint_explosion_factor,
+        )
+        if refusal is not None:
+            logger.error(
+                "round %d: NOT writing a checkpoint: %s; keeping the last good one in %s",
+                self.replica.round,
+                refusal,
+                self.config.checkpoint_dir,
+            )
+            return
+        save_training_state(self.config.checkpoint_dir, checkpoint_state(self.replica, self.loss_history))
+        self._last_good_loss = probe
 
     def _reducer_bandwidth(self) -> float:
         """Declared bandwidth for the all-reduce; 0 (no reducer share) when reached only through relays."""
@@ -260,6 +323,7 @@ class Trainer:
             version=self.version,
             updated_at=get_dht_time(),
             reachability=self.reachability,
+            **self.named_last_round,
         )
 
     async def publish(self, state: TrainerState | None = None) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from swarm.training.allreduce import AllReduceTimeouts
 from swarm.training.diloco import DiLoCoConfig
+from swarm.training.robust import RobustConfig
 
 
 def _opt(default, help: str):
@@ -43,6 +44,24 @@ class TrainerConfig:
     bandwidth: float = _opt(100e6, "declared bytes/s; sets this member's share of the all-reduce")
     checkpoint_dir: str = _opt("", "write checkpoints here and resume from them (empty: no checkpoints)")
     record_ttl: float = _opt(30.0, "seconds this member's run record lives unless refreshed")
+    aggregation: str = _opt(
+        "centered_clip",
+        "how reducers combine contributions: centered_clip (BTARD), trimmed_mean, or mean (no defence "
+        "at all: no validation or clipping either); "
+        "every member of a run must use the same",
+    )
+    max_weight_ratio: float = _opt(
+        2.0, "a contribution's sample weight counts at most this many times the round's median"
+    )
+    max_norm_ratio: float = _opt(
+        1.0, "a contribution's norm is clipped to this many times the round's lower median norm"
+    )
+    verify_reducers: bool = _opt(
+        True, "backups recompute every reduced part and dispute a reducer that disagrees (1.5x scatter bytes)"
+    )
+    checkpoint_explosion_factor: float = _opt(
+        2.0, "keep the last good checkpoint when the loss has grown this many times since it was written"
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -56,6 +75,16 @@ class TrainerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.matchmaking_seconds <= 0 or self.phase_timeout <= 0 or self.record_ttl <= 0:
             raise ValueError("--matchmaking-seconds, --phase-timeout and --record-ttl must be positive")
+        if self.checkpoint_explosion_factor <= 1:
+            raise ValueError("--checkpoint-explosion-factor must be greater than 1")
+        self.robust  # noqa: B018 (validates --aggregation, --max-weight-ratio, --max-norm-ratio)
+
+    @property
+    def robust(self) -> RobustConfig:
+        """How this member's reducers validate and aggregate (raises ValueError naming the flag)."""
+        return RobustConfig(
+            rule=self.aggregation, max_weight_ratio=self.max_weight_ratio, max_norm_ratio=self.max_norm_ratio
+        )
 
     @property
     def diloco(self) -> DiLoCoConfig:
