@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from peers.health_server import add_view_arguments, open_dht, view_config_from_args
+from peers.health_view import add_view_arguments, open_dht, view_config_from_args
 from swarm.health import RunProgressTracker, build_health_state
 from swarm.health_display import clip_text
 from transport.errors import SwarmError
