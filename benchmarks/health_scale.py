@@ -93,17 +93,17 @@ def start_crowd(
         args = [str(HELPER), "crowd", "--swarm", swarm, "--blocks", str(blocks), "--count", str(count)]
         args += ["--first", str(index * per_process), "--thin", f"{blocks * 7 // 10}:{blocks * 7 // 10 + 2}"]
         args += ["--ttl", "240", "--period", "100", "--manifest", str(folder / f"crowd{index}.json")]
-        ready = children.start([*args, "--initial-peers", *bootstrap], "READY", timeout=180)
-        bootstrap = bootstrap or [ready.split()[1]]
-    return bootstrap[0]
+        ready = children.start([*args, "--initial-peers", *bootstrap[:1]], "READY", timeout=180)
+        bootstrap.append(ready.split()[1])
+    return bootstrap
 
 
-async def time_snapshots(swarm: str, bootstrap: str, reads: int) -> tuple[list[float], dict]:
+async def time_snapshots(swarm: str, bootstrap: list[str], reads: int) -> tuple[list[float], dict]:
     from peers.health_server import SwarmViewConfig, open_dht
     from swarm.health import RunProgressTracker, build_health_state
     from swarm.health_reader import read_swarm_view
 
-    view_config = SwarmViewConfig(swarm=swarm, initial_peers=(bootstrap,), request_timeout=30.0)
+    view_config = SwarmViewConfig(swarm=swarm, initial_peers=tuple(bootstrap), request_timeout=30.0)
     times, state = [], {}
     async with open_dht(view_config) as dht:
         for _ in range(reads):
@@ -165,7 +165,7 @@ def main() -> None:
             bootstrap = start_crowd(children, SWARM, args.servers, args.processes, args.blocks, Path(folder))
             publish_s = time.perf_counter() - started
             times, state = asyncio.run(time_snapshots(SWARM, bootstrap, args.reads))
-            health = ["-m", "peers.cli", "health", "--swarm", SWARM, "--initial-peers", bootstrap]
+            health = ["-m", "peers.cli", "health", "--swarm", SWARM, "--initial-peers", *bootstrap]
             health += ["--port", "0", "--refresh-interval", "60", "--request-timeout", "30"]
             url = children.start(health, "swarm health: serving", timeout=120).split()[-1]
             renders, size = time_render(url, 3)

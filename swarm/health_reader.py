@@ -1,7 +1,7 @@
 """Reads a ``SwarmView`` (model, servers, training runs) from the DHT for the health snapshot, with deadlines and caps.
 
-Two lookups: first the model record and the run index (to learn how many blocks and
-which runs exist), then every block key and run key in one batch.
+First the model record and the run index (to learn how many blocks and which runs
+exist), then every block key and run key, :data:`KEYS_PER_LOOKUP` keys per lookup.
 
 At scale (1,000 servers over 80 blocks are ~10,000 signed block entries per read, each
 returned by several DHT nodes) the read's cost is checking signatures: ~0.1-0.3 ms
@@ -39,6 +39,9 @@ MAX_SERVERS = 8192
 """Servers taken in all; past this, the page would no longer read anyway."""
 MAX_RECORD_BYTES = 4096
 """Largest server record taken (msgpack size); an honest one is ~300-900 bytes."""
+KEYS_PER_LOOKUP = 8
+"""Block keys per DHT lookup: one answer carries every entry of its keys, and hivemind drops
+answers slower than its RPC timeout (3 s), so a 1,000-server swarm is read in slices."""
 VERIFIED_CACHE_SIZE = 1 << 16
 """Verified records remembered (16-byte digests): a 1,000-server, 80-block swarm needs ~10,000."""
 
@@ -175,7 +178,10 @@ async def read_swarm_view(dht: _Lister, swarm: str, *, runs: Sequence[str] = (),
     n_blocks = min(model.n_blocks, MAX_BLOCKS) if model is not None else 0
     block_keys = [block_key(swarm, block) for block in range(n_blocks)]
     run_keys = {name: run_key(swarm, name) for name in run_names}
-    second = await dht.list_many(block_keys + list(run_keys.values()), timeout=remaining())
+    keys = block_keys + list(run_keys.values())
+    second: dict[str, Mapping[str, PeerValue]] = {}
+    for start in range(0, len(keys), KEYS_PER_LOOKUP):
+        second.update(await dht.list_many(keys[start : start + KEYS_PER_LOOKUP], timeout=remaining()))
     servers, marks, dropped = read_servers([second.get(key, {}) for key in block_keys])
     members = {name: parse_run_listing(_values(second.get(key, {}))) for name, key in run_keys.items()}
     return SwarmView(

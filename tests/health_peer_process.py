@@ -130,7 +130,7 @@ class _CrowdSigner(SwarmRecordValidator):
         return self._signers[msgpack.unpackb(record.subkey, raw=False)].sign_value(record)
 
 
-_STORE_BATCH = 256
+_STORE_BATCH = 48
 """Records per call into hivemind's DHT process."""
 
 
