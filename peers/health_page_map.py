@@ -146,7 +146,8 @@ def render_coverage_strip(model: dict[str, Any], coverage: dict[str, Any], min_r
     median_servers = max(statistics.median(b["servers"] for b in blocks), 1e-9)
     median_tokens = max(statistics.median(b["throughput"] for b in blocks), 1e-9)
     most = max(1, *(b["servers"] for b in blocks))
-    thinnest = {item["index"] for item in coverage["thinnest"]}
+    thin = [item for item in coverage["thinnest"] if item["thin"]]
+    thinnest = {item["index"] for item in (thin or coverage["thinnest"][:3])}
     parts = [
         f'<svg class="coverage-chart" role="img" aria-label="coverage per block" width="{width:.0f}" '
         f'height="{height}" viewBox="0 0 {width:.0f} {height}">',
@@ -190,16 +191,18 @@ def render_coverage_strip(model: dict[str, Any], coverage: dict[str, Any], min_r
 
 
 def render_thinnest(coverage: dict[str, Any]) -> str:
-    """The sentence that names the thinnest blocks."""
+    """The sentence that names the thin blocks (or says that none is, and which are thinnest)."""
     if not coverage["thinnest"]:
         return ""
+    thin = [item for item in coverage["thinnest"] if item["thin"]]
     items = ", ".join(
         f'<b class="thin-block" data-block="{item["index"]}">block {item["index"]}</b> '
         f"({item['servers']} servers, {_number(item['throughput'], 0)} tokens/s)"
-        for item in coverage["thinnest"]
+        for item in (thin or coverage["thinnest"][:3])
     )
+    lead = "Thin blocks" if thin else "No block is below 75% of the median; the thinnest"
     return (
-        f'<p id="thinnest">Thinnest: {items}. Median block: {_number(coverage["median_servers"], 0)} servers, '
+        f'<p id="thinnest">{lead}: {items}. Median block: {_number(coverage["median_servers"], 0)} servers, '
         f"{_number(coverage['median_tokens_per_second'], 0)} tokens/s; end-to-end bottleneck "
         f"{_number(coverage['bottleneck_tokens_per_second'], 0)} tokens/s.</p>"
     )

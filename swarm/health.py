@@ -39,7 +39,8 @@ every string passes through ``swarm.health_display``. ``peers.health_server`` se
         "min_servers": int, "median_servers": float, "max_servers": int,
         "bottleneck_tokens_per_second": float,   # least tokens/s of any block
         "median_tokens_per_second": float,
-        "thinnest": [{"index": int, "servers": int, "throughput": float}],  # fewest servers first
+        "thinnest": [{"index": int, "servers": int, "throughput": float,   # fewest servers first
+                      "thin": bool}],     # below 75% of the median block's servers
         "min_redundancy": int           # the threshold the verdict used
       },
       "map": [{                       # servers grouped by span, ordered by span (swarm.health_map)

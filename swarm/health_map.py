@@ -17,7 +17,9 @@ from typing import Any
 MAX_BANDS = 40
 """Rows of the map at most (a 1000-server swarm has a few hundred distinct spans)."""
 THINNEST = 5
-"""Thinnest blocks named in the coverage summary."""
+"""Thinnest blocks listed in the coverage summary."""
+THIN_RATIO = 0.75
+"""A block with fewer online servers than this share of the median block's is called thin."""
 STATES = ("online", "joining", "draining", "offline")
 
 
@@ -85,9 +87,10 @@ def coverage_summary(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"min_servers", "median_servers", "max_servers", "bottleneck_tokens_per_second",
-        "median_tokens_per_second", "thinnest": [{"index", "servers", "throughput"}]}``;
+        "median_tokens_per_second", "thinnest": [{"index", "servers", "throughput", "thin"}]}``;
         the bottleneck is the least tokens/s of any block: what a chain through every
-        block can push at most.
+        block can push at most; ``thin`` marks a block below :data:`THIN_RATIO` of the
+        median block's servers (an even swarm has none).
     """
     if not blocks:
         return {
@@ -101,14 +104,20 @@ def coverage_summary(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
     counts = [block["servers"] for block in blocks]
     throughput = [block["throughput"] for block in blocks]
     thinnest = sorted(blocks, key=lambda block: (block["servers"], block["throughput"], block["index"]))
+    median = statistics.median(counts)
     return {
         "min_servers": min(counts),
-        "median_servers": statistics.median(counts),
+        "median_servers": median,
         "max_servers": max(counts),
         "bottleneck_tokens_per_second": min(throughput),
         "median_tokens_per_second": statistics.median(throughput),
         "thinnest": [
-            {"index": block["index"], "servers": block["servers"], "throughput": block["throughput"]}
+            {
+                "index": block["index"],
+                "servers": block["servers"],
+                "throughput": block["throughput"],
+                "thin": block["servers"] < THIN_RATIO * median,
+            }
             for block in thinnest[:THINNEST]
         ],
     }

@@ -333,7 +333,11 @@ def test_coverage_summary_names_the_thinnest_blocks():
     assert coverage["bottleneck_tokens_per_second"] == 30.0
     page = render_page(state, poll_interval=1.0)
     assert 'id="thinnest"' in page and "block 4</b>" in page
-    assert page.count('class="block covered thinnest"') == len(coverage["thinnest"])
+    assert [item["index"] for item in coverage["thinnest"] if item["thin"]] == [4, 5]
+    assert page.count('class="block covered thinnest"') == 2
+    even = build(SwarmView("s", model, {f"p{i}": make_server(f"p{i}", 0, 6) for i in range(3)}))
+    assert not any(item["thin"] for item in even["coverage"]["thinnest"])
+    assert "No block is below 75% of the median" in render_fragment(even)
 
 
 def test_history_is_a_bounded_rolling_window():
@@ -410,3 +414,11 @@ def test_caching_validator_skips_only_records_it_already_accepted():
     forged = dataclasses.replace(record, expiration_time=record.expiration_time + 1)
     assert not reader.validate(forged) and not reader.validate(forged)
     assert len(calls) == 3  # refusals are not cached
+
+
+def test_status_summarizes_a_large_swarm_by_band():
+    model = ModelRecord("m", "c", 8)
+    servers = {f"p{i}": make_server(f"p{i}", 0 if i % 2 else 4, 4 if i % 2 else 8) for i in range(100)}
+    summary = format_summary(build(SwarmView("s", model, servers)))
+    assert "blocks 0:4: 50 servers, 50 online" in summary and "blocks 4:8: 50 servers" in summary
+    assert len(summary.splitlines()) < 20
