@@ -139,7 +139,7 @@ class HealthService:
             thresholds=self.config.view.thresholds,
             telemetry=dict(feed.peers) if feed else None,
             sources=sources,
-            history=self.history,
+            history=self.history if self.reads else None,  # no samples before the first DHT read
         )
 
     def rebuild(self) -> None:
