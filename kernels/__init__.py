@@ -1,6 +1,6 @@
 """Pure compute: model blocks, checkpoint loading, quantization. No networking."""
 
-from kernels.cache import KVCache, LayerCache
+from kernels.cache import KVCache, LayerCache, gather_prefixes, scatter_new_tokens
 from kernels.checkpoint import (
     CheckpointError,
     load_blocks,
@@ -9,7 +9,7 @@ from kernels.checkpoint import (
     read_weight_map,
 )
 from kernels.config import ModelConfig, UnsupportedModelError, load_config
-from kernels.generate import generate, sample_next_token
+from kernels.local_generation import generate, sample_next_token
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
 from kernels.quantize import (
     dequantize_blockwise_4bit,
@@ -33,6 +33,7 @@ __all__ = [
     "UnsupportedModelError",
     "dequantize_blockwise_4bit",
     "dequantize_blockwise_int8",
+    "gather_prefixes",
     "generate",
     "load_blocks",
     "load_client_pieces",
@@ -44,5 +45,6 @@ __all__ = [
     "quantize_linears_",
     "read_weight_map",
     "sample_next_token",
+    "scatter_new_tokens",
     "write_tiny_checkpoint",
 ]

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 SUBCOMMAND_MODULES: list[str] = [
     "peers.join",
     "peers.generate",
+    "peers.finetune",
     "peers.train",
     "peers.health_server",
     "peers.status",

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0, off)")
     parser.add_argument("--stop", nargs="*", default=[], help="texts that end generation (default: none)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--adapter", default="", help="a PEFT adapter folder (LoRA or soft prompt, e.g. from "
+                        "`swarm finetune`): greedy, re-running the prefix each token (default: none)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main)
 
@@ -40,22 +42,35 @@ def main(args: argparse.Namespace) -> int:
 
 async def _generate(args: argparse.Namespace) -> int:
     from swarm.identity import load_swarm_key
-    from swarm.serving import RemoteModel
+    from swarm.serving import RemoteModel, Sampling
     from transport.errors import SwarmError
 
     try:
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
-        async with await RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
-                                             swarm_key=swarm_key) as model:  # fmt: skip
-            stream = model.stream(
-                args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-            )  # fmt: skip
-            async for piece in stream:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            tuple(args.stop), args.seed)  # fmt: skip
+        async with RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
+                                       swarm_key=swarm_key) as model:  # fmt: skip
+            if args.adapter:
+                await _generate_with_adapter(model, args)
+                return 0
+            async for piece in model.stream(args.prompt, args.max_new_tokens, sampling=sampling):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-    except (SwarmError, ValueError) as error:
+    except (SwarmError, ValueError, OSError) as error:
         logger.error("generation failed: %s", error)
         return 1
     return 0
+
+
+async def _generate_with_adapter(model, args: argparse.Namespace) -> None:
+    """Greedy generation with a fine-tuned adapter (``swarm/serving/remote_training.py``)."""
+    import asyncio
+
+    from swarm.serving.finetune_run import load_adapter
+
+    adapters, prompt = load_adapter(model.model_config, args.adapter)
+    ids = model.encode(args.prompt)
+    output = await asyncio.to_thread(model.training.generate, ids, args.max_new_tokens, adapters, prompt)
+    sys.stdout.write(model.decode(output[0, ids.shape[1] :].tolist()) + "\n")

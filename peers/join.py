@@ -1,30 +1,18 @@
-"""`swarm join`: serve a span of a model's blocks to the swarm."""
+"""`swarm join`: the process around an ``InferenceServer`` (``swarm/serving/server.py``).
+
+Flags (generated from ``ServerConfig``, ``PeerOptions``, ``FaultConfig``), logging,
+signals (SIGTERM / Ctrl-C drain), exit codes, the Prometheus collector and telemetry;
+test faults are passed to the server as a hook (``peers/faults.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry
 
-from peers.metrics import add_metrics_arguments, metrics_config_from_args
-from peers.options import (
-    PeerOptions,
-    add_config_arguments,
-    config_from_arguments,
-    configure_logging,
-    data_plane_address,
-    install_stop_handlers,
-    run_async,
-    start_peer,
-)
-from peers.telemetry_publisher import (
-    add_telemetry_arguments,
-    daemon_publisher,
-    exporting,
-    telemetry_config_from_args,
-)
+from peers.daemon import RunningPeer, daemon_main, register_daemon
 from swarm.telemetry import server_telemetry_state
 
 logger = logging.getLogger("swarm.join")
@@ -43,39 +31,27 @@ seconds to finish, records are withdrawn, exit 0 (twice to leave at once)."""
 
 
 def register(subparsers) -> None:
-    from peers.server_config import ServerConfig
+    from swarm.serving import ServerConfig
 
-    parser = subparsers.add_parser(
+    register_daemon(
+        subparsers,
         "join",
         help="serve a span of a model's blocks for inference",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_class=ServerConfig,
+        handler=main,
+        fault_flags=True,
     )
-    add_config_arguments(parser, ServerConfig)
-    add_config_arguments(parser.add_argument_group("swarm"), PeerOptions)
-    add_metrics_arguments(parser)
-    add_telemetry_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from peers.server_config import ServerConfig
+    from swarm.serving import ServerConfig
+    from transport import Timeouts
 
-    configure_logging(args.verbose)
-    try:
-        config = config_from_arguments(ServerConfig, args)
-        options = config_from_arguments(PeerOptions, args)
-        metrics = metrics_config_from_args(args)
-        telemetry = telemetry_config_from_args(args)
-    except ValueError as error:
-        logger.error("%s", error)
-        return 2
-    if config.torch_threads:
-        import torch
+    def timeouts(config: ServerConfig) -> Timeouts:
+        return Timeouts(stream_idle=config.session_idle_timeout, request=max(60.0, config.push_wait * 2))
 
-        torch.set_num_threads(config.torch_threads)
-    return run_async(lambda: _join(config, options, metrics, telemetry))
+    return daemon_main(ServerConfig, args, logger, _serve, timeouts=timeouts)
 
 
 class _ServerCollector:
@@ -118,47 +94,29 @@ class _ServerCollector:
             yield counter
 
 
-async def _join(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
+async def _serve(peer: RunningPeer) -> None:
+    """Serves until stopped, then drains (``swarm.serving.serve``)."""
     from peers.cli import software_version
-    from peers.server import InferenceServer, serve
-    from transport import Endpoint, Timeouts
-    from transport.errors import SwarmError
+    from swarm.serving import InferenceServer, serve
 
-    stop = asyncio.Event()
-    install_stop_handlers(stop, asyncio.get_running_loop())
-    try:
-        identity, dht, swarm_key = await asyncio.to_thread(start_peer, options, config.record_ttl)
-    except SwarmError as error:
-        logger.error("could not join the swarm: %s", error)
-        return 1
-    timeouts = Timeouts(stream_idle=config.session_idle_timeout, request=max(60.0, config.push_wait * 2))
-    try:
-        async with Endpoint(identity.curve_keypair(), swarm_key=swarm_key, timeouts=timeouts) as endpoint:
-            bound = await endpoint.bind(f"tcp://{options.host}:{options.port}")
-            address = data_plane_address(options, bound)
-            for maddr in dht.visible_maddrs():
-                print(f"initial peer for others: {maddr}", flush=True)
-            server = InferenceServer(config, dht, endpoint, address, software_version())
-            publisher = daemon_publisher(
-                telemetry,
-                options.swarm,
-                dht,
-                lambda: server_telemetry_state(server.record()) if server.span else {},
-            )
+    config, faults = peer.arguments.config, peer.arguments.faults
+    if config.torch_threads:
+        import torch
 
-            def online(server: InferenceServer) -> None:
-                print(f"ONLINE serving blocks {server.span} at {address} as {dht.peer_id}", flush=True)
-                if publisher is not None:
-                    publisher.notify()
+        torch.set_num_threads(config.torch_threads)
+    server = InferenceServer(
+        config, peer.dht, peer.endpoint, peer.address, software_version(), on_step=faults.server_step_hook()
+    )
+    registry = CollectorRegistry()
+    registry.register(_ServerCollector(server))
+    exports, publisher = peer.exporting(
+        registry, lambda: server_telemetry_state(server.record()) if server.span else {}
+    )
 
-            registry = CollectorRegistry()
-            registry.register(_ServerCollector(server))
-            async with exporting(metrics, registry, publisher):
-                await serve(server, stop, online)
-    except (SwarmError, ValueError, OSError) as error:
-        logger.error("server failed: %s", error)
-        return 1
-    finally:
-        await asyncio.to_thread(dht.shutdown)
-    logger.info("left the swarm")
-    return 0
+    def online(server: InferenceServer) -> None:
+        print(f"ONLINE serving blocks {server.span} at {peer.address} as {peer.dht.peer_id}", flush=True)
+        if publisher is not None:
+            publisher.notify()
+
+    async with exports:
+        await serve(server, peer.stop, online)
