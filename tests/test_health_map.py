@@ -18,7 +18,8 @@ from swarm.health_map import MAX_BANDS
 from swarm.health_reader import MAX_RECORD_BYTES, MAX_SERVERS_PER_BLOCK, CachingRecordValidator, read_servers
 from swarm.identity import Identity
 from swarm.records import ModelRecord, PeerValue, ServerRecord, ServerState
-from tests.test_health_snapshot import MODEL, NOW, build, make_server, make_trainer
+from tests.harness import MODEL, NOW, make_server, make_trainer
+from tests.test_health_snapshot import build
 
 pytestmark = pytest.mark.timeout(60)
 

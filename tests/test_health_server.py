@@ -212,9 +212,7 @@ def test_mqtt_bursts_rebuild_at_most_once_per_interval_and_pages_render_once_per
         for _ in range(100):  # a burst of telemetry messages
             service.rebuild_soon()
         assert service.state is first  # throttled: one rebuild is scheduled, none ran yet
-        async with asyncio.timeout(10):
-            while service.state is first:
-                await asyncio.sleep(0.01)  # waiting for the scheduled rebuild, bounded by the timeout
+        await wait_until(lambda: service.state is not first, timeout=10, what="the scheduled rebuild")
         rebuilt = service.state
         await asyncio.sleep(0.3)  # longer than the interval: no second rebuild was queued by the burst
         assert service.state is rebuilt
