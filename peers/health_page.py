@@ -1,9 +1,11 @@
 """The health page: server-rendered HTML and inline SVG from the ``/api/state`` document.
 
-No frontend build step and no client-side templating: the page's small script fetches
-``/fragment`` (this module's ``render_fragment``) and swaps it in, so all escaping
-happens here, once, with ``html.escape``. Every value from the DHT passes through
-``_text`` before it reaches markup.
+No frontend build step, no CDN and no client-side templating (the page works offline):
+the page's small script fetches ``/fragment`` (this module's ``render_fragment``) and
+swaps it in, keeping the bands a person opened and the peer they searched for; all
+escaping happens on the server, once, with ``html.escape``. Every value from the DHT
+passes through ``_text`` before it reaches markup. The swarm map and server rows are
+drawn by ``peers.health_page_map``, the history charts by ``peers.health_page_charts``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ import html
 import math
 from typing import Any
 
-_CHART_WIDTH = 720
-_CHART_HEIGHT = 120
+from peers.health_page_charts import render_history, render_run_history
+from peers.health_page_map import (
+    STATE_COLORS,
+    render_coverage_strip,
+    render_map,
+    render_servers,
+    render_thinnest,
+)
+
 _LOSS_WIDTH = 360
 _LOSS_HEIGHT = 120
 
@@ -25,18 +34,51 @@ th{background:#eee} .verdict{font-weight:bold;padding:.1rem .5rem;border-radius:
 .healthy{background:#2e7d32} .degraded{background:#ef6c00} .broken{background:#c62828}
 .alerts li.error{color:#c62828} .alerts li.warning{color:#ef6c00} .stale{color:#ef6c00;font-weight:bold}
 .muted{color:#777;font-size:.8rem} svg{background:#fff;border:1px solid #ddd}
+.charts{display:flex;flex-wrap:wrap;gap:.6rem} figure.history{margin:0} figcaption{font-size:.75rem;color:#444}
+tbody.band-rows:not(.open) tr.member{display:none} tr.band-head button{all:unset;cursor:pointer;font-size:.8rem}
+tr.band-head td{background:#f3f3f3} tr.hit td{background:#fff59d} g.band.hit rect{stroke:#000;stroke-width:1.5}
+.legend span{display:inline-block;width:.8rem;height:.8rem;margin:0 .2rem 0 .6rem;vertical-align:middle}
+#peer-search{width:22rem;padding:.2rem} .share{display:inline-block;height:.6rem;background:#1565c0}
 """
 
 _SCRIPT = """
 (function () {
   const content = document.getElementById("content");
   const status = document.getElementById("refresh-status");
+  const search = document.getElementById("peer-search");
+  const result = document.getElementById("search-result");
   const interval = Number(document.body.dataset.pollMs) || 2000;
+  const opened = new Set();
+  content.addEventListener("click", (event) => {
+    const button = event.target.closest("tr.band-head button");
+    if (!button) return;
+    const body = button.closest("tbody");
+    body.classList.toggle("open");
+    if (body.classList.contains("open")) opened.add(body.dataset.span); else opened.delete(body.dataset.span);
+  });
+  function find() {
+    content.querySelectorAll(".hit").forEach((node) => node.classList.remove("hit"));
+    const query = search.value.trim().toLowerCase();
+    if (query.length < 2) { result.textContent = ""; return; }
+    const rows = [...content.querySelectorAll("tr.member")].filter((row) => row.dataset.peer.toLowerCase().includes(query));
+    if (!rows.length) { result.textContent = "no peer matches " + query; return; }
+    const row = rows[0], body = row.closest("tbody");
+    body.classList.add("open");
+    row.classList.add("hit");
+    const band = content.querySelector('g.band[data-span="' + body.dataset.span + '"]');
+    if (band) band.classList.add("hit");
+    const cells = row.querySelectorAll("td");
+    result.textContent = row.dataset.peer + ": " + row.dataset.state + ", blocks " + cells[4].textContent +
+      (rows.length > 1 ? " (" + rows.length + " matches, first shown)" : "");
+  }
+  search.addEventListener("input", () => { find(); const hit = content.querySelector("tr.hit"); if (hit) hit.scrollIntoView({block: "center"}); });
   async function refresh() {
     try {
       const response = await fetch("fragment", {cache: "no-store"});
       if (!response.ok) throw new Error("HTTP " + response.status);
       content.innerHTML = await response.text();
+      content.querySelectorAll("tbody.band-rows").forEach((body) => { if (opened.has(body.dataset.span)) body.classList.add("open"); });
+      find();
       status.textContent = "updated " + new Date().toLocaleTimeString();
     } catch (error) {
       status.textContent = "update failed: " + error.message;
@@ -81,49 +123,6 @@ def _bytes(value: Any) -> str:
     return "–"  # pragma: no cover
 
 
-def render_coverage_chart(model: dict[str, Any]) -> str:
-    """One bar pair per block: servers (green) and throughput (blue); uncovered blocks red."""
-    blocks = model["blocks"]
-    if not blocks:
-        return '<p class="muted">no blocks</p>'
-    width = _CHART_WIDTH / len(blocks)
-    most_servers = max(1, *(block["servers"] for block in blocks))
-    most_throughput = max(1e-9, *(block["throughput"] for block in blocks))
-    parts = [
-        f'<svg class="coverage-chart" role="img" aria-label="coverage per block" width="{_CHART_WIDTH}" '
-        f'height="{_CHART_HEIGHT + 16}" viewBox="0 0 {_CHART_WIDTH} {_CHART_HEIGHT + 16}">'
-    ]
-    for block in blocks:
-        x = block["index"] * width
-        title = (
-            f"block {block['index']}: {block['servers']} server(s), {_number(block['throughput'])} tokens/s"
-        )
-        if not block["covered"]:
-            parts.append(
-                f'<rect class="block uncovered" data-block="{block["index"]}" x="{x:.2f}" y="0" '
-                f'width="{max(width - 1, 0.5):.2f}" height="{_CHART_HEIGHT}" fill="#c62828">'
-                f"<title>{_text(title)} (uncovered)</title></rect>"
-            )
-            continue
-        servers_height = _CHART_HEIGHT * block["servers"] / most_servers
-        throughput_height = _CHART_HEIGHT * block["throughput"] / most_throughput
-        half = max(width / 2 - 0.5, 0.25)
-        parts.append(
-            f'<g class="block covered" data-block="{block["index"]}"><title>{_text(title)}</title>'
-            f'<rect x="{x:.2f}" y="{_CHART_HEIGHT - servers_height:.2f}" width="{half:.2f}" '
-            f'height="{servers_height:.2f}" fill="#2e7d32"/>'
-            f'<rect x="{x + half:.2f}" y="{_CHART_HEIGHT - throughput_height:.2f}" width="{half:.2f}" '
-            f'height="{throughput_height:.2f}" fill="#1565c0"/></g>'
-        )
-    step = max(1, len(blocks) // 16)
-    for block in blocks[::step]:
-        parts.append(
-            f'<text x="{block["index"] * width + 1:.2f}" y="{_CHART_HEIGHT + 12}" font-size="10">{block["index"]}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 def render_loss_chart(curve: list[list[float]]) -> str:
     """The run's mean loss per round as an SVG polyline."""
     points = [(r, loss) for r, loss in curve if isinstance(loss, (int, float)) and math.isfinite(loss)]
@@ -154,61 +153,64 @@ def render_loss_chart(curve: list[list[float]]) -> str:
     )
 
 
-def _render_model(model: dict[str, Any] | None) -> str:
+def _legend() -> str:
+    return (
+        '<p class="legend muted">'
+        + "".join(f'<span style="background:{color}"></span>{name}' for name, color in STATE_COLORS.items())
+        + " · ⇄ relayed · ⚑ reported</p>"
+    )
+
+
+def _render_model(state: dict[str, Any]) -> str:
+    model = state["model"]
     if model is None:
-        return '<section id="model"><h2>Model</h2><p><span class="verdict broken">broken</span> no model announced</p></section>'
+        return (
+            '<section id="model"><h2>Model</h2><p><span class="verdict broken">broken</span> no model announced</p>'
+            + render_map(state)
+            + "</section>"
+        )
+    coverage = state["coverage"]
     return (
         '<section id="model">'
-        f"<h2>Model {_text(model['model_id'])} <span class='muted'>({model['n_blocks']} blocks)</span></h2>"
+        f"<h2>Model {_text(model['model_id'])} <span class='muted'>({model['n_blocks']} blocks, "
+        f"{len(state['servers'])} servers)</span></h2>"
         f'<p><span class="verdict {_text(model["verdict"])}" id="model-verdict">{_text(model["verdict"])}</span> '
         f"{_text(model['reason'])}</p>"
-        f"{render_coverage_chart(model)}"
-        '<p class="muted">green: online servers per block; blue: tokens/s per block; red: no online server</p>'
+        "<h3>Swarm map <span class='muted'>(rows: servers grouped by span; count and marks at the right)</span></h3>"
+        f"{render_map(state)}{_legend()}"
+        "<h3>Coverage per block</h3>"
+        f"{render_coverage_strip(model, coverage, coverage.get('min_redundancy', 2))}"
+        '<p class="muted">bars: online servers (0 to the largest block); cells: online servers and tokens/s '
+        "against the median block (green: at the median, yellow/orange: thinner, red: no online server); "
+        "outlined: the thinnest blocks</p>"
+        f"{render_thinnest(coverage)}"
         "</section>"
     )
 
 
-def _relayed_mark(server: dict) -> str:
-    """A small mark after the state of a server reached through relays (issue #13)."""
-    if server.get("reachability") != "relayed":
-        return ""
-    reason = _text(server.get("reachability_reason", ""))
+_MAX_MEMBER_ROWS = 64
+
+
+def _render_members(peers: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f'<tr data-member="{_text(peer["peer_id"])}"><td><code>{_text(peer["short_id"])}</code></td>'
+        f"<td>{_text(peer['state'])}</td><td>{peer['round']}</td><td>{_number(peer['loss'], 4)}</td>"
+        f"<td>{_number(peer['tokens_per_second'])}</td><td>"
+        f'<span class="share" style="width:{4 * peer.get("tokens_share", 0.0):.2f}rem"></span> '
+        f"{100 * peer.get('tokens_share', 0.0):.1f}%</td></tr>"
+        for peer in sorted(peers, key=lambda peer: -peer.get("tokens_share", 0.0))[:_MAX_MEMBER_ROWS]
+    )
+    more = len(peers) - _MAX_MEMBER_ROWS
     return (
-        f' <span class="muted relayed" title="behind NAT, reached through a relay: {reason}">(relayed)</span>'
+        '<table class="members"><tr><th>member</th><th>state</th><th>round</th><th>loss</th><th>tokens/s</th>'
+        "<th>share of tokens/s</th></tr>"
+        f"{rows}{f'<tr><td colspan=6>… {more} more</td></tr>' if more > 0 else ''}</table>"
+        '<p class="muted">share: of the run\'s tokens/s, what a member adds to a time-window round '
+        "(records carry no per-round sample counts)</p>"
     )
 
 
-def _render_servers(servers: list[dict[str, Any]]) -> str:
-    rows = []
-    for server in servers:
-        rtts = ", ".join(
-            f"{_text(peer)}: {_number(rtt * 1000, 0)} ms" for peer, rtt in server["rtts"].items()
-        )
-        version_class = ' class="stale"' if server["stale_version"] else ""
-        rows.append(
-            f'<tr data-peer="{_text(server["peer_id"])}" data-state="{_text(server["state"])}" '
-            f'data-reachability="{_text(server.get("reachability", "unknown"))}">'
-            f'<td title="{_text(server["peer_id"])}"><code>{_text(server["short_id"])}</code></td>'
-            f"<td>{_text(server['state'])}{_relayed_mark(server)}</td>"
-            f"<td{version_class}>{_text(server['version'])}</td>"
-            f"<td>{_text(server['device'])} {_text(server['dtype'])}</td>"
-            f"<td>{server['span'][0]}:{server['span'][1]}</td>"
-            f"<td>{_number(server['throughput'])}</td>"
-            f"<td>{server['free_cache_tokens']:,}</td>"
-            f"<td>{server['load']}</td>"
-            f"<td>{rtts or '–'}</td>"
-            f"<td>{_duration(server['uptime'])}</td>"
-            f"<td>{_text(server['source'])}</td></tr>"
-        )
-    body = "".join(rows) or '<tr><td colspan="11">no servers</td></tr>'
-    return (
-        '<section><h2>Servers</h2><table id="servers"><thead><tr><th>peer</th><th>state</th><th>version</th>'
-        "<th>device / dtype</th><th>span</th><th>tokens/s</th><th>free cache</th><th>load</th>"
-        f"<th>round-trip times</th><th>uptime</th><th>source</th></tr></thead><tbody>{body}</tbody></table></section>"
-    )
-
-
-def _render_runs(runs: list[dict[str, Any]]) -> str:
+def _render_runs(runs: list[dict[str, Any]], history: dict[str, Any]) -> str:
     if not runs:
         return (
             '<section id="runs"><h2>Training runs</h2><p class="muted">no training runs found</p></section>'
@@ -225,7 +227,8 @@ def _render_runs(runs: list[dict[str, Any]]) -> str:
             "<table><tr><th>round</th><th>members</th><th>tokens/s</th><th>bytes per round</th><th>loss</th></tr>"
             f"<tr><td>{run['round']}</td><td>{run['members']}</td><td>{_number(run['tokens_per_second'])}</td>"
             f"<td>{_bytes(run['bytes_per_round'])}</td><td>{_number(run['loss'], 4)}</td></tr></table>"
-            f"{render_loss_chart(run['loss_curve'])}</div>"
+            f"{render_loss_chart(run['loss_curve'])}{render_run_history(history, run['name'])}"
+            f"{_render_members(run['peers'])}</div>"
         )
     parts.append("</section>")
     return "".join(parts)
@@ -241,6 +244,13 @@ def _render_alerts(alerts: list[dict[str, str]]) -> str:
     return f'<section><h2>Alerts</h2><ul id="alerts" class="alerts">{items}</ul></section>'
 
 
+def _render_limits(limits: dict[str, Any]) -> str:
+    dropped = limits.get("records_dropped", 0)
+    if not dropped:
+        return ""
+    return f'<p class="muted" id="limits">{dropped} DHT records left out (over the reader\'s caps)</p>'
+
+
 def render_fragment(state: dict[str, Any]) -> str:
     """The live part of the page (what ``/fragment`` returns and the script swaps in)."""
     sources = state["sources"]
@@ -252,9 +262,11 @@ def render_fragment(state: dict[str, Any]) -> str:
         f'<span class="verdict {_text(state["verdict"])}" id="verdict">{_text(state["verdict"])}</span> '
         f'<span class="muted">DHT {"ok" if not sources.get("dht_error") else "unreachable"} · MQTT {_text(mqtt)}</span></p>'
         + _render_alerts(state["alerts"])
-        + _render_model(state["model"])
-        + _render_servers(state["servers"])
-        + _render_runs(state["runs"])
+        + _render_model(state)
+        + render_history(state.get("history") or {})
+        + render_servers(state)
+        + _render_runs(state["runs"], state.get("history") or {})
+        + _render_limits(state.get("limits") or {})
     )
 
 
@@ -269,6 +281,8 @@ def render_page(state: dict[str, Any], *, poll_interval: float) -> str:
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>Swarm health: {_text(state['swarm'])}</title><style>{_STYLE}</style></head>"
         f'<body data-poll-ms="{int(poll_interval * 1000)}"><h1>Swarm health</h1>'
+        '<p><input id="peer-search" type="search" placeholder="find a peer: id or prefix" '
+        'aria-label="find a peer" autocomplete="off"> <span id="search-result" class="muted"></span></p>'
         f'<main id="content">{render_fragment(state)}</main>'
         '<p class="muted"><span id="refresh-status">live</span> · '
         '<a href="api/state">/api/state</a> · <a href="metrics">/metrics</a></p>'

@@ -31,47 +31,15 @@ from prometheus_client import CollectorRegistry
 from peers.health_feed import TelemetryFeed
 from peers.health_metrics import SnapshotCollector
 from peers.health_page import render_fragment, render_page
+from peers.health_view import SwarmViewConfig, add_view_arguments, open_dht, view_config_from_args
 from peers.metrics import metrics_handler
-from swarm.health import HealthThresholds, RunProgressTracker, SwarmView, build_health_state
+from swarm.health import RunProgressTracker, SwarmView, build_health_state
 from swarm.health_display import clip_text
+from swarm.health_history import HealthHistory, HistoryConfig
 from swarm.telemetry import parse_mqtt_url
 from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SwarmViewConfig:
-    """How ``swarm health`` and ``swarm status`` read the swarm.
-
-    Attributes:
-        swarm: the swarm name (``--swarm``).
-        initial_peers: multiaddrs of peers in the swarm (``--initial-peers``).
-        runs: training runs to show besides those in the run index (``--run``, repeatable).
-        request_timeout: deadline of one read of the DHT, in seconds (``--request-timeout``).
-        start_timeout: deadline for the DHT node to start, in seconds (``--start-timeout``).
-        min_redundancy: online servers per block below which coverage is degraded (``--min-redundancy``).
-        stall_after: seconds without a new round before a run is stalled (``--stall-after``).
-    """
-
-    swarm: str = "swarm"
-    initial_peers: tuple[str, ...] = ()
-    runs: tuple[str, ...] = ()
-    request_timeout: float = 10.0
-    start_timeout: float = 60.0
-    min_redundancy: int = 2
-    stall_after: float = 600.0
-
-    def __post_init__(self) -> None:
-        if not self.request_timeout > 0:
-            raise ValueError(f"--request-timeout must be positive, got {self.request_timeout}")
-        if not self.start_timeout > 0:
-            raise ValueError(f"--start-timeout must be positive, got {self.start_timeout}")
-        self.thresholds  # noqa: B018 - validates --min-redundancy and --stall-after
-
-    @property
-    def thresholds(self) -> HealthThresholds:
-        return HealthThresholds(min_redundancy=self.min_redundancy, stall_after=self.stall_after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +54,20 @@ class HealthConfig:
         refresh_interval: seconds between DHT reads (``--refresh-interval``).
         poll_interval: seconds between the page's background refreshes (``--poll-interval``).
         mqtt_timeout: deadline of MQTT connect/subscribe, in seconds (``--mqtt-timeout``).
+        history_window: seconds of history the page keeps and charts (``--history-window``).
+        min_rebuild_interval: fewest seconds between two snapshots rebuilt for MQTT updates
+            (a 1,000-peer feed sends hundreds of messages a second).
     """
 
-    view: SwarmViewConfig = SwarmViewConfig()
+    view: SwarmViewConfig = dataclasses.field(default_factory=SwarmViewConfig)
     host: str = "127.0.0.1"
     port: int = 8080
     mqtt: str | None = None
     refresh_interval: float = 5.0
     poll_interval: float = 2.0
     mqtt_timeout: float = 5.0
+    history_window: float = 3600.0
+    min_rebuild_interval: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -107,6 +80,13 @@ class HealthConfig:
             raise ValueError(f"--mqtt-timeout must be positive, got {self.mqtt_timeout}")
         if self.mqtt is not None:
             parse_mqtt_url(self.mqtt)
+        self.history  # noqa: B018 - validates --history-window
+        if not self.min_rebuild_interval >= 0:
+            raise ValueError(f"min_rebuild_interval must be >= 0, got {self.min_rebuild_interval}")
+
+    @property
+    def history(self) -> HistoryConfig:
+        return HistoryConfig(window=self.history_window)
 
 
 class HealthService:
@@ -132,9 +112,13 @@ class HealthService:
         self.feed = feed
         self._clock = clock
         self._tracker = RunProgressTracker()
+        self.history = HealthHistory(config.history)
         self._view = SwarmView(swarm=config.view.swarm)
         self._dht_error: str | None = "no DHT read yet"
         self.reads = 0
+        self._rendered: dict[str, str] = {}
+        self._last_rebuild = float("-inf")
+        self._pending_rebuild: asyncio.TimerHandle | None = None
         self.state = self._build()
         self.registry = CollectorRegistry()
         self.registry.register(SnapshotCollector(lambda: self.state))
@@ -155,11 +139,36 @@ class HealthService:
             thresholds=self.config.view.thresholds,
             telemetry=dict(feed.peers) if feed else None,
             sources=sources,
+            history=self.history if self.reads else None,  # no samples before the first DHT read
         )
 
     def rebuild(self) -> None:
         """Recomputes the snapshot from the last DHT view and the latest telemetry."""
+        if self._pending_rebuild is not None:
+            self._pending_rebuild.cancel()
+            self._pending_rebuild = None
         self.state = self._build()
+        self._rendered = {}
+        self._last_rebuild = time.monotonic()
+
+    def rebuild_soon(self) -> None:
+        """Rebuilds now, or once ``min_rebuild_interval`` after the last rebuild (MQTT bursts)."""
+        if self._pending_rebuild is not None:
+            return
+        wait = self._last_rebuild + self.config.min_rebuild_interval - time.monotonic()
+        if wait <= 0:
+            self.rebuild()
+        else:
+            self._pending_rebuild = asyncio.get_running_loop().call_later(wait, self.rebuild)
+
+    def rendered(self, kind: str) -> str:
+        """The page or fragment of the current snapshot, rendered once per snapshot."""
+        if kind not in self._rendered:
+            if kind == "page":
+                self._rendered[kind] = render_page(self.state, poll_interval=self.config.poll_interval)
+            else:
+                self._rendered[kind] = render_fragment(self.state)
+        return self._rendered[kind]
 
     async def refresh_once(self) -> None:
         """Reads the DHT once and rebuilds the snapshot; a failed read keeps the last view and raises an alert."""
@@ -190,11 +199,10 @@ class HealthService:
         }
 
         async def page(_request: web.Request) -> web.Response:
-            body = render_page(self.state, poll_interval=self.config.poll_interval)
-            return web.Response(text=body, content_type="text/html", headers=headers)
+            return web.Response(text=self.rendered("page"), content_type="text/html", headers=headers)
 
         async def fragment(_request: web.Request) -> web.Response:
-            return web.Response(text=render_fragment(self.state), content_type="text/html", headers=headers)
+            return web.Response(text=self.rendered("fragment"), content_type="text/html", headers=headers)
 
         async def api_state(_request: web.Request) -> web.Response:
             return web.Response(text=json.dumps(self.state), content_type="application/json", headers=headers)
@@ -225,81 +233,9 @@ class HealthService:
                 if self.feed is not None:
                     group.create_task(self.feed.run())
         finally:
+            if self._pending_rebuild is not None:
+                self._pending_rebuild.cancel()
             await runner.cleanup()
-
-
-def add_view_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``SwarmViewConfig`` flags (shared by ``swarm health`` and ``swarm status``)."""
-    defaults = SwarmViewConfig()
-    parser.add_argument("--swarm", default=defaults.swarm, help="swarm name (DHT key namespace)")
-    parser.add_argument(
-        "--initial-peers",
-        nargs="*",
-        default=list(defaults.initial_peers),
-        metavar="MULTIADDR",
-        help="multiaddrs of peers already in the swarm",
-    )
-    parser.add_argument(
-        "--run",
-        action="append",
-        default=list(defaults.runs),
-        metavar="NAME",
-        help="training run to show besides those in the run index (repeatable)",
-    )
-    parser.add_argument(
-        "--request-timeout",
-        type=float,
-        default=defaults.request_timeout,
-        help="deadline of one DHT read, in seconds",
-    )
-    parser.add_argument(
-        "--start-timeout",
-        type=float,
-        default=defaults.start_timeout,
-        help="deadline for the DHT node to start, in seconds",
-    )
-    parser.add_argument(
-        "--min-redundancy",
-        type=int,
-        default=defaults.min_redundancy,
-        help="online servers per block below which coverage is degraded",
-    )
-    parser.add_argument("--stall-after", type=float, default=defaults.stall_after,
-                        help="seconds without a new round before a run counts as stalled")  # fmt: skip
-
-
-def view_config_from_args(args: argparse.Namespace) -> SwarmViewConfig:
-    """Raises ``ValueError`` naming the flag for invalid values."""
-    return SwarmViewConfig(
-        swarm=args.swarm,
-        initial_peers=tuple(args.initial_peers),
-        runs=tuple(args.run),
-        request_timeout=args.request_timeout,
-        start_timeout=args.start_timeout,
-        min_redundancy=args.min_redundancy,
-        stall_after=args.stall_after,
-    )
-
-
-def open_dht(view: SwarmViewConfig):
-    """An ephemeral, client-mode ``SwarmDHT`` for reading the swarm (an async context manager).
-
-    Raises:
-        ConfigurationError: the swarm name is invalid.
-    """
-    from swarm.dht import DHTConfig, SwarmDHT  # hivemind is heavy; import when a command runs
-    from swarm.identity import Identity
-    from swarm.records import namespaced_key
-
-    namespaced_key(view.swarm)
-    config = DHTConfig(
-        swarm_name=view.swarm,
-        initial_peers=view.initial_peers,
-        start_timeout=view.start_timeout,
-        request_timeout=view.request_timeout,
-        client_mode=bool(view.initial_peers),
-    )
-    return SwarmDHT(Identity.generate(), config)
 
 
 async def run_health(config: HealthConfig, on_ready: Callable[[str], None]) -> None:
@@ -315,7 +251,7 @@ async def run_health(config: HealthConfig, on_ready: Callable[[str], None]) -> N
         service: HealthService
 
         def on_update() -> None:
-            service.rebuild()
+            service.rebuild_soon()
 
         if config.mqtt is not None:
             feed = TelemetryFeed(
@@ -346,6 +282,7 @@ def _handle(args: argparse.Namespace) -> int:
             refresh_interval=args.refresh_interval,
             poll_interval=args.poll_interval,
             mqtt_timeout=args.mqtt_timeout,
+            history_window=args.history_window,
         )
     except ValueError as error:
         print(f"swarm health: {error}", file=sys.stderr)
@@ -391,4 +328,6 @@ def register(subparsers: Any) -> None:
                         help="seconds between the page's background refreshes")  # fmt: skip
     parser.add_argument("--mqtt-timeout", type=float, default=defaults.mqtt_timeout,
                         help="deadline of MQTT connect/subscribe, in seconds")  # fmt: skip
+    parser.add_argument("--history-window", type=float, default=defaults.history_window,
+                        help="seconds of history the page keeps and charts")  # fmt: skip
     parser.set_defaults(handler=_handle)

@@ -13,12 +13,14 @@ import sys
 import time
 from typing import Any
 
-from peers.health_server import add_view_arguments, open_dht, view_config_from_args
+from peers.health_view import add_view_arguments, open_dht, view_config_from_args
 from swarm.health import RunProgressTracker, build_health_state
 from swarm.health_display import clip_text
 from transport.errors import SwarmError
 
 _EXIT_CODES = {"healthy": 0, "degraded": 1, "broken": 2}
+MAX_SERVER_LINES = 40
+"""Above this many servers, the summary prints one line per band of the swarm map instead."""
 
 
 def _number(value: Any, digits: int = 1) -> str:
@@ -52,7 +54,22 @@ def format_summary(state: dict[str, Any]) -> str:
             for block in model["blocks"]
         )
         lines.append(f"  servers per block: [{bar}]  ('.' = uncovered)")
+    coverage = state.get("coverage") or {}
+    thin = [item for item in coverage.get("thinnest", []) if item.get("thin")]
+    if thin:
+        lines.append(
+            "  thin blocks: " + ", ".join(f"{item['index']} ({item['servers']} servers)" for item in thin)
+        )
     lines.append(f"servers ({len(state['servers'])}):")
+    if len(state["servers"]) > MAX_SERVER_LINES:
+        for band in state.get("map", []):
+            states = ", ".join(f"{count} {name}" for name, count in band["states"].items() if count)
+            near = "" if band["exact"] else " (spans near)"
+            lines.append(
+                f"  blocks {band['span'][0]}:{band['span'][1]}{near}: {band['servers']} servers, {states}"
+            )
+        lines.extend(_runs_and_alerts(state))
+        return "\n".join(lines)
     lines.append(
         f"  {'peer':<10} {'state':<9} {'version':<12} {'span':<9} {'tok/s':>9} {'cache':>9} {'load':>5} {'uptime':>8}  device"
     )
@@ -65,6 +82,12 @@ def format_summary(state: dict[str, Any]) -> str:
             f"{_number(server['throughput']):>9} {server['free_cache_tokens']:>9} {server['load']:>5} {uptime:>8}  "
             f"{_safe(server['device'])} {_safe(server['dtype'])}"
         )
+    lines.extend(_runs_and_alerts(state))
+    return "\n".join(lines)
+
+
+def _runs_and_alerts(state: dict[str, Any]) -> list[str]:
+    lines = []
     for run in state["runs"]:
         flag = " STALLED" if run["stalled"] else ""
         lines.append(
@@ -75,7 +98,7 @@ def format_summary(state: dict[str, Any]) -> str:
     if state["alerts"]:
         lines.append("alerts:")
         lines.extend(f"  [{alert['severity']}] {_safe(alert['message'])}" for alert in state["alerts"])
-    return "\n".join(lines)
+    return lines
 
 
 async def read_state(args: argparse.Namespace) -> dict[str, Any]:

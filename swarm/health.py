@@ -5,8 +5,9 @@ reads two sources: the DHT's records (``swarm.records`` for the model and server
 ``swarm.training.progress`` for training runs and the run index), which
 ``swarm.health_reader`` fetches into a :class:`SwarmView`; and, optionally, the peers'
 MQTT telemetry (``swarm.telemetry``), which refreshes the fast-moving numbers of peers
-the DHT lists. The runs part is built in ``swarm.health_runs``; every string passes
-through ``swarm.health_display``. ``peers.health_server`` serves the result as a page,
+the DHT lists. The runs part is built in ``swarm.health_runs``, the map's bands and the
+coverage summary in ``swarm.health_map``, the rolling history in ``swarm.health_history``;
+every string passes through ``swarm.health_display``. ``peers.health_server`` serves the result as a page,
 ``/api/state`` and ``/metrics``; ``peers.status`` prints it.
 
 ``/api/state`` schema (``schema`` = 1; every string from the DHT is clipped to
@@ -30,17 +31,46 @@ through ``swarm.health_display``. ``peers.health_server`` serves the result as a
         "version": str, "stale_version": bool, "device": str, "dtype": str,
         "span": [start, end], "throughput": float, "inference_rate": float,
         "free_cache_tokens": int, "load": int,
-        "rtts": {short_id: seconds}, "uptime": float | null, "source": "dht" | "dht+mqtt"
+        "rtts": {short_id: seconds}, "uptime": float | null, "source": "dht" | "dht+mqtt",
+        "relayed": bool | null,       # record field "relayed" (reachability); null: the record does not say
+        "reports": int | null         # record field "reports" (trust); null: the record does not say
+      }],
+      "coverage": {                   # online servers per block, summarized (zeros without a model)
+        "min_servers": int, "median_servers": float, "max_servers": int,
+        "bottleneck_tokens_per_second": float,   # least tokens/s of any block
+        "median_tokens_per_second": float,
+        "thinnest": [{"index": int, "servers": int, "throughput": float,   # fewest servers first
+                      "thin": bool}],     # below 75% of the median block's servers
+        "min_redundancy": int           # the threshold the verdict used
+      },
+      "map": [{                       # servers grouped by span, ordered by span (swarm.health_map)
+        "span": [start, end], "exact": bool, "servers": int,
+        "states": {"online": int, "joining": int, "draining": int, "offline": int},
+        "relayed": int, "reported": int,
+        "cells": [int, ...],          # members holding each block of the span
+        "members": [int, ...]         # indices into "servers"
       }],
       "runs": [{
         "name": str, "round": int, "members": int, "tokens_per_second": float,
         "bytes_per_round": int, "loss": float | null,
         "loss_curve": [[round, mean loss], ...], "stalled": bool,
         "seconds_since_progress": float, "hashes_agree": bool,
-        "peers": [{"peer_id", "short_id", "state", "round", "loss", "tokens_per_second", "version"}]
+        "peers": [{"peer_id", "short_id", "state", "round", "loss", "tokens_per_second", "version",
+                   "tokens_share"}]    # share of the active members' tokens/s, 0..1
       }],
+      "history": {                    # rolling window (swarm.health_history); empty without one
+        "window": float,
+        "swarm": {"t": [float], "coverage_min": [int | null], "servers_online": [int],
+                  "tokens_per_second": [float | null]},
+        "runs": {name: {"t": [float], "loss": [float | null], "tokens_per_second": [float],
+                        "members": [int], "bytes_per_round": [int]}}
+      },
+      "limits": {"records_dropped": int},   # entries the reader's caps left out (swarm.health_reader)
       "alerts": [{"kind": str, "severity": "error" | "warning", "message": str}]
     }
+
+Schema 1 grew ``coverage``, ``map``, ``history``, ``limits``, the servers' ``relayed`` and
+``reports`` and the run members' ``tokens_share`` (issue #21); no field changed meaning.
 
 Alert kinds: ``no_model``, ``uncovered_blocks``, ``thin_coverage``, ``stale_version``,
 ``stalled_run``, ``empty_run``, ``hash_mismatch``, ``peer_offline``, ``dht_unreachable``.
@@ -55,6 +85,8 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from swarm.health_display import alert, clip_text, finite, short_id
+from swarm.health_history import HealthHistory
+from swarm.health_map import build_bands, coverage_summary
 from swarm.health_runs import RunProgressTracker, run_state
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.telemetry import PeerTelemetry
@@ -96,6 +128,8 @@ class SwarmView:
         servers: servers by peer id.
         runs: run name -> members by peer id.
         n_blocks_clipped: the model claims more than :data:`MAX_BLOCKS` blocks.
+        marks: optional per-server marks by peer id: ``{"relayed": bool | None, "reports": int | None}``.
+        dropped: records the reader's caps left out.
     """
 
     swarm: str
@@ -103,6 +137,8 @@ class SwarmView:
     servers: Mapping[str, ServerRecord] = dataclasses.field(default_factory=dict)
     runs: Mapping[str, Mapping[str, TrainingPeerRecord]] = dataclasses.field(default_factory=dict)
     n_blocks_clipped: bool = False
+    marks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    dropped: int = 0
 
 
 def _parse_version(text: str) -> Version | None:
@@ -219,6 +255,7 @@ def build_health_state(
     thresholds: HealthThresholds = HealthThresholds(),
     telemetry: Mapping[str, PeerTelemetry] | None = None,
     sources: Mapping[str, Any] | None = None,
+    history: HealthHistory | None = None,
 ) -> dict[str, Any]:
     """Builds the ``/api/state`` document (schema in the module docstring).
 
@@ -229,6 +266,7 @@ def build_health_state(
         thresholds: when to call coverage degraded and runs stalled.
         telemetry: latest MQTT telemetry by peer id; overlays live fields of DHT-listed peers.
         sources: the ``sources`` entry (DHT/MQTT reachability), passed through.
+        history: the rolling window; offered this snapshot, then exported into ``history``.
 
     Returns:
         A JSON-serializable dict.
@@ -262,6 +300,7 @@ def build_health_state(
 
     servers = []
     for peer_id, record, state, source in merged_servers:
+        marks = view.marks.get(peer_id, {})
         servers.append(
             {
                 "peer_id": clip_text(peer_id),
@@ -283,13 +322,21 @@ def build_health_state(
                 # "unknown" (a peer from before the start-up check)
                 "reachability": record.reachability.mode if record.reachability else "unknown",
                 "reachability_reason": clip_text(record.reachability.reason) if record.reachability else "",
+                "relayed": (not record.reachability.direct) if record.reachability else marks.get("relayed"),
+                "reports": marks.get("reports"),
             }
         )
-        if state == "offline":
-            alerts.append(
-                alert("peer_offline", "warning", f"server {short_id(peer_id)} reported offline over MQTT")
-            )
 
+    offline = [server["short_id"] for server in servers if server["state"] == "offline"]
+    if offline:  # one alert for all of them: a thousand-server swarm may lose dozens at once
+        alerts.append(
+            alert(
+                "peer_offline",
+                "warning",
+                f"{len(offline)} server(s) reported offline over MQTT: {', '.join(offline[:8])}"
+                + (" …" if len(offline) > 8 else ""),
+            )
+        )
     stale_peers = [server["short_id"] for server in servers if server["stale_version"]]
     stale_peers += [
         short_id(peer)
@@ -323,7 +370,8 @@ def build_health_state(
         worst = "broken"
     elif worst == "healthy" and alerts:
         worst = "degraded"
-    return {
+    n_blocks = model["n_blocks"] if model is not None else 0
+    state = {
         "schema": SCHEMA_VERSION,
         "swarm": clip_text(view.swarm),
         "generated_at": now,
@@ -331,6 +379,17 @@ def build_health_state(
         "sources": sources,
         "model": model,
         "servers": servers,
+        "coverage": {
+            **coverage_summary(model["blocks"] if model is not None else []),
+            "min_redundancy": thresholds.min_redundancy,
+        },
+        "map": build_bands(servers, n_blocks),
         "runs": runs,
+        "history": {"window": 0.0, "swarm": {}, "runs": {}},
+        "limits": {"records_dropped": view.dropped},
         "alerts": alerts,
     }
+    if history is not None:
+        history.observe(state, now)
+        state["history"] = history.to_json()
+    return state

@@ -87,11 +87,12 @@ def run_state(
                 "hash_mismatch", "error", f"run {name}: members at round {round_} disagree on the parameters"
             )
         )
+    total_tokens = sum(finite(record.tokens_per_second) for record in active.values())
     state = {
         "name": clip_text(name),
         "round": round_,
         "members": len(active),
-        "tokens_per_second": sum(finite(record.tokens_per_second) for record in active.values()),
+        "tokens_per_second": total_tokens,
         "bytes_per_round": sum(record.bytes_last_round for record in active.values()),
         "loss": sum(latest) / len(latest) if latest else None,
         "loss_curve": curve,
@@ -107,6 +108,13 @@ def run_state(
                 "loss": record.loss if math.isfinite(record.loss) else None,
                 "tokens_per_second": finite(record.tokens_per_second),
                 "version": clip_text(record.version),
+                # The records carry no per-round sample counts; a member's share of the
+                # run's tokens/s is what it contributes to a time-window round.
+                "tokens_share": (
+                    finite(record.tokens_per_second) / total_tokens
+                    if peer in active and total_tokens > 0
+                    else 0.0
+                ),
             }
             for peer, record in sorted(members.items())
         ],

@@ -5,12 +5,19 @@ with a loss history; records live 3 s and refresh every second. The test waits f
 page's live update, checks what a person would see, saves a screenshot
 (``artifacts/health.png``, or ``$SWARM_HEALTH_SCREENSHOT``), kills one server with SIGKILL
 and waits for its blocks to turn red.
+
+At scale, two crowd processes publish 1,000 server records over 80 blocks (each signed by
+its own identity; some draining or joining, twenty reported offline over a real MQTT
+broker); the page must show the map, name the thin blocks, find one peer and chart its
+history (screenshot ``artifacts/health-scale.png``, the README's ``docs/health-scale.png``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,5 +180,148 @@ def test_health_page_shows_the_live_swarm_and_turns_red_when_a_server_dies(proce
             assert page.locator("#model-verdict").inner_text() == "broken"
             assert page.locator("#servers tr[data-peer]").count() == 1
             page.screenshot(path=str(screenshot_path("-broken")), full_page=True)
+        finally:
+            browser.close()
+
+
+SCALE_SWARM = "scaletest"
+SCALE_SERVERS, SCALE_BLOCKS, THIN = 1000, 80, (56, 58)
+
+
+@pytest.mark.timeout(600)
+def test_health_page_reads_at_a_thousand_servers(processes, tmp_path):
+    """1,000 signed server records over 80 blocks from two processes: the map, the thinnest
+    blocks, a peer search and the history charts, in headless Chromium; some servers drain,
+    some join, and twenty are reported offline over MQTT."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SWARM_CHROMIUM)")
+    if shutil.which("mosquitto") is None:
+        pytest.skip("the mosquitto binary is not installed (apt-get install mosquitto)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    from tests.test_telemetry_mqtt import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        _run_scale_test(processes, tmp_path, broker.url, playwright_api)
+    finally:
+        broker.stop()
+
+
+def _run_scale_test(processes, tmp_path: Path, mqtt: str, playwright_api) -> None:
+    bootstrap: list[str] = []
+    manifest = []
+    half = SCALE_SERVERS // 2
+    for index in range(2):
+        path = tmp_path / f"crowd{index}.json"
+        args = [
+            str(HELPER),
+            "crowd",
+            "--swarm",
+            SCALE_SWARM,
+            "--blocks",
+            str(SCALE_BLOCKS),
+            "--count",
+            str(half),
+        ]
+        args += ["--first", str(index * half), "--thin", f"{THIN[0]}:{THIN[1]}", "--mqtt", mqtt]
+        args += [
+            "--ttl",
+            "240",
+            "--period",
+            "100",
+            "--manifest",
+            str(path),
+            "--initial-peers",
+            *bootstrap[:1],
+        ]
+        _, ready = processes.start(f"crowd{index}", args, "READY", timeout=240)
+        # hivemind drops store and find calls slower than 3 s, which a loaded crowd node can
+        # be; the reader bootstraps from every crowd process so it asks each one directly.
+        bootstrap.append(ready.split()[1])
+        manifest += json.loads(path.read_text())
+    processes.start(
+        "trainer", [str(HELPER), "trainer", "--swarm", SCALE_SWARM, "--run", "demo", "--initial-peers", *bootstrap[:1]],
+        "READY",
+    )  # fmt: skip
+    health_args = ["-m", "peers.cli", "health", "--swarm", SCALE_SWARM, "--initial-peers", *bootstrap]
+    health_args += [
+        "--port",
+        "0",
+        "--refresh-interval",
+        "1",
+        "--poll-interval",
+        "1",
+        "--request-timeout",
+        "60",
+    ]
+    health_args += ["--mqtt", mqtt, "--history-window", "120"]
+    _, serving = processes.start("health", health_args, "swarm health: serving", timeout=180)
+    url = serving.split()[-1]
+    offline = sum(entry["state"] == "offline" for entry in manifest)
+    target = next(entry for entry in manifest if entry["state"] == "draining")
+
+    with tempfile.TemporaryDirectory() as profile, playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1200, "height": 1000}, timeout=60_000,
+        )  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.goto(url, timeout=60_000)
+            waits = {
+                "all servers listed": f"document.querySelectorAll('#servers tr[data-peer]').length === {SCALE_SERVERS}",
+                "offline over MQTT": f"document.querySelectorAll('#servers tr[data-state=offline]').length === {offline}",
+                "history points": "Number(document.querySelector('svg.history-chart[data-series=servers_online]')"
+                "?.dataset.points || 0) >= 3",
+                "run history": "document.querySelector('svg[data-series=\"demo:loss\"] polyline') !== null",
+            }
+            for what, condition in waits.items():
+                try:
+                    page.wait_for_function(f"() => {condition}", timeout=180_000, polling=500)
+                except playwright_api.TimeoutError:
+                    pytest.fail(
+                        f"the page never showed {what}: {page.locator('#content').inner_text()[:1500]}"
+                    )
+            # The map: bands, not a thousand rows; every server counted once.
+            bands = page.locator("#swarm-map g.band")
+            assert 1 < bands.count() <= 40
+            counts = bands.evaluate_all(
+                "bands => bands.map(b => Number(b.lastElementChild.textContent.split(' ')[0]))"
+            )
+            assert sum(counts) == SCALE_SERVERS
+            assert page.locator("#swarm-map rect.state-draining").count() > 0
+            assert page.locator("#swarm-map rect.state-offline").count() > 0
+            assert page.locator(".block.covered").count() == SCALE_BLOCKS
+            # The thin spot is called out by name, and outlined in the strip.
+            thinnest = page.locator("#thinnest .thin-block").evaluate_all(
+                "items => items.map(i => i.dataset.block)"
+            )
+            assert sorted(thinnest) == [str(block) for block in range(*THIN)]
+            assert page.locator(".block.thinnest").count() == len(thinnest)
+            # Rows are collapsed at this scale; a search opens the band of the peer it finds.
+            assert not page.locator(f'tr[data-peer="{target["peer"]}"]').is_visible()
+            page.fill("#peer-search", target["peer"][:12])
+            row = page.locator("tr.hit")
+            assert row.count() == 1 and row.get_attribute("data-peer") == target["peer"]
+            assert row.is_visible()
+            start, end = target["span"]
+            found = page.locator("#search-result").inner_text()
+            assert "draining" in found and f"blocks {start}:{end}" in found
+            assert page.locator("#swarm-map g.band.hit").count() == 1
+            # The search survives the live refresh.
+            refreshed = page.locator("#refresh-status").inner_text()
+            page.wait_for_function(
+                f"() => document.getElementById('refresh-status').textContent !== {json.dumps(refreshed)}",
+                timeout=30_000,
+            )
+            assert page.locator("tr.hit").get_attribute("data-peer") == target["peer"]
+            page.fill("#peer-search", "")
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(
+                path=str(screenshot_path("-scale")),
+                clip={"x": 0, "y": 0, "width": 1200, "height": 1900},
+                full_page=True,
+            )
         finally:
             browser.close()

@@ -199,3 +199,23 @@ def test_metrics_server_run_stops_on_cancel():
 def test_invalid_metrics_config_names_the_flag():
     with pytest.raises(ValueError, match="--metrics-port"):
         MetricsConfig(port=-1)
+
+
+def test_mqtt_bursts_rebuild_at_most_once_per_interval_and_pages_render_once_per_snapshot():
+    service = make_service(SwarmView("s", MODEL, {"a": make_server("a", 0, 4)}), min_rebuild_interval=0.2)
+
+    async def main() -> None:
+        service.rebuild()
+        first = service.state
+        page = service.rendered("page")
+        assert service.rendered("page") is page  # rendered once per snapshot
+        for _ in range(100):  # a burst of telemetry messages
+            service.rebuild_soon()
+        assert service.state is first  # throttled: one rebuild is scheduled, none ran yet
+        await wait_until(lambda: service.state is not first, timeout=10, what="the scheduled rebuild")
+        rebuilt = service.state
+        await asyncio.sleep(0.3)  # longer than the interval: no second rebuild was queued by the burst
+        assert service.state is rebuilt
+        assert service.rendered("page") is not page
+
+    asyncio.run(main())
