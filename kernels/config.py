@@ -167,7 +167,11 @@ def _read_rope(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
-    """Read ``checkpoint_dir/config.json``."""
+    """Read ``checkpoint_dir/config.json``, or a ``.gguf`` file's metadata."""
+    from kernels.gguf import gguf_config_dict, is_gguf
+
+    if is_gguf(checkpoint_dir):
+        return ModelConfig.from_dict(gguf_config_dict(checkpoint_dir))
     path = Path(checkpoint_dir) / "config.json"
     with open(path, encoding="utf-8") as file:
         return ModelConfig.from_dict(json.load(file))
