@@ -1,6 +1,8 @@
-"""Pure compute: model blocks, checkpoint loading, quantization. No networking."""
+"""Pure compute: model blocks, checkpoint loading (directories and GGUF files), quantization,
+and the text side of a checkpoint (tokenizer, chat template). No networking."""
 
 from kernels.cache import KVCache, LayerCache
+from kernels.chat_template import ChatTemplateError, render_chat
 from kernels.checkpoint import (
     CheckpointError,
     load_blocks,
@@ -10,6 +12,7 @@ from kernels.checkpoint import (
 )
 from kernels.config import ModelConfig, UnsupportedModelError, load_config
 from kernels.generate import generate, sample_next_token
+from kernels.gguf import GGUFError, is_gguf
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
 from kernels.quantize import (
     dequantize_blockwise_4bit,
@@ -19,30 +22,38 @@ from kernels.quantize import (
 )
 from kernels.quantized_linear import QuantizedLinear, module_nbytes, quantize_linears_
 from kernels.tiny import write_tiny_checkpoint
+from kernels.tokenizer import MissingTokenizerError, TextTokenizer, load_tokenizer
 
 __all__ = [
     "BlockSpan",
+    "ChatTemplateError",
     "CheckpointError",
     "ClientPieces",
+    "GGUFError",
     "KVCache",
     "LayerCache",
     "LocalModel",
+    "MissingTokenizerError",
     "ModelConfig",
     "QuantizedLinear",
+    "TextTokenizer",
     "TransformerBlock",
     "UnsupportedModelError",
     "dequantize_blockwise_4bit",
     "dequantize_blockwise_int8",
     "generate",
+    "is_gguf",
     "load_blocks",
     "load_client_pieces",
     "load_config",
     "load_local_model",
+    "load_tokenizer",
     "module_nbytes",
     "quantize_blockwise_4bit",
     "quantize_blockwise_int8",
     "quantize_linears_",
     "read_weight_map",
+    "render_chat",
     "sample_next_token",
     "write_tiny_checkpoint",
 ]
