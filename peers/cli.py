@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 SUBCOMMAND_MODULES: list[str] = [
     "peers.join",
     "peers.generate",
+    "peers.api",
     "peers.train",
     "peers.health",
     "peers.status",
