@@ -84,7 +84,7 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
     from swarm.serving import RemoteModel
 
     local_ms, swarm_ms = [], []
-    async with await RemoteModel.connect(checkpoint, peers) as remote:
+    async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 4)  # warm up connections and sessions
         _time_local(local, prompt, 4)
         for _ in range(repeats):  # interleaved A B A B
@@ -98,7 +98,7 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
 async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> list[float]:
     from swarm.serving import RemoteModel
 
-    async with await RemoteModel.connect(checkpoint, peers) as remote:
+    async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 2)
         return [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
 
@@ -108,7 +108,7 @@ async def _batching_gain(checkpoint, peers, prompt, tokens: int) -> tuple[float,
     from swarm.serving import RemoteModel
     from swarm.serving.protocol import StatsRequest
 
-    async with await RemoteModel.connect(checkpoint, peers) as remote:
+    async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 2)
         started = time.perf_counter()
         await remote.generate(prompt, tokens)

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 
-from swarm.serving import RemoteModel
+from swarm.serving import RemoteModel, Sampling
 
 
 def user_turns(args: argparse.Namespace):
@@ -25,7 +25,7 @@ def user_turns(args: argparse.Namespace):
 
 async def main(args: argparse.Namespace) -> None:
     async with (
-        await RemoteModel.connect(args.model, initial_peers=args.initial_peers, swarm=args.swarm) as model,
+        RemoteModel.connect(args.model, initial_peers=args.initial_peers, swarm=args.swarm) as model,
         model.inference_session(max_length=args.max_length) as session,
     ):
         for turn in user_turns(args):
@@ -34,9 +34,7 @@ async def main(args: argparse.Namespace) -> None:
             async for piece in model.stream(
                 prompt,
                 max_new_tokens=args.max_new_tokens,
-                temperature=0.7,
-                top_k=40,
-                seed=0,
+                sampling=Sampling(temperature=0.7, top_k=40, seed=0),
                 session=session,
             ):
                 print(piece, end="", flush=True)

@@ -14,9 +14,7 @@ from swarm.serving import RemoteModel
 
 
 async def main(args: argparse.Namespace) -> None:
-    async with await RemoteModel.connect(
-        args.model, initial_peers=args.initial_peers, swarm=args.swarm
-    ) as model:
+    async with RemoteModel.connect(args.model, initial_peers=args.initial_peers, swarm=args.swarm) as model:
         print(args.prompt, end="", flush=True)
         async for piece in model.stream(
             args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.9

@@ -29,11 +29,11 @@ def make_key(path: Path) -> bytes:
 
 
 async def use_swarm(model: Path, initial: str, key: bytes, server_address: str, server_key: bytes) -> None:
-    async with await RemoteModel.connect(model, [initial], swarm="private", swarm_key=key) as member:
+    async with RemoteModel.connect(model, [initial], swarm="private", swarm_key=key) as member:
         print("member generates:", repr(await member.generate("def ", max_new_tokens=8)))
 
     quick = ClientConfig(route_wait=3.0)
-    async with await RemoteModel.connect(model, [initial], swarm="private", config=quick) as outsider:
+    async with RemoteModel.connect(model, [initial], swarm="private", config=quick) as outsider:
         try:
             await outsider.generate("def ", max_new_tokens=8)
         except NoRouteError as error:

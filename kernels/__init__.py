@@ -1,7 +1,7 @@
 """Pure compute: model blocks, checkpoint loading (directories and GGUF files), quantization,
 and the text side of a checkpoint (tokenizer, chat template). No networking."""
 
-from kernels.cache import KVCache, LayerCache
+from kernels.cache import KVCache, LayerCache, gather_prefixes, scatter_new_tokens
 from kernels.chat_template import ChatTemplateError, render_chat
 from kernels.checkpoint import (
     CheckpointError,
@@ -11,8 +11,8 @@ from kernels.checkpoint import (
     read_weight_map,
 )
 from kernels.config import ModelConfig, UnsupportedModelError, load_config
-from kernels.generate import generate, sample_next_token
 from kernels.gguf import GGUFError, is_gguf
+from kernels.local_generation import generate, sample_next_token
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
 from kernels.quantize import (
     dequantize_blockwise_4bit,
@@ -41,6 +41,7 @@ __all__ = [
     "UnsupportedModelError",
     "dequantize_blockwise_4bit",
     "dequantize_blockwise_int8",
+    "gather_prefixes",
     "generate",
     "is_gguf",
     "load_blocks",
@@ -55,5 +56,6 @@ __all__ = [
     "read_weight_map",
     "render_chat",
     "sample_next_token",
+    "scatter_new_tokens",
     "write_tiny_checkpoint",
 ]

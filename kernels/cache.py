@@ -6,10 +6,15 @@ how many tokens each row has stored. Rows are independent sessions, so rows at
 different positions can run in one forward: each new token of row ``b`` goes to
 position ``lengths[b] + i`` and attends to positions ``<= lengths[b] + i`` of its own
 row only (full over the cached prefix, causal within the new tokens).
+
+To run steps of several caches in one forward (server-side batching),
+:func:`gather_prefixes` copies each cache's stored prefix into consecutive rows of a
+temporary cache and :func:`scatter_new_tokens` copies the new positions back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -116,3 +121,42 @@ def write_to_cache(cache: LayerCache, keys: torch.Tensor, values: torch.Tensor) 
     # Advanced indices on dims 0 and 2 put (batch, new_tokens) first: (batch, new, kv_heads, head_dim).
     cache.keys[rows, :, cache.positions] = keys.transpose(1, 2).to(cache.keys.dtype)
     cache.values[rows, :, cache.positions] = values.transpose(1, 2).to(cache.values.dtype)
+
+
+def _row_offsets(parts: Sequence[KVCache]) -> list[int]:
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += part.lengths.shape[0]
+    return offsets
+
+
+def gather_prefixes(merged: KVCache, parts: Sequence[KVCache], positions: Sequence[int]) -> None:
+    """Copies the first ``positions[i]`` tokens of every row of ``parts[i]`` into ``merged``.
+
+    ``parts`` take consecutive rows of ``merged`` in order (their batch sizes add up to
+    ``merged``'s); each row's length in ``merged`` becomes its part's position.
+    """
+    for part, offset, position in zip(parts, _row_offsets(parts), positions, strict=True):
+        rows = part.lengths.shape[0]
+        for mine, theirs in ((merged.keys, part.keys), (merged.values, part.values)):
+            for merged_block, block in zip(mine, theirs, strict=True):
+                # (rows, kv_heads, position, head_dim) prefix of this part
+                merged_block[offset : offset + rows, :, :position] = block[:, :, :position]
+        merged.lengths[offset : offset + rows] = position
+
+
+def scatter_new_tokens(
+    merged: KVCache, parts: Sequence[KVCache], positions: Sequence[int], new_tokens: int
+) -> None:
+    """Copies positions ``positions[i] .. + new_tokens`` of ``merged``'s rows back into ``parts[i]``.
+
+    The inverse of :func:`gather_prefixes` for the tokens a forward just wrote; each part's
+    rows then hold ``positions[i] + new_tokens`` tokens.
+    """
+    for part, offset, position in zip(parts, _row_offsets(parts), positions, strict=True):
+        rows, end = part.lengths.shape[0], position + new_tokens
+        for mine, theirs in ((merged.keys, part.keys), (merged.values, part.values)):
+            for merged_block, block in zip(mine, theirs, strict=True):
+                block[:, :, position:end] = merged_block[offset : offset + rows, :, position:end]
+        part.lengths.fill_(end)

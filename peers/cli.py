@@ -18,7 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "peers.generate",
     "peers.api",
     "peers.train",
-    "peers.health",
+    "peers.health_server",
     "peers.status",
     "peers.demo",
 ]

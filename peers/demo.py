@@ -187,7 +187,7 @@ async def _generate(model_dir: Path, initial: str, servers: dict, max_new_tokens
 
     client_config = ClientConfig(step_timeout=10.0, open_timeout=10.0, route_wait=30.0)
     produced, started = 0, time.monotonic()
-    async with await RemoteModel.connect(model_dir, [initial], swarm="demo", config=client_config) as model:
+    async with RemoteModel.connect(model_dir, [initial], swarm="demo", config=client_config) as model:
         for number, prompt in enumerate(PROMPTS):
             kill_at = max_new_tokens // 2 if number == len(PROMPTS) - 1 else None
             print(f"\n--- prompt {number + 1}: {prompt!r}\n{prompt}", end="", flush=True)

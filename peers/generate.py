@@ -40,18 +40,16 @@ def main(args: argparse.Namespace) -> int:
 
 async def _generate(args: argparse.Namespace) -> int:
     from swarm.identity import load_swarm_key
-    from swarm.serving import RemoteModel
+    from swarm.serving import RemoteModel, Sampling
     from transport.errors import SwarmError
 
     try:
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
-        async with await RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
-                                             swarm_key=swarm_key) as model:  # fmt: skip
-            stream = model.stream(
-                args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-            )  # fmt: skip
-            async for piece in stream:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            tuple(args.stop), args.seed)  # fmt: skip
+        async with RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
+                                       swarm_key=swarm_key) as model:  # fmt: skip
+            async for piece in model.stream(args.prompt, args.max_new_tokens, sampling=sampling):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")

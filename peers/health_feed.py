@@ -1,24 +1,22 @@
 """The health page's MQTT feed: the latest telemetry of every peer of one swarm.
 
-Subscribes to ``prefix/<swarm>/+`` (see ``peers.telemetry`` for the message format) and
-keeps one ``PeerTelemetry`` per peer. Messages that are too large, not JSON, for another
-swarm, or whose peer id differs from the topic are skipped. Reconnects after broker
-failures like the publisher; never raises for broker trouble.
+Subscribes to ``prefix/<swarm>/+`` and keeps one ``PeerTelemetry`` per peer, decoded by
+``swarm.telemetry`` (the message format and what a reader rejects are documented there);
+rejected messages are logged and skipped. Reconnects after broker failures like the
+publisher; never raises for broker trouble.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Callable
 
 import aiomqtt
 
-from peers.telemetry import MAX_PAYLOAD_BYTES, MqttEndpoint
 from swarm.errors import MalformedRecord
-from swarm.health import PeerTelemetry, parse_telemetry_state
+from swarm.telemetry import MqttEndpoint, PeerTelemetry, decode_message
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +56,17 @@ class TelemetryFeed:
     def accept(self, topic: str, payload: bytes) -> bool:
         """Applies one message. Returns whether it was valid (invalid ones are logged and skipped)."""
         peer = topic.rsplit("/", 1)[-1]
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            logger.warning("skipping %d-byte telemetry message on %s", len(payload), topic[:200])
-            return False
         if not payload:  # a cleared retained message
             self.peers.pop(peer, None)
             return True
         try:
-            message = json.loads(payload)
-            if (
-                not isinstance(message, dict)
-                or message.get("peer") != peer
-                or message.get("swarm") != self.swarm
-            ):
-                raise MalformedRecord("peer or swarm does not match the topic")
-            online = message.get("online")
-            if not isinstance(online, bool):
-                raise MalformedRecord("'online' must be a bool")
-            server, trainer = parse_telemetry_state(message.get("state")) if online else (None, None)
+            telemetry = decode_message(payload, swarm=self.swarm, peer=peer)
         except (ValueError, MalformedRecord) as error:
             logger.warning("skipping malformed telemetry on %s: %s", topic[:200], str(error)[:200])
             return False
         if peer not in self.peers and len(self.peers) >= MAX_PEERS:
             return False
-        self.peers[peer] = PeerTelemetry(online=online, server=server, trainer=trainer)
+        self.peers[peer] = telemetry
         self.messages += 1
         self._on_update()
         return True

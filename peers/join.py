@@ -1,4 +1,9 @@
-"""`swarm join`: serve a span of a model's blocks to the swarm."""
+"""`swarm join`: the process around an ``InferenceServer`` (``swarm/serving/server.py``).
+
+Flags (generated from ``ServerConfig``, ``PeerOptions``, ``FaultConfig``), logging,
+signals (SIGTERM / Ctrl-C drain), exit codes, the Prometheus collector and telemetry;
+test faults are passed to the server as a hook (``peers/faults.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
+from peers.faults import FaultConfig
 from peers.metrics import add_metrics_arguments, metrics_config_from_args
 from peers.options import (
     PeerOptions,
@@ -19,13 +25,13 @@ from peers.options import (
     run_async,
     start_peer,
 )
-from peers.telemetry import (
+from peers.telemetry_publisher import (
     add_telemetry_arguments,
     daemon_publisher,
     exporting,
-    server_telemetry_state,
     telemetry_config_from_args,
 )
+from swarm.telemetry import server_telemetry_state
 
 logger = logging.getLogger("swarm.join")
 
@@ -43,7 +49,7 @@ seconds to finish, records are withdrawn, exit 0 (twice to leave at once)."""
 
 
 def register(subparsers) -> None:
-    from peers.server_config import ServerConfig
+    from swarm.serving import ServerConfig
 
     parser = subparsers.add_parser(
         "join",
@@ -53,6 +59,7 @@ def register(subparsers) -> None:
     )
     add_config_arguments(parser, ServerConfig)
     add_config_arguments(parser.add_argument_group("swarm"), PeerOptions)
+    add_config_arguments(parser.add_argument_group("fault injection (tests)"), FaultConfig)
     add_metrics_arguments(parser)
     add_telemetry_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -60,12 +67,13 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from peers.server_config import ServerConfig
+    from swarm.serving import ServerConfig
 
     configure_logging(args.verbose)
     try:
         config = config_from_arguments(ServerConfig, args)
         options = config_from_arguments(PeerOptions, args)
+        faults = config_from_arguments(FaultConfig, args)
         metrics = metrics_config_from_args(args)
         telemetry = telemetry_config_from_args(args)
     except ValueError as error:
@@ -75,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(config.torch_threads)
-    return run_async(lambda: _join(config, options, metrics, telemetry))
+    return run_async(lambda: _join(config, options, faults, metrics, telemetry))
 
 
 class _ServerCollector:
@@ -118,9 +126,9 @@ class _ServerCollector:
             yield counter
 
 
-async def _join(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
+async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None, telemetry=None) -> int:
     from peers.cli import software_version
-    from peers.server import InferenceServer, serve
+    from swarm.serving import InferenceServer, serve
     from transport import Endpoint, Timeouts
     from transport.errors import SwarmError
 
@@ -138,7 +146,9 @@ async def _join(config, options: PeerOptions, metrics=None, telemetry=None) -> i
             address = data_plane_address(options, bound)
             for maddr in dht.visible_maddrs():
                 print(f"initial peer for others: {maddr}", flush=True)
-            server = InferenceServer(config, dht, endpoint, address, software_version())
+            server = InferenceServer(
+                config, dht, endpoint, address, software_version(), on_step=faults.server_step_hook()
+            )
             publisher = daemon_publisher(
                 telemetry,
                 options.swarm,

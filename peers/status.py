@@ -13,8 +13,9 @@ import sys
 import time
 from typing import Any
 
-from peers.health import add_view_arguments, open_dht, view_config_from_args
-from swarm.health import RunProgressTracker, build_health_state, clip_text
+from peers.health_server import add_view_arguments, open_dht, view_config_from_args
+from swarm.health import RunProgressTracker, build_health_state
+from swarm.health_display import clip_text
 from transport.errors import SwarmError
 
 _EXIT_CODES = {"healthy": 0, "degraded": 1, "broken": 2}

@@ -17,13 +17,13 @@ from peers.options import (
     run_async,
     start_peer,
 )
-from peers.telemetry import (
+from peers.telemetry_publisher import (
     add_telemetry_arguments,
     daemon_publisher,
     exporting,
     telemetry_config_from_args,
-    trainer_telemetry_state,
 )
+from swarm.telemetry import trainer_telemetry_state
 
 logger = logging.getLogger("swarm.train")
 

@@ -1,20 +1,16 @@
 """The health snapshot: what the swarm looks like from one peer's view, as plain JSON-ready data.
 
-Pure functions over parsed records (``swarm.records``, ``swarm.training.progress``): no
-network, no clock of their own. ``swarm.health_reader`` fetches the records from the DHT;
-``peers.health`` serves the result as a page, ``/api/state`` and ``/metrics``;
-``peers.status`` prints it.
-
-Training runs are discovered through a run index that trainers publish next to their run
-record (and through ``--run NAME`` flags)::
-
-    {swarm}.runs    subkey = the trainer's peer id, value = {"run": NAME}
-
-(The subkey must be the publisher's peer id: records are signed per peer.) A trainer adds
-``run_index_entry(swarm, run)`` to what its announcer publishes.
+Pure functions over parsed records, no network and no clock of their own. The snapshot
+reads two sources: the DHT's records (``swarm.records`` for the model and servers,
+``swarm.training.progress`` for training runs and the run index), which
+``swarm.health_reader`` fetches into a :class:`SwarmView`; and, optionally, the peers'
+MQTT telemetry (``swarm.telemetry``), which refreshes the fast-moving numbers of peers
+the DHT lists. The runs part is built in ``swarm.health_runs``; every string passes
+through ``swarm.health_display``. ``peers.health_server`` serves the result as a page,
+``/api/state`` and ``/metrics``; ``peers.status`` prints it.
 
 ``/api/state`` schema (``schema`` = 1; every string from the DHT is clipped to
-:data:`MAX_TEXT` characters; readers must HTML-escape it)::
+``swarm.health_display.MAX_TEXT`` characters; readers must HTML-escape it)::
 
     {
       "schema": 1,
@@ -53,66 +49,21 @@ Alert kinds: ``no_model``, ``uncovered_blocks``, ``thin_coverage``, ``stale_vers
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from swarm.errors import MalformedRecord
-from swarm.records import ModelRecord, ServerRecord, ServerState, namespaced_key
-from swarm.training.progress import TrainerState, TrainingPeerRecord
-from transport.errors import ConfigurationError
+from swarm.health_display import alert, clip_text, finite, short_id
+from swarm.health_runs import RunProgressTracker, run_state
+from swarm.records import ModelRecord, ServerRecord, ServerState
+from swarm.telemetry import PeerTelemetry
+from swarm.training.progress import MAX_RUNS, TrainingPeerRecord
 
 SCHEMA_VERSION = 1
-MAX_TEXT = 80
-"""Longest string from the DHT we show; hostile peers may publish megabytes."""
 MAX_BLOCKS = 4096
 """Most blocks we chart; a larger ``n_blocks`` in a model record is treated as hostile."""
-MAX_RUNS = 32
-"""Most training runs we follow from the run index."""
-MAX_CURVE_POINTS = 256
-SHORT_ID_LENGTH = 10
 VERDICTS = ("healthy", "degraded", "broken")
-_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-
-
-def run_index_key(swarm: str) -> str:
-    """The key where trainers list the runs they take part in: ``{swarm}.runs``."""
-    return namespaced_key(swarm, "runs")
-
-
-def run_index_entry(swarm: str, run: str) -> dict[str, dict[str, str]]:
-    """The run index record a trainer publishes (add it to its announcer's output).
-
-    Returns:
-        ``{run_index_key(swarm): {"run": run}}``.
-
-    Raises:
-        ConfigurationError: the swarm or run name has characters other than letters, digits, ``_-``.
-    """
-    if not isinstance(run, str) or not _RUN_NAME_RE.match(run):
-        raise ConfigurationError(f"--run {run!r}: use 1-64 letters, digits, '_' or '-'")
-    return {run_index_key(swarm): {"run": run}}  # run_index_key validates the swarm name
-
-
-def parse_run_index(values: Iterable[Any]) -> list[str]:
-    """The run names found in run index values; malformed ones are skipped.
-
-    Args:
-        values: the per-peer values under ``run_index_key``.
-
-    Returns:
-        Distinct valid run names, sorted, at most :data:`MAX_RUNS`.
-    """
-    names = set()
-    for value in values:
-        if isinstance(value, Mapping):
-            name = value.get("run")
-            if isinstance(name, str) and _RUN_NAME_RE.match(name):
-                names.add(name)
-    return sorted(names)[:MAX_RUNS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,68 +105,6 @@ class SwarmView:
     n_blocks_clipped: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class PeerTelemetry:
-    """The latest MQTT telemetry of one peer (see ``peers.telemetry``).
-
-    Attributes:
-        online: False once the peer's last will (or clean exit) said it went offline.
-        server: its server record as published, if it serves.
-        trainer: ``(run, record)`` if it trains.
-    """
-
-    online: bool
-    server: ServerRecord | None = None
-    trainer: tuple[str, TrainingPeerRecord] | None = None
-
-
-class RunProgressTracker:
-    """Remembers when each run last reached a new round, to tell stalled runs apart.
-
-    Time is passed in (DHT/unix seconds), so tests run in milliseconds.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, float]] = {}
-
-    def observe(self, run: str, round_: int, now: float) -> float:
-        """Records the run's current round.
-
-        Returns:
-            Seconds since the run's round last changed (0 on first sight).
-        """
-        previous = self._seen.get(run)
-        if previous is None or round_ != previous[0]:
-            self._seen[run] = (round_, now)
-            return 0.0
-        return max(0.0, now - previous[1])
-
-
-def clip_text(value: object, limit: int = MAX_TEXT) -> str:
-    """A display-safe length-bounded string (not HTML-escaped).
-
-    Args:
-        value: anything; non-strings become ``repr`` text.
-        limit: the most characters kept.
-
-    Returns:
-        The text, cut with "…" when longer than ``limit``, control characters replaced.
-    """
-    text = value if isinstance(value, str) else repr(value)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return "".join(char if char.isprintable() else "?" for char in text)
-
-
-def short_id(peer_id: str) -> str:
-    """The first :data:`SHORT_ID_LENGTH` characters of a peer id, for tables and labels."""
-    return clip_text(peer_id, SHORT_ID_LENGTH + 1)[:SHORT_ID_LENGTH]
-
-
-def _finite(value: float) -> float:
-    return float(value) if math.isfinite(value) else 0.0
-
-
 def _parse_version(text: str) -> Version | None:
     try:
         return Version(text)
@@ -235,10 +124,6 @@ def _ranges(blocks: Iterable[int]) -> list[list[int]]:
 
 def _format_ranges(ranges: list[list[int]]) -> str:
     return ", ".join(str(start) if end - start == 1 else f"{start}..{end - 1}" for start, end in ranges)
-
-
-def _alert(kind: str, severity: str, message: str) -> dict[str, str]:
-    return {"kind": kind, "severity": severity, "message": clip_text(message, 400)}
 
 
 def _merge_server(record: ServerRecord, telemetry: PeerTelemetry | None) -> tuple[ServerRecord, str, str]:
@@ -269,9 +154,9 @@ def _model_state(
     model = view.model
     if model is None:
         if not servers:
-            return None, [_alert("no_model", "error", "no peer announces a model: nothing is served")]
+            return None, [alert("no_model", "error", "no peer announces a model: nothing is served")]
         alerts.append(
-            _alert("no_model", "error", "servers are announced but no peer announces the model record")
+            alert("no_model", "error", "servers are announced but no peer announces the model record")
         )
         n_blocks = min(MAX_BLOCKS, max(record.span.end for record, _ in servers))
         model_id, config_hash = "unknown", ""
@@ -285,7 +170,7 @@ def _model_state(
             continue
         for block in range(record.span.start, min(record.span.end, n_blocks)):
             counts[block] += 1
-            throughput[block] += _finite(record.throughput)
+            throughput[block] += finite(record.throughput)
     uncovered = _ranges(block for block, count in enumerate(counts) if count == 0)
     thin = _ranges(block for block, count in enumerate(counts) if 0 < count < thresholds.min_redundancy)
     if model is None:
@@ -302,10 +187,10 @@ def _model_state(
         reason += f" (model claims more than {MAX_BLOCKS} blocks; only the first {MAX_BLOCKS} are shown)"
     if uncovered:
         alerts.append(
-            _alert("uncovered_blocks", "error", f"no online server covers blocks {_format_ranges(uncovered)}")
+            alert("uncovered_blocks", "error", f"no online server covers blocks {_format_ranges(uncovered)}")
         )
     elif thin and model is not None:
-        alerts.append(_alert("thin_coverage", "warning", reason))
+        alerts.append(alert("thin_coverage", "warning", reason))
     state = {
         "model_id": clip_text(model_id),
         "config_hash": clip_text(config_hash),
@@ -322,72 +207,6 @@ def _model_state(
             for block in range(n_blocks)
         ],
         "uncovered": uncovered,
-    }
-    return state, alerts
-
-
-def _run_state(
-    name: str,
-    members: Mapping[str, TrainingPeerRecord],
-    tracker: RunProgressTracker,
-    now: float,
-    thresholds: HealthThresholds,
-) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    alerts = []
-    active = {peer: record for peer, record in members.items() if record.state != TrainerState.LEAVING}
-    round_ = max((record.round for record in members.values()), default=0)
-    since = tracker.observe(name, round_, now)
-    newest_update = max((record.updated_at for record in members.values()), default=now)
-    stalled = bool(members) and (
-        since >= thresholds.stall_after or now - newest_update >= thresholds.stall_after
-    )
-    by_round: dict[int, list[float]] = {}
-    for record in members.values():
-        for history_round, loss in record.loss_history:
-            if math.isfinite(loss):
-                by_round.setdefault(history_round, []).append(loss)
-    curve = [[r, sum(losses) / len(losses)] for r, losses in sorted(by_round.items())][-MAX_CURVE_POINTS:]
-    latest = [record.loss for record in active.values() if math.isfinite(record.loss)]
-    hashes = {record.parameters_hash for record in members.values() if record.round == round_}
-    if not members:
-        alerts.append(_alert("empty_run", "warning", f"run {name} has no members"))
-    if stalled:
-        alerts.append(
-            _alert(
-                "stalled_run",
-                "error",
-                f"run {name} has not finished a round for {since:.0f}s (round {round_})",
-            )
-        )
-    if len(hashes) > 1:
-        alerts.append(
-            _alert(
-                "hash_mismatch", "error", f"run {name}: members at round {round_} disagree on the parameters"
-            )
-        )
-    state = {
-        "name": clip_text(name),
-        "round": round_,
-        "members": len(active),
-        "tokens_per_second": sum(_finite(record.tokens_per_second) for record in active.values()),
-        "bytes_per_round": sum(record.bytes_last_round for record in active.values()),
-        "loss": sum(latest) / len(latest) if latest else None,
-        "loss_curve": curve,
-        "stalled": stalled,
-        "seconds_since_progress": since,
-        "hashes_agree": len(hashes) <= 1,
-        "peers": [
-            {
-                "peer_id": clip_text(peer),
-                "short_id": short_id(peer),
-                "state": record.state.value,
-                "round": record.round,
-                "loss": record.loss if math.isfinite(record.loss) else None,
-                "tokens_per_second": _finite(record.tokens_per_second),
-                "version": clip_text(record.version),
-            }
-            for peer, record in sorted(members.items())
-        ],
     }
     return state, alerts
 
@@ -453,18 +272,18 @@ def build_health_state(
                 "device": clip_text(record.device),
                 "dtype": clip_text(record.dtype),
                 "span": [record.span.start, record.span.end],
-                "throughput": _finite(record.throughput),
-                "inference_rate": _finite(record.inference_rate),
+                "throughput": finite(record.throughput),
+                "inference_rate": finite(record.inference_rate),
                 "free_cache_tokens": record.free_cache_tokens,
                 "load": record.load,
-                "rtts": {short_id(peer): _finite(rtt) for peer, rtt in list(record.next_rtts.items())[:16]},
+                "rtts": {short_id(peer): finite(rtt) for peer, rtt in list(record.next_rtts.items())[:16]},
                 "uptime": max(0.0, now - record.started_at) if record.started_at > 0 else None,
                 "source": source,
             }
         )
         if state == "offline":
             alerts.append(
-                _alert("peer_offline", "warning", f"server {short_id(peer_id)} reported offline over MQTT")
+                alert("peer_offline", "warning", f"server {short_id(peer_id)} reported offline over MQTT")
             )
 
     stale_peers = [server["short_id"] for server in servers if server["stale_version"]]
@@ -477,7 +296,7 @@ def build_health_state(
     if stale_peers:
         shown = ", ".join(sorted(set(stale_peers))[:8])
         alerts.append(
-            _alert(
+            alert(
                 "stale_version",
                 "warning",
                 f"{len(set(stale_peers))} peer(s) run a version older than {newest}: {shown}",
@@ -486,7 +305,7 @@ def build_health_state(
 
     runs = []
     for name in sorted(runs_members)[:MAX_RUNS]:
-        run, run_alerts = _run_state(name, runs_members[name], tracker, now, thresholds)
+        run, run_alerts = run_state(name, runs_members[name], tracker, now, thresholds.stall_after)
         runs.append(run)
         alerts.extend(run_alerts)
 
@@ -494,7 +313,7 @@ def build_health_state(
         sources or {"dht": True, "dht_error": None, "mqtt": False, "mqtt_connected": False, "mqtt_peers": 0}
     )
     if sources.get("dht_error"):
-        alerts.append(_alert("dht_unreachable", "error", f"last DHT read failed: {sources['dht_error']}"))
+        alerts.append(alert("dht_unreachable", "error", f"last DHT read failed: {sources['dht_error']}"))
     worst = model["verdict"] if model is not None else "broken"
     if any(alert["severity"] == "error" for alert in alerts):
         worst = "broken"
@@ -511,36 +330,3 @@ def build_health_state(
         "runs": runs,
         "alerts": alerts,
     }
-
-
-def parse_telemetry_state(state: Any) -> tuple[ServerRecord | None, tuple[str, TrainingPeerRecord] | None]:
-    """Parses the ``state`` a peer publishes over MQTT (see ``peers.telemetry``).
-
-    Args:
-        state: ``{"kind": "server", "peer": id, **server record wire}`` or
-            ``{"kind": "trainer", "run": name, **training record wire}``; bytes fields
-            (``curve``) arrive as strings.
-
-    Returns:
-        ``(server, None)`` or ``(None, (run, trainer))``.
-
-    Raises:
-        MalformedRecord: anything else.
-    """
-    if not isinstance(state, Mapping):
-        raise MalformedRecord("telemetry state must be an object")
-    wire = dict(state)
-    if isinstance(wire.get("curve"), str):
-        wire["curve"] = wire["curve"].encode("ascii", "replace")
-    kind = wire.get("kind")
-    if kind == "server":
-        peer = wire.get("peer")
-        if not isinstance(peer, str):
-            raise MalformedRecord("server telemetry lacks its peer id")
-        return ServerRecord.from_wire(peer, wire), None
-    if kind == "trainer":
-        run = wire.get("run")
-        if not isinstance(run, str) or not _RUN_NAME_RE.match(run):
-            raise MalformedRecord("trainer telemetry lacks a valid run name")
-        return None, (run, TrainingPeerRecord.from_wire(wire))
-    raise MalformedRecord(f"unknown telemetry kind {clip_text(kind)}")

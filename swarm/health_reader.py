@@ -1,4 +1,4 @@
-"""Reads a ``SwarmView`` (model, servers, training runs) from the DHT, with deadlines.
+"""Reads a ``SwarmView`` (model, servers, training runs) from the DHT for the health snapshot, with deadlines.
 
 Two lookups: first the model record and the run index (to learn how many blocks and
 which runs exist), then every block key and run key in one batch.
@@ -10,9 +10,9 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from swarm.health import MAX_BLOCKS, MAX_RUNS, SwarmView, parse_run_index, run_index_key
+from swarm.health import MAX_BLOCKS, SwarmView
 from swarm.records import PeerValue, block_key, choose_model_record, model_key, parse_server_listings
-from swarm.training.progress import parse_run_listing, run_key
+from swarm.training.progress import MAX_RUNS, parse_run_index, parse_run_listing, run_index_key, run_key
 from transport.errors import DeadlineExceeded
 
 

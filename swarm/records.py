@@ -5,6 +5,9 @@ Keys are namespaced by swarm name; every record is a per-peer record (subkey = p
     {swarm}.model          one ModelRecord per server (readers take the majority)
     {swarm}.block.{i}      one ServerRecord per server holding block i
 
+Training runs have their own keys and records in ``swarm.training.progress``; their
+parsers use this module's :func:`read_field` too.
+
 Wire values are msgpack-friendly dicts with short keys. Readers ignore unknown fields
 (newer peers may add some) and raise ``MalformedRecord`` on missing or mistyped ones;
 listing functions log and skip such records. ``None`` is a withdrawn record (tombstone).
@@ -30,8 +33,18 @@ logger = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
-def _check_name(name: str, flag: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+def is_valid_name(name: object) -> bool:
+    """Whether ``name`` may name a swarm or a training run: 1-64 letters, digits, ``_`` or ``-``."""
+    return isinstance(name, str) and _NAME_RE.match(name) is not None
+
+
+def check_name(name: str, flag: str) -> str:
+    """Returns ``name`` if :func:`is_valid_name` accepts it.
+
+    Raises:
+        ConfigurationError: it does not; the message names ``flag``.
+    """
+    if not is_valid_name(name):
         raise ConfigurationError(f"{flag} {name!r}: use 1-64 letters, digits, '_' or '-'")
     return name
 
@@ -42,7 +55,7 @@ def namespaced_key(swarm: str, *parts: str | int) -> str:
     Raises:
         ConfigurationError: the swarm name has characters other than letters, digits, ``_-``.
     """
-    _check_name(swarm, "--swarm")
+    check_name(swarm, "--swarm")
     return ".".join([swarm, *(str(part) for part in parts)])
 
 
@@ -71,16 +84,35 @@ class ServerState(enum.StrEnum):
     DRAINING = "draining"
 
 
-def _field(wire: Mapping[str, Any], name: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
+def read_field(
+    wire: Mapping[str, Any],
+    name: str,
+    types: type | tuple[type, ...],
+    default: Any = ...,
+    *,
+    record: str = "record",
+) -> Any:
+    """One type-checked field of a record's wire dict (every DHT record parser uses this).
+
+    Args:
+        wire: the record's wire dict.
+        name: the field's key.
+        types: the accepted types. ``bool`` is accepted only if listed: ``True`` is an
+            ``int`` to ``isinstance``, but never a valid count or round.
+        default: returned when the field is missing; without one, a missing field is malformed.
+        record: what the record is called in error messages, e.g. ``"training record"``.
+
+    Raises:
+        MalformedRecord: the field is missing (and has no default) or has another type.
+    """
     if name not in wire:
         if default is ...:
-            raise MalformedRecord(f"record lacks field {name!r}")
+            raise MalformedRecord(f"{record} lacks field {name!r}")
         return default
     value = wire[name]
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise MalformedRecord(f"field {name!r} must not be a bool")
-    if not isinstance(value, types):
-        raise MalformedRecord(f"field {name!r} has type {type(value).__name__}")
+    allowed = types if isinstance(types, tuple) else (types,)
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        raise MalformedRecord(f"{record} field {name!r} has type {type(value).__name__}")
     return value
 
 
@@ -122,9 +154,9 @@ class ModelRecord:
         if not isinstance(wire, Mapping):
             raise MalformedRecord(f"model record must be a dict, got {type(wire).__name__}")
         return cls(
-            model_id=_field(wire, "model", str),
-            config_hash=_field(wire, "config", str),
-            n_blocks=_field(wire, "blocks", int),
+            model_id=read_field(wire, "model", str),
+            config_hash=read_field(wire, "config", str),
+            n_blocks=read_field(wire, "blocks", int),
         )
 
 
@@ -192,37 +224,37 @@ class ServerRecord:
         if not isinstance(wire, Mapping):
             raise MalformedRecord(f"server record must be a dict, got {type(wire).__name__}")
         try:
-            state = ServerState(_field(wire, "state", str))
+            state = ServerState(read_field(wire, "state", str))
         except ValueError as error:
             raise MalformedRecord(f"unknown server state {wire['state']!r}") from error
-        span_wire = _field(wire, "span", (list, tuple))
+        span_wire = read_field(wire, "span", (list, tuple))
         if len(span_wire) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span_wire):
             raise MalformedRecord(f"span must be two integers, got {span_wire!r}")
         try:
             span = Span(*span_wire)
         except InvalidSpan as error:
             raise MalformedRecord(str(error)) from error
-        addresses = _field(wire, "addrs", (list, tuple))
+        addresses = read_field(wire, "addrs", (list, tuple))
         if not all(isinstance(address, str) for address in addresses):
             raise MalformedRecord("addresses must be strings")
-        rtts = _field(wire, "rtts", Mapping, {})
+        rtts = read_field(wire, "rtts", Mapping, {})
         if not all(isinstance(p, str) and isinstance(r, (int, float)) for p, r in rtts.items()):
             raise MalformedRecord("rtts must map peer ids to seconds")
         return cls(
             peer_id=PeerId(peer_id),
             state=state,
             span=span,
-            throughput=_non_negative("tput", float(_field(wire, "tput", (int, float)))),
-            inference_rate=_non_negative("irate", float(_field(wire, "irate", (int, float)))),
-            free_cache_tokens=int(_non_negative("cache", _field(wire, "cache", int))),
-            load=int(_non_negative("load", _field(wire, "load", int))),
+            throughput=_non_negative("tput", float(read_field(wire, "tput", (int, float)))),
+            inference_rate=_non_negative("irate", float(read_field(wire, "irate", (int, float)))),
+            free_cache_tokens=int(_non_negative("cache", read_field(wire, "cache", int))),
+            load=int(_non_negative("load", read_field(wire, "load", int))),
             addresses=tuple(addresses),
-            curve_public_key=_field(wire, "curve", bytes),
-            version=_field(wire, "ver", str),
+            curve_public_key=read_field(wire, "curve", bytes),
+            version=read_field(wire, "ver", str),
             next_rtts={PeerId(p): float(r) for p, r in rtts.items()},
-            device=_field(wire, "device", str, ""),
-            dtype=_field(wire, "dtype", str, ""),
-            started_at=float(_field(wire, "started", (int, float), 0.0)),
+            device=read_field(wire, "device", str, ""),
+            dtype=read_field(wire, "dtype", str, ""),
+            started_at=float(read_field(wire, "started", (int, float), 0.0)),
         )
 
 

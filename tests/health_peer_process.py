@@ -18,11 +18,10 @@ from hivemind.utils import get_dht_time
 
 from swarm.announcer import Announcer
 from swarm.dht import DHTConfig, SwarmDHT
-from swarm.health import run_index_entry
 from swarm.identity import Identity
 from swarm.records import ModelRecord, ServerRecord, ServerState, model_key, server_record_entries
 from swarm.spans import parse_span
-from swarm.training.progress import TrainerState, TrainingPeerRecord, run_key
+from swarm.training.progress import TrainerState, TrainingPeerRecord, run_index_entry, run_key
 
 
 def _server_records(args: argparse.Namespace, identity: Identity, started: float) -> dict:

@@ -11,11 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers.health import HealthConfig, HealthService, SwarmViewConfig
+from peers.health_server import HealthConfig, HealthService, SwarmViewConfig
 from peers.metrics import MetricsConfig, MetricsServer
 from swarm.health import SwarmView
 from swarm.records import ModelRecord
-from tests.test_health_snapshot import HOSTILE, MODEL, hostile_view, make_server, make_trainer
+from tests.harness import HOSTILE, MODEL, hostile_view, make_server, make_trainer, wait_until
 from transport.errors import DeadlineExceeded
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,9 +126,12 @@ def test_refresher_picks_up_new_records():
 
     async def check(session: aiohttp.ClientSession, url: str) -> None:
         views.append(SwarmView("s", ModelRecord("tiny", "abc", 4), {}))
-        async with asyncio.timeout(10):
-            while service.state["model"]["uncovered"] != [[0, 4]]:
-                await asyncio.sleep(0.02)  # polling the service's state, bounded by the timeout above
+        await wait_until(
+            lambda: service.state["model"]["uncovered"],
+            until=lambda uncovered: uncovered == [[0, 4]],
+            timeout=10,
+            what="the refresher to see blocks 0:4 uncovered",
+        )
 
     asyncio.run(_serving(service, check))
 
@@ -187,9 +190,7 @@ def test_metrics_server_run_stops_on_cancel():
         server = MetricsServer(MetricsConfig(port=0), CollectorRegistry())
         async with asyncio.TaskGroup() as group:
             task = group.create_task(server.run())
-            async with asyncio.timeout(10):
-                while server.port is None:
-                    await asyncio.sleep(0.01)  # waiting for the bind, bounded by the timeout
+            await wait_until(lambda: server.port is not None, timeout=10, what="the metrics server to bind")
             task.cancel()
 
     asyncio.run(main())

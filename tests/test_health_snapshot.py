@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 
@@ -13,68 +12,20 @@ from hypothesis import strategies as st
 from peers.health_page import render_fragment, render_page
 from peers.status import format_summary
 from swarm.errors import MalformedRecord
-from swarm.health import (
-    MAX_BLOCKS,
-    MAX_TEXT,
-    HealthThresholds,
-    PeerTelemetry,
-    RunProgressTracker,
-    SwarmView,
-    build_health_state,
+from swarm.health import MAX_BLOCKS, HealthThresholds, RunProgressTracker, SwarmView, build_health_state
+from swarm.health_display import MAX_TEXT
+from swarm.records import ModelRecord, PeerValue, ServerState, parse_server_listings
+from swarm.spans import Span
+from swarm.telemetry import PeerTelemetry, parse_telemetry_state
+from swarm.training.progress import (
     parse_run_index,
-    parse_telemetry_state,
     run_index_entry,
     run_index_key,
 )
-from swarm.identity import PeerId
-from swarm.records import ModelRecord, PeerValue, ServerRecord, ServerState, parse_server_listings
-from swarm.spans import Span
-from swarm.training.progress import TrainerState, TrainingPeerRecord
+from tests.harness import HOSTILE, MODEL, NOW, hostile_view, make_server, make_trainer
 from transport.errors import ConfigurationError
 
 pytestmark = pytest.mark.timeout(60)
-
-NOW = 1_000_000.0
-MODEL = ModelRecord(model_id="tiny", config_hash="abc", n_blocks=4)
-
-
-def make_server(peer: str, start: int, end: int, **changes) -> ServerRecord:
-    record = ServerRecord(
-        peer_id=PeerId(peer),
-        state=ServerState.ONLINE,
-        span=Span(start, end),
-        throughput=10.0,
-        inference_rate=5.0,
-        free_cache_tokens=1000,
-        load=1,
-        addresses=("tcp://127.0.0.1:1",),
-        curve_public_key=b"k" * 40,
-        version="0.1.0",
-        device="cpu",
-        dtype="float32",
-        started_at=NOW - 90,
-    )
-    return dataclasses.replace(record, **changes)
-
-
-def make_trainer(round_: int = 3, **changes) -> TrainingPeerRecord:
-    record = TrainingPeerRecord(
-        state=TrainerState.TRAINING,
-        round=round_,
-        inner_step=round_ * 10,
-        loss=2.0,
-        loss_history=tuple((r, 4.0 - r * 0.5) for r in range(round_ + 1)),
-        tokens_per_second=100.0,
-        bytes_last_round=1000,
-        members_last_round=2,
-        parameters_hash="h" * 64,
-        addresses=("tcp://127.0.0.1:2",),
-        curve_public_key=b"k" * 40,
-        bandwidth=1e6,
-        version="0.1.0",
-        updated_at=NOW,
-    )
-    return dataclasses.replace(record, **changes)
 
 
 def build(view: SwarmView, **kwargs) -> dict:
@@ -209,20 +160,6 @@ def test_parse_telemetry_state_accepts_records_and_rejects_junk():
     for junk in (None, [], {"kind": "x"}, {"kind": "server"}, {"kind": "trainer", "run": "<x>"}):
         with pytest.raises(MalformedRecord):
             parse_telemetry_state(junk)
-
-
-HOSTILE = "<script>alert(1)</script>"
-HUGE = "A" * 1_000_000
-
-
-def hostile_view() -> SwarmView:
-    servers = {
-        "a": make_server("a", 0, 2, version=HOSTILE, device=HUGE, dtype="\x1b[31mred"),
-        "b": make_server("b", 2, 4, version=HUGE),
-    }
-    model = ModelRecord(model_id=f'"><img src=x onerror=alert(1)>{HUGE}', config_hash=HOSTILE, n_blocks=4)
-    runs = {"demo": {"t": make_trainer(2, version=HOSTILE)}}
-    return SwarmView("s", model, servers, runs)
 
 
 def test_hostile_strings_are_clipped_and_escaped_everywhere():

@@ -14,8 +14,8 @@ import torch
 
 from kernels import load_blocks
 from kernels.tiny import write_tiny_checkpoint
-from peers.server_batching import StepBatcher
 from swarm.serving import RemoteModel
+from swarm.serving.batching import StepBatcher
 from swarm.serving.protocol import (
     ForwardRequest,
     InferenceStep,
@@ -24,7 +24,7 @@ from swarm.serving.protocol import (
     ServerStats,
     StatsRequest,
 )
-from tests.test_serving_swarm import CLIENT, Swarm
+from tests.harness import ServingSwarm, wait_until
 from transport.errors import RemoteError
 
 HIDDEN = 64
@@ -37,31 +37,23 @@ def swarm(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("server-edges")
     checkpoint = tmp_path / "model"
     write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=HIDDEN)
-    swarm = Swarm(tmp_path, checkpoint)
-    swarm.start("a", "0:2")
-    swarm.start("b", "2:4")
-    # One hop over every block is the cheapest route, so clients try x first.
-    swarm.start("x", "0:4", "--cache-tokens", str(SMALL_CACHE), "--session-idle-timeout", "1")
-    try:
+    with ServingSwarm(tmp_path, checkpoint) as swarm:
+        swarm.join("a", "0:2")
+        swarm.join("b", "2:4")
+        # One hop over every block is the cheapest route, so clients try x first.
+        swarm.join("x", "0:4", "--cache-tokens", str(SMALL_CACHE), "--session-idle-timeout", "1")
         swarm.wait_online("a", "b", "x")
         yield swarm
-    finally:
-        swarm.close()
 
 
-async def _connect(swarm) -> RemoteModel:
-    model = await RemoteModel.connect(swarm.checkpoint, swarm.peers, config=CLIENT)
-    for _ in range(60):  # until the DHT lists a, b and x (bounded polling)
-        if len(await model.list_servers()) >= 3:
-            return model
-        await asyncio.sleep(0.5)
-    await model.close()
-    raise AssertionError("the client never saw all three servers")
+async def _connect(swarm, *also: str) -> RemoteModel:
+    """A client that already lists a, b and x (and the servers named in ``also``)."""
+    return await swarm.connect(listing=("a", "b", "x", *also))
 
 
 async def _connection(model: RemoteModel, swarm, name: str):
     servers = await model.list_servers()
-    return await model.connection_to(servers[swarm.servers[name].peer_id])
+    return await model.connection_to(servers[swarm.peer_ids[name]])
 
 
 async def _stats(model: RemoteModel, swarm, name: str) -> ServerStats:
@@ -158,7 +150,7 @@ def test_session_over_cache_budget_is_refused_and_routed_elsewhere(swarm):
             async with model.inference_session(SMALL_CACHE + 2) as session:
                 route = [swarm.name_of(peer) for peer, _ in session.route]
                 output = await session.step(hidden)
-            assert swarm.servers["x"].peer_id in model.bans.banned()
+            assert swarm.peer_ids["x"] in model.bans.banned()
             return route, output, hidden
 
     route, output, hidden = asyncio.run(scenario())
@@ -175,13 +167,12 @@ def test_idle_session_expires_and_frees_its_cache(swarm):
             stream = await x.open_stream(OpenInference(secrets.token_bytes(16), 0, 4, 1, 8), timeout=10)
             await stream.call(InferenceStep(0, 0, 2, torch.randn(1, 2, HIDDEN)), timeout=10)
             busy = await _stats(model, swarm, "x")
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            while loop.time() < deadline:  # x expires sessions after 1 s without a step
-                idle = await _stats(model, swarm, "x")
-                if idle.sessions == 0:
-                    break
-                await asyncio.sleep(0.2)
+            idle = await wait_until(  # x expires sessions after 1 s without a step
+                lambda: _stats(model, swarm, "x"),
+                until=lambda stats: stats.sessions == 0,
+                timeout=30,
+                what="x to expire the idle session",
+            )
             return busy, idle
 
     busy, idle = asyncio.run(scenario())
@@ -259,23 +250,19 @@ def test_replacement_dying_during_replay_is_replaced_again(swarm):
     """Runs last: p and d die here by design (their records outlive them)."""
     # p (one hop over every block, announced as fastest) dies at its 5th step; the
     # fastest replacement a -> d loses d at its 3rd replayed step; a -> b must finish.
-    swarm.start("p", "0:4", "--throughput", "1e6", "--fail-at-step", "5")
-    swarm.start("d", "2:4", "--throughput", "1e6", "--fail-at-step", "3")
+    swarm.join("p", "0:4", "--throughput", "1e6", "--fail-at-step", "5")
+    swarm.join("d", "2:4", "--throughput", "1e6", "--fail-at-step", "3")
     swarm.wait_online("p", "d")
     torch.manual_seed(1)
     chunks = [torch.randn(1, 6, HIDDEN)] + [torch.randn(1, 1, HIDDEN) for _ in range(6)]
 
     async def scenario():
-        async with await _connect(swarm) as model:
-            for _ in range(60):  # until the DHT lists p and d too (bounded polling)
-                if len(await model.list_servers()) == 5:
-                    break
-                await asyncio.sleep(0.5)
-            async with model.inference_session(SMALL_CACHE + 2) as session:  # too big for x
-                first = [swarm.name_of(peer) for peer, _ in session.route]
-                outputs = [await session.step(chunk) for chunk in chunks]
-                last = [swarm.name_of(peer) for peer, _ in session.route]
-                return first, last, outputs, session.failovers, session.replay_failures
+        model = await _connect(swarm, "p", "d")
+        async with model, model.inference_session(SMALL_CACHE + 2) as session:  # too big for x
+            first = [swarm.name_of(peer) for peer, _ in session.route]
+            outputs = [await session.step(chunk) for chunk in chunks]
+            last = [swarm.name_of(peer) for peer, _ in session.route]
+            return first, last, outputs, session.failovers, session.replay_failures
 
     first, last, outputs, failovers, replay_failures = asyncio.run(scenario())
     assert first == ["p"] and last == ["a", "b"]

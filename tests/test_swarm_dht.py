@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import hivemind
 import msgpack
@@ -19,12 +18,12 @@ from swarm import (
     ModelRecord,
     RecordRejected,
     ServerRecord,
-    ServerState,
     Span,
     SwarmDHT,
     SwarmRecordValidator,
     block_key,
 )
+from tests.harness import make_server, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,31 +44,20 @@ def config(initial_peers=(), ttl: float = 30.0, name: str = SWARM) -> DHTConfig:
 
 
 def server_record(dht: SwarmDHT, start: int, end: int) -> ServerRecord:
-    return ServerRecord(
-        peer_id=dht.peer_id,
-        state=ServerState.ONLINE,
-        span=Span(start, end),
-        throughput=10.0,
-        inference_rate=5.0,
+    """``dht``'s own record of blocks ``start:end``, started now."""
+    return make_server(
+        dht.peer_id,
+        start,
+        end,
         free_cache_tokens=4096,
         load=0,
         addresses=("tcp://127.0.0.1:9",),
         curve_public_key=dht.identity.curve_public_key,
         version="test",
+        device="",
+        dtype="",
         started_at=get_dht_time(),
     )
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.1)
 
 
 def start_peers(count: int, swarm_key: bytes | None = None, initial=()) -> list[SwarmDHT]:
@@ -106,7 +94,7 @@ def test_server_records_are_visible_to_all(swarm_peers):
                 servers = await reader.list_servers(N_BLOCKS)
                 return {peer: record.span for peer, record in servers.items()} == expected
 
-            await eventually(sees_all, what=f"{reader.peer_id} seeing all servers")
+            await wait_until(sees_all, what=f"{reader.peer_id} seeing all servers")
         servers = await swarm_peers[3].list_servers(N_BLOCKS)
         first = swarm_peers[0]
         assert servers[first.peer_id].curve_public_key == first.identity.curve_public_key
@@ -124,7 +112,7 @@ def test_model_record_majority(swarm_peers):
         async def agreed():
             return await swarm_peers[4].get_model() == good
 
-        await eventually(agreed, what="model record majority")
+        await wait_until(agreed, what="model record majority")
 
     asyncio.run(scenario())
 
@@ -139,14 +127,14 @@ def test_records_expire_after_owner_dies(swarm_peers):
             async def visible():
                 return owner.peer_id in await swarm_peers[2].list(f"{SWARM}.expiry")
 
-            await eventually(visible, what="record visible")
+            await wait_until(visible, what="record visible")
         finally:
             owner.shutdown()
 
         async def gone():
             return owner.peer_id not in await swarm_peers[2].list(f"{SWARM}.expiry")
 
-        await eventually(gone, timeout=15.0, what="record expired")
+        await wait_until(gone, timeout=15.0, what="record expired")
 
     asyncio.run(scenario())
 
@@ -166,7 +154,7 @@ def test_forged_record_is_rejected(swarm_peers):
             listing = await reader.list(key)
             return listing.get(victim.peer_id) is not None
 
-        await eventually(only_victim, what="victim's record")
+        await wait_until(only_victim, what="victim's record")
         for peer in swarm_peers:
             listing = await peer.list(key)
             assert listing[victim.peer_id].value == {"who": "victim"}
@@ -215,7 +203,7 @@ def test_malformed_records_are_skipped(swarm_peers):
             servers = await reader_view.list_servers(2)
             return list(servers) == [writer.peer_id]
 
-        await eventually(sees_valid, what="valid record among garbage")
+        await wait_until(sees_valid, what="valid record among garbage")
         listing = await reader_view.list(block_key("garbage", 0))
         assert "raw-peer" not in listing
 
@@ -234,15 +222,15 @@ def test_announcer_refreshes_and_withdraws(swarm_peers):
             async def visible(key):
                 return owner.peer_id in await reader.list(key)
 
-            await eventually(lambda: visible(f"{SWARM}.ann.a"), what="first announcement")
+            await wait_until(lambda: visible(f"{SWARM}.ann.a"), what="first announcement")
             started = time.monotonic()
             while time.monotonic() - started < 4.0:  # two lifetimes: only refreshes keep it alive
-                await eventually(lambda: visible(f"{SWARM}.ann.a"), timeout=1.5, what="refreshed record")
+                await wait_until(lambda: visible(f"{SWARM}.ann.a"), timeout=1.5, what="refreshed record")
                 await asyncio.sleep(0.2)
             assert announcer.rounds >= 4
             keys["current"] = f"{SWARM}.ann.b"
             announcer.refresh_now()
-            await eventually(lambda: visible(f"{SWARM}.ann.b"), what="moved record")
+            await wait_until(lambda: visible(f"{SWARM}.ann.b"), what="moved record")
             assert owner.peer_id not in await reader.list(f"{SWARM}.ann.a")  # tombstoned at once
         finally:
             announcer.stop()
@@ -276,7 +264,7 @@ def test_private_swarm_refuses_outsiders():
             async def members_see():
                 return members[0].peer_id in await members[2].list(key)
 
-            await eventually(members_see, what="member record")
+            await wait_until(members_see, what="member record")
             for outsider in outsiders:
                 try:
                     await outsider.publish(key, {"intruder": True})

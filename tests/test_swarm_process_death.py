@@ -4,9 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.harness import wait_until_sync
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,10 +36,12 @@ def test_sigkilled_peer_leaves_no_dht_process_behind():
         assert len(helpers) >= 2  # hivemind's DHT process and its p2p daemon
         peer.send_signal(signal.SIGKILL)
         peer.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while any(os.path.exists(f"/proc/{pid}") for pid in helpers) and time.monotonic() < deadline:
-            time.sleep(0.2)  # waiting for the kernel to deliver the parent-death signals
-        assert not [pid for pid in helpers if os.path.exists(f"/proc/{pid}")]
+        wait_until_sync(  # the kernel delivers the parent-death signals; the helpers then exit
+            lambda: [pid for pid in helpers if os.path.exists(f"/proc/{pid}")],
+            until=lambda alive: not alive,
+            timeout=30,
+            what="the DHT helpers to exit after their parent's SIGKILL",
+        )
     finally:
         for pid in descendants(peer.pid) if peer.poll() is None else []:
             os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import stat
@@ -34,6 +35,7 @@ from swarm import (
     plan_move,
 )
 from swarm.records import PeerValue, parse_server_listings
+from tests import harness
 from transport.errors import ConfigurationError, RetryableError
 
 pytestmark = pytest.mark.timeout(30)
@@ -47,21 +49,10 @@ class FakeClock:
         return self.now
 
 
-def make_server(peer: str, start: int, end: int, **overrides) -> ServerRecord:
-    fields = dict(
-        peer_id=peer,
-        state=ServerState.ONLINE,
-        span=Span(start, end),
-        throughput=100.0,
-        inference_rate=50.0,
-        free_cache_tokens=10_000,
-        load=0,
-        addresses=(f"tcp://127.0.0.1:{1000 + start}",),
-        curve_public_key=Identity.generate().curve_public_key,
-        version="0.1.0",
-    )
-    fields.update(overrides)
-    return ServerRecord(**fields)
+# Routing weighs these against each test's overrides (e.g. load=50 against an inference_rate of 50).
+make_server = functools.partial(
+    harness.make_server, throughput=100.0, inference_rate=50.0, free_cache_tokens=10_000, load=0
+)
 
 
 # ---------------------------------------------------------------- identity

@@ -10,35 +10,22 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from peers.health import HealthConfig, HealthService, SwarmViewConfig
 from peers.health_feed import TelemetryFeed
-from peers.telemetry import (
-    MAX_PAYLOAD_BYTES,
-    TelemetryConfig,
-    TelemetryPublisher,
-    encode_message,
-    parse_mqtt_url,
-    server_telemetry_state,
-)
+from peers.health_server import HealthConfig, HealthService, SwarmViewConfig
+from peers.telemetry_publisher import TelemetryConfig, TelemetryPublisher
 from swarm.health import SwarmView
-from tests.test_health_snapshot import MODEL, make_server
+from swarm.telemetry import MAX_PAYLOAD_BYTES, encode_message, parse_mqtt_url, server_telemetry_state
+from tests.harness import MODEL, ProcessSwarm, free_port, make_server, wait_until, wait_until_sync
 
 pytestmark = pytest.mark.timeout(120)
 
 SWARM = "s"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Mosquitto:
@@ -58,15 +45,19 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}") from None
-                time.sleep(0.05)  # polling for readiness, bounded by the deadline
+        wait_until_sync(
+            self._accepting, timeout=timeout, what=f"mosquitto to accept connections on {self.port}"
+        )
+
+    def _accepting(self) -> bool:
+        """Whether the broker accepts connections; raises, with its log, once it has exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -88,40 +79,23 @@ def broker(tmp_path):
 @pytest.fixture
 def live_dht(tmp_path):
     """A bootstrap DHT on 127.0.0.1 and a group for peer processes: (initial peer, group)."""
-    from peers.processes import ProcessGroup
-    from swarm.dht import DHTConfig, SwarmDHT
-    from swarm.identity import Identity
-
-    bootstrap = SwarmDHT(
-        Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=("/ip4/127.0.0.1/tcp/0",))
-    )
-    bootstrap.start()
-    group = ProcessGroup(tmp_path)
-    try:
-        yield str(bootstrap.visible_maddrs()[0]), group
-    finally:
-        group.close()
-        bootstrap.shutdown()
+    with ProcessSwarm(tmp_path, SWARM) as live:
+        yield live.peers[0], live.group
 
 
 def fast_config(url: str) -> TelemetryConfig:
     return TelemetryConfig(url=url, period=0.2, timeout=1.0, max_reconnect_delay=0.2)
 
 
+def make_publisher(url: str, snapshot) -> TelemetryPublisher:
+    """Peer "peer1"'s publisher, fast (``fast_config``), publishing ``snapshot()``."""
+    return TelemetryPublisher(fast_config(url), swarm=SWARM, peer_id="peer1", snapshot=snapshot)
+
+
 def make_feed(url: str, on_update=lambda: None) -> TelemetryFeed:
     return TelemetryFeed(
         parse_mqtt_url(url), SWARM, timeout=1.0, max_reconnect_delay=0.2, on_update=on_update
     )
-
-
-async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    """Polls ``predicate`` until true; fails after ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 def test_parse_mqtt_url_and_config_errors():
@@ -143,12 +117,7 @@ def test_publisher_feed_round_trip_retained_and_offline_on_stop(broker):
     current = {"record": record}
 
     async def main() -> None:
-        publisher = TelemetryPublisher(
-            fast_config(broker.url),
-            swarm=SWARM,
-            peer_id="peer1",
-            snapshot=lambda: server_telemetry_state(current["record"]),
-        )
+        publisher = make_publisher(broker.url, lambda: server_telemetry_state(current["record"]))
         async with asyncio.TaskGroup() as group:
             group.create_task(publisher.run())
             await wait_until(lambda: publisher.published >= 1, what="first publication")
@@ -171,7 +140,7 @@ def test_last_will_marks_a_killed_peer_offline(broker):
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        from peers.telemetry import TelemetryConfig, TelemetryPublisher
+        from peers.telemetry_publisher import TelemetryConfig, TelemetryPublisher
         async def main():
             config = TelemetryConfig(url={broker.url!r}, period=0.2, timeout=1.0)
             publisher = TelemetryPublisher(config, swarm={SWARM!r}, peer_id="doomed", snapshot=lambda: {{}})
@@ -210,12 +179,7 @@ def test_broker_outage_neither_blocks_nor_stops_the_publisher(broker):
     current = {"record": make_server("peer1", 0, 4)}
 
     async def main() -> None:
-        publisher = TelemetryPublisher(
-            fast_config(broker.url),
-            swarm=SWARM,
-            peer_id="peer1",
-            snapshot=lambda: server_telemetry_state(current["record"]),
-        )
+        publisher = make_publisher(broker.url, lambda: server_telemetry_state(current["record"]))
         ticks = 0
 
         async def heartbeat() -> None:
@@ -265,6 +229,7 @@ def test_feed_skips_hostile_messages(broker):
             junk = {
                 "wrongpeer": encode_message(SWARM, "other", online=True, state=good_state, sent_at=1.0),
                 "notjson": b"<script>alert(1)</script>",
+                "deep": b"[" * 200_000,  # under the size limit, but json.loads recurses past the stack
                 "huge": b"x" * (MAX_PAYLOAD_BYTES + 1),
                 "badstate": encode_message(
                     SWARM, "badstate", online=True, state={"kind": "server"}, sent_at=1.0
@@ -298,11 +263,8 @@ def test_health_service_uses_the_mqtt_feed_for_live_updates(broker):
             view=SwarmViewConfig(swarm=SWARM), port=0, mqtt=broker.url, refresh_interval=3600
         )
         service = HealthService(config, read_view, feed=feed)
-        publisher = TelemetryPublisher(
-            fast_config(broker.url),
-            swarm=SWARM,
-            peer_id="peer1",
-            snapshot=lambda: server_telemetry_state(dataclasses.replace(record, load=17)),
+        publisher = make_publisher(
+            broker.url, lambda: server_telemetry_state(dataclasses.replace(record, load=17))
         )
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         async with asyncio.TaskGroup() as group:

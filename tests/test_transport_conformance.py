@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import torch
 
 from transport import (
     BaseEndpoint,
+    Connection,
     DeadlineExceeded,
     Endpoint,
     HandshakeTimeout,
@@ -96,18 +98,27 @@ def make_endpoint(request) -> Callable[..., BaseEndpoint]:
     return make
 
 
-async def serving(make_endpoint, **kwargs) -> tuple[BaseEndpoint, str]:
+async def serving(make_endpoint, handlers=None, stream_handlers=None, **kwargs) -> tuple[BaseEndpoint, str]:
+    """A bound server with ``handlers`` (default: Echo and Fail) and ``stream_handlers``; (server, address)."""
     server = make_endpoint(**kwargs)
-    server.add_handler(Echo, echo)
-    server.add_handler(Fail, fail)
+    for kind, handler in (handlers if handlers is not None else {Echo: echo, Fail: fail}).items():
+        server.add_handler(kind, handler)
+    for kind, handler in (stream_handlers or {}).items():
+        server.add_stream_handler(kind, handler)
     return server, await server.bind()
+
+
+@contextlib.asynccontextmanager
+async def connected(make_endpoint, **serving_kwargs) -> AsyncIterator[Connection]:
+    """A connection from a fresh client endpoint to a fresh server (``serving``); both closed on exit."""
+    server, address = await serving(make_endpoint, **serving_kwargs)
+    async with server, make_endpoint() as client:
+        yield await client.connect(address, server.public_key)
 
 
 def test_call_round_trip(make_endpoint):
     async def body():
-        server, address = await serving(make_endpoint)
-        async with server, make_endpoint() as client:
-            connection = await client.connect(address, server.public_key)
+        async with connected(make_endpoint) as connection:
             reply = await connection.call(Echo("hi", torch.arange(5)))
             assert (
                 isinstance(reply, Echo) and reply.text == "hi" and torch.equal(reply.tensor, torch.arange(5))
@@ -129,11 +140,7 @@ def test_many_requests_in_flight_on_one_connection(make_endpoint):
             await all_arrived.wait()  # only returns once all 20 are being handled at once
             return request
 
-        server = make_endpoint()
-        server.add_handler(Wait, wait)
-        address = await server.bind()
-        async with server, make_endpoint() as client:
-            connection = await client.connect(address, server.public_key)
+        async with connected(make_endpoint, handlers={Wait: wait}) as connection:
             replies = await asyncio.gather(*(connection.call(Wait(i)) for i in range(20)))
             assert [reply.index for reply in replies] == list(range(20))
 
@@ -162,9 +169,7 @@ def test_handler_errors_go_to_their_caller_only(make_endpoint):
 
 def test_limits_violations_are_error_replies(make_endpoint):
     async def body():
-        server, address = await serving(make_endpoint, limits=Limits(max_tensor_elements=100))
-        async with server, make_endpoint() as client:
-            connection = await client.connect(address, server.public_key)
+        async with connected(make_endpoint, limits=Limits(max_tensor_elements=100)) as connection:
             with pytest.raises(RemoteError) as caught:
                 await connection.call(Echo("big", torch.zeros(101)))
             assert caught.value.kind == "MessageTooLarge"
@@ -179,11 +184,7 @@ def test_deadline_exceeded_when_handler_hangs(make_endpoint):
             await asyncio.Event().wait()
             return request
 
-        server = make_endpoint()
-        server.add_handler(Wait, hang)
-        address = await server.bind()
-        async with server, make_endpoint() as client:
-            connection = await client.connect(address, server.public_key)
+        async with connected(make_endpoint, handlers={Wait: hang}) as connection:
             with pytest.raises(DeadlineExceeded):
                 await connection.call(Wait(1), timeout=0.2)
 
@@ -233,11 +234,7 @@ async def ordered_session(stream: ServerStream) -> None:
 
 def test_streams_process_steps_in_order_and_sessions_concurrently(make_endpoint):
     async def body():
-        server = make_endpoint()
-        server.add_stream_handler(Open, ordered_session)
-        address = await server.bind()
-        async with server, make_endpoint() as client:
-            connection = await client.connect(address, server.public_key)
+        async with connected(make_endpoint, stream_handlers={Open: ordered_session}) as connection:
 
             async def session(offset: int) -> list[int]:
                 async with await connection.open_stream(Open(f"s{offset}")) as stream:
@@ -262,9 +259,9 @@ def test_stream_refusal_end_and_idle_expiry(make_endpoint):
             finally:
                 ended.set()
 
-        server = make_endpoint(timeouts=Timeouts(stream_idle=0.3))
-        server.add_stream_handler(Open, watched)
-        address = await server.bind()
+        server, address = await serving(
+            make_endpoint, handlers={}, stream_handlers={Open: watched}, timeouts=Timeouts(stream_idle=0.3)
+        )
         async with server, make_endpoint() as client:
             connection = await client.connect(address, server.public_key)
             with pytest.raises(RemoteError) as caught:
@@ -326,9 +323,7 @@ def test_closing_fails_pending_calls_and_later_calls(make_endpoint):
             await asyncio.Event().wait()
             return request
 
-        server = make_endpoint()
-        server.add_handler(Wait, hang)
-        address = await server.bind()
+        server, address = await serving(make_endpoint, handlers={Wait: hang})
         async with make_endpoint(timeouts=Timeouts(connect=0.5)) as client:
             connection = await client.connect(address, server.public_key)
             pending = asyncio.ensure_future(connection.call(Wait(1), timeout=20))
@@ -357,28 +352,26 @@ async def steps_with_errors(stream: ServerStream) -> None:
 
 def test_a_failed_stream_step_leaves_the_session_open(make_endpoint):
     async def body():
-        server = make_endpoint()
-        server.add_stream_handler(Open, steps_with_errors)
-        address = await server.bind()
-        async with server, make_endpoint() as client:
-            connection = await client.connect(address, server.public_key)
-            async with await connection.open_stream(Open("s")) as stream:
-                assert (await stream.call(Step(2))).value == 2
-                with pytest.raises(RemoteError) as caught:
-                    await stream.call(Step(3))
-                assert caught.value.kind == "ServerBusy" and caught.value.retryable
-                assert "odd step 3" in caught.value.message
-                assert (await stream.call(Step(4))).value == 6  # same session, same state
-                # several in flight: each step gets its own outcome, in order
-                outcomes = await asyncio.gather(
-                    *(stream.call(Step(value)) for value in (5, 6, 7, 8)), return_exceptions=True
-                )
-                assert [getattr(outcome, "value", type(outcome)) for outcome in outcomes] == [
-                    RemoteError,
-                    12,
-                    RemoteError,
-                    20,
-                ]
+        async with (
+            connected(make_endpoint, stream_handlers={Open: steps_with_errors}) as connection,
+            await connection.open_stream(Open("s")) as stream,
+        ):
+            assert (await stream.call(Step(2))).value == 2
+            with pytest.raises(RemoteError) as caught:
+                await stream.call(Step(3))
+            assert caught.value.kind == "ServerBusy" and caught.value.retryable
+            assert "odd step 3" in caught.value.message
+            assert (await stream.call(Step(4))).value == 6  # same session, same state
+            # several in flight: each step gets its own outcome, in order
+            outcomes = await asyncio.gather(
+                *(stream.call(Step(value)) for value in (5, 6, 7, 8)), return_exceptions=True
+            )
+            assert [getattr(outcome, "value", type(outcome)) for outcome in outcomes] == [
+                RemoteError,
+                12,
+                RemoteError,
+                20,
+            ]
 
     run(body())
 
@@ -387,8 +380,7 @@ def test_calls_to_a_closed_server_fail_fast_with_peer_unavailable(make_endpoint)
     async def body():
         unread: list[dict] = []
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: unread.append(context))
-        server, address = await serving(make_endpoint)
-        server.add_stream_handler(Open, steps_with_errors)
+        server, address = await serving(make_endpoint, stream_handlers={Open: steps_with_errors})
         async with make_endpoint() as client:
             connection = await client.connect(address, server.public_key)
             stream = await connection.open_stream(Open("s"))

@@ -1,15 +1,41 @@
-"""Inference over the swarm: wire protocol, the client, sessions with failover.
+"""Inference over the swarm: both halves of the protocol side by side.
 
-Public surface::
+Client::
 
-    RemoteModel.connect(checkpoint_dir, initial_peers=[...]) -> RemoteModel
-        .generate(...) / .stream(...) / .inference_session(max_length)
-    InferenceSession                      server caches kept between calls
-    ClientConfig                          deadlines and failover policy
+    async with RemoteModel.connect(checkpoint_dir, initial_peers=[...]) as model:
+        await model.generate(prompt, sampling=Sampling(...))   # or .stream(...)
+        async with model.inference_session(max_length) as session: ...   # multi-turn
+
+    RemoteModel        the model: local embeddings/head, ``servers`` (a ServerPool)
+    InferenceSession   one generation's caches on a chain of servers, with failover
+    ServerPool         listing servers, bans and connections, shared by the sessions
+    Sampling           how the next token is picked
+    ClientConfig       deadlines and failover policy
+
+Server (``swarm join`` runs it)::
+
+    InferenceServer    a span of blocks served to clients; ``serve(server, stop)``
+    ServerConfig       what it serves and how (the join flags)
+
+Modules: ``protocol`` (the wire messages), ``remote_model``, ``server_pool``,
+``session``, ``generation`` (client); ``server``, ``span_loader``, ``hosted_sessions``
+(each client's state on a server), ``batching`` (server); ``settings`` (both configs).
 """
 
-from swarm.serving.client import RemoteModel
-from swarm.serving.config import ClientConfig
+from swarm.serving.generation import Sampling
+from swarm.serving.remote_model import RemoteModel
+from swarm.serving.server import InferenceServer, serve
+from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
+from swarm.serving.settings import ClientConfig, ServerConfig
 
-__all__ = ["ClientConfig", "InferenceSession", "RemoteModel"]
+__all__ = [
+    "ClientConfig",
+    "InferenceServer",
+    "InferenceSession",
+    "RemoteModel",
+    "Sampling",
+    "ServerConfig",
+    "ServerPool",
+    "serve",
+]

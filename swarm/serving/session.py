@@ -9,6 +9,10 @@ replayed into it step by step (rebuilding the same caches), and the step goes on
 replacement that dies during the replay is banned too and another one is tried
 (``ClientConfig.replay_attempts`` at most). A hop's copy is dropped once that hop
 answers (the push got there first), so a step never waits for a copy's ack.
+
+Servers are found, banned and connected to through a ``ServerPool`` that every session
+of a ``RemoteModel`` shares. The server keeps its side of each hop as a
+``HostedSession`` (``swarm/serving/hosted_sessions.py``).
 """
 
 from __future__ import annotations
@@ -17,17 +21,15 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from swarm import NoRouteError, ServerRecord, Span, find_route
 from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference, PushHidden
+from swarm.serving.server_pool import ServerPool
+from swarm.serving.settings import ClientConfig
 from transport import ClientStream
 from transport.errors import RemoteError, SwarmError
-
-if TYPE_CHECKING:
-    from swarm.serving.client import RemoteModel
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +57,15 @@ class InferenceSession:
     :meth:`step` repeatedly (multi-turn use keeps the caches between calls).
 
     Args:
-        model: the connected client.
+        servers: where to find, ban and connect to servers (shared by a model's sessions).
+        config: deadlines and failover policy.
         max_length: tokens per row the servers reserve.
         batch: rows.
     """
 
-    def __init__(self, model: RemoteModel, max_length: int, batch: int = 1):
-        self.model = model
-        self.config = model.config
+    def __init__(self, servers: ServerPool, config: ClientConfig, max_length: int, batch: int = 1):
+        self.servers = servers
+        self.config = config
         self.max_length = max_length
         self.batch = batch
         self.position = 0
@@ -72,7 +75,7 @@ class InferenceSession:
         self._step = 0
 
     async def __aenter__(self) -> InferenceSession:
-        self.chain = await self._open_route(0, self.model.model_config.num_layers)
+        self.chain = await self._open_route(0, self.servers.n_blocks)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -156,7 +159,7 @@ class InferenceSession:
     async def _send_copy(self, hop: _Hop, number: int, hidden: torch.Tensor) -> None:
         message = PushHidden(token=hop.token, step=number, hidden=hidden, from_client=True)
         try:
-            connection = await self.model.connection_to(hop.server)
+            connection = await self.servers.connection_to(hop.server)
             await connection.call(message, timeout=self.config.step_timeout)
         except SwarmError as error:  # the step itself reports a dead server
             logger.debug("copy for step %d to %s failed: %s", number, hop.server.peer_id, error)
@@ -174,7 +177,7 @@ class InferenceSession:
             SwarmError: the last replacement failed too, or a server refused the replay as malformed.
         """
         failed = self.chain[index]
-        self.model.bans.ban(failed.server.peer_id)
+        self.servers.ban(failed.server.peer_id)
         self.failovers += 1
         await failed.stream.close()
         for attempt in range(1, self.config.replay_attempts + 1):
@@ -189,7 +192,7 @@ class InferenceSession:
                 raise replay_error
             logger.warning("replacement %s failed during replay (attempt %d of %d): %s", hop.server.peer_id,
                            attempt, self.config.replay_attempts, replay_error)  # fmt: skip
-            self.model.bans.ban(hop.server.peer_id)
+            self.servers.ban(hop.server.peer_id)
             self.replay_failures += 1
         logger.info("replaced %s with %s for blocks %s (%d steps replayed)", failed.server.peer_id,
                     [hop.server.peer_id for hop in replacement], failed.span, len(failed.history))  # fmt: skip
@@ -222,9 +225,9 @@ class InferenceSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.route_wait
         while True:
-            servers = await self.model.list_servers()
+            listed = await self.servers.list()
             try:
-                route = find_route(servers.values(), start, end, excluded=self.model.bans.banned())
+                route = find_route(listed.values(), start, end, excluded=self.servers.banned())
             except NoRouteError as error:
                 if loop.time() >= deadline:
                     raise error
@@ -243,11 +246,11 @@ class InferenceSession:
                 if not _is_server_failure(error):
                     raise error
                 logger.warning("could not open a session on %s: %s", hop.peer_id, error)
-                self.model.bans.ban(hop.peer_id)
+                self.servers.ban(hop.peer_id)
 
     async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
         token = secrets.token_bytes(16)
-        connection = await self.model.connection_to(server)
+        connection = await self.servers.connection_to(server)
         opening = OpenInference(
             token=token, start=span.start, end=span.end, batch=self.batch, max_length=self.max_length
         )

@@ -1,9 +1,15 @@
-"""What a training peer publishes about itself: one record per peer under ``{swarm}.run.{run}``.
+"""Training run records: what a training peer publishes, and the index of runs.
 
-The same record serves three readers: other members (addresses and keys for
-matchmaking and state download, the round and parameter hash for consistency), the
-health page (loss curve, tokens/s, bytes per round), and ``swarm status``.
-Unknown fields are ignored; malformed records are logged and skipped.
+Two per-peer keys (the subkey is the publisher's peer id: records are signed per peer)::
+
+    {swarm}.run.{run}   one TrainingPeerRecord per member of the run
+    {swarm}.runs        the run index: {"run": NAME} per trainer, so readers find the runs
+
+A trainer adds ``run_index_entry(swarm, run)`` next to its own record in what its
+announcer publishes. The member record serves three readers: other members (addresses
+and keys for matchmaking and state download, the round and parameter hash for
+consistency), the health snapshot (loss curve, tokens/s, bytes per round), and
+``swarm status``. Unknown fields are ignored; malformed records are logged and skipped.
 """
 
 from __future__ import annotations
@@ -11,16 +17,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from swarm.errors import MalformedRecord
-from swarm.records import namespaced_key
+from swarm.records import check_name, is_valid_name, namespaced_key, read_field
 
 logger = logging.getLogger(__name__)
 
 LOSS_HISTORY_LENGTH = 64
 """Rounds of loss kept in the record: enough for the health page's chart, small in the DHT."""
+MAX_RUNS = 32
+"""Most runs a reader takes from the run index; a hostile index may list thousands."""
 
 
 class TrainerState(enum.StrEnum):
@@ -36,15 +44,44 @@ def run_key(swarm: str, run: str) -> str:
     return namespaced_key(swarm, "run", run)
 
 
-def _get(wire: Mapping[str, Any], name: str, types, default: Any = ...) -> Any:
-    if name not in wire:
-        if default is ...:
-            raise MalformedRecord(f"training record lacks field {name!r}")
-        return default
-    value = wire[name]
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise MalformedRecord(f"training record field {name!r} has type {type(value).__name__}")
-    return value
+def run_index_key(swarm: str) -> str:
+    """The key where trainers list the runs they take part in: ``{swarm}.runs``."""
+    return namespaced_key(swarm, "runs")
+
+
+def run_index_entry(swarm: str, run: str) -> dict[str, dict[str, str]]:
+    """The run index record a trainer publishes (add it to its announcer's output).
+
+    Returns:
+        ``{run_index_key(swarm): {"run": run}}``.
+
+    Raises:
+        ConfigurationError: the swarm or run name has characters other than letters, digits, ``_-``.
+    """
+    check_name(run, "--run")
+    return {run_index_key(swarm): {"run": run}}  # run_index_key validates the swarm name
+
+
+def parse_run_index(values: Iterable[Any]) -> list[str]:
+    """The run names found in run index values; malformed ones are skipped.
+
+    Args:
+        values: the per-peer values under ``run_index_key``.
+
+    Returns:
+        Distinct valid run names, sorted, at most :data:`MAX_RUNS`.
+    """
+    names = set()
+    for value in values:
+        if isinstance(value, Mapping):
+            name = value.get("run")
+            if is_valid_name(name):
+                names.add(name)
+    return sorted(names)[:MAX_RUNS]
+
+
+def _get(wire: Mapping[str, Any], name: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
+    return read_field(wire, name, types, default, record="training record")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.dht import SwarmDHT
-from swarm.health import run_index_entry
 from swarm.training.allreduce import AllReduceTimeouts
 from swarm.training.averaging import AveragingService
 from swarm.training.checkpoint import load_training_state, save_training_state
@@ -33,7 +32,13 @@ from swarm.training.diloco import (
 )
 from swarm.training.matchmaking import JoinGroup, Matchmaker
 from swarm.training.model import language_model_loss, load_or_init_model
-from swarm.training.progress import TrainerState, TrainingPeerRecord, parse_run_listing, run_key
+from swarm.training.progress import (
+    TrainerState,
+    TrainingPeerRecord,
+    parse_run_listing,
+    run_index_entry,
+    run_key,
+)
 from swarm.training.state import StateReply, StateRequest, choose_donor, download_state
 from transport import BaseEndpoint, CodedTensor, RawCodec, RequestContext, ServerBusy
 from transport.errors import SwarmError

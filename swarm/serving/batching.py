@@ -3,19 +3,22 @@
 Steps queue while a forward runs (in a worker thread, so the event loop keeps taking
 messages); the next forward takes every queued step with the same number of new
 tokens. One step runs straight on its session's cache. Several are gathered into a
-temporary cache of the group's rows (each row's prefix copied in, the new positions
-copied back): the copies cost far less than a forward per session because the
-weights are read once for the whole group.
+temporary cache of the group's rows (``kernels.gather_prefixes`` copies each row's
+prefix in, ``kernels.scatter_new_tokens`` the new positions back): the copies cost
+far less than a forward per session because the weights are read once for the whole
+group. ``SpanBatchers`` keeps a server's batchers (one per sub-span asked for) and
+stops each once no session uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from kernels import BlockSpan, KVCache
+from kernels import BlockSpan, KVCache, gather_prefixes, scatter_new_tokens
 
 
 @dataclass
@@ -102,25 +105,74 @@ class StepBatcher:
     def _forward_gathered(self, group: list[_Pending]) -> list[torch.Tensor]:
         new_tokens = group[0].hidden.shape[1]
         rows = [item.hidden.shape[0] for item in group]
-        length = max(item.position for item in group) + new_tokens
-        merged = self.span.allocate_cache(sum(rows), length, group[0].cache.keys[0].dtype)
-        offsets = [sum(rows[:i]) for i in range(len(group))]
-        for item, offset, count in zip(group, offsets, rows, strict=True):
-            for mine, theirs in ((merged.keys, item.cache.keys), (merged.values, item.cache.values)):
-                for merged_block, block in zip(mine, theirs, strict=True):
-                    # (rows, kv_heads, position, head_dim) prefix of this session
-                    merged_block[offset : offset + count, :, : item.position] = block[:, :, : item.position]
-            merged.lengths[offset : offset + count] = item.position
+        positions = [item.position for item in group]
+        caches = [item.cache for item in group]
+        merged = self.span.allocate_cache(sum(rows), max(positions) + new_tokens, caches[0].keys[0].dtype)
+        gather_prefixes(merged, caches, positions)
         hidden = torch.cat([item.hidden for item in group]).to(self._param.device, self._param.dtype)
         output = self.span(hidden, merged)  # (sum(rows), new_tokens, hidden)
-        results = []
-        for item, offset, count in zip(group, offsets, rows, strict=True):
-            end = item.position + new_tokens
-            for mine, theirs in ((merged.keys, item.cache.keys), (merged.values, item.cache.values)):
-                for merged_block, block in zip(mine, theirs, strict=True):
-                    block[:, :, item.position : end] = merged_block[
-                        offset : offset + count, :, item.position : end
-                    ]
-            item.cache.lengths.fill_(end)
-            results.append(output[offset : offset + count].to(item.hidden.dtype))
-        return results
+        scatter_new_tokens(merged, caches, positions, new_tokens)
+        offsets = [sum(rows[:i]) for i in range(len(group))]
+        return [
+            output[offset : offset + count].to(item.hidden.dtype)
+            for item, offset, count in zip(group, offsets, rows, strict=True)
+        ]
+
+
+class SpanBatchers:
+    """The server's batchers: one per requested sub-span, each running as a task.
+
+    A move (:meth:`retire_all`) stops handing out the old span's batchers; each stops
+    once the sessions that use it end (they finish on the old weights).
+
+    Args:
+        max_rows: rows in one forward at most (``--max-batch-rows``).
+    """
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self._current: dict[tuple[int, int], StepBatcher] = {}
+        self._tasks: dict[StepBatcher, asyncio.Task] = {}
+        self._users: dict[StepBatcher, int] = {}
+        self._retired_forwards = 0
+        self._retired_batched_steps = 0
+
+    @property
+    def forwards(self) -> int:
+        return self._retired_forwards + sum(batcher.forwards for batcher in self._tasks)
+
+    @property
+    def batched_steps(self) -> int:
+        return self._retired_batched_steps + sum(batcher.batched_steps for batcher in self._tasks)
+
+    def acquire(
+        self, start: int, end: int, make_span: Callable[[], BlockSpan], tasks: asyncio.TaskGroup
+    ) -> StepBatcher:
+        """The batcher of blocks ``[start, end)``, started in ``tasks`` (from ``make_span()``) if new.
+
+        Call :meth:`release` when the session that uses it ends.
+        """
+        batcher = self._current.get((start, end))
+        if batcher is None:
+            batcher = StepBatcher(make_span(), self.max_rows)
+            self._current[(start, end)] = batcher
+            self._tasks[batcher] = tasks.create_task(batcher.run())
+        self._users[batcher] = self._users.get(batcher, 0) + 1
+        return batcher
+
+    def release(self, batcher: StepBatcher) -> None:
+        self._users[batcher] -= 1
+        self._stop_if_unused(batcher)
+
+    def retire_all(self) -> None:
+        """Hands out no current batcher again; sessions already open keep theirs to the end."""
+        for key in list(self._current):
+            self._stop_if_unused(self._current.pop(key))
+
+    def _stop_if_unused(self, batcher: StepBatcher) -> None:
+        if self._users.get(batcher, 0) or batcher in self._current.values():
+            return
+        self._retired_forwards += batcher.forwards
+        self._retired_batched_steps += batcher.batched_steps
+        self._users.pop(batcher, None)
+        self._tasks.pop(batcher).cancel()

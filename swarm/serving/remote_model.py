@@ -3,13 +3,17 @@
 The client holds the small pieces (tokenizer, embeddings, final norm, LM head) and
 sends hidden states through a chain of servers found in the DHT::
 
-    async with await RemoteModel.connect("llama-dir", initial_peers=[maddr]) as model:
+    async with RemoteModel.connect("llama-dir", initial_peers=[maddr]) as model:
         text = await model.generate("Once upon a time", max_new_tokens=32)
-        async for piece in model.stream("Hello", max_new_tokens=16):
+        async for piece in model.stream("Hello", max_new_tokens=16, sampling=Sampling(temperature=0.8)):
             print(piece, end="")
         async with model.inference_session(max_length=512) as session:   # multi-turn
             first = await model.generate("Hi!", session=session)
             second = await model.generate(" And then?", session=session)
+
+``model = await RemoteModel.connect(...)`` works too (then ``await model.close()``).
+Servers are listed, banned and connected to through ``model.servers``, a ``ServerPool``
+that the model's sessions share.
 
 Errors (``transport.errors`` tree): ``NoRouteError`` (names the uncovered blocks)
 when a span stays uncovered past ``ClientConfig.route_wait``; ``RemoteError`` for a
@@ -19,16 +23,18 @@ request a server refused as malformed; ``ValueError`` for bad arguments.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kernels import load_client_pieces, load_config
 from swarm import BanList, DHTConfig, Identity, ServerRecord, SwarmDHT
-from swarm.serving.config import ClientConfig
 from swarm.serving.generation import Sampling, generate_rows
+from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
+from swarm.serving.settings import ClientConfig
 from transport import Connection, Endpoint
 
 
@@ -38,7 +44,7 @@ class RemoteModel:
     Attributes:
         model_config: the checkpoint's ``ModelConfig``.
         tokenizer: a ``tokenizers.Tokenizer`` (None when the checkpoint has none).
-        bans: servers this client avoids for a while after they failed.
+        servers: the ``ServerPool`` (listing, bans, connections) the sessions share.
     """
 
     def __init__(self, checkpoint_dir: str | Path, dht: SwarmDHT, endpoint: Endpoint, config: ClientConfig):
@@ -49,11 +55,11 @@ class RemoteModel:
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
-        self.bans = BanList(base_seconds=config.ban_seconds)
-        self._connections: dict[str, Connection] = {}
+        bans = BanList(base_seconds=config.ban_seconds)
+        self.servers = ServerPool(dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout)
 
     @classmethod
-    async def connect(
+    def connect(
         cls,
         checkpoint_dir: str | Path,
         initial_peers: Sequence[str],
@@ -61,8 +67,11 @@ class RemoteModel:
         swarm: str = "swarm",
         swarm_key: bytes | None = None,
         config: ClientConfig | None = None,
-    ) -> RemoteModel:
+    ) -> _Connecting:
         """Joins the swarm's DHT as a client and loads the local pieces of the model.
+
+        Use as ``async with RemoteModel.connect(...) as model:`` (closed on exit), or
+        ``model = await RemoteModel.connect(...)`` (then close it yourself).
 
         Args:
             checkpoint_dir: the checkpoint (config, tokenizer, embeddings and head are read).
@@ -73,6 +82,10 @@ class RemoteModel:
         Raises:
             DHTStartError: the DHT could not reach the swarm.
         """
+        return _Connecting(cls._connect(checkpoint_dir, initial_peers, swarm, swarm_key, config))
+
+    @classmethod
+    async def _connect(cls, checkpoint_dir, initial_peers, swarm, swarm_key, config) -> RemoteModel:
         dht_config = DHTConfig(swarm_name=swarm, initial_peers=tuple(initial_peers), client_mode=True)
         dht = SwarmDHT(Identity.generate(), dht_config, swarm_key)
         await asyncio.to_thread(dht.start)
@@ -95,22 +108,22 @@ class RemoteModel:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @property
+    def bans(self) -> BanList:
+        """Servers this client avoids for a while after they failed (``servers.bans``)."""
+        return self.servers.bans
+
     async def list_servers(self) -> dict[str, ServerRecord]:
-        """The servers the DHT lists for this model's blocks."""
-        return await self.dht.list_servers(self.model_config.num_layers, timeout=self.config.dht_timeout)
+        """The servers the DHT lists for this model's blocks (``servers.list()``)."""
+        return await self.servers.list()
 
     async def connection_to(self, server: ServerRecord) -> Connection:
-        """A (cached) connection to ``server``."""
-        address = server.addresses[0]
-        connection = self._connections.get(address)
-        if connection is None:
-            connection = await self.endpoint.connect(address, server.curve_public_key)
-            self._connections[address] = connection
-        return connection
+        """A (cached) connection to ``server`` (``servers.connection_to()``)."""
+        return await self.servers.connection_to(server)
 
     def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
         """A session whose server caches persist between :meth:`generate` calls (multi-turn)."""
-        return InferenceSession(self, max_length, batch)
+        return InferenceSession(self.servers, self.config, max_length, batch)
 
     def encode(self, text: str) -> torch.Tensor:
         """text -> ids (1, tokens)."""
@@ -128,6 +141,7 @@ class RemoteModel:
         prompt: str | list[str] | torch.Tensor,
         max_new_tokens: int = 32,
         *,
+        sampling: Sampling | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -141,27 +155,26 @@ class RemoteModel:
         Args:
             prompt: text, several texts (run as concurrent sessions), or ids (batch, tokens).
             max_new_tokens: tokens to add at most.
-            temperature: 0 is greedy; otherwise sampling with ``top_k`` / ``top_p``.
-            repetition_penalty: >1 discourages tokens already seen (CTRL-style).
-            stop: texts that end generation (not included in the result).
-            seed: seeds the sampler for reproducible output.
+            sampling: how tokens are picked; or give its fields as keywords (``temperature``,
+                ``top_k``, ``top_p``, ``repetition_penalty``, ``stop``, ``seed``: see ``Sampling``).
             session: continue in this open session (multi-turn); a fresh one when None.
         Returns:
             the new text (or list of texts); for ids, the prompt plus the new ids (batch, tokens).
         Raises:
             NoRouteError, RemoteError, ValueError: see the module docstring.
         """
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                       stop=stop, seed=seed)  # fmt: skip
+        sampling = _sampling(sampling, temperature, top_k, top_p, repetition_penalty, stop, seed)
         if isinstance(prompt, list):
             if session is not None:
                 raise ValueError(
                     "a list of prompts runs in sessions of its own; pass one prompt with session="
                 )
             async with asyncio.TaskGroup() as tasks:
-                runs = [tasks.create_task(self.generate(p, max_new_tokens, **options)) for p in prompt]
+                runs = [
+                    tasks.create_task(self.generate(p, max_new_tokens, sampling=sampling)) for p in prompt
+                ]
             return [run.result() for run in runs]
-        pieces = [piece async for piece in self._run(prompt, max_new_tokens, session, Sampling(**options))]
+        pieces = [piece async for piece in self._run(prompt, max_new_tokens, session, sampling)]
         if isinstance(prompt, torch.Tensor):
             return torch.cat([prompt.to(torch.int64), *pieces], dim=1) if pieces else prompt
         return "".join(pieces)
@@ -171,6 +184,7 @@ class RemoteModel:
         prompt: str | torch.Tensor,
         max_new_tokens: int = 32,
         *,
+        sampling: Sampling | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -181,21 +195,57 @@ class RemoteModel:
     ) -> AsyncIterator[str | torch.Tensor]:
         """Like :meth:`generate`, yielding as tokens are made: text pieces for a text prompt,
         (batch, 1) ids for an ids prompt."""
-        sampling = Sampling(temperature, top_k, top_p, repetition_penalty, tuple(stop), seed)
+        sampling = _sampling(sampling, temperature, top_k, top_p, repetition_penalty, stop, seed)
         return self._run(prompt, max_new_tokens, session, sampling)
 
     async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling):
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt.to(torch.int64)
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
-        as_text = isinstance(prompt, str)
+        decode = self.decode if isinstance(prompt, str) else None
+        eos = self.model_config.eos_token_id
         if session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
-                async for piece in generate_rows(self, own, ids, max_new_tokens, sampling, as_text):
+                async for piece in generate_rows(
+                    self.pieces, own, ids, max_new_tokens, sampling, decode, eos
+                ):
                     yield piece
         else:
-            async for piece in generate_rows(self, session, ids, max_new_tokens, sampling, as_text):
+            async for piece in generate_rows(
+                self.pieces, session, ids, max_new_tokens, sampling, decode, eos
+            ):
                 yield piece
+
+
+class _Connecting:
+    """What :meth:`RemoteModel.connect` returns: awaitable, and an async context manager
+    that closes the model on exit (httpx's shape)."""
+
+    def __init__(self, opening: Coroutine[Any, Any, RemoteModel]):
+        self._opening = opening
+        self._model: RemoteModel | None = None
+
+    def __await__(self) -> Generator[Any, None, RemoteModel]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> RemoteModel:
+        self._model = await self._opening
+        return self._model
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._model.close()
+
+
+def _sampling(
+    sampling: Sampling | None, temperature, top_k, top_p, repetition_penalty, stop, seed
+) -> Sampling:
+    """``sampling``, or one built from the keywords; both at once is an error."""
+    from_keywords = Sampling(temperature, top_k, top_p, repetition_penalty, tuple(stop), seed)
+    if sampling is None:
+        return from_keywords
+    if from_keywords != Sampling():
+        raise ValueError("pass either sampling= or the sampling keywords, not both")
+    return sampling
 
 
 def _load_tokenizer(checkpoint_dir: Path):

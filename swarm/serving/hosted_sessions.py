@@ -1,4 +1,8 @@
-"""Inference sessions on a server: the cache budget and each session's input mailbox.
+"""The server's side of inference sessions: the cache budget and each client's hosted state.
+
+A ``HostedSession`` is what a server keeps for one client's ``InferenceSession``
+(``swarm/serving/session.py``) on its span: the key/value cache, the step count and an
+input mailbox. ``HostedSessions`` is the table of open ones.
 
 A session's cache is allocated from a budget of tokens (``batch * max_length`` per
 session); a session that does not fit is refused with ``ServerBusy`` so the client
@@ -10,6 +14,7 @@ each step and drops the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +56,8 @@ class CacheBudget:
 
 
 @dataclass
-class Session:
-    """One client's inference session on this server.
+class HostedSession:
+    """One client's inference session as this server holds it.
 
     Attributes:
         token: the session's name (pushes address it).
@@ -120,17 +125,18 @@ class Session:
             )
 
 
-class SessionTable:
+class HostedSessions:
     """The open sessions by token, with the budget they draw from."""
 
     def __init__(self, budget: CacheBudget):
         self.budget = budget
-        self._sessions: dict[bytes, Session] = {}
+        self._sessions: dict[bytes, HostedSession] = {}
+        self._closed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, token: bytes, batch: int, max_length: int, allocate) -> Session:
+    def open(self, token: bytes, batch: int, max_length: int, allocate) -> HostedSession:
         """Reserves the cache and registers a session; ``allocate(batch, max_length) -> KVCache``.
 
         Raises:
@@ -145,16 +151,26 @@ class SessionTable:
             raise MalformedMessage("session token already in use")
         self.budget.reserve(batch * max_length)
         try:
-            session = Session(token, allocate(batch, max_length), batch, max_length)
+            session = HostedSession(token, allocate(batch, max_length), batch, max_length)
         except BaseException:
             self.budget.release(batch * max_length)
             raise
         self._sessions[token] = session
         return session
 
-    def close(self, session: Session) -> None:
+    def close(self, session: HostedSession) -> None:
         if self._sessions.pop(session.token, None) is session:
             self.budget.release(session.tokens)
+        self._closed.set()
 
-    def get(self, token: bytes) -> Session | None:
+    async def wait_until_empty(self, timeout: float) -> None:
+        """Returns once no session is open, or after ``timeout`` seconds (a drain's bound)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self._sessions) and loop.time() < deadline:
+            self._closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), deadline - loop.time())
+
+    def get(self, token: bytes) -> HostedSession | None:
         return self._sessions.get(token)

@@ -1,17 +1,7 @@
-"""MQTT telemetry: a peer publishes its state to ``prefix/<swarm>/<peer>`` as retained JSON.
+"""MQTT telemetry of one daemon: ``--mqtt`` flags and a publisher that survives broker outages.
 
-Message (UTF-8 JSON, retained, QoS 1)::
-
-    {"schema": 1, "swarm": str, "peer": str, "online": bool, "sent_at": float | null,
-     "state": {"kind": "server", "peer": str, **ServerRecord wire}        # a serving peer
-            | {"kind": "trainer", "run": str, **TrainingPeerRecord wire}   # a training peer
-            | null}
-
-Bytes fields (the CURVE key) travel as ASCII strings; non-finite floats as ``null``. The
-broker holds a last will with ``"online": false`` for the same topic, so a peer that
-vanishes is marked offline; a clean exit publishes the same message itself.
-
-A daemon uses it like this (``--mqtt`` maps onto ``TelemetryConfig.url``)::
+The message format (topics, schema, encoding) lives in ``swarm.telemetry``; this module
+sends it. A daemon uses it like this (``--mqtt`` maps onto ``TelemetryConfig.url``)::
 
     publisher = TelemetryPublisher(config, swarm=name, peer_id=me, snapshot=lambda: server_telemetry_state(record))
     async with asyncio.TaskGroup() as group:
@@ -21,9 +11,11 @@ A daemon uses it like this (``--mqtt`` maps onto ``TelemetryConfig.url``)::
         ...
         publisher.stop()     # publishes "offline" and returns from run()
 
-A broker that is down or goes away never blocks the peer: every connect and publish has
-a deadline, ``notify()`` only sets an event, and ``run()`` reconnects with a capped
-backoff, publishing the current state as soon as the broker is back.
+(``daemon_publisher`` and ``exporting`` wrap exactly this for ``swarm join`` and
+``swarm train``.) A broker that is down or goes away never blocks the peer: every
+connect and publish has a deadline, ``notify()`` only sets an event, and ``run()``
+reconnects with a capped backoff, publishing the current state as soon as the broker is
+back. The broker keeps a last will that marks the peer offline if it vanishes.
 """
 
 from __future__ import annotations
@@ -32,12 +24,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import enum
-import json
 import logging
 import math
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,52 +34,9 @@ from typing import Any
 import aiomqtt
 
 from peers.metrics import MetricsConfig, MetricsServer
-from swarm.records import ServerRecord
-from swarm.training.progress import TrainingPeerRecord
+from swarm.telemetry import MqttEndpoint, encode_message, parse_mqtt_url
 
 logger = logging.getLogger(__name__)
-
-TELEMETRY_SCHEMA = 1
-DEFAULT_MQTT_PORT = 1883
-DEFAULT_PREFIX = "swarm"
-MAX_PAYLOAD_BYTES = 256 * 1024
-"""Largest telemetry message a reader accepts (a loss history of 64 rounds is ~2 KiB)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MqttEndpoint:
-    """A parsed ``mqtt://host:port/prefix`` URL."""
-
-    host: str
-    port: int
-    prefix: str
-
-    def topic(self, swarm: str, peer: str) -> str:
-        """The topic of one peer: ``prefix/<swarm>/<peer>``."""
-        return f"{self.prefix}/{swarm}/{peer}"
-
-    def swarm_filter(self, swarm: str) -> str:
-        """The subscription filter for every peer of a swarm: ``prefix/<swarm>/+``."""
-        return f"{self.prefix}/{swarm}/+"
-
-
-def parse_mqtt_url(url: str, flag: str = "--mqtt") -> MqttEndpoint:
-    """Parses ``mqtt://host[:port][/prefix]`` (port 1883 and prefix ``swarm`` by default).
-
-    Raises:
-        ValueError: not an ``mqtt://`` URL, no host, a bad port, or wildcards in the prefix.
-    """
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ValueError(f"{flag} {url!r}: expected mqtt://host:port/prefix")
-    try:
-        port = parsed.port or DEFAULT_MQTT_PORT
-    except ValueError as error:
-        raise ValueError(f"{flag} {url!r}: bad port") from error
-    prefix = parsed.path.strip("/") or DEFAULT_PREFIX
-    if "#" in url or parsed.query or any(char in prefix for char in "+\0") or "//" in prefix:
-        raise ValueError(f"{flag} {url!r}: the topic prefix must not contain '+', '#' or empty levels")
-    return MqttEndpoint(parsed.hostname, port, prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,44 +104,6 @@ def telemetry_config_from_args(args: argparse.Namespace) -> TelemetryConfig | No
         timeout=args.mqtt_timeout,
         max_reconnect_delay=args.mqtt_reconnect_delay,
     )
-
-
-def server_telemetry_state(record: ServerRecord) -> dict[str, Any]:
-    """The telemetry ``state`` of a serving peer: its record's wire fields."""
-    return {"kind": "server", "peer": str(record.peer_id), **record.to_wire()}
-
-
-def trainer_telemetry_state(run: str, record: TrainingPeerRecord) -> dict[str, Any]:
-    """The telemetry ``state`` of a training peer: its record's wire fields (incl. loss history)."""
-    return {"kind": "trainer", "run": run, **record.to_wire()}
-
-
-def to_json_value(value: Any) -> Any:
-    """Converts record wire values to JSON: bytes to ASCII text, enums to values, NaN/inf to None."""
-    if isinstance(value, enum.Enum):
-        return to_json_value(value.value)
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("ascii", "replace")
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): to_json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json_value(item) for item in value]
-    return value
-
-
-def encode_message(swarm: str, peer: str, *, online: bool, state: Any, sent_at: float | None) -> bytes:
-    """Encodes one telemetry message (schema in the module docstring)."""
-    message = {
-        "schema": TELEMETRY_SCHEMA,
-        "swarm": swarm,
-        "peer": peer,
-        "online": online,
-        "sent_at": sent_at,
-        "state": to_json_value(state),
-    }
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
 def daemon_publisher(

@@ -1,11 +1,20 @@
-"""The serving daemon: a span of blocks served to inference clients over ZeroMQ.
+"""``InferenceServer``: a span of blocks served to inference clients over ZeroMQ.
+
+The server half of ``swarm/serving/protocol.py`` (the client half is ``RemoteModel``).
+``peers/join.py`` is the process around it (flags, signals, logging, exit codes) and
+passes in the test-only fault hook (``on_step``); the server never ends its process.
 
 Lifecycle: pick the span (``--blocks auto`` fills the weakest blocks) -> announce
 JOINING -> load only the span's weights -> announce ONLINE -> serve until stopped ->
 announce DRAINING, refuse new sessions, let open ones finish (bounded) -> withdraw.
-With ``--blocks auto`` it checks now and then whether other blocks need it more and
-moves there (``peers/server_rebalance.py``): JOINING on the new span, load it, ONLINE,
-drop the old one (sessions already open on it finish on the old weights).
+With ``--blocks auto`` it checks now and then whether other blocks need it more
+(Petals' rule, our ``swarm.plan_move``; each wait drawn from 0.5-1.5x the period so
+servers do not move in lockstep, and ``plan_move`` never leaves a block this server
+alone covers) and moves there: JOINING on the new span, load it, ONLINE, drop the old
+one (sessions already open on it finish on the old weights).
+
+Pieces: ``SpanLoader`` (weights, memory, throughput), ``HostedSessions`` (each client's
+cache and inputs), ``SpanBatchers`` (concurrent steps batched into one forward).
 
 Each inference step's output goes back to the client and, when the step names the
 next server of the client's chain, straight to that server too (``PushHidden``), so
@@ -16,34 +25,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import signal
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from kernels import BlockSpan, load_blocks, load_config, module_nbytes, quantize_linears_
-from peers.server_batching import StepBatcher
-from peers.server_config import ServerConfig, resolve_device, resolve_dtype
-from peers.server_rebalance import rebalance_periodically
-from peers.server_sessions import CacheBudget, Session, SessionTable
+from kernels import BlockSpan
 from swarm import (
     Announcer,
     ModelRecord,
+    RebalancePolicy,
     ServerRecord,
     ServerState,
     Span,
     choose_span,
     coverage_from_records,
-    max_blocks_for_memory,
+    draw_check_delay,
     parse_span,
+    plan_move,
     server_record_entries,
 )
 from swarm.records import model_key
+from swarm.serving.batching import SpanBatchers, StepBatcher
+from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions
 from swarm.serving.protocol import (
     ForwardReply,
     ForwardRequest,
@@ -55,19 +62,17 @@ from swarm.serving.protocol import (
     ServerStats,
     StatsRequest,
 )
-from swarm.throughput import ThroughputCache, measure_compute_throughput, throughput_cache_key
+from swarm.serving.settings import ServerConfig
+from swarm.serving.span_loader import SpanLoader, config_hash
 from transport import Connection, RequestContext, ServerStream
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
 logger = logging.getLogger("swarm.join")
 
 PUSH_TIMEOUT = 5.0  # seconds for one push to the next server; the client's copy covers a failure
+LIST_TIMEOUT = 30.0  # seconds for the DHT lookup of one rebalance check
 
-
-def config_hash(checkpoint_dir: str) -> str:
-    """Short hash of the checkpoint's config.json: peers with another hash serve another model."""
-    raw = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+StepHook = Callable[[int], None]
 
 
 class InferenceServer:
@@ -79,34 +84,36 @@ class InferenceServer:
         endpoint: a bound endpoint (its handlers are added here).
         address: the data-plane address to announce.
         version: software version for the records.
+        on_step: called with a session's step count after each step it takes (replayed
+            steps count), before the step runs; the process layer injects faults with it.
     """
 
-    def __init__(self, config: ServerConfig, dht, endpoint, address: str, version: str):
+    def __init__(
+        self, config: ServerConfig, dht, endpoint, address: str, version: str, on_step: StepHook | None = None
+    ):
         self.config = config
         self.dht = dht
         self.endpoint = endpoint
         self.address = address
         self.version = version
-        self.model_config = load_config(config.model)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.on_step = on_step
+        self.loader = SpanLoader(config)
+        self.model_config = self.loader.model_config
+        self.device = self.loader.device
+        self.dtype = self.loader.dtype
         self.state = ServerState.JOINING
         self.span: Span | None = None  # announced (the target while moving)
         self.blocks: BlockSpan | None = None  # loaded and served
         self.throughput = 0.0
-        self.sessions = SessionTable(CacheBudget(config.cache_tokens))
+        self.sessions = HostedSessions(CacheBudget(config.cache_tokens))
         self.pushes_sent = 0
         self.pushes_used = 0
         self.client_copies_used = 0
         self.started_at = time.time()
-        self._batchers: dict[tuple[int, int], StepBatcher] = {}
-        self._batcher_tasks: dict[StepBatcher, asyncio.Task] = {}
-        self._batcher_users: dict[StepBatcher, int] = {}
+        self._batchers = SpanBatchers(config.max_batch_rows)
         self._moved_from: list[Span] = []
-        self._retired_counts = [0, 0]  # forwards, batched steps of batchers dropped by moves
         self._connections: dict[str, Connection] = {}
         self._tasks: asyncio.TaskGroup | None = None
-        self._idle = asyncio.Event()
 
     # Lifecycle.
 
@@ -121,7 +128,7 @@ class InferenceServer:
             self.dht, self._records, period=self.config.announce_period, ttl=self.config.record_ttl
         )
         await announcer.announce_once()  # JOINING: others see the span being filled
-        self.blocks = await asyncio.to_thread(self._load_span, self.span)
+        self.blocks = await asyncio.to_thread(self.loader.load, self.span)
         self.endpoint.add_handler(ForwardRequest, self._forward)
         self.endpoint.add_handler(PushHidden, self._push_received)
         self.endpoint.add_handler(StatsRequest, self._stats)
@@ -132,7 +139,7 @@ class InferenceServer:
             await announcer.announce_once()
             announcer_task = tasks.create_task(announcer.run())
             if self.config.blocks == "auto" and self.config.rebalance_period > 0:
-                tasks.create_task(rebalance_periodically(self, announcer, stop))
+                tasks.create_task(self.rebalance_periodically(announcer, stop))
             if on_online is not None:
                 on_online(self)
             await stop.wait()
@@ -140,7 +147,7 @@ class InferenceServer:
             self.state = ServerState.DRAINING
             with contextlib.suppress(SwarmError):
                 await announcer.announce_once()
-            await self._wait_for_sessions(self.config.drain_timeout)
+            await self.sessions.wait_until_empty(self.config.drain_timeout)
             announcer.stop()
             await announcer_task
             with contextlib.suppress(SwarmError):
@@ -148,14 +155,6 @@ class InferenceServer:
             for connection in self._connections.values():
                 await connection.close()
             raise _Done
-
-    async def _wait_for_sessions(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.sessions) and loop.time() < deadline:
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), deadline - loop.time())
 
     def record(self) -> ServerRecord:
         """This server's record as it stands now (what the next announcement publishes)."""
@@ -185,68 +184,40 @@ class InferenceServer:
 
     async def _choose_span(self) -> Span:
         n_blocks = self.model_config.num_layers
-        self.throughput = await asyncio.to_thread(self._measure_throughput)
+        self.throughput = await asyncio.to_thread(self.loader.measure_throughput)
         if self.config.blocks != "auto":
             return parse_span(self.config.blocks, n_blocks, flag="--blocks")
         servers = await self.dht.list_servers(n_blocks, timeout=30)
         coverage = coverage_from_records(servers.values(), n_blocks, exclude=(self.dht.peer_id,))
-        return choose_span(coverage, self.span_limit())
+        return choose_span(coverage, self.loader.span_limit())
 
-    def span_limit(self) -> int:
-        """Blocks this server may hold: what memory allows, capped by ``--max-blocks``."""
-        max_blocks = self._max_blocks()
-        if self.config.max_blocks:
-            max_blocks = min(max_blocks, self.config.max_blocks)
-        return max_blocks
+    async def rebalance_periodically(
+        self, announcer: Announcer, stop: asyncio.Event, rng: random.Random | None = None
+    ) -> None:
+        """Checks every ``--rebalance-period`` (on average) and moves when worth it, until ``stop``.
 
-    def _max_blocks(self) -> int:
-        one_block = load_blocks(self.config.model, 0, 1, self.dtype, "cpu", self.model_config)
-        if self.config.quant != "none":
-            quantize_linears_(one_block, kind=self.config.quant)
-        per_block = module_nbytes(one_block)
-        if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        config = self.model_config
-        cache_per_block = (
-            2 * config.num_kv_heads * config.head_dim * self.dtype.itemsize * self.config.cache_tokens
-        )
-        return max_blocks_for_memory(int(free * 0.8), per_block, cache_per_block)
-
-    def _measure_throughput(self) -> float:
-        """Tokens/s through one block (cached per device, dtype and model), or ``--throughput``."""
-        if self.config.throughput:
-            return self.config.throughput
-        cache = ThroughputCache(os.path.expanduser(self.config.throughput_cache))
-        key = throughput_cache_key(
-            self.device.type, f"{self.dtype}-{self.config.quant}", config_hash(self.config.model)
-        )
-        cached = cache.get(key)
-        if cached is not None:
-            return cached
-        block = load_blocks(self.config.model, 0, 1, self.dtype, self.device, self.model_config)
-        if self.config.quant != "none":
-            quantize_linears_(block, kind=self.config.quant)
-        hidden = torch.randn(1, 16, self.model_config.hidden_size, dtype=self.dtype, device=self.device)
-
-        def step() -> None:
-            with torch.inference_mode():
-                block(hidden)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-
-        value = measure_compute_throughput(step, 16, steps=5)
-        cache.put(key, value)
-        return value
-
-    def _load_span(self, span: Span) -> BlockSpan:
-        blocks = load_blocks(
-            self.config.model, span.start, span.end, self.dtype, self.device, self.model_config
-        )
-        if self.config.quant != "none":
-            quantize_linears_(blocks, kind=self.config.quant)
-        return blocks.eval()
+        A failed check or move is logged and the next check goes on (the server keeps its span).
+        """
+        rng = rng or random.Random()
+        policy = RebalancePolicy(mean_check_period=self.config.rebalance_period)
+        n_blocks = self.model_config.num_layers
+        max_blocks = await asyncio.to_thread(self.loader.span_limit)
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), draw_check_delay(policy, rng))
+                return
+            except TimeoutError:
+                pass
+            try:
+                servers = await self.dht.list_servers(n_blocks, timeout=LIST_TIMEOUT)
+                # Ourselves as we are now, not as the last announcement says.
+                coverage = coverage_from_records(servers.values(), n_blocks, exclude=(self.dht.peer_id,))
+                coverage[self.span.start : self.span.end] += self.throughput
+                target = plan_move(coverage, self.span, self.throughput, max_blocks, policy)
+                if target is not None and not stop.is_set():
+                    await self.move_to(target, announcer)
+            except (SwarmError, OSError, RuntimeError) as error:
+                logger.warning("rebalance check of %s failed: %s", self.span, error)
 
     # Handlers.
 
@@ -265,7 +236,7 @@ class InferenceServer:
         self.span, self.state = target, ServerState.JOINING
         try:
             await announcer.announce_once()  # tombstones on the old blocks, JOINING on the new
-            blocks = await asyncio.to_thread(self._load_span, target)
+            blocks = await asyncio.to_thread(self.loader.load, target)
         except BaseException:
             self.span = old
             if self.state == ServerState.JOINING:
@@ -274,8 +245,7 @@ class InferenceServer:
             raise
         self.blocks = blocks
         self._moved_from.append(old)
-        for key in list(self._batchers):  # sessions already open keep their batcher to the end
-            self._retire(self._batchers.pop(key))
+        self._batchers.retire_all()  # sessions already open keep their batcher to the end
         if self.state == ServerState.JOINING:  # not DRAINING
             self.state = ServerState.ONLINE
             await announcer.announce_once()
@@ -292,23 +262,6 @@ class InferenceServer:
         if (lo, hi) == (0, len(served)):
             return self.blocks
         return BlockSpan(self.model_config, list(self.blocks.blocks[lo:hi]), start)
-
-    def _retire(self, batcher: StepBatcher) -> None:
-        """Stops ``batcher`` once no session uses it (moves leave old ones behind)."""
-        if self._batcher_users.get(batcher, 0) or batcher in self._batchers.values():
-            return
-        self._retired_counts[0] += batcher.forwards
-        self._retired_counts[1] += batcher.batched_steps
-        self._batcher_users.pop(batcher, None)
-        self._batcher_tasks.pop(batcher).cancel()
-
-    def _batcher(self, start: int, end: int) -> StepBatcher:
-        batcher = self._batchers.get((start, end))
-        if batcher is None:
-            batcher = StepBatcher(self._sub_span(start, end), self.config.max_batch_rows)
-            self._batchers[(start, end)] = batcher
-            self._batcher_tasks[batcher] = self._tasks.create_task(batcher.run())
-        return batcher
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
         if (
@@ -346,8 +299,8 @@ class InferenceServer:
             sessions=len(self.sessions),
             cache_tokens_used=self.sessions.budget.used_tokens,
             cache_tokens_total=self.sessions.budget.total_tokens,
-            forwards=self._retired_counts[0] + sum(b.forwards for b in self._batcher_tasks),
-            batched_steps=self._retired_counts[1] + sum(b.batched_steps for b in self._batcher_tasks),
+            forwards=self._batchers.forwards,
+            batched_steps=self._batchers.batched_steps,
             pushes_sent=self.pushes_sent,
             pushes_used=self.pushes_used,
             client_copies_used=self.client_copies_used,
@@ -365,12 +318,17 @@ class InferenceServer:
             raise MalformedMessage(
                 f"max_length {opening.max_length} exceeds the model's {self.model_config.max_position_embeddings}"
             )
-        batcher = self._batcher(opening.start, opening.end)
-        session = self.sessions.open(
-            opening.token, opening.batch, opening.max_length,
-            lambda batch, length: batcher.span.allocate_cache(batch, length),
-        )  # fmt: skip
-        self._batcher_users[batcher] = self._batcher_users.get(batcher, 0) + 1
+        batcher = self._batchers.acquire(
+            opening.start, opening.end, lambda: self._sub_span(opening.start, opening.end), self._tasks
+        )
+        try:
+            session = self.sessions.open(
+                opening.token, opening.batch, opening.max_length,
+                lambda batch, length: batcher.span.allocate_cache(batch, length),
+            )  # fmt: skip
+        except BaseException:
+            self._batchers.release(batcher)
+            raise
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
@@ -383,12 +341,10 @@ class InferenceServer:
                     await stream.reply(reply)
         finally:
             self.sessions.close(session)
-            self._batcher_users[batcher] -= 1
-            self._retire(batcher)
-            self._idle.set()
+            self._batchers.release(batcher)
 
     async def _serve_step(
-        self, session: Session, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup
+        self, session: HostedSession, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup
     ) -> InferenceReply:
         if step.hidden is not None:
             session.offer(step.step, step.hidden, "step")
@@ -404,9 +360,8 @@ class InferenceServer:
                 self.client_copies_used += 1
         session.check_step(step.position, step.new_tokens, hidden, self.model_config.hidden_size)
         session.steps += 1
-        if session.steps == self.config.fail_at_step:  # failure injection for tests: die like SIGKILL
-            logger.warning("--fail-at-step %d reached: killing this process", session.steps)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.on_step is not None:
+            self.on_step(session.steps)
         try:
             output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
         except ValueError as error:

@@ -1,10 +1,61 @@
-"""``ServerConfig``: what `swarm join` serves and how (flags are generated from it)."""
+"""Configuration of both halves of inference, frozen dataclasses whose field docs are help.
+
+``ClientConfig``: deadlines and failover policy of the client (``RemoteModel``).
+``ServerConfig``: what an ``InferenceServer`` serves and how; `swarm join` generates
+its flags from the fields. ``resolve_device`` / ``resolve_dtype`` turn its ``auto``
+values into concrete ones.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client talks to the servers and survives their failures."""
+
+    step_timeout: float = field(
+        default=120.0,
+        metadata={"help": "seconds for one step on one server (covers waiting for the previous hop's push)"},
+    )
+    open_timeout: float = field(default=15.0, metadata={"help": "seconds to open a session on a server"})
+    route_wait: float = field(
+        default=30.0,
+        metadata={"help": "seconds to wait for a server to cover blocks that lost theirs before failing"},
+    )
+    route_poll: float = field(
+        default=1.0, metadata={"help": "seconds between DHT lookups while waiting for a route"}
+    )
+    send_copies: bool = field(
+        default=True,
+        metadata={"help": "also send each hop's output to the next hop (in case the servers' push fails)"},
+    )
+    ban_seconds: float = field(
+        default=15.0, metadata={"help": "first ban of a failed server, doubling on repeats"}
+    )
+    dht_timeout: float = field(default=15.0, metadata={"help": "seconds for one DHT lookup"})
+    replay_attempts: int = field(
+        default=3,
+        metadata={"help": "replacement chains tried for a failed span when replacements fail during replay"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "step_timeout",
+            "open_timeout",
+            "route_wait",
+            "route_poll",
+            "ban_seconds",
+            "dht_timeout",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ClientConfig.{name} must be positive")
+        if self.replay_attempts < 1:
+            raise ValueError("ClientConfig.replay_attempts must be at least 1")
+
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -13,7 +64,7 @@ QUANTIZATIONS = ("none", "int8", "nf4", "int4")
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Configuration of one serving daemon."""
+    """Configuration of one inference server (`swarm join` generates its flags from it)."""
 
     model: str = field(default="", metadata={"help": "checkpoint folder (config.json + safetensors)"})
     blocks: str = field(
@@ -66,13 +117,6 @@ class ServerConfig:
         default=0.0,
         metadata={"help": "tokens/s per block to announce instead of measuring (0: measure, cached)"},
     )
-    fail_at_step: int = field(
-        default=0,
-        metadata={
-            "help": "testing: SIGKILL this process when a session gets its N-th step "
-            "(replayed steps count; 0: never)"
-        },
-    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -86,7 +130,7 @@ class ServerConfig:
         for name in ("cache_tokens", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("rebalance_period", "throughput", "fail_at_step"):
+        for name in ("rebalance_period", "throughput"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         for name in ("session_idle_timeout", "push_wait", "announce_period", "record_ttl", "drain_timeout"):

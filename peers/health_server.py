@@ -32,8 +32,9 @@ from peers.health_feed import TelemetryFeed
 from peers.health_metrics import SnapshotCollector
 from peers.health_page import render_fragment, render_page
 from peers.metrics import metrics_handler
-from peers.telemetry import parse_mqtt_url
-from swarm.health import HealthThresholds, RunProgressTracker, SwarmView, build_health_state, clip_text
+from swarm.health import HealthThresholds, RunProgressTracker, SwarmView, build_health_state
+from swarm.health_display import clip_text
+from swarm.telemetry import parse_mqtt_url
 from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
