@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -18,11 +17,9 @@ import torch
 
 from kernels import generate, load_local_model, load_tokenizer, render_chat
 from kernels.tiny import write_tiny_checkpoint
-from peers.processes import ProcessGroup
-from swarm.dht import DHTConfig, SwarmDHT
-from swarm.identity import Identity
 from swarm.serving import ClientConfig, RemoteModel
 from swarm.serving.protocol import StatsRequest
+from tests.harness import ServingSwarm, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -37,40 +34,21 @@ TOKENS = 12
 LONG = 64  # long enough that the answer is still being made when a server dies
 
 
-class ApiSwarm:
-    """A bootstrap DHT node, `swarm join` servers and one `swarm api`, all real processes."""
+class ApiSwarm(ServingSwarm):
+    """`swarm join` servers and `swarm api` processes, all real."""
 
     def __init__(self, tmp_path, checkpoint):
-        self.tmp_path, self.checkpoint = tmp_path, checkpoint
-        self.bootstrap = SwarmDHT(
-            Identity.generate(), DHTConfig(swarm_name="swarm", host_maddrs=("/ip4/127.0.0.1/tcp/0",))
-        )
-        self.bootstrap.start()
-        self.peers = [str(m) for m in self.bootstrap.visible_maddrs()]
-        self.group = ProcessGroup(tmp_path)
-        self.servers, self.apis = {}, {}
-
-    def start_server(self, name: str, blocks: str) -> None:
-        self.servers[name] = self.group.start(name, [
-            "join", "--model", str(self.checkpoint), "--blocks", blocks, "--initial-peers", *self.peers,
-            "--throughput-cache", str(self.tmp_path / "throughput.json"), "--announce-period", "2",
-            "--record-ttl", "30", "--push-wait", "5", "--torch-threads", "1",
-        ])  # fmt: skip
-
-    def wait_online(self, *names: str) -> None:
-        for name in names:
-            line = self.servers[name].wait_for_line("ONLINE", timeout=120)
-            self.servers[name].peer_id = line.strip().rsplit(" ", 1)[1]
+        super().__init__(tmp_path, checkpoint)
+        self.apis = {}
 
     def start_api(self, name: str, *extra: str) -> str:
-        self.apis[name] = process = self.group.start(name, ["api", "--model", str(self.checkpoint), "--initial-peers", *self.peers,
-                                          "--port", "0", "--api-key", KEY, "--model-name", "tiny", *extra])  # fmt: skip
+        """Starts `swarm api` (port 0, key KEY, model id "tiny"); returns its base URL once ready."""
+        self.apis[name] = process = self.start(name, [
+            "api", "--model", str(self.checkpoint), "--initial-peers", *self.peers, "--port", "0",
+            "--api-key", KEY, "--model-name", "tiny", *extra,
+        ])  # fmt: skip
         line = process.wait_for_line("API ready at", timeout=120)
         return line.split("API ready at ", 1)[1].split()[0]
-
-    def close(self) -> None:
-        self.group.close()
-        self.bootstrap.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +59,7 @@ def swarm(tmp_path_factory):
     swarm = ApiSwarm(tmp_path, checkpoint)
     try:
         for name, blocks in (("a", "0:2"), ("b", "2:4"), ("c", "2:4")):
-            swarm.start_server(name, blocks)
+            swarm.join(name, blocks)
         swarm.wait_online("a", "b", "c")
         swarm.url = swarm.start_api("api")
         yield swarm
@@ -166,8 +144,8 @@ async def _server_stats(swarm):
         servers = await model.list_servers()
         stats = {}
         for name, process in swarm.servers.items():
-            if process.process.poll() is None and process.peer_id in servers:
-                connection = await model.connection_to(servers[process.peer_id])
+            if process.process.poll() is None and swarm.peer_ids[name] in servers:
+                connection = await model.connection_to(servers[swarm.peer_ids[name]])
                 stats[name] = await connection.call(StatsRequest(), timeout=10)
         return stats
 
@@ -239,7 +217,7 @@ async def _kill_or_drop_mid_stream(swarm, action: str, tokens: int):
         swarm.checkpoint, swarm.peers, config=ClientConfig(route_wait=5)
     ) as probe:
         servers = await probe.list_servers()
-        connections = {name: await probe.connection_to(servers[swarm.servers[name].peer_id])
+        connections = {name: await probe.connection_to(servers[swarm.peer_ids[name]])
                        for name in ("a", "b", "c") if swarm.servers[name].process.poll() is None}  # fmt: skip
 
         async def sessions() -> dict[str, int]:
@@ -261,9 +239,8 @@ async def _kill_or_drop_mid_stream(swarm, action: str, tokens: int):
                     break
                 swarm.servers[chosen].kill()
                 del connections[chosen]
-        deadline = time.monotonic() + 60
-        while (after := await sessions()) and any(after.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)  # polling the servers' counters under a bound
+        after = await wait_until(sessions, until=lambda now: not any(now.values()), timeout=60,
+                                 what="every server to have no open session")  # fmt: skip
         return "".join(pieces), chosen, during, after
 
 
