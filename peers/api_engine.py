@@ -26,6 +26,7 @@ import torch
 
 from kernels import TextTokenizer, render_chat
 from peers.api_schema import ApiError, CompletionRequest
+from swarm.serving.generation import Detokenizer
 
 
 @dataclass(frozen=True)
@@ -33,38 +34,6 @@ class ChoiceResult:
     text: str
     finish_reason: str  # "stop" (eos or a stop sequence) or "length"
     completion_tokens: int
-
-
-class Detokenizer:
-    """Token ids -> the text deltas safe to send, and whether a stop sequence ended it."""
-
-    def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.text = ""  # everything sent so far
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Appends ``token``; returns (new text to send, stopped)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-        if cut >= 0:
-            return self._advance(text[:cut]), True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        end = len(text) - hold
-        while end > 0 and text[end - 1] == "\ufffd":  # half a character: wait for the rest
-            end -= 1
-        return self._advance(text[:end]), False
-
-    def flush(self) -> str:
-        """Text held back when generation ends without a stop sequence."""
-        return self._advance(self.tokenizer.decode(self.ids))
-
-    def _advance(self, upto: str) -> str:
-        if len(upto) <= len(self.text):
-            return ""
-        delta, self.text = upto[len(self.text) :], upto
-        return delta
 
 
 class GenerationEngine:
@@ -135,7 +104,7 @@ class GenerationEngine:
         on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> ChoiceResult:
         """Generates one choice; ``on_text`` receives each delta as it becomes safe to send."""
-        detokenizer = Detokenizer(self.tokenizer, request.stop)
+        detokenizer = Detokenizer(self.tokenizer.decode, request.stop)
         eos = set(self.tokenizer.eos_token_ids)
         reason, count, stopped = "length", 0, False
         async with contextlib.aclosing(self._token_stream(request, ids, max_tokens, seed)) as tokens:

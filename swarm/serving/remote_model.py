@@ -23,19 +23,25 @@ request a server refused as malformed; ``ValueError`` for bad arguments.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernels import load_client_pieces, load_config
-from swarm import BanList, DHTConfig, Identity, ServerRecord, SwarmDHT
+from kernels import MissingTokenizerError, TextTokenizer, load_client_pieces, load_config, load_tokenizer
+from kernels.config import config_fingerprint, config_hash, describe_config_difference
+from kernels.tokenizer import read_eos_token_ids
+from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
 from swarm.serving.settings import ClientConfig
 from transport import Connection, Endpoint
+from transport.errors import SwarmError
+
+logger = logging.getLogger(__name__)
 
 
 class RemoteModel:
@@ -43,20 +49,30 @@ class RemoteModel:
 
     Attributes:
         model_config: the checkpoint's ``ModelConfig``.
-        tokenizer: a ``tokenizers.Tokenizer`` (None when the checkpoint has none).
+        tokenizer: the checkpoint's ``kernels.TextTokenizer`` (None when it has none).
+        eos_token_ids: every id that ends generation (generation_config.json, config.json, tokenizer).
         servers: the ``ServerPool`` (listing, bans, connections) the sessions share.
     """
 
     def __init__(self, checkpoint_dir: str | Path, dht: SwarmDHT, endpoint: Endpoint, config: ClientConfig):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model_config = load_config(checkpoint_dir)
+        self.config_hash = config_hash(self.model_config)
         self.pieces = load_client_pieces(checkpoint_dir, config=self.model_config).eval()
-        self.tokenizer = _load_tokenizer(self.checkpoint_dir)
+        try:
+            self.tokenizer: TextTokenizer | None = load_tokenizer(checkpoint_dir)
+            self._missing_tokenizer: MissingTokenizerError | None = None
+        except MissingTokenizerError as error:
+            self.tokenizer, self._missing_tokenizer = None, error
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else read_eos_token_ids(checkpoint_dir)
+        configured = () if self.model_config.eos_token_id is None else (self.model_config.eos_token_id,)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys((*eos, *configured)))
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
         bans = BanList(base_seconds=config.ban_seconds)
-        self.servers = ServerPool(dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout)
+        self.servers = ServerPool(dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout,
+                                  self.config_hash)  # fmt: skip
 
     @classmethod
     def connect(
@@ -91,11 +107,33 @@ class RemoteModel:
         await asyncio.to_thread(dht.start)
         endpoint = Endpoint(swarm_key=swarm_key)
         try:
-            return await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
+            model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
+            await model._check_model_record()
+            return model
         except BaseException:
             await endpoint.close()
             await asyncio.to_thread(dht.shutdown)
             raise
+
+    async def _check_model_record(self) -> None:
+        """Refuses a swarm whose model record has another config hash, naming what differs.
+
+        (Each server also refuses a session whose hash differs from its own.)"""
+        try:
+            record = await self.dht.get_model(timeout=self.config.dht_timeout)
+        except SwarmError as error:  # the servers check each session anyway
+            logger.debug("could not read the swarm's model record: %s", error)
+            return
+        if record is None or record.config_hash == self.config_hash:
+            return
+        if record.config_fields:
+            difference = describe_config_difference(
+                config_fingerprint(self.model_config), dict(record.config_fields)
+            )
+        else:
+            difference = f"config hash {self.config_hash} here, {record.config_hash} there"
+        raise ModelMismatch(f"the swarm serves {record.model_id!r}, whose config differs from "
+                            f"{self.checkpoint_dir}'s: {difference}")  # fmt: skip
 
     async def close(self) -> None:
         """Closes connections and leaves the DHT. Idempotent."""
@@ -126,15 +164,18 @@ class RemoteModel:
         return InferenceSession(self.servers, self.config, max_length, batch)
 
     def encode(self, text: str) -> torch.Tensor:
-        """text -> ids (1, tokens)."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.checkpoint_dir} has no tokenizer.json: pass token ids")
-        return torch.tensor([self.tokenizer.encode(text).ids], dtype=torch.int64)
+        """text -> ids (1, tokens). Raises MissingTokenizerError (a ValueError) without a tokenizer."""
+        return torch.tensor([self._text().encode(text)], dtype=torch.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
+        return self._text().decode(list(ids))
+
+    def _text(self) -> TextTokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{self.checkpoint_dir} has no tokenizer.json")
-        return self.tokenizer.decode(list(ids))
+            raise MissingTokenizerError(
+                f"{self._missing_tokenizer} (from Python, token ids work without one)"
+            )
+        return self.tokenizer
 
     async def generate(
         self,
@@ -203,7 +244,7 @@ class RemoteModel:
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         decode = self.decode if isinstance(prompt, str) else None
-        eos = self.model_config.eos_token_id
+        eos = self.eos_token_ids
         if session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
                 async for piece in generate_rows(
@@ -246,12 +287,3 @@ def _sampling(
     if from_keywords != Sampling():
         raise ValueError("pass either sampling= or the sampling keywords, not both")
     return sampling
-
-
-def _load_tokenizer(checkpoint_dir: Path):
-    path = checkpoint_dir / "tokenizer.json"
-    if not path.exists():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))

@@ -20,12 +20,16 @@ class ServerPool:
         n_blocks: blocks of the model (the listing covers them all).
         bans: servers to avoid for a while after they failed.
         dht_timeout: seconds for one DHT lookup.
+        config_hash: the client's model config hash, sent with each session it opens so that
+            a server of another model refuses it ("" sends none).
     """
 
-    def __init__(self, dht: SwarmDHT, endpoint: Endpoint, n_blocks: int, bans: BanList, dht_timeout: float):
+    def __init__(self, dht: SwarmDHT, endpoint: Endpoint, n_blocks: int, bans: BanList, dht_timeout: float,
+                 config_hash: str = ""):  # fmt: skip
         self.dht = dht
         self.endpoint = endpoint
         self.n_blocks = n_blocks
+        self.config_hash = config_hash
         self.bans = bans
         self.dht_timeout = dht_timeout
         self._connections: dict[str, Connection] = {}
