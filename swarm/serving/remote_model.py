@@ -10,6 +10,9 @@ sends hidden states through a chain of servers found in the DHT::
         async with model.inference_session(max_length=512) as session:   # multi-turn
             first = await model.generate("Hi!", session=session)
             second = await model.generate(" And then?", session=session)
+        answer = await model.chat([{"role": "user", "content": "Hi!"}])  # the model's chat template
+
+For scripts and notebooks, :func:`swarm.serving.connect_sync` gives the same methods, blocking.
 
 ``model = await RemoteModel.connect(...)`` works too (then ``await model.close()``).
 Servers are listed, banned and connected to through ``model.servers``, a ``ServerPool``
@@ -24,13 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernels import MissingTokenizerError, TextTokenizer, load_client_pieces, load_config, load_tokenizer
+from kernels import (
+    MissingTokenizerError,
+    TextTokenizer,
+    load_client_pieces,
+    load_config,
+    load_tokenizer,
+    render_chat,
+)
 from kernels.config import config_fingerprint, config_hash, describe_config_difference
 from kernels.tokenizer import read_eos_token_ids
 from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
@@ -239,11 +249,45 @@ class RemoteModel:
         sampling = _sampling(sampling, temperature, top_k, top_p, repetition_penalty, stop, seed)
         return self._run(prompt, max_new_tokens, session, sampling)
 
-    async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling):
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """``messages`` rendered with the checkpoint's chat template, the assistant's turn
+        opened, as ids (1, tokens). Raises ChatTemplateError when the checkpoint has no template."""
+        text = self._text()
+        rendered = render_chat(text.chat_template, messages, add_generation_prompt=True, bos_token=text.bos_token,
+                               eos_token=text.eos_token, source=text.source)  # fmt: skip
+        return torch.tensor([text.encode(rendered, add_special_tokens=False)], dtype=torch.int64)
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 256,
+        *,
+        sampling: Sampling | None = None,
+    ) -> str:
+        """The assistant's answer to ``messages`` (``[{"role": "user", "content": "Hi"}, ...]``),
+        with the checkpoint's own chat template; it ends at the model's end-of-turn token."""
+        return "".join(
+            [piece async for piece in self.stream_chat(messages, max_new_tokens, sampling=sampling)]
+        )
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 256,
+        *,
+        sampling: Sampling | None = None,
+    ) -> AsyncIterator[str]:
+        """Like :meth:`chat`, yielding text pieces as they are made."""
+        return self._run(
+            self.chat_prompt(messages), max_new_tokens, None, sampling or Sampling(), as_text=True
+        )
+
+    async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling,
+                   as_text: bool = False):  # fmt: skip
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt.to(torch.int64)
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
-        decode = self.decode if isinstance(prompt, str) else None
+        decode = self.decode if as_text or isinstance(prompt, str) else None
         eos = self.eos_token_ids
         if session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
