@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from prometheus_client import CollectorRegistry
 
@@ -66,8 +67,40 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=main)
 
 
+def check_model_arguments(config) -> None:
+    """Reads the checkpoint's config and checks ``--blocks`` against it, before anything starts.
+
+    Raises:
+        OSError: no such checkpoint. ValueError: an unsupported or unreadable one.
+        ConfigurationError: ``--blocks`` outside the model.
+    """
+    from kernels import load_config
+    from swarm import parse_span
+
+    if not os.path.exists(config.model):
+        raise FileNotFoundError(f"--model {config.model}: no such file or folder")
+    n_blocks = load_config(config.model).num_layers
+    if config.blocks != "auto":
+        parse_span(config.blocks, n_blocks, flag="--blocks")
+
+
+async def _refuse_another_model(dht, model: str) -> str | None:
+    """Why this server must not join: the swarm's model record has another config (None: it may)."""
+    from kernels import load_config
+    from kernels.config import config_fingerprint, config_hash, describe_config_difference
+
+    ours = load_config(model)
+    record = await dht.get_model(timeout=30)
+    if record is None or record.config_hash == config_hash(ours):
+        return None
+    difference = describe_config_difference(config_fingerprint(ours), dict(record.config_fields))
+    return (f"swarm {dht.swarm_name!r} serves {record.model_id!r}, whose config differs from {model}'s: "
+            f"{difference or f'config hash {record.config_hash} there, {config_hash(ours)} here'}")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     from swarm.serving import ServerConfig
+    from transport.errors import SwarmError
 
     configure_logging(args.verbose)
     try:
@@ -76,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
         faults = config_from_arguments(FaultConfig, args)
         metrics = metrics_config_from_args(args)
         telemetry = telemetry_config_from_args(args)
-    except ValueError as error:
+        check_model_arguments(config)
+    except (ValueError, OSError, SwarmError) as error:
         logger.error("%s", error)
         return 2
     if config.torch_threads:
@@ -139,6 +173,15 @@ async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None,
     except SwarmError as error:
         logger.error("could not join the swarm: %s", error)
         return 1
+    try:
+        refusal = await _refuse_another_model(dht, config.model)
+    except SwarmError as error:  # no model record readable yet: the sessions' own check still holds
+        logger.warning("could not read the swarm's model record: %s", error)
+        refusal = None
+    if refusal is not None:
+        logger.error("%s", refusal)
+        await asyncio.to_thread(dht.shutdown)
+        return 2
     timeouts = Timeouts(stream_idle=config.session_idle_timeout, request=max(60.0, config.push_wait * 2))
     try:
         async with Endpoint(identity.curve_keypair(), swarm_key=swarm_key, timeouts=timeouts) as endpoint:
