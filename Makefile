@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference.py --quick
 	$(PY) benchmarks/diloco.py --quick
 	$(PY) benchmarks/allreduce.py --quick
+	$(PY) benchmarks/api.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

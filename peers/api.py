@@ -117,7 +117,6 @@ async def serve(config: ApiConfig, stop: asyncio.Event | None = None) -> int:
     """Runs the API until ``stop`` is set (or SIGINT/SIGTERM). Returns the exit code."""
     from aiohttp import web
 
-    from kernels import MissingTokenizerError, load_tokenizer
     from peers.api_engine import GenerationEngine
     from peers.api_routes import ApiRoutes
     from swarm.identity import load_swarm_key
@@ -127,15 +126,17 @@ async def serve(config: ApiConfig, stop: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
     install_stop_handlers(stop, asyncio.get_running_loop())
     try:
-        tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
         swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key else None
         model = await RemoteModel.connect(config.model, config.initial_peers, swarm=config.swarm,
                                           swarm_key=swarm_key, config=ClientConfig(route_wait=config.route_wait))  # fmt: skip
-    except (MissingTokenizerError, SwarmError, ValueError, OSError) as error:
+    except (SwarmError, ValueError, OSError) as error:
         logger.error("cannot start the API: %s", error)
         return 1
     try:
-        routes = ApiRoutes(GenerationEngine(model, tokenizer, config.default_max_tokens), config.served_name,
+        if model.tokenizer is None:
+            logger.error("cannot start the API: %s", model.missing_tokenizer)
+            return 1
+        routes = ApiRoutes(GenerationEngine(model, model.tokenizer, config.default_max_tokens), config.served_name,
                            config.api_key, config.max_n)  # fmt: skip
         # handler_cancellation: a client that goes away cancels its handler, which closes its sessions.
         runner = web.AppRunner(routes.application(), access_log=None, handler_cancellation=True)

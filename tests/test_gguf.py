@@ -173,3 +173,49 @@ def test_smollm2_gguf_greedy_output_equals_transformers():
     assert torch.equal(ours, theirs)
     assert ours[0, -1] == 2  # the answer ended its turn
     assert "Paris" in tokenizer.decode(ours[0, ids.shape[1] :].tolist())
+
+
+def _write_sentencepiece_gguf(path: Path) -> None:
+    """A tokenizer-only GGUF with a SentencePiece-style BPE vocabulary (as llama.cpp writes
+    Llama 2 / Mistral ones): <unk> <s> </s>, 256 byte tokens, pieces scored by merge rank, no merges."""
+    from gguf import GGUFWriter
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trained.train_from_iterator(
+        [text * 3 for text in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 20],
+        trainers.BpeTrainer(vocab_size=300, show_progress=False),
+    )
+    pieces = [token for token, _ in sorted(trained.get_vocab().items(), key=lambda item: item[1])]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), *pieces]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)  # unknown, control, byte, normal
+    scores = [0.0] * (3 + 256) + [-float(rank) for rank in range(len(pieces))]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_sentencepiece_tokenizer_from_gguf_equals_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "sp.gguf"
+    _write_sentencepiece_gguf(path)
+    ours = load_tokenizer(path)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in [*TEXTS, "the lazy fox", " two  spaces", "Ünïcödé 😀 bytes"]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+        assert ours.encode(text)[0] == 1  # llama.cpp adds BOS to a SentencePiece vocabulary
+        assert ours.decode(ours.encode(text)) == theirs.decode(
+            theirs(text)["input_ids"], skip_special_tokens=True
+        )
+    assert ours.eos_token_ids == (2,) and ours.bos_token == "<s>"

@@ -142,3 +142,14 @@ def test_a_wrong_swarm_name_says_no_server_was_found(swarm):
 
     with pytest.raises(NoRouteError, match="no server of swarm 'not-this-one' was found at all"):
         asyncio.run(scenario())
+
+
+def test_swarm_generate_without_a_tokenizer_says_what_to_do(swarm, tmp_path):
+    directory = tmp_path / "no-tokenizer"
+    shutil.copytree(swarm.directory, directory)
+    (directory / "tokenizer.json").unlink()
+    process = swarm.start("generate-no-tokenizer", ["generate", "--model", str(directory), "--initial-peers",
+                                                    *swarm.peers, "Once upon a time"])  # fmt: skip
+    line = process.wait_for_line("tokenizer.json", timeout=120)
+    assert "copy the model's tokenizer.json into it" in line and "pass token ids" not in line
+    assert process.process.wait(timeout=60) == 2

@@ -61,6 +61,7 @@ class RemoteModel:
         model_config: the checkpoint's ``ModelConfig``.
         tokenizer: the checkpoint's ``kernels.TextTokenizer`` (None when it has none).
         eos_token_ids: every id that ends generation (generation_config.json, config.json, tokenizer).
+        missing_tokenizer: why ``tokenizer`` is None (a MissingTokenizerError), else None.
         servers: the ``ServerPool`` (listing, bans, connections) the sessions share.
     """
 
@@ -71,9 +72,9 @@ class RemoteModel:
         self.pieces = load_client_pieces(checkpoint_dir, config=self.model_config).eval()
         try:
             self.tokenizer: TextTokenizer | None = load_tokenizer(checkpoint_dir)
-            self._missing_tokenizer: MissingTokenizerError | None = None
+            self.missing_tokenizer: MissingTokenizerError | None = None
         except MissingTokenizerError as error:
-            self.tokenizer, self._missing_tokenizer = None, error
+            self.tokenizer, self.missing_tokenizer = None, error
         eos = self.tokenizer.eos_token_ids if self.tokenizer else read_eos_token_ids(checkpoint_dir)
         configured = () if self.model_config.eos_token_id is None else (self.model_config.eos_token_id,)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys((*eos, *configured)))
@@ -182,9 +183,7 @@ class RemoteModel:
 
     def _text(self) -> TextTokenizer:
         if self.tokenizer is None:
-            raise MissingTokenizerError(
-                f"{self._missing_tokenizer} (from Python, token ids work without one)"
-            )
+            raise MissingTokenizerError(f"{self.missing_tokenizer} (from Python, token ids work without one)")
         return self.tokenizer
 
     async def generate(
