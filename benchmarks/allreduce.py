@@ -127,10 +127,14 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
 
     vector = _make_vector(rank, settings.numel)
     endpoints, services = {}, {}
+    # the last member dies in the kill round, which runs on "ours" (see the plan below)
+    before_send = _kill_on_first_result if rank == settings.peers - 1 else None
     for variant, (encrypted, compression) in OURS.items():  # one endpoint and service per variant
         endpoints[variant] = Endpoint(encrypted=encrypted)
         address = await endpoints[variant].bind("tcp://127.0.0.1:0")
-        services[variant] = AveragingService(endpoints[variant], compression, registration_wait=60)
+        services[variant] = AveragingService(
+            endpoints[variant], compression, registration_wait=60, before_send=before_send
+        )
         to_parent.put((rank, variant, address, endpoints[variant].public_key if encrypted else b""))
     addresses = from_parent.get()
     members = {
@@ -142,14 +146,12 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
     for variant, index in plan:
         work = vector.clone()  # averaged in place, as gloo's all_reduce below
         await asyncio.to_thread(barrier.wait)
-        fault, round_timeouts = None, timeouts
+        round_timeouts = timeouts
         if variant == "kill":
             deadline = settings.kill_deadline
             round_timeouts = AllReduceTimeouts(
                 scatter=deadline, gather=deadline, repair=deadline, call=deadline
             )
-            if rank == settings.peers - 1:
-                fault = _kill_on_first_result
         start = time.perf_counter()
         service = services.get(variant, services["ours"])  # the kill round runs on "ours"
         outcome = await service.all_reduce(
@@ -159,7 +161,6 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             work,
             1.0,
             round_timeouts,
-            fault=fault,
             out=work,
         )
         seconds = time.perf_counter() - start
@@ -183,8 +184,9 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
         await endpoint.close()
 
 
-def _kill_on_first_result(kind: str, target: int) -> None:
-    if kind == "result":
+def _kill_on_first_result(send) -> None:
+    """``before_send`` of the member the kill round loses: SIGKILL as it sends its first result."""
+    if send.round_id.startswith("kill-") and send.kind == "result":
         os.kill(os.getpid(), signal.SIGKILL)
 
 

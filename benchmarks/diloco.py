@@ -45,8 +45,8 @@ from swarm.training.diloco import (
     load_flat_parameters_,
     make_inner_optimizer,
 )
-from swarm.training.model import init_model, language_model_loss
 from swarm.training.parts import split_parts
+from swarm.training.training_model import init_model, language_model_loss
 
 BLOCK = 64  # int8 quantization block (one float32 scale per 64 values)
 

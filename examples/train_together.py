@@ -13,7 +13,7 @@ import argparse
 
 from peers.options import PeerOptions, configure_logging, run_async
 from peers.train import train
-from swarm.training.trainer import TrainerConfig
+from swarm.training.trainer_config import TrainerConfig
 
 
 def main() -> int:

@@ -154,9 +154,9 @@ def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dh
 def _export(work: Path) -> Path:
     """The trained parameters of the first trainer's checkpoint, as a Hugging Face checkpoint."""
     from kernels.checkpoint import load_local_model
-    from swarm.training.checkpoint import load_training_state
     from swarm.training.diloco import load_flat_parameters_
-    from swarm.training.model import export_checkpoint
+    from swarm.training.run_checkpoint import load_training_state
+    from swarm.training.training_model import export_checkpoint
 
     state = load_training_state(work / "ckpt0")
     if state is None:

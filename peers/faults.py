@@ -1,9 +1,13 @@
 """Deterministic fault injection for tests: flags, and the hooks that kill this process.
 
 Library code never ends its own process: components expose hooks (``InferenceServer``'s
-``on_step(session_steps)``), and this module builds the hooks that die like a crash
-(SIGKILL: no drain, no withdrawal, no cleanup), as torchft's tests inject failures
-from outside the manager. ``FaultConfig``'s fields become flags of the daemons.
+``on_step(session_steps)``, the trainer's ``before_send(AllReduceSend)``), and this
+module builds the hooks that die like a crash (SIGKILL: no drain, no withdrawal, no
+cleanup), as torchft's tests inject failures from outside the manager.
+
+- ``FaultConfig``: its fields become flags of `swarm join` (``--fail-at-step``).
+- ``AllReduceFault``: read from ``SWARM_FAULT=nth:kind[:min_members]`` (an environment
+  variable, so a test or the demo can set it on one member of a run).
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarm.training.averaging import AllReduceSend
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,58 @@ class FaultConfig:
                 kill_this_process()
 
         return on_step
+
+
+@dataclass(frozen=True)
+class AllReduceFault:
+    """Kill this process (SIGKILL) as it sends the all-reduce message ``kind`` in its
+    ``nth`` all-reduce (counting from 1) among at least ``min_members`` members.
+
+    Read from ``SWARM_FAULT=nth:kind[:min_members]``, e.g. ``2:result:3``; for tests and
+    demos only. Counting this member's own all-reduces rather than naming a round makes
+    the fault independent of when it joined the run.
+    """
+
+    nth: int
+    kind: str
+    min_members: int = 2
+
+    @classmethod
+    def from_environment(cls) -> AllReduceFault | None:
+        value = os.environ.get("SWARM_FAULT", "")
+        if not value:
+            return None
+        try:
+            nth, kind, *rest = value.split(":")
+            return cls(int(nth), kind, *(int(r) for r in rest[:1]))
+        except ValueError:
+            raise ValueError(
+                f"SWARM_FAULT={value!r}: expected nth:kind[:min_members], e.g. 2:result:3"
+            ) from None
+
+    def before_send_hook(self) -> Callable[[AllReduceSend], None]:
+        """The trainer's ``before_send`` hook that carries out this fault."""
+        last_all_reduce, ordinal = 0, 0  # ordinal: among this member's all-reduces of min_members or more
+
+        def before_send(send: AllReduceSend) -> None:
+            nonlocal last_all_reduce, ordinal
+            if send.group_size < self.min_members:
+                return
+            if send.all_reduce != last_all_reduce:
+                last_all_reduce = send.all_reduce
+                # A group of one sends nothing, so the hook never sees it: when such groups count
+                # too (min_members <= 1), every all-reduce counts and the service's count is the ordinal.
+                ordinal = send.all_reduce if self.min_members <= 1 else ordinal + 1
+            if ordinal == self.nth and send.kind == self.kind:
+                logger.warning(
+                    "fault injection: killing this process in its all-reduce %s, sending a %s to member %d",
+                    send.round_id,
+                    send.kind,
+                    send.target,
+                )
+                kill_this_process()
+
+        return before_send
 
 
 def kill_this_process() -> None:

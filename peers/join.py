@@ -8,30 +8,13 @@ test faults are passed to the server as a hook (``peers/faults.py``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 
 from prometheus_client import CollectorRegistry
 
-from peers.faults import FaultConfig
-from peers.metrics import add_metrics_arguments, metrics_config_from_args
-from peers.options import (
-    PeerOptions,
-    add_config_arguments,
-    config_from_arguments,
-    configure_logging,
-    data_plane_address,
-    install_stop_handlers,
-    run_async,
-    start_peer,
-)
-from peers.telemetry_publisher import (
-    add_telemetry_arguments,
-    daemon_publisher,
-    exporting,
-    telemetry_config_from_args,
-)
+from peers.daemon import RunningPeer, daemon_main, register_daemon
+from peers.options import configure_logging
 from swarm.telemetry import server_telemetry_state
 
 logger = logging.getLogger("swarm.join")
@@ -52,22 +35,18 @@ seconds to finish, records are withdrawn, exit 0 (twice to leave at once)."""
 def register(subparsers) -> None:
     from swarm.serving import ServerConfig
 
-    parser = subparsers.add_parser(
+    register_daemon(
+        subparsers,
         "join",
         help="serve a span of a model's blocks for inference",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_class=ServerConfig,
+        handler=main,
+        fault_flags=True,
     )
-    add_config_arguments(parser, ServerConfig)
-    add_config_arguments(parser.add_argument_group("swarm"), PeerOptions)
-    add_config_arguments(parser.add_argument_group("fault injection (tests)"), FaultConfig)
-    add_metrics_arguments(parser)
-    add_telemetry_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.set_defaults(handler=main)
 
 
-def check_model_arguments(config) -> None:
+def check_model_arguments(model: str, blocks: str) -> None:
     """Reads the checkpoint's config and checks ``--blocks`` against it, before anything starts.
 
     Raises:
@@ -77,47 +56,52 @@ def check_model_arguments(config) -> None:
     from kernels import load_config
     from swarm import parse_span
 
-    if not os.path.exists(config.model):
-        raise FileNotFoundError(f"--model {config.model}: no such file or folder")
-    n_blocks = load_config(config.model).num_layers
-    if config.blocks != "auto":
-        parse_span(config.blocks, n_blocks, flag="--blocks")
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"--model {model}: no such file or folder")
+    n_blocks = load_config(model).num_layers
+    if blocks != "auto":
+        parse_span(blocks, n_blocks, flag="--blocks")
 
 
-async def _refuse_another_model(dht, model: str) -> str | None:
-    """Why this server must not join: the swarm's model record has another config (None: it may)."""
+async def refuse_another_model(dht, model: str) -> None:
+    """Raises ModelMismatch, naming what differs, when the swarm's model record has another config.
+
+    A record that cannot be read is no reason to stay out: every session is checked too."""
     from kernels import load_config
     from kernels.config import config_fingerprint, config_hash, describe_config_difference
+    from swarm import ModelMismatch
+    from transport.errors import SwarmError
 
     ours = load_config(model)
-    record = await dht.get_model(timeout=30)
+    try:
+        record = await dht.get_model(timeout=30)
+    except SwarmError as error:
+        logger.warning("could not read the swarm's model record: %s", error)
+        return
     if record is None or record.config_hash == config_hash(ours):
-        return None
+        return
     difference = describe_config_difference(config_fingerprint(ours), dict(record.config_fields))
-    return (f"swarm {dht.swarm_name!r} serves {record.model_id!r}, whose config differs from {model}'s: "
-            f"{difference or f'config hash {record.config_hash} there, {config_hash(ours)} here'}")  # fmt: skip
+    raise ModelMismatch(f"swarm {dht.swarm_name!r} serves {record.model_id!r}, whose config differs from "
+                        f"{model}'s: {difference or f'config hash {record.config_hash} there, {config_hash(ours)} here'}")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
     from swarm.serving import ServerConfig
+    from transport import Timeouts
     from transport.errors import SwarmError
 
-    configure_logging(args.verbose)
-    try:
-        config = config_from_arguments(ServerConfig, args)
-        options = config_from_arguments(PeerOptions, args)
-        faults = config_from_arguments(FaultConfig, args)
-        metrics = metrics_config_from_args(args)
-        telemetry = telemetry_config_from_args(args)
-        check_model_arguments(config)
-    except (ValueError, OSError, SwarmError) as error:
-        logger.error("%s", error)
-        return 2
-    if config.torch_threads:
-        import torch
+    if args.model:  # an empty --model is ServerConfig's to report
+        try:
+            check_model_arguments(args.model, args.blocks)
+        except (ValueError, OSError, SwarmError) as error:
+            configure_logging(args.verbose)
+            logger.error("%s", error)
+            return 2
 
-        torch.set_num_threads(config.torch_threads)
-    return run_async(lambda: _join(config, options, faults, metrics, telemetry))
+    def timeouts(config: ServerConfig) -> Timeouts:
+        return Timeouts(stream_idle=config.session_idle_timeout, request=max(60.0, config.push_wait * 2))
+
+    return daemon_main(ServerConfig, args, logger, _serve, timeouts=timeouts)
 
 
 class _ServerCollector:
@@ -160,58 +144,30 @@ class _ServerCollector:
             yield counter
 
 
-async def _join(config, options: PeerOptions, faults: FaultConfig, metrics=None, telemetry=None) -> int:
+async def _serve(peer: RunningPeer) -> None:
+    """Serves until stopped, then drains (``swarm.serving.serve``)."""
     from peers.cli import software_version
     from swarm.serving import InferenceServer, serve
-    from transport import Endpoint, Timeouts
-    from transport.errors import SwarmError
 
-    stop = asyncio.Event()
-    install_stop_handlers(stop, asyncio.get_running_loop())
-    try:
-        identity, dht, swarm_key = await asyncio.to_thread(start_peer, options, config.record_ttl)
-    except SwarmError as error:
-        logger.error("could not join the swarm: %s", error)
-        return 1
-    try:
-        refusal = await _refuse_another_model(dht, config.model)
-    except SwarmError as error:  # no model record readable yet: the sessions' own check still holds
-        logger.warning("could not read the swarm's model record: %s", error)
-        refusal = None
-    if refusal is not None:
-        logger.error("%s", refusal)
-        await asyncio.to_thread(dht.shutdown)
-        return 2
-    timeouts = Timeouts(stream_idle=config.session_idle_timeout, request=max(60.0, config.push_wait * 2))
-    try:
-        async with Endpoint(identity.curve_keypair(), swarm_key=swarm_key, timeouts=timeouts) as endpoint:
-            bound = await endpoint.bind(f"tcp://{options.host}:{options.port}")
-            address = data_plane_address(options, bound)
-            for maddr in dht.visible_maddrs():
-                print(f"initial peer for others: {maddr}", flush=True)
-            server = InferenceServer(
-                config, dht, endpoint, address, software_version(), on_step=faults.server_step_hook()
-            )
-            publisher = daemon_publisher(
-                telemetry,
-                options.swarm,
-                dht,
-                lambda: server_telemetry_state(server.record()) if server.span else {},
-            )
+    config, faults = peer.arguments.config, peer.arguments.faults
+    await refuse_another_model(peer.dht, config.model)
+    if config.torch_threads:
+        import torch
 
-            def online(server: InferenceServer) -> None:
-                print(f"ONLINE serving blocks {server.span} at {address} as {dht.peer_id}", flush=True)
-                if publisher is not None:
-                    publisher.notify()
+        torch.set_num_threads(config.torch_threads)
+    server = InferenceServer(
+        config, peer.dht, peer.endpoint, peer.address, software_version(), on_step=faults.server_step_hook()
+    )
+    registry = CollectorRegistry()
+    registry.register(_ServerCollector(server))
+    exports, publisher = peer.exporting(
+        registry, lambda: server_telemetry_state(server.record()) if server.span else {}
+    )
 
-            registry = CollectorRegistry()
-            registry.register(_ServerCollector(server))
-            async with exporting(metrics, registry, publisher):
-                await serve(server, stop, online)
-    except (SwarmError, ValueError, OSError) as error:
-        logger.error("server failed: %s", error)
-        return 1
-    finally:
-        await asyncio.to_thread(dht.shutdown)
-    logger.info("left the swarm")
-    return 0
+    def online(server: InferenceServer) -> None:
+        print(f"ONLINE serving blocks {server.span} at {peer.address} as {peer.dht.peer_id}", flush=True)
+        if publisher is not None:
+            publisher.notify()
+
+    async with exports:
+        await serve(server, peer.stop, online)

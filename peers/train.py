@@ -1,28 +1,24 @@
-"""`swarm train`: start or join a DiLoCo training run."""
+"""`swarm train`: the process around a DiLoCo ``Trainer`` (``swarm/training/trainer.py``).
+
+Start-up, flags, signals and exit codes come from the shared daemon runner
+(``peers/daemon.py``); this module adds the trainer's Prometheus gauges and telemetry,
+and passes ``SWARM_FAULT`` test faults to the trainer as a hook (``peers/faults.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from peers.metrics import add_metrics_arguments, metrics_config_from_args
-from peers.options import (
-    PeerOptions,
-    add_config_arguments,
-    config_from_arguments,
-    configure_logging,
-    data_plane_address,
-    install_stop_handlers,
-    run_async,
-    start_peer,
+from peers.daemon import (
+    DaemonArguments,
+    RunningPeer,
+    daemon_main,
+    register_daemon,
+    run_daemon,
 )
-from peers.telemetry_publisher import (
-    add_telemetry_arguments,
-    daemon_publisher,
-    exporting,
-    telemetry_config_from_args,
-)
+from peers.faults import AllReduceFault
+from peers.options import PeerOptions
 from swarm.telemetry import trainer_telemetry_state
 
 logger = logging.getLogger("swarm.train")
@@ -41,35 +37,27 @@ Ctrl-C / SIGTERM finishes the current round, then leaves (twice to leave at once
 
 
 def register(subparsers) -> None:
-    from swarm.training.trainer import TrainerConfig
+    from swarm.training.trainer_config import TrainerConfig
 
-    parser = subparsers.add_parser(
+    register_daemon(
+        subparsers,
         "train",
         help="start or join a DiLoCo training run",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_class=TrainerConfig,
+        handler=main,
     )
-    add_config_arguments(parser, TrainerConfig)
-    add_config_arguments(parser.add_argument_group("swarm"), PeerOptions)
-    add_metrics_arguments(parser)
-    add_telemetry_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from swarm.training.trainer import TrainerConfig
+    from swarm.training.trainer_config import TrainerConfig
 
-    configure_logging(args.verbose)
     try:
-        config = config_from_arguments(TrainerConfig, args)
-        options = config_from_arguments(PeerOptions, args)
-        metrics = metrics_config_from_args(args)
-        telemetry = telemetry_config_from_args(args)
+        AllReduceFault.from_environment()  # a bad SWARM_FAULT fails before anything starts
     except ValueError as error:
         logger.error("%s", error)
         return 2
-    return run_async(lambda: train(config, options, metrics, telemetry))
+    return daemon_main(TrainerConfig, args, logger, _train)
 
 
 class _TrainerGauges:
@@ -106,45 +94,45 @@ class _TrainerGauges:
 
 
 async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> int:
-    """Run one training member until it is stopped (SIGINT/SIGTERM) or reaches --max-rounds. Returns an exit code."""
+    """Runs one training member until it is stopped (SIGINT/SIGTERM) or reaches --max-rounds.
+
+    For programs that build the configs themselves (``examples/train_together.py``).
+    Returns an exit code.
+    """
+    arguments = DaemonArguments(config, options, metrics=metrics, telemetry=telemetry)
+    return await run_daemon(arguments, logger, _train)
+
+
+async def _train(peer: RunningPeer) -> None:
     from peers.cli import software_version
     from swarm.training.trainer import Trainer
-    from transport import Endpoint
-    from transport.errors import SwarmError
 
-    stop = asyncio.Event()
-    install_stop_handlers(stop, asyncio.get_running_loop())
-    try:
-        identity, dht, swarm_key = await asyncio.to_thread(start_peer, options, config.record_ttl)
-    except SwarmError as error:
-        logger.error("could not join the swarm: %s", error)
-        return 1
-    try:
-        async with Endpoint(identity.curve_keypair(), swarm_key=swarm_key) as endpoint:
-            bound = await endpoint.bind(f"tcp://{options.host}:{options.port}")
-            address = data_plane_address(options, bound)
-            for maddr in dht.visible_maddrs():
-                print(f"initial peer for others: {maddr}", flush=True)
-            gauges = _TrainerGauges()
-            latest = {}
-            publisher = daemon_publisher(
-                telemetry,
-                options.swarm,
-                dht,
-                lambda: trainer_telemetry_state(config.run, latest["record"]) if latest else {},
-            )
+    config = peer.arguments.config
+    fault = AllReduceFault.from_environment()
+    gauges = _TrainerGauges()
+    latest = {}
+    exports, publisher = peer.exporting(
+        gauges.registry, lambda: trainer_telemetry_state(config.run, latest["record"]) if latest else {}
+    )
 
-            def on_progress(record) -> None:
-                latest["record"] = record
-                gauges.update(config.run, record)
-                if publisher is not None:
-                    publisher.notify()
+    def on_progress(record) -> None:
+        latest["record"] = record
+        gauges.update(config.run, record)
+        if publisher is not None:
+            publisher.notify()
 
-            trainer = Trainer(config, dht, endpoint, address, software_version(), on_progress)
-            print(f"training peer {str(dht.peer_id)[:12]} joined run {config.run!r} at {address}", flush=True)
-            async with exporting(metrics, gauges.registry, publisher):
-                await trainer.run(stop)
-            print(f"left run {config.run!r} at round {trainer.outer.round}", flush=True)
-    finally:
-        dht.shutdown()
-    return 0
+    trainer = Trainer(
+        config,
+        peer.dht,
+        peer.endpoint,
+        peer.address,
+        software_version(),
+        on_progress,
+        before_send=None if fault is None else fault.before_send_hook(),
+    )
+    print(
+        f"training peer {str(peer.dht.peer_id)[:12]} joined run {config.run!r} at {peer.address}", flush=True
+    )
+    async with exports:
+        await trainer.run(peer.stop)
+    print(f"left run {config.run!r} at round {trainer.replica.round}", flush=True)

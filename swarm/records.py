@@ -116,6 +116,22 @@ def read_field(
     return value
 
 
+def read_wire_dict(wire: Any, record: str) -> Mapping[str, Any]:
+    """``wire`` itself when it is a dict (a record's wire form), else ``MalformedRecord``."""
+    if not isinstance(wire, Mapping):
+        raise MalformedRecord(f"{record} must be a dict, got {type(wire).__name__}")
+    return wire
+
+
+def read_state(wire: Mapping[str, Any], states: type[enum.StrEnum], *, record: str = "record") -> Any:
+    """The ``state`` field of a record's wire dict, as a member of ``states``."""
+    value = read_field(wire, "state", str, record=record)
+    try:
+        return states(value)
+    except ValueError as error:
+        raise MalformedRecord(f"{record}: unknown state {value!r}") from error
+
+
 def _non_negative(name: str, value: float) -> float:
     if not value >= 0:  # also rejects NaN
         raise MalformedRecord(f"field {name!r} must be >= 0, got {value!r}")
@@ -239,12 +255,8 @@ class ServerRecord:
         Raises:
             MalformedRecord: not a dict, or a field is missing, mistyped or out of range.
         """
-        if not isinstance(wire, Mapping):
-            raise MalformedRecord(f"server record must be a dict, got {type(wire).__name__}")
-        try:
-            state = ServerState(read_field(wire, "state", str))
-        except ValueError as error:
-            raise MalformedRecord(f"unknown server state {wire['state']!r}") from error
+        wire = read_wire_dict(wire, "server record")
+        state = read_state(wire, ServerState, record="server record")
         span_wire = read_field(wire, "span", (list, tuple))
         if len(span_wire) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span_wire):
             raise MalformedRecord(f"span must be two integers, got {span_wire!r}")

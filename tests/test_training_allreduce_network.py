@@ -138,3 +138,37 @@ def test_averaging_in_place_gives_the_same_bits_as_a_new_vector(compression):
         assert torch.equal(outcome.averaged, outcomes[2].averaged)
     tolerance = {"none": 1e-6, "int8": 0.05}[compression]
     torch.testing.assert_close(outcomes[2].averaged, sum(originals) / 3, rtol=0, atol=tolerance)
+
+
+def test_before_send_sees_every_message_with_the_services_all_reduce_count():
+    """The hook the process layer injects faults through: called before each message a member
+    sends, with its own all-reduce count, the message kind, the target and the group size."""
+    from swarm.training.averaging import AllReduceSend
+
+    async def scenario():
+        endpoints, services, members = await _start_members(3)
+        seen: list[list[AllReduceSend]] = [[] for _ in range(3)]
+        for i, service in enumerate(services):
+            service.before_send = seen[i].append
+        try:
+            for round_id in ("round-1", "round-2"):
+                await asyncio.gather(
+                    *(
+                        services[i].all_reduce(round_id, members, i, torch.ones(1000), 1.0, TIMEOUTS)
+                        for i in range(3)
+                    )
+                )
+        finally:
+            await _close(endpoints, services)
+        return seen
+
+    seen = asyncio.run(scenario())
+    for i, sends in enumerate(seen):
+        expected = sorted(
+            (count, f"round-{count}", kind, target, 3)
+            for count in (1, 2)
+            for kind in ("contribution", "result")
+            for target in range(3)
+            if target != i
+        )
+        assert sorted((s.all_reduce, s.round_id, s.kind, s.target, s.group_size) for s in sends) == expected

@@ -1,8 +1,9 @@
 """The all-reduce protocol with deterministic failure injection (members in one event loop).
 
 The same protocol over real ZeroMQ between real processes is tested in
-test_training_allreduce_network.py; here a router delivers calls so that a member
-can be killed at an exact point of the protocol.
+test_training_allreduce_network.py; here a router implements the round's
+:class:`GroupLinks` in process, so that a member can be killed at an exact point of
+the protocol.
 """
 
 import asyncio
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
-from swarm.training.allreduce import AllReduceRound, AllReduceTimeouts, Member
+from swarm.training.allreduce import AllReduceRound, AllReduceTimeouts, GroupLinks, Member
 from transport.errors import PeerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,7 +26,7 @@ def int8_round_trip(values: torch.Tensor) -> torch.Tensor:
 
 
 class Router:
-    """Delivers calls between rounds; ``kill_when(member, kind, target)`` kills a member as it makes that call."""
+    """Delivers messages between rounds; ``kill_rule = (member, kind, target)`` kills a member as it sends that."""
 
     def __init__(self):
         self.rounds: dict[int, AllReduceRound] = {}
@@ -34,32 +35,42 @@ class Router:
         self.kill_rule = None
         self.calls: list[tuple[int, str, int]] = []
 
-    def caller(self, source: int):
-        async def call(target, kind, header, tensor, timeout):
-            self.calls.append((source, kind, target))
-            if self.kill_rule == (source, kind, target):
-                self.dead.add(source)
-                self.tasks[source].cancel()
-                await asyncio.sleep(3600)  # never returns: the task is being cancelled
-            if target in self.dead or source in self.dead:
-                raise PeerUnavailable(f"member {target} is gone")
-            round_ = self.rounds[target]
-            if kind == "contribution":
-                round_.on_contribution(header["sender"], header["part"], header["weight"], tensor.clone())
-                return {}, None
-            if kind == "result":
-                return {
-                    "accepted": round_.on_result(header["part"], tensor.clone(), header["contributors"])
-                }, None
-            if kind == "repair":
-                result, contributors = await asyncio.wait_for(
-                    round_.on_repair(header["sender"], header["part"], header["weight"], tensor.clone()),
-                    timeout * 4,
-                )
-                return {"contributors": contributors}, result.clone()
-            raise AssertionError(kind)
+    def links(self, source: int) -> GroupLinks:
+        return RouterLinks(self, source)
 
-        return call
+    async def deliver(self, source: int, kind: str, target: int) -> AllReduceRound:
+        """The target's round, once ``source`` may send ``kind`` to it (it may be killed doing so)."""
+        self.calls.append((source, kind, target))
+        if self.kill_rule == (source, kind, target):
+            self.dead.add(source)
+            self.tasks[source].cancel()
+            await asyncio.sleep(3600)  # never returns: the task is being cancelled
+        if target in self.dead or source in self.dead:
+            raise PeerUnavailable(f"member {target} is gone")
+        return self.rounds[target]
+
+
+class RouterLinks:
+    """:class:`GroupLinks` of member ``source`` through a :class:`Router`."""
+
+    def __init__(self, router: Router, source: int):
+        self.router = router
+        self.source = source
+
+    async def send_contribution(self, target, part, weight, values, timeout) -> None:
+        round_ = await self.router.deliver(self.source, "contribution", target)
+        round_.on_contribution(self.source, part, weight, values.clone())
+
+    async def send_result(self, target, part, contributors, values, timeout) -> bool:
+        round_ = await self.router.deliver(self.source, "result", target)
+        return round_.on_result(part, values.clone(), contributors)
+
+    async def request_repair(self, target, part, weight, values, timeout):
+        round_ = await self.router.deliver(self.source, "repair", target)
+        result, contributors = await asyncio.wait_for(
+            round_.on_repair(self.source, part, weight, values.clone()), timeout * 4
+        )
+        return result.clone(), contributors
 
 
 async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
@@ -69,7 +80,7 @@ async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
     members = [Member(f"peer{i}", bandwidths[i]) for i in range(len(vectors))]
     for i, vector in enumerate(vectors):
         router.rounds[i] = AllReduceRound(
-            "r1", members, i, vector, weights[i], router.caller(i), int8_round_trip, TIMEOUTS
+            "r1", members, i, vector, weights[i], router.links(i), int8_round_trip, TIMEOUTS
         )
     for i, round_ in router.rounds.items():
         router.tasks[i] = asyncio.create_task(round_.run())

@@ -5,7 +5,7 @@ import torch
 
 from kernels.checkpoint import load_blocks, load_client_pieces, load_local_model
 from kernels.tiny import write_tiny_checkpoint
-from swarm.training.model import export_checkpoint, init_model
+from swarm.training.training_model import export_checkpoint, init_model
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -21,6 +21,11 @@ refuses a commit once it has taken over, every part has exactly one final value,
 every survivor receives the same bytes: survivors end bit-identical even when a
 member dies mid-round. (A reducer and its backup dying in the same round can still
 split the survivors; the trainer's parameter hash check catches and repairs that.)
+
+A round reaches the other members only through :class:`GroupLinks` (send a
+contribution, send a result, request a repair): the averaging service implements it
+over the transport, the protocol tests with an in-process router that can kill a
+member at an exact message.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 
 from swarm.training.parts import fallback_reducer, split_parts
 
 logger = logging.getLogger(__name__)
+
+_Reply = TypeVar("_Reply")
 
 
 @dataclass(frozen=True)
@@ -76,13 +84,33 @@ class AllReduceReport:
     repaired_parts: list[int] = field(default_factory=list)
 
 
-# The network, as the all-reduce needs it: send ``(kind, header, tensor)`` to member
-# ``index`` and get back ``(header, tensor or None)``; raises SwarmError on failure.
-CallMember = Callable[
-    [int, str, dict, torch.Tensor | None, float], Awaitable[tuple[dict, torch.Tensor | None]]
-]
-# Quantize-dequantize with the wire codec, as receivers will see the bytes.
+class GroupLinks(Protocol):
+    """How one member's round reaches the others in its group: the round's network seam.
+
+    One instance per member and round (it knows both). ``target`` is a position in the
+    group; every call is bounded by ``timeout`` seconds and raises SwarmError or OSError
+    when ``target`` cannot be reached or refuses. Implemented over the transport by
+    :class:`~swarm.training.averaging.AveragingService`, in process by the protocol tests.
+    """
+
+    async def send_contribution(
+        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
+    ) -> None:
+        """Scatter: this member's share of ``part`` to ``target``, the part's reducer."""
+
+    async def send_result(
+        self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
+    ) -> bool:
+        """Gather: the reduced ``part`` to ``target``. False: ``target``, its backup, took it over."""
+
+    async def request_repair(
+        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Repair: ``part``'s (result, contributors) from ``target``, its backup, given this member's share."""
+
+
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
+"""Quantize-dequantize with the wire codec: the values as receivers will decode them."""
 
 
 class _PartState:
@@ -139,7 +167,7 @@ class AllReduceRound:
         my_index: this member's position in ``members``.
         vector: this member's flat float32 contribution.
         weight: samples this member processed this round (0 for a newcomer's zero update).
-        call: how to reach another member (see :data:`CallMember`).
+        links: how this member reaches the others (see :class:`GroupLinks`).
         round_trip: the wire codec's quantize-dequantize, applied to every result.
         timeouts: phase deadlines.
         alignment: part boundaries are multiples of this (the codec's block size).
@@ -152,7 +180,7 @@ class AllReduceRound:
         my_index: int,
         vector: torch.Tensor,
         weight: float,
-        call: CallMember,
+        links: GroupLinks,
         round_trip: RoundTrip,
         timeouts: AllReduceTimeouts = AllReduceTimeouts(),
         alignment: int = 64,
@@ -162,7 +190,7 @@ class AllReduceRound:
         self.my_index = my_index
         self.vector: torch.Tensor | None = vector.detach().to(torch.float32).reshape(-1)
         self.weight = float(weight)
-        self.call = call
+        self.links = links
         self.round_trip = round_trip
         self.timeouts = timeouts
         self.parts = split_parts(self.vector.numel(), [m.bandwidth for m in members], alignment)
@@ -319,18 +347,18 @@ class AllReduceRound:
         return True
 
     async def _send_contribution(self, part: int) -> None:
-        header = {"round": self.round_id, "part": part, "sender": self.my_index, "weight": self.weight}
-        await self._call_quietly(part, "contribution", header, self._slice(part))
+        send = self.links.send_contribution(part, part, self.weight, self._slice(part), self.timeouts.call)
+        await self._quietly("contribution", part, send)
 
-    async def _call_quietly(self, index: int, kind: str, header: dict, tensor):
+    async def _quietly(self, kind: str, target: int, sending: Awaitable[_Reply]) -> _Reply | None:
+        """``await sending``; a member that cannot be reached is logged and yields None."""
         from transport.errors import SwarmError
 
         try:
-            reply = await self.call(index, kind, header, tensor, self.timeouts.call)
+            return await sending
         except (SwarmError, OSError) as error:
-            logger.warning("round %s: %s to member %d failed: %s", self.round_id, kind, index, error)
+            logger.warning("round %s: %s to member %d failed: %s", self.round_id, kind, target, error)
             return None
-        return reply
 
     async def _reduce_own(self, scatter_deadline: float) -> None:
         state = self._states[self.my_index]
@@ -341,27 +369,29 @@ class AllReduceRound:
         await self._broadcast(self.my_index, state)
 
     async def _broadcast(self, part: int, state: _PartState) -> None:
-        header = {"round": self.round_id, "part": part, "contributors": state.contributors}
         backup = fallback_reducer(part, len(self.members))
         if backup != self.my_index:
-            reply = await self._call_quietly(backup, "result", header, state.result)
-            if reply is not None and not reply[0].get("accepted", True):
+            accepted = await self._quietly("result", backup, self._send_result(backup, part, state))
+            if accepted is False:
                 logger.warning(
                     "round %s: backup %d took over part %d; not broadcasting", self.round_id, backup, part
                 )
                 state.ready.clear()
                 return
         others = [i for i in range(len(self.members)) if i not in (self.my_index, backup)]
-        await asyncio.gather(*(self._call_quietly(i, "result", header, state.result) for i in others))
+        await asyncio.gather(*(self._quietly("result", i, self._send_result(i, part, state)) for i in others))
+
+    def _send_result(self, target: int, part: int, state: _PartState) -> Awaitable[bool]:
+        return self.links.send_result(target, part, state.contributors, state.result, self.timeouts.call)
 
     async def _repair(self, part: int) -> None:
         backup = fallback_reducer(part, len(self.members))
         if backup == self.my_index:
             await self.on_repair(self.my_index, part, self.weight, self._slice(part))
             return
-        header = {"round": self.round_id, "part": part, "sender": self.my_index, "weight": self.weight}
-        reply = await self._call_quietly(backup, "repair", header, self._slice(part))
+        request = self.links.request_repair(backup, part, self.weight, self._slice(part), self.timeouts.call)
+        reply = await self._quietly("repair", backup, request)
         if reply is None:
             return
-        reply_header, values = reply
-        self.on_result(part, values, list(reply_header.get("contributors", [])))
+        values, contributors = reply
+        self.on_result(part, values, list(contributors))

@@ -5,6 +5,12 @@ One :class:`AveragingService` lives on a trainer's endpoint. Each round register
 registered (a faster member got there first) wait for it a bounded time. A request
 must come from the CURVE key of the member it claims to be, so no one can inject a
 contribution in another member's name.
+
+Outgoing, each round reaches its group through a :class:`_TransportLinks` (the
+:class:`~swarm.training.allreduce.GroupLinks` of this service), which turns each send
+into its wire message, counts the bytes, and first calls the service's ``before_send``
+hook with an :class:`AllReduceSend`. The process layer uses that hook for fault
+injection (``SWARM_FAULT`` in ``peers/train.py``); the library never acts on it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -75,6 +82,29 @@ class Ack(Message):
     accepted: bool = True
 
 
+@dataclass(frozen=True)
+class AllReduceSend:
+    """A message this member is about to send in an all-reduce: what ``before_send`` hooks see.
+
+    Attributes:
+        all_reduce: which of this service's all-reduces it belongs to, counting from 1.
+        round_id: the round's name on the wire.
+        kind: ``"contribution"`` (scatter), ``"result"`` (gather) or ``"repair"``.
+        target: the receiving member's position in the group.
+        group_size: members in the group.
+    """
+
+    all_reduce: int
+    round_id: str
+    kind: Literal["contribution", "result", "repair"]
+    target: int
+    group_size: int
+
+
+BeforeSend = Callable[[AllReduceSend], None]
+"""Called before each all-reduce message this member sends (fault injection, tracing)."""
+
+
 @dataclass
 class AveragingOutcome:
     """The averaged vector, what the round did, and this member's bytes on the wire."""
@@ -119,14 +149,24 @@ class AveragingService:
         endpoint: this trainer's transport endpoint (bound by the caller).
         compression: a key of :data:`COMPRESSIONS`.
         registration_wait: how long a request for an unknown round waits for it to start.
+        before_send: called with each :class:`AllReduceSend` before the message goes out.
     """
 
-    def __init__(self, endpoint: BaseEndpoint, compression: str = "int8", registration_wait: float = 30.0):
+    def __init__(
+        self,
+        endpoint: BaseEndpoint,
+        compression: str = "int8",
+        registration_wait: float = 30.0,
+        before_send: BeforeSend | None = None,
+    ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"--compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
         self.endpoint = endpoint
         self.codec = COMPRESSIONS[compression]
         self.registration_wait = registration_wait
+        self.before_send = before_send
+        self.all_reduces = 0
+        """All-reduces this service has run (``AllReduceSend.all_reduce`` of the current one)."""
         self._rounds: dict[str, AllReduceRound] = {}
         self._registered = asyncio.Condition()
         self._connections: dict[tuple[str, bytes], Connection] = {}
@@ -191,7 +231,6 @@ class AveragingService:
         vector: torch.Tensor,
         weight: float,
         timeouts: AllReduceTimeouts = AllReduceTimeouts(),
-        fault: Callable[[str, int], None] | None = None,
         out: torch.Tensor | None = None,
     ) -> AveragingOutcome:
         """Average ``vector`` with the group; every survivor gets the same bits.
@@ -199,39 +238,18 @@ class AveragingService:
         ``out``, when given, receives the average (see :meth:`AllReduceRound.run`); it may
         be ``vector`` itself.
 
-        ``fault(kind, target)``, when given, is called before each message this member
-        sends (tests use it to kill the process at an exact point of the protocol).
-
         Raises:
             DeadlineExceeded: a part has no result even after repair.
         """
-        bytes_sent = 0
-
-        async def call(index, kind, header, tensor, timeout):
-            nonlocal bytes_sent
-            if fault is not None:
-                fault(kind, index)
-            connection = await self._connection(members[index])
-            values = CodedTensor(tensor, self.codec)
-            if kind == "contribution":
-                request = Contribution(round_id, header["part"], header["sender"], header["weight"], values)
-            elif kind == "result":
-                request = PartResult(round_id, header["part"], list(header["contributors"]), values)
-            else:
-                request = RepairRequest(round_id, header["part"], header["sender"], header["weight"], values)
-            bytes_sent += wire_size(self.codec, tensor.numel())
-            reply = await connection.call(request, timeout=timeout)
-            if isinstance(reply, PartResult):
-                return {"contributors": reply.contributors}, reply.values
-            return {"accepted": reply.accepted}, None
-
+        self.all_reduces += 1
+        links = _TransportLinks(self, round_id, members, my_index, self.all_reduces)
         round_ = AllReduceRound(
             round_id,
             members,
             my_index,
             vector,
             weight,
-            call,
+            links,
             lambda values: codec_round_trip(self.codec, values),
             timeouts,
             alignment=getattr(self.codec, "block_size", 64),
@@ -246,9 +264,58 @@ class AveragingService:
             round_.close()
             # Keep the round reachable a little longer: a slower member may still ask for a repair.
             asyncio.get_running_loop().call_later(timeouts.repair, self._rounds.pop, round_id, None)
-        return AveragingOutcome(averaged, round_.report, bytes_sent)
+        return AveragingOutcome(averaged, round_.report, links.bytes_sent)
 
     async def close(self) -> None:
         for connection in self._connections.values():
             await connection.close()
         self._connections.clear()
+
+
+class _TransportLinks:
+    """:class:`~swarm.training.allreduce.GroupLinks` of one round over the service's endpoint."""
+
+    def __init__(
+        self, service: AveragingService, round_id: str, members: list[Member], my_index: int, count: int
+    ):
+        self.service = service
+        self.round_id = round_id
+        self.members = members
+        self.my_index = my_index
+        self.count = count
+        self.bytes_sent = 0
+
+    async def send_contribution(
+        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
+    ) -> None:
+        message = Contribution(self.round_id, part, self.my_index, weight, self._coded(values))
+        await self._call("contribution", target, message, timeout)
+
+    async def send_result(
+        self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
+    ) -> bool:
+        message = PartResult(self.round_id, part, list(contributors), self._coded(values))
+        reply = await self._call("result", target, message, timeout)
+        if not isinstance(reply, Ack):
+            raise MalformedMessage(f"member {target} answered a result with {type(reply).__name__}")
+        return reply.accepted
+
+    async def request_repair(
+        self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
+    ) -> tuple[torch.Tensor, list[int]]:
+        message = RepairRequest(self.round_id, part, self.my_index, weight, self._coded(values))
+        reply = await self._call("repair", target, message, timeout)
+        if not isinstance(reply, PartResult):
+            raise MalformedMessage(f"member {target} answered a repair with {type(reply).__name__}")
+        return reply.values, reply.contributors
+
+    def _coded(self, values: torch.Tensor) -> CodedTensor:
+        return CodedTensor(values, self.service.codec)
+
+    async def _call(self, kind, target: int, message: Message, timeout: float) -> Message:
+        if self.service.before_send is not None:
+            send = AllReduceSend(self.count, self.round_id, kind, target, len(self.members))
+            self.service.before_send(send)
+        connection = await self.service._connection(self.members[target])
+        self.bytes_sent += wire_size(self.service.codec, message.values.tensor.numel())
+        return await connection.call(message, timeout=timeout)

@@ -75,6 +75,21 @@ def tokenize_corpus(
     return tokens
 
 
+def load_corpus(data_dir: str, tokenizer_path: Path, max_bytes: int, checkpoint_dir: str = "") -> np.ndarray:
+    """A member's token stream: ``--data`` (default: the standard library) tokenized, up to ``max_bytes``.
+
+    Cached in ``<checkpoint_dir>/tokens``, or in ``~/.cache/swarm/tokens`` without checkpoints.
+    """
+    root = Path(data_dir) if data_dir else default_corpus_dir()
+    cache_dir = Path(checkpoint_dir or Path.home() / ".cache" / "swarm") / "tokens"
+    return tokenize_corpus(list_text_files(root), tokenizer_path, max_bytes, cache_dir)
+
+
+def member_seed(peer_id: str, seed: int) -> int:
+    """The seed of a member's data order: its peer id mixed with the run's ``--seed``."""
+    return int.from_bytes(peer_id.encode()[:8].ljust(8, b"\0"), "little") ^ seed
+
+
 @dataclass
 class WindowSampler:
     """Yields (batch, seq_len + 1) windows of a token stream in a per-peer seeded order.

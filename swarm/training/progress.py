@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from swarm.errors import MalformedRecord
-from swarm.records import check_name, is_valid_name, namespaced_key, read_field
+from swarm.records import check_name, is_valid_name, namespaced_key, read_field, read_state, read_wire_dict
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,8 @@ class TrainingPeerRecord:
         Raises:
             MalformedRecord: not a dict, or a field is missing, mistyped or out of range.
         """
-        if not isinstance(wire, Mapping):
-            raise MalformedRecord(f"training record must be a dict, got {type(wire).__name__}")
-        try:
-            state = TrainerState(_get(wire, "state", str))
-        except ValueError as error:
-            raise MalformedRecord(f"unknown trainer state {wire['state']!r}") from error
+        wire = read_wire_dict(wire, "training record")
+        state = read_state(wire, TrainerState, record="training record")
         history = []
         for item in _get(wire, "losses", (list, tuple), [])[-LOSS_HISTORY_LENGTH:]:
             if (

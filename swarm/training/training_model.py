@@ -1,4 +1,5 @@
-"""The model a training run trains: our Llama-family blocks with a training-friendly init."""
+"""The model a training run trains: our Llama-family blocks with a training-friendly init, its
+loss, and its export to a Hugging Face checkpoint (what `swarm demo` serves after training)."""
 
 from __future__ import annotations
 

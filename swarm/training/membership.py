@@ -1,0 +1,97 @@
+"""Who is in a training run: this member's view of the run's records in the DHT.
+
+Every member publishes a :class:`~swarm.training.progress.TrainingPeerRecord` under
+the run's key (with the peer id as subkey) and refreshes it before it expires; the
+run's entry in the swarm's run index is published with it, so the health page finds
+the run. The same listing tells a member who takes part in rounds (the live members
+the :class:`~swarm.training.matchmaking.Matchmaker` picks a leader among), who is
+already averaging (a slower member then ends its inner phase early), and who could
+give it the latest state (:mod:`swarm.training.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from swarm.dht import SwarmDHT
+from swarm.training.progress import (
+    TrainerState,
+    TrainingPeerRecord,
+    parse_run_listing,
+    run_index_entry,
+    run_key,
+)
+from transport.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+_ACTIVE = (TrainerState.TRAINING, TrainerState.AVERAGING)
+"""States of members that take part in rounds."""
+
+
+class RunMembership:
+    """Reads the members of run ``run`` and publishes this member's record.
+
+    Args:
+        dht: a started DHT of the swarm.
+        run: the run's name.
+        record_ttl: seconds a published record lives unless refreshed.
+    """
+
+    def __init__(self, dht: SwarmDHT, run: str, record_ttl: float):
+        self.dht = dht
+        self.run = run
+        self.record_ttl = record_ttl
+        self.peer_id = str(dht.peer_id)
+        self.key = run_key(dht.swarm_name, run)
+
+    async def publish(self, record: TrainingPeerRecord) -> None:
+        """Publish this member's record (and the run index entry); a DHT failure is logged, not raised."""
+        entries = {self.key: record.to_wire(), **run_index_entry(self.dht.swarm_name, self.run)}
+        try:
+            await self.dht.publish_many(entries, ttl=self.record_ttl)
+        except SwarmError as error:
+            logger.warning("could not publish progress: %s", error)
+
+    async def members(self) -> dict[str, TrainingPeerRecord]:
+        """Every member with a fresh record, by peer id (this one included).
+
+        Raises:
+            SwarmError: the DHT lookup failed.
+        """
+        listing = await self.dht.list(self.key)
+        return parse_run_listing({peer: item.value for peer, item in listing.items()})
+
+    async def others_active(self) -> dict[str, TrainingPeerRecord]:
+        """The other members that take part in rounds (training or averaging).
+
+        Raises:
+            SwarmError: the DHT lookup failed.
+        """
+        return {
+            peer: record
+            for peer, record in (await self.members()).items()
+            if peer != self.peer_id and record.state in _ACTIVE
+        }
+
+    async def live_addresses(self) -> dict[str, tuple[str, bytes]]:
+        """``{peer_id: (address, public_key)}`` of the members that take part in rounds (for matchmaking)."""
+        return {
+            peer: (record.addresses[0], record.curve_public_key)
+            for peer, record in (await self.members()).items()
+            if record.state in _ACTIVE and record.addresses
+        }
+
+    async def others_averaging(self, round_index: int) -> bool:
+        """Whether another member is averaging round ``round_index`` already (False when unsure)."""
+        try:
+            members = await self.members()
+        except SwarmError:
+            return False
+        return any(
+            peer != self.peer_id
+            and record.state == TrainerState.AVERAGING
+            and record.round == round_index
+            and record.addresses
+            for peer, record in members.items()
+        )
