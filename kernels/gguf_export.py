@@ -20,6 +20,7 @@ import torch
 from kernels.checkpoint import read_tensors, read_weight_map
 from kernels.config import load_config
 from kernels.gguf import gguf_tensor_name, heads_of, needs_unpermute
+from kernels.tokenizer import read_sampling_defaults
 
 _TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3  # llama.cpp token types
 
@@ -96,6 +97,11 @@ def write_gguf(
             writer.add_bos_token_id(config.bos_token_id)
         if config.eos_token_id is not None:
             writer.add_eos_token_id(config.eos_token_id)
+    sampling = read_sampling_defaults(directory)  # generation_config.json, as llama.cpp's converter writes it
+    for name, add in (("temperature", writer.add_sampling_temp), ("top_k", writer.add_sampling_top_k),
+                      ("top_p", writer.add_sampling_top_p), ("repetition_penalty", writer.add_sampling_penalty_repeat)):  # fmt: skip
+        if name in sampling:
+            add(sampling[name])
     tokenizer_config = directory / "tokenizer_config.json"
     if tokenizer_config.exists():
         template = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template")

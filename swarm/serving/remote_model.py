@@ -42,7 +42,7 @@ from kernels import (
     render_chat,
 )
 from kernels.config import config_fingerprint, config_hash, describe_config_difference
-from kernels.tokenizer import read_eos_token_ids
+from kernels.tokenizer import read_eos_token_ids, read_sampling_defaults
 from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.server_pool import ServerPool
@@ -62,6 +62,11 @@ class RemoteModel:
         tokenizer: the checkpoint's ``kernels.TextTokenizer`` (None when it has none).
         eos_token_ids: every id that ends generation (generation_config.json, config.json, tokenizer).
         missing_tokenizer: why ``tokenizer`` is None (a MissingTokenizerError), else None.
+        sampling_defaults: the sampling fields the checkpoint sets (see ``default_sampling``).
+        default_sampling: the ``Sampling`` the checkpoint recommends (``generation_config.json``
+            with ``do_sample``, or a GGUF's ``general.sampling.*``); greedy when it says none.
+            ``swarm generate`` and ``swarm api`` use it for what a user leaves unset;
+            ``generate`` / ``stream`` stay greedy unless given ``sampling=``.
         servers: the ``ServerPool`` (listing, bans, connections) the sessions share.
     """
 
@@ -78,6 +83,9 @@ class RemoteModel:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else read_eos_token_ids(checkpoint_dir)
         configured = () if self.model_config.eos_token_id is None else (self.model_config.eos_token_id,)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys((*eos, *configured)))
+        self.sampling_defaults = {name: value for name, value in read_sampling_defaults(checkpoint_dir).items()
+                                  if not (name == "top_k" and value == 0)}  # top_k 0 means off  # fmt: skip
+        self.default_sampling = Sampling(**self.sampling_defaults)
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
