@@ -27,3 +27,70 @@ def test_cli_version():
         [sys.executable, "-m", "peers.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("swarm ")
+
+
+LAYERS = ("kernels", "transport", "swarm", "peers")  # each may import only itself and those before it
+
+
+def _imports(path, package_root):
+    """(imported module, at module level?) for every import in ``path``, relative ones resolved."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    module = ".".join(path.relative_to(package_root).with_suffix("").parts)
+    function_nodes = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        top = id(node) not in function_nodes
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, top) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module.split(".")[: -node.level]
+                base = ".".join([*parent, base] if base else parent)
+            yield base, top
+            yield from ((f"{base}.{alias.name}", top) for alias in node.names)
+
+
+def test_imports_point_one_way_and_form_no_cycles():
+    """kernels <- transport <- swarm <- peers, even for lazy imports; no cycle among the
+    module-level imports (TYPE_CHECKING ones included: they stand for a file reaching
+    into another's internals)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for layer in LAYERS
+        for path in (root / layer).rglob("*.py")
+    }
+    edges: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        rank = LAYERS.index(name.split(".")[0])
+        for imported, top in _imports(path, root):
+            head = imported.split(".")[0]
+            if head in LAYERS:
+                assert LAYERS.index(head) <= rank, f"{name} imports {imported}: against the layers"
+            if top and imported in files and imported != name and files[imported].name != "__init__.py":
+                edges[name].add(imported)
+
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for other in edges[name]:
+            if state.get(other) == 1:
+                cycle = [*path[path.index(other) :], other]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if other not in state:
+                visit(other, [*path, other])
+        state[name] = 2
+
+    for name in edges:
+        if name not in state:
+            visit(name, [name])

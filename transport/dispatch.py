@@ -13,7 +13,6 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from transport.config import Limits, Timeouts
@@ -31,32 +30,17 @@ from transport.messages import (
     Message,
     MessageRegistry,
     PeerKey,
-    SessionId,
     decode_body,
     decode_envelope,
     encode_message,
     salvage_request_id,
 )
-from transport.streams import ServerStream
+from transport.streams import RequestContext, ServerStream
 
 log = logging.getLogger(__name__)
 
 SendFrames = Callable[[Any, list[Any]], None]
 """Sends frames to a route (the transport's handle for one client); never blocks."""
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    """Who sent a request.
-
-    Attributes:
-        peer_key: the sender's CURVE public key as authenticated by the transport
-            (None on an unencrypted endpoint).
-        session: the streaming session, for stream handlers.
-    """
-
-    peer_key: PeerKey | None
-    session: SessionId | None = None
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[Message]]

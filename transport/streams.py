@@ -34,15 +34,35 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from transport.config import Timeouts
 from transport.control import StreamOpened, error_reply
 from transport.errors import ServerBusy, StreamClosed
+from transport.messages import Message, PeerKey, SessionId
 
-if TYPE_CHECKING:
-    from transport.config import Timeouts
-    from transport.dispatch import Dispatcher, RequestContext
-    from transport.messages import Message
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who sent a request.
+
+    Attributes:
+        peer_key: the sender's CURVE public key as authenticated by the transport
+            (None on an unencrypted endpoint).
+        session: the streaming session, for stream handlers.
+    """
+
+    peer_key: PeerKey | None
+    session: SessionId | None = None
+
+
+class Replies(Protocol):
+    """How a stream answers its client: the dispatcher that owns the stream's route."""
+
+    def reply(self, route: Any, request_id: int, msg: Message, session: SessionId | None) -> None: ...
+
+    def reply_error(self, route: Any, request_id: int, error: BaseException) -> None: ...
 
 
 class ServerStream:
@@ -55,7 +75,7 @@ class ServerStream:
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        dispatcher: Replies,
         opening: Message,
         context: RequestContext,
         route: Any,
