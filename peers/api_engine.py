@@ -105,7 +105,7 @@ class GenerationEngine:
     ) -> ChoiceResult:
         """Generates one choice; ``on_text`` receives each delta as it becomes safe to send."""
         detokenizer = Detokenizer(self.tokenizer.decode, request.stop)
-        eos = set(self.tokenizer.eos_token_ids)
+        eos = set(self.model.eos_token_ids)
         reason, count, stopped = "length", 0, False
         async with contextlib.aclosing(self._token_stream(request, ids, max_tokens, seed)) as tokens:
             async for token in tokens:
