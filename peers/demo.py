@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peers.demo_chat import find_chat_model, print_client_hint, serve_and_chat
+from peers.demo_chat import find_chat_model, launch_chat_swarm, print_client_hint, serve_and_chat
 from peers.options import add_config_arguments, config_from_arguments
 from peers.processes import ProcessGroup
 
@@ -114,7 +114,11 @@ def _progress_line(records, elapsed: float, total: float) -> str:
     )
 
 
-def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dht, phases: _Phases) -> dict:
+def _train(
+    config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dht, phases: _Phases, while_leaving
+) -> dict:
+    """Trains for ``--minutes``; ``while_leaving()`` runs once the trainers are told to stop
+    (the next phase's processes load while the trainers finish their last round)."""
     _say(f"\n== 1. training: {config.peers} peers, DiLoCo, {config.minutes:g} min on the stdlib sources")
     common = [
         "train", "--model", str(work / "base"), "--init", "random", "--run", "demo", "--swarm", "demo",
@@ -146,9 +150,10 @@ def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dh
         _say("  stopping the trainers (each finishes its round and leaves)...")
         for trainer in trainers:
             trainer.process.send_signal(signal.SIGTERM)  # all leave together, each after its round
+        result = {"records": records, "first_loss": first_loss, "next": while_leaving()}
         for trainer in trainers:
             trainer.terminate(timeout=180)
-    return {"records": records, "first_loss": first_loss}
+    return result
 
 
 def _export(work: Path) -> Path:
@@ -196,13 +201,14 @@ def run_demo(config: DemoConfig) -> int:
             url = health.wait_for_line("serving", timeout=120).split()[-1]
         _say(f"Swarm demo in {work}")
         _say(f"health page: {url}  (live while the demo runs)")
-        training = _train(config, work, group, initial, dht, phases)
+        training = _train(config, work, group, initial, dht, phases,
+                          lambda: launch_chat_swarm(work, group, initial, chat_model))  # fmt: skip
         records = training["records"]
         with phases.timed("export"):
             trained = _export(work)
         _say(f"  trained model written to {trained}")
         with phases.timed("chat"):
-            chat = serve_and_chat(work, group, initial, dht, chat_model, _say)
+            chat = serve_and_chat(training["next"], dht, chat_model, _say)
         _summary(config, training, phases, records, chat)
         print_client_hint(chat["url"], _say)
         if config.keep_running:
@@ -234,7 +240,7 @@ def _summary(config: DemoConfig, training: dict, phases: _Phases, records, chat:
         )
     seconds = phases.seconds.get("chat", 0.0)
     _say(f"  chat: {len(chat['answers'])} answers, {chat['tokens']} tokens through the API "
-         f"(phase {seconds:.1f} s incl. loading the servers); a server killed mid-answer: {chat['killed'] is not None}")  # fmt: skip
+         f"(phase {seconds:.1f} s incl. waiting for the servers); a server killed mid-answer: {chat['killed'] is not None}")  # fmt: skip
     for name, seconds in phases.seconds.items():
         _say(f"  {name:>10}: {seconds:6.1f} s")
 

@@ -41,28 +41,22 @@ def find_chat_model() -> Path | None:
     return path if path.is_file() else None
 
 
-def start_chat_swarm(work: Path, group: ProcessGroup, initial: str, model: Path, say) -> str:
-    """Three servers of ``model`` (first half once, second half twice) and `swarm api`; returns the API URL."""
+def launch_chat_swarm(work: Path, group: ProcessGroup, initial: str, model: Path) -> list:
+    """Starts three servers of ``model`` (first half once, second half twice) and `swarm api`;
+    returns the processes, the API last. They load while the caller does other work."""
     from kernels import load_config
 
     blocks = load_config(model).num_layers
     half = blocks // 2
-    spans = [f"0:{half}", f"{half}:{blocks}", f"{half}:{blocks}"]
-    say(
-        f"\n== 2. chat: {model.name} ({blocks} blocks) on 3 servers, spans {', '.join(spans)}, behind `swarm api`"
-    )
     servers = []
-    for index, span in enumerate(spans):
+    for index, span in enumerate([f"0:{half}", f"{half}:{blocks}", f"{half}:{blocks}"]):
         servers.append(group.start(f"chat-server{index}", [
             "join", "--model", str(model), "--blocks", span, "--swarm", "demo", "--initial-peers", initial,
             "--identity", str(work / f"chat-server{index}.pem"), "--cache-tokens", "8192", "--torch-threads", "1",
         ]))  # fmt: skip
     api = group.start("api", ["api", "--model", str(model), "--swarm", "demo", "--initial-peers", initial,
                               "--port", "0", "--model-name", MODEL_NAME, "--api-key", API_KEY])  # fmt: skip
-    for server in servers:
-        server.wait_for_line("ONLINE", timeout=240)
-    line = api.wait_for_line("API ready at", timeout=240)
-    return line.split("API ready at ", 1)[1].split()[0]
+    return [*servers, api]
 
 
 async def _kill_session_holder(dht, n_blocks: int, group_servers: dict, say) -> str | None:
@@ -116,17 +110,21 @@ async def chat(url: str, dht, n_blocks: int, servers_by_peer: dict, say) -> dict
     return {"answers": answers, "tokens": tokens, "killed": killed}
 
 
-def serve_and_chat(work: Path, group: ProcessGroup, initial: str, dht, model: Path, say) -> dict:
-    """The whole chat phase; returns what the summary reports."""
+def serve_and_chat(launched: list, dht, model: Path, say) -> dict:
+    """Waits for :func:`launch_chat_swarm`'s processes, then chats; returns what the summary reports."""
     from kernels import load_config
 
-    url = start_chat_swarm(work, group, initial, model, say)
+    *servers, api = launched
+    blocks = load_config(model).num_layers
+    say(f"\n== 2. chat: {model.name} ({blocks} blocks) on 3 servers, blocks 0:{blocks // 2} once and "
+        f"{blocks // 2}:{blocks} twice, behind `swarm api`")  # fmt: skip
     servers_by_peer = {}
-    for process in group.processes:
-        for line in process.lines:
-            if line.startswith("ONLINE"):
-                servers_by_peer[line.strip().rsplit(" ", 1)[1]] = process
-    result = asyncio.run(chat(url, dht, load_config(model).num_layers, servers_by_peer, say))
+    for server in servers:
+        line = server.wait_for_line("ONLINE", timeout=240)
+        servers_by_peer[line.strip().rsplit(" ", 1)[1]] = server
+    line = api.wait_for_line("API ready at", timeout=240)
+    url = line.split("API ready at ", 1)[1].split()[0]
+    result = asyncio.run(chat(url, dht, blocks, servers_by_peer, say))
     result["url"] = url
     return result
 
