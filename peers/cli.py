@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "peers.join",
     "peers.generate",
     "peers.api",
+    "peers.finetune",
     "peers.train",
     "peers.health_server",
     "peers.status",

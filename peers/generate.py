@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="a text that ends generation; repeat the flag "
                         "for several (default: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--adapter", default="", help="a PEFT adapter folder (LoRA or soft prompt, e.g. from "
+                        "`swarm finetune`): greedy, re-running the prefix each token (default: none)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main, fix_arguments=lambda args: split_prompt_from_peers(args, parser))
 
@@ -96,6 +98,9 @@ async def _generate(args: argparse.Namespace) -> int:
                      "repetition_penalty": args.repetition_penalty}  # fmt: skip
             chosen = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
             sampling = Sampling(**chosen, stop=tuple(args.stop), seed=args.seed)
+            if args.adapter:
+                await _generate_with_adapter(model, args)
+                return 0
             if args.chat:
                 messages = [{"role": "system", "content": args.system}] if args.system else []
                 messages.append({"role": "user", "content": args.prompt})
@@ -113,3 +118,15 @@ async def _generate(args: argparse.Namespace) -> int:
         logger.error("generation failed: %s", error)
         return 1
     return 0
+
+
+async def _generate_with_adapter(model, args: argparse.Namespace) -> None:
+    """Greedy generation with a fine-tuned adapter (``swarm/serving/remote_training.py``)."""
+    import asyncio
+
+    from swarm.serving.finetune_run import load_adapter
+
+    adapters, prompt = load_adapter(model.model_config, args.adapter)
+    ids = model.encode(args.prompt)
+    output = await asyncio.to_thread(model.training.generate, ids, args.max_new_tokens, adapters, prompt)
+    sys.stdout.write(model.decode(output[0, ids.shape[1] :].tolist()) + "\n")

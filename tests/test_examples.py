@@ -82,3 +82,12 @@ def test_train_together_example(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)  # the member and the DHT process it forked
         except ProcessLookupError:
             pass
+
+
+def test_finetune_example(swarm, tmp_path):
+    model, initial = swarm
+    output = run_example("finetune.py", "--model", str(model), "--initial-peers", initial, "--swarm", "ex",
+                         "--steps", "6", "--max-new-tokens", "4", "--out", str(tmp_path / "adapter"))  # fmt: skip
+    losses = [float(line.split()[-1]) for line in output.splitlines() if line.startswith("step ")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert "after: " in output and (tmp_path / "adapter" / "adapter_model.safetensors").exists()

@@ -9,6 +9,8 @@ A client runs a prompt through a chain of servers, each holding a span of blocks
   the previous server of the chain (pipelining) or from the client (its own copy);
   the first copy for that step wins.
 * ``StatsRequest`` -> ``ServerStats``: counters that show batching and pushes happen.
+* ``SpanForward`` / ``SpanBackward``: fine-tuning, stateless passes with the client's
+  adapters (below).
 
 Tensors are (batch, new_tokens, hidden_size) and travel raw (exact) by default.
 """
@@ -20,6 +22,7 @@ from typing import NewType
 import torch
 
 from transport import Message, message
+from transport.errors import ServerBusy
 
 SessionToken = NewType("SessionToken", bytes)
 """Names one inference session on one server; chosen by the client, shared only with
@@ -131,3 +134,64 @@ class ServerStats(Message):
     pushes_used: int
     client_copies_used: int
     draining: bool
+
+
+# Fine-tuning (``swarm/serving/training_server.py``): stateless passes over frozen blocks
+# with the client's own LoRA adapters applied. Adapters of a span travel as wire names
+# ``"<target>.A"`` (blocks, rank, in) / ``"<target>.B"`` (blocks, out, rank) (see
+# ``kernels/lora.py``); the server keeps them by ``adapter_hash`` for a while, so a
+# request may name the hash and leave ``adapters`` empty (``AdapterNotCached`` if it
+# expired: resend them).
+
+
+@message("serve.train_forward")
+class SpanForward(Message):
+    """Run blocks ``[start, end)`` over ``hidden`` (batch, seq, hidden) from position 0, with adapters.
+
+    ``keep`` (a client-chosen token, empty for none) asks the server to keep this
+    forward's activations for the backward that names the same token, when its token
+    budget allows: the backward then need not recompute the forward. Kept activations
+    expire unused after a while.
+    """
+
+    start: int
+    end: int
+    hidden: torch.Tensor
+    adapter_hash: bytes = b""
+    adapters: dict[str, torch.Tensor] | None = None
+    lora_scaling: float = 1.0
+    keep: bytes = b""
+
+
+@message("serve.train_forward_reply")
+class SpanForwardReply(Message):
+    hidden: torch.Tensor  # (batch, seq, hidden)
+
+
+@message("serve.backward")
+class SpanBackward(Message):
+    """Gradients of the span's inputs and adapters, given its inputs and the gradient of its outputs.
+
+    The server recomputes the forward of ``hidden`` with autograd on its frozen weights.
+    """
+
+    start: int
+    end: int
+    hidden: torch.Tensor  # (batch, seq, hidden): the span's input
+    grad_output: torch.Tensor  # (batch, seq, hidden): d loss / d span output
+    adapter_hash: bytes = b""
+    adapters: dict[str, torch.Tensor] | None = None
+    lora_scaling: float = 1.0
+    kept: bytes = b""  # the ``keep`` token of this input's forward on this server (used if still kept)
+
+
+@message("serve.backward_reply")
+class SpanBackwardReply(Message):
+    grad_hidden: torch.Tensor  # (batch, seq, hidden)
+    grad_adapters: dict[str, torch.Tensor]  # by wire name; empty without adapters
+    reused_forward: bool = False  # the kept activations of the forward were used (no recomputation)
+
+
+class AdapterNotCached(ServerBusy):
+    """The request named an adapter hash this server does not hold (expired, or a new
+    server after failover): send the same request again with ``adapters`` filled in."""

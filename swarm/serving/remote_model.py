@@ -26,6 +26,7 @@ request a server refused as malformed; ``ValueError`` for bad arguments.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ from kernels.config import config_fingerprint, config_hash, describe_config_diff
 from kernels.tokenizer import read_eos_token_ids, read_sampling_defaults
 from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows
+from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
 from swarm.serving.settings import ClientConfig
@@ -89,6 +91,7 @@ class RemoteModel:
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by connect()
         bans = BanList(base_seconds=config.ban_seconds)
         self.servers = ServerPool(dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout,
                                   self.config_hash)  # fmt: skip
@@ -128,6 +131,7 @@ class RemoteModel:
         try:
             model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config or ClientConfig())
             await model._check_model_record()
+            model.loop = asyncio.get_running_loop()  # where its connections live (see forward)
             return model
         except BaseException:
             await endpoint.close()
@@ -181,6 +185,17 @@ class RemoteModel:
     def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
         """A session whose server caches persist between :meth:`generate` calls (multi-turn)."""
         return InferenceSession(self.servers, self.config, max_length, batch)
+
+    def forward(self, input_ids: torch.Tensor, *, adapters=None, prompts=None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) with autograd through the swarm to ``adapters`` (``LoraAdapters``)
+        and ``prompts`` (``SoftPrompt``); blocks the calling thread, which must not be the model's
+        loop (``swarm/serving/remote_training.py``)."""
+        return self.training.forward(input_ids, adapters, prompts)
+
+    @functools.cached_property
+    def training(self) -> RemoteTraining:
+        """Fine-tuning through the swarm (stateless forward/backward with failover)."""
+        return RemoteTraining(self, self.loop)
 
     def encode(self, text: str) -> torch.Tensor:
         """text -> ids (1, tokens). Raises MissingTokenizerError (a ValueError) without a tokenizer."""

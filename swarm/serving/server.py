@@ -66,6 +66,7 @@ from swarm.serving.protocol import (
 )
 from swarm.serving.settings import ServerConfig
 from swarm.serving.span_loader import SpanLoader
+from swarm.serving.training_server import TrainingService
 from transport import Connection, RequestContext, ServerStream
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
@@ -135,6 +136,7 @@ class InferenceServer:
         self.endpoint.add_handler(PushHidden, self._push_received)
         self.endpoint.add_handler(StatsRequest, self._stats)
         self.endpoint.add_stream_handler(OpenInference, self._serve_session)
+        TrainingService(self).register(self.endpoint)  # fine-tuning: forward/backward, client adapters
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
             self.state = ServerState.ONLINE
