@@ -55,6 +55,9 @@ def test_readme_command_parses_as_written(command):
             parsed = getattr(args, flag[2:].replace("-", "_"))
             if isinstance(parsed, bool):  # a switch: the next word is not its value
                 continue
+            if isinstance(parsed, int | float):  # "1e-3" is 0.001
+                assert float(value) == parsed, f"{flag} {value!r} parsed as {parsed!r}"
+                continue
             assert value == parsed or value in (
                 parsed if isinstance(parsed, list | tuple) else [str(parsed)]
             ), f"{flag} {value!r} parsed as {parsed!r}"
