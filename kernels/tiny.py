@@ -113,9 +113,12 @@ def write_tiny_checkpoint(
     num_shards: int = 1,
     seed: int = 0,
     vocab_size: int = 512,
+    chat_template: str | None = None,
     **overrides,
 ) -> ModelConfig:
     """Write a tiny random model; ``overrides`` set any other :class:`ModelConfig` field.
+
+    ``chat_template`` (Jinja) goes into ``tokenizer_config.json`` when given.
 
     Returns the config that was written (read back by ``load_config``).
     """
@@ -143,5 +146,7 @@ def write_tiny_checkpoint(
     save_checkpoint(directory, config, make_random_state(config, seed), num_shards)
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0],
                         "eos_token": SPECIAL_TOKENS[1], "model_max_length": config.max_position_embeddings}  # fmt: skip
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
     return config

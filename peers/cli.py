@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds its
 parser and sets ``handler`` (a function of the parsed arguments returning an exit
-code). A subcommand is listed here only once it works.
+code) and, optionally, ``fix_arguments`` (checks of the parsed arguments that argparse
+cannot express; it calls ``parser.error``). A subcommand is listed here only once it works.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 SUBCOMMAND_MODULES: list[str] = [
     "peers.join",
     "peers.generate",
+    "peers.api",
     "peers.finetune",
     "peers.train",
     "peers.health_server",
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    fix_arguments = getattr(args, "fix_arguments", None)
+    if fix_arguments is not None:  # checks argparse cannot express, e.g. a prompt after nargs="+"
+        fix_arguments(args)
     return int(args.handler(args) or 0)
 
 

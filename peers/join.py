@@ -11,10 +11,12 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 
 from prometheus_client import CollectorRegistry
 
 from peers.daemon import RunningPeer, daemon_main, register_daemon
+from peers.options import configure_logging
 from swarm.telemetry import server_telemetry_state
 
 logger = logging.getLogger("swarm.join")
@@ -46,9 +48,57 @@ def register(subparsers) -> None:
     )
 
 
+def check_model_arguments(model: str, blocks: str) -> None:
+    """Reads the checkpoint's config and checks ``--blocks`` against it, before anything starts.
+
+    Raises:
+        OSError: no such checkpoint. ValueError: an unsupported or unreadable one.
+        ConfigurationError: ``--blocks`` outside the model.
+    """
+    from kernels import load_config
+    from swarm import parse_span
+
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"--model {model}: no such file or folder")
+    n_blocks = load_config(model).num_layers
+    if blocks != "auto":
+        parse_span(blocks, n_blocks, flag="--blocks")
+
+
+async def refuse_another_model(dht, model: str) -> None:
+    """Raises ModelMismatch, naming what differs, when the swarm's model record has another config.
+
+    A record that cannot be read is no reason to stay out: every session is checked too."""
+    from kernels import load_config
+    from kernels.config import config_fingerprint, config_hash, describe_config_difference
+    from swarm import ModelMismatch
+    from transport.errors import SwarmError
+
+    ours = load_config(model)
+    try:
+        record = await dht.get_model(timeout=30)
+    except SwarmError as error:
+        logger.warning("could not read the swarm's model record: %s", error)
+        return
+    if record is None or record.config_hash == config_hash(ours):
+        return
+    difference = describe_config_difference(config_fingerprint(ours), dict(record.config_fields))
+    raise ModelMismatch(f"swarm {dht.swarm_name!r} serves {record.model_id!r}, whose config differs from "
+                        f"{model}'s: {difference or f'config hash {record.config_hash} there, {config_hash(ours)} here'}")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     from swarm.serving import ServerConfig
     from transport import Timeouts
+    from transport.errors import SwarmError
+
+    if args.model:  # an empty --model is ServerConfig's to report
+        try:
+            check_model_arguments(args.model, args.blocks)
+        except (ValueError, OSError, SwarmError) as error:
+            configure_logging(args.verbose)
+            logger.error("%s", error)
+            return 2
 
     def timeouts(config: ServerConfig) -> Timeouts:
         return Timeouts(stream_idle=config.session_idle_timeout, request=max(60.0, config.push_wait * 2))
@@ -104,6 +154,7 @@ async def _serve(peer: RunningPeer) -> None:
     from swarm.serving import InferenceServer, serve
 
     config, faults = peer.arguments.config, peer.arguments.faults
+    await refuse_another_model(peer.dht, config.model)
     if config.torch_threads:
         import torch
 

@@ -16,6 +16,7 @@ from swarm.errors import (
     InsecureKeyFile,
     InvalidSpan,
     MalformedRecord,
+    ModelMismatch,
     NoRouteError,
     NotAuthorized,
     RecordRejected,
@@ -53,6 +54,7 @@ __all__ = [
     "InsecureKeyFile",
     "InvalidSpan",
     "MalformedRecord",
+    "ModelMismatch",
     "ModelRecord",
     "NoRouteError",
     "NotAuthorized",
@@ -88,3 +90,13 @@ __all__ = [
     "server_record_entries",
     "throughput_cache_key",
 ]
+
+
+def __getattr__(name: str):
+    """``swarm.connect_sync`` is ``swarm.serving.connect_sync`` (imported on first use:
+    ``swarm.serving`` itself imports this package)."""
+    if name == "connect_sync":
+        from swarm.serving import connect_sync
+
+        return connect_sync
+    raise AttributeError(f"module 'swarm' has no attribute {name!r}")

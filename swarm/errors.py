@@ -11,6 +11,7 @@
         ├── MalformedMessage
         │   └── MalformedRecord    a DHT record that does not parse (readers skip it)
         ├── NotAuthorized          (from transport) missing or wrong private swarm key
+        ├── ModelMismatch          a peer's model config differs from ours (names what differs)
         └── ConfigurationError
             ├── InsecureKeyFile    a key file readable by other users
             └── InvalidSpan        a block span like ``4:8`` that does not parse
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transport.errors import ConfigurationError, MalformedMessage, NotAuthorized, RetryableError
+from transport.errors import ConfigurationError, FatalError, MalformedMessage, NotAuthorized, RetryableError
 
 __all__ = [
     "DHTStartError",
     "InsecureKeyFile",
     "InvalidSpan",
     "MalformedRecord",
+    "ModelMismatch",
     "NoRouteError",
     "NotAuthorized",
     "RecordRejected",
@@ -64,6 +66,11 @@ class NoRouteError(RetryableError):
         if detail:
             message += f" ({detail})"
         super().__init__(message)
+
+
+class ModelMismatch(FatalError):
+    """A peer serves (or asks for) a model whose config differs from ours: the same prompt
+    would give other text. The message names what differs when it is known."""
 
 
 class RecordRejected(RetryableError):

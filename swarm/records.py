@@ -139,6 +139,9 @@ def _non_negative(name: str, value: float) -> float:
     return value
 
 
+MAX_CONFIG_FIELDS = 64  # a model config has ~25; more is not a config
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRecord:
     """The model this swarm serves.
@@ -147,11 +150,14 @@ class ModelRecord:
         model_id: a human name such as ``"meta-llama/Llama-2-70b-hf"``.
         config_hash: hex hash of the model's config (peers with another hash are another model).
         n_blocks: number of transformer blocks.
+        config_fields: the hashed config values as sorted (name, value) pairs, so that a
+            client with another config can be told what differs (empty from older peers).
     """
 
     model_id: str
     config_hash: str
     n_blocks: int
+    config_fields: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_blocks <= 0:
@@ -159,7 +165,10 @@ class ModelRecord:
 
     def to_wire(self) -> dict[str, Any]:
         """Returns the msgpack-friendly dict stored in the DHT."""
-        return {"model": self.model_id, "config": self.config_hash, "blocks": self.n_blocks}
+        wire = {"model": self.model_id, "config": self.config_hash, "blocks": self.n_blocks}
+        if self.config_fields:
+            wire["fields"] = dict(self.config_fields)
+        return wire
 
     @classmethod
     def from_wire(cls, wire: Any) -> ModelRecord:
@@ -170,10 +179,19 @@ class ModelRecord:
         """
         if not isinstance(wire, Mapping):
             raise MalformedRecord(f"model record must be a dict, got {type(wire).__name__}")
+        fields = read_field(wire, "fields", Mapping, default={}, record="model record")
+        if len(fields) > MAX_CONFIG_FIELDS or not all(
+            isinstance(name, str) and (value is None or isinstance(value, str | int | float | bool))
+            for name, value in fields.items()
+        ):
+            raise MalformedRecord(
+                f"model record 'fields' must map at most {MAX_CONFIG_FIELDS} names to scalars"
+            )
         return cls(
             model_id=read_field(wire, "model", str),
             config_hash=read_field(wire, "config", str),
             n_blocks=read_field(wire, "blocks", int),
+            config_fields=tuple(sorted(fields.items())),
         )
 
 

@@ -26,7 +26,8 @@ def run_example(name: str, *args: str, timeout: float = 240) -> str:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     work = tmp_path_factory.mktemp("examples")
-    write_tiny_checkpoint(work / "model", num_layers=2, hidden_size=64)
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    write_tiny_checkpoint(work / "model", num_layers=2, hidden_size=64, chat_template=template)
     group = ProcessGroup(work)
     server = group.start(
         "server", ["join", "--model", str(work / "model"), "--blocks", "0:2", "--swarm", "ex"]

@@ -4,12 +4,14 @@ Client::
 
     async with RemoteModel.connect(checkpoint_dir, initial_peers=[...]) as model:
         await model.generate(prompt, sampling=Sampling(...))   # or .stream(...)
+        await model.chat([{"role": "user", "content": "Hi"}])  # or .stream_chat(...)
         async with model.inference_session(max_length) as session: ...   # multi-turn
 
     RemoteModel        the model: local embeddings/head, ``servers`` (a ServerPool)
     InferenceSession   one generation's caches on a chain of servers, with failover
     ServerPool         listing servers, bans and connections, shared by the sessions
     Sampling           how the next token is picked
+    connect_sync       the same client, blocking (scripts, notebooks): a SyncRemoteModel
     ClientConfig       deadlines and failover policy
 
 Server (``swarm join`` runs it)::
@@ -28,6 +30,7 @@ from swarm.serving.server import InferenceServer, serve
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
 from swarm.serving.settings import ClientConfig, ServerConfig
+from swarm.serving.sync import SyncRemoteModel, connect_sync
 
 __all__ = [
     "ClientConfig",
@@ -37,5 +40,7 @@ __all__ = [
     "Sampling",
     "ServerConfig",
     "ServerPool",
+    "SyncRemoteModel",
+    "connect_sync",
     "serve",
 ]

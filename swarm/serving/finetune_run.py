@@ -84,7 +84,7 @@ def load_token_stream(tokenizer, files: list[str | Path]) -> torch.Tensor:
         raise ValueError("the checkpoint has no tokenizer.json: fine-tuning on text needs one")
     ids: list[int] = []
     for path in files:
-        ids.extend(tokenizer.encode(Path(path).read_text(encoding="utf-8")).ids)
+        ids.extend(tokenizer.encode(Path(path).read_text(encoding="utf-8")))  # a kernels.TextTokenizer
     return torch.tensor(ids, dtype=torch.int64)
 
 

@@ -52,6 +52,7 @@ class OpenInference(Message):
     end: int
     batch: int
     max_length: int
+    config_hash: str = ""  # the client's model config hash; a server serving another refuses ("": unchecked)
 
 
 @message("serve.step")

@@ -10,6 +10,9 @@ sends hidden states through a chain of servers found in the DHT::
         async with model.inference_session(max_length=512) as session:   # multi-turn
             first = await model.generate("Hi!", session=session)
             second = await model.generate(" And then?", session=session)
+        answer = await model.chat([{"role": "user", "content": "Hi!"}])  # the model's chat template
+
+For scripts and notebooks, :func:`swarm.serving.connect_sync` gives the same methods, blocking.
 
 ``model = await RemoteModel.connect(...)`` works too (then ``await model.close()``).
 Servers are listed, banned and connected to through ``model.servers``, a ``ServerPool``
@@ -25,20 +28,33 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
+import logging
+from collections.abc import AsyncIterator, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernels import load_client_pieces, load_config
-from swarm import BanList, DHTConfig, Identity, ServerRecord, SwarmDHT
+from kernels import (
+    MissingTokenizerError,
+    TextTokenizer,
+    load_client_pieces,
+    load_config,
+    load_tokenizer,
+    render_chat,
+)
+from kernels.config import config_fingerprint, config_hash, describe_config_difference
+from kernels.tokenizer import read_eos_token_ids, read_sampling_defaults
+from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession, first_documented_error
 from swarm.serving.settings import ClientConfig
 from transport import Connection, Endpoint, Timeouts
+from transport.errors import SwarmError
+
+logger = logging.getLogger(__name__)
 
 
 class RemoteModel:
@@ -46,15 +62,33 @@ class RemoteModel:
 
     Attributes:
         model_config: the checkpoint's ``ModelConfig``.
-        tokenizer: a ``tokenizers.Tokenizer`` (None when the checkpoint has none).
+        tokenizer: the checkpoint's ``kernels.TextTokenizer`` (None when it has none).
+        eos_token_ids: every id that ends generation (generation_config.json, config.json, tokenizer).
+        missing_tokenizer: why ``tokenizer`` is None (a MissingTokenizerError), else None.
+        sampling_defaults: the sampling fields the checkpoint sets (see ``default_sampling``).
+        default_sampling: the ``Sampling`` the checkpoint recommends (``generation_config.json``
+            with ``do_sample``, or a GGUF's ``general.sampling.*``); greedy when it says none.
+            ``swarm generate`` and ``swarm api`` use it for what a user leaves unset;
+            ``generate`` / ``stream`` stay greedy unless given ``sampling=``.
         servers: the ``ServerPool`` (listing, bans, connections) the sessions share.
     """
 
     def __init__(self, checkpoint_dir: str | Path, dht: SwarmDHT, endpoint: Endpoint, config: ClientConfig):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model_config = load_config(checkpoint_dir)
+        self.config_hash = config_hash(self.model_config)
         self.pieces = load_client_pieces(checkpoint_dir, config=self.model_config).eval()
-        self.tokenizer = _load_tokenizer(self.checkpoint_dir)
+        try:
+            self.tokenizer: TextTokenizer | None = load_tokenizer(checkpoint_dir)
+            self.missing_tokenizer: MissingTokenizerError | None = None
+        except MissingTokenizerError as error:
+            self.tokenizer, self.missing_tokenizer = None, error
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else read_eos_token_ids(checkpoint_dir)
+        configured = () if self.model_config.eos_token_id is None else (self.model_config.eos_token_id,)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys((*eos, *configured)))
+        self.sampling_defaults = {name: value for name, value in read_sampling_defaults(checkpoint_dir).items()
+                                  if not (name == "top_k" and value == 0)}  # top_k 0 means off  # fmt: skip
+        self.default_sampling = Sampling(**self.sampling_defaults)
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
@@ -63,7 +97,7 @@ class RemoteModel:
         self.servers = ServerPool(
             dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout,
             deadline_floor=config.step_deadline_floor, deadline_factor=config.step_deadline_factor,
-            deadline_ceiling=config.step_timeout,
+            deadline_ceiling=config.step_timeout, config_hash=self.config_hash,
         )  # fmt: skip
 
     @classmethod
@@ -101,12 +135,33 @@ class RemoteModel:
         endpoint = Endpoint(swarm_key=swarm_key, timeouts=Timeouts(connect=config.connect_timeout))
         try:
             model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config)
+            await model._check_model_record()
             model.loop = asyncio.get_running_loop()  # where its connections live (see forward)
             return model
         except BaseException:
             await endpoint.close()
             await asyncio.to_thread(dht.shutdown)
             raise
+
+    async def _check_model_record(self) -> None:
+        """Refuses a swarm whose model record has another config hash, naming what differs.
+
+        (Each server also refuses a session whose hash differs from its own.)"""
+        try:
+            record = await self.dht.get_model(timeout=self.config.dht_timeout)
+        except SwarmError as error:  # the servers check each session anyway
+            logger.debug("could not read the swarm's model record: %s", error)
+            return
+        if record is None or record.config_hash == self.config_hash:
+            return
+        if record.config_fields:
+            difference = describe_config_difference(
+                config_fingerprint(self.model_config), dict(record.config_fields)
+            )
+        else:
+            difference = f"config hash {self.config_hash} here, {record.config_hash} there"
+        raise ModelMismatch(f"the swarm serves {record.model_id!r}, whose config differs from "
+                            f"{self.checkpoint_dir}'s: {difference}")  # fmt: skip
 
     async def close(self) -> None:
         """Closes connections and leaves the DHT. Idempotent."""
@@ -149,15 +204,16 @@ class RemoteModel:
         return RemoteTraining(self, self.loop)
 
     def encode(self, text: str) -> torch.Tensor:
-        """text -> ids (1, tokens)."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.checkpoint_dir} has no tokenizer.json: pass token ids")
-        return torch.tensor([self.tokenizer.encode(text).ids], dtype=torch.int64)
+        """text -> ids (1, tokens). Raises MissingTokenizerError (a ValueError) without a tokenizer."""
+        return torch.tensor([self._text().encode(text)], dtype=torch.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
+        return self._text().decode(list(ids))
+
+    def _text(self) -> TextTokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{self.checkpoint_dir} has no tokenizer.json")
-        return self.tokenizer.decode(list(ids))
+            raise MissingTokenizerError(f"{self.missing_tokenizer} (from Python, token ids work without one)")
+        return self.tokenizer
 
     async def generate(
         self,
@@ -224,12 +280,46 @@ class RemoteModel:
         sampling = _sampling(sampling, temperature, top_k, top_p, repetition_penalty, stop, seed)
         return self._run(prompt, max_new_tokens, session, sampling)
 
-    async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling):
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """``messages`` rendered with the checkpoint's chat template, the assistant's turn
+        opened, as ids (1, tokens). Raises ChatTemplateError when the checkpoint has no template."""
+        text = self._text()
+        rendered = render_chat(text.chat_template, messages, add_generation_prompt=True, bos_token=text.bos_token,
+                               eos_token=text.eos_token, source=text.source)  # fmt: skip
+        return torch.tensor([text.encode(rendered, add_special_tokens=False)], dtype=torch.int64)
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 256,
+        *,
+        sampling: Sampling | None = None,
+    ) -> str:
+        """The assistant's answer to ``messages`` (``[{"role": "user", "content": "Hi"}, ...]``),
+        with the checkpoint's own chat template; it ends at the model's end-of-turn token."""
+        return "".join(
+            [piece async for piece in self.stream_chat(messages, max_new_tokens, sampling=sampling)]
+        )
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 256,
+        *,
+        sampling: Sampling | None = None,
+    ) -> AsyncIterator[str]:
+        """Like :meth:`chat`, yielding text pieces as they are made."""
+        return self._run(
+            self.chat_prompt(messages), max_new_tokens, None, sampling or Sampling(), as_text=True
+        )
+
+    async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling,
+                   as_text: bool = False):  # fmt: skip
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt.to(torch.int64)
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
-        decode = self.decode if isinstance(prompt, str) else None
-        eos = self.model_config.eos_token_id
+        decode = self.decode if as_text or isinstance(prompt, str) else None
+        eos = self.eos_token_ids
         if session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
                 async for piece in generate_rows(
@@ -272,12 +362,3 @@ def _sampling(
     if from_keywords != Sampling():
         raise ValueError("pass either sampling= or the sampling keywords, not both")
     return sampling
-
-
-def _load_tokenizer(checkpoint_dir: Path):
-    path = checkpoint_dir / "tokenizer.json"
-    if not path.exists():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))

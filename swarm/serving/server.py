@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 
 from kernels import BlockSpan
+from kernels.config import config_fingerprint, config_hash
 from swarm import (
     Announcer,
+    ModelMismatch,
     ModelRecord,
     RebalancePolicy,
     ServerRecord,
@@ -64,7 +66,7 @@ from swarm.serving.protocol import (
     StatsRequest,
 )
 from swarm.serving.settings import ServerConfig
-from swarm.serving.span_loader import SpanLoader, config_hash
+from swarm.serving.span_loader import SpanLoader
 from swarm.serving.training_server import TrainingService
 from transport import Connection, RequestContext, ServerStream
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
@@ -205,7 +207,10 @@ class InferenceServer:
             # Read once: re-reading config.json at each announcement fails when a connection
             # flood has taken every descriptor, and the records would lapse (issue #19).
             self._model_record = ModelRecord(
-                Path(self.config.model).name, config_hash(self.config.model), self.model_config.num_layers
+                Path(self.config.model).name,
+                config_hash(self.model_config),
+                self.model_config.num_layers,
+                tuple(sorted(config_fingerprint(self.model_config).items())),
             ).to_wire()
         entries[model_key(self.dht.swarm_name)] = self._model_record
         return entries
@@ -346,6 +351,9 @@ class InferenceServer:
         opening: OpenInference = stream.opening
         if self.state != ServerState.ONLINE:
             raise ServerBusy(f"server is {self.state.value}, not taking sessions")
+        if opening.config_hash and opening.config_hash != config_hash(self.model_config):
+            raise ModelMismatch(f"this server serves a model with config hash {config_hash(self.model_config)}, "
+                                f"the client's is {opening.config_hash}: they differ (see the swarm's model record)")  # fmt: skip
         if opening.max_length > self.model_config.max_position_embeddings:
             raise MalformedMessage(
                 f"max_length {opening.max_length} exceeds the model's {self.model_config.max_position_embeddings}"

@@ -40,6 +40,8 @@ class ServerPool:
         deadline_floor, deadline_factor, deadline_ceiling: a step's deadline on a server is
             ``deadline_factor`` times the slowest of its recent steps (scaled by tokens),
             within ``[deadline_floor, deadline_ceiling]``; the ceiling while nothing is known.
+        config_hash: the client's model config hash, sent with each session it opens so that
+            a server of another model refuses it ("" sends none).
     """
 
     def __init__(
@@ -53,10 +55,12 @@ class ServerPool:
         deadline_floor: float = 2.0,
         deadline_factor: float = 5.0,
         deadline_ceiling: float = 120.0,
+        config_hash: str = "",
     ):
         self.dht = dht
         self.endpoint = endpoint
         self.n_blocks = n_blocks
+        self.config_hash = config_hash
         self.bans = bans
         self.dht_timeout = dht_timeout
         self.deadline_floor = deadline_floor

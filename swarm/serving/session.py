@@ -323,6 +323,10 @@ class InferenceSession:
                     route = find_route(listed.values(), start, end, excluded=failed_now)
                 except NoRouteError:
                     if loop.time() >= deadline:
+                        if not listed:  # nothing at all under this swarm name: say so
+                            raise NoRouteError(
+                                error.uncovered, _nobody_hint(self.servers.dht.swarm_name)
+                            ) from None
                         raise error from None
                     failed_now.clear()
                     await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
@@ -346,11 +350,15 @@ class InferenceSession:
     async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
         token = secrets.token_bytes(16)
         connection = await self.servers.connection_to(server)
-        opening = OpenInference(
-            token=token, start=span.start, end=span.end, batch=self.batch, max_length=self.max_length
-        )
+        opening = OpenInference(token=token, start=span.start, end=span.end, batch=self.batch,
+                                max_length=self.max_length, config_hash=self.servers.config_hash)  # fmt: skip
         stream = await connection.open_stream(opening, timeout=self.config.open_timeout)
         return _Hop(server, span, stream, token)
+
+
+def _nobody_hint(swarm_name: str) -> str:
+    return (f"no server of swarm {swarm_name!r} was found at all: check --swarm (the name the servers "
+            "were started with) and --initial-peers")  # fmt: skip
 
 
 async def _settle(call):

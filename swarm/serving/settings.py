@@ -84,14 +84,16 @@ class ClientConfig:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("none", "int8", "nf4", "int4")
+QUANTIZATIONS = ("none", "int8", "nf4", "int4", "keep")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Configuration of one inference server (`swarm join` generates its flags from it)."""
 
-    model: str = field(default="", metadata={"help": "checkpoint folder (config.json + safetensors)"})
+    model: str = field(
+        default="", metadata={"help": "checkpoint: a folder (config.json + safetensors) or a .gguf file"}
+    )
     blocks: str = field(
         default="auto", metadata={"help": "blocks to serve, 'a:b' (half-open) or 'auto' (fill the weakest)"}
     )
@@ -108,7 +110,12 @@ class ServerConfig:
             "help": "auto|float32|bfloat16|float16 (auto: bf16 on GPUs that have it, fp16 on older, fp32 on CPU)"
         },
     )
-    quant: str = field(default="none", metadata={"help": "weight quantization: none|int8|nf4|int4"})
+    quant: str = field(
+        default="none",
+        metadata={
+            "help": "weight quantization: none|int8|nf4|int4, or keep (a GGUF's Q8_0/Q4_0 stay as stored)"
+        },
+    )
     cache_tokens: int = field(
         default=32768, metadata={"help": "attention-cache budget in tokens (rows x length) over all sessions"}
     )
@@ -167,6 +174,8 @@ class ServerConfig:
             raise ValueError(f"--quant must be one of {QUANTIZATIONS}, got {self.quant!r}")
         if not 0 < self.client_cache_share <= 1:
             raise ValueError("--client-cache-share must be in (0, 1]")
+        if self.quant == "keep" and not self.model.lower().endswith(".gguf"):
+            raise ValueError("--quant keep needs a .gguf --model (a folder holds no quantized weights)")
         for name in ("cache_tokens", "max_batch_rows", "max_sessions_per_client", "mailbox_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -1,29 +1,22 @@
 """``SpanLoader``: what a server needs to know and do about the weights it can host.
 
-Loads a span of blocks (quantized as configured) onto the server's device, bounds how
+Loads a span of blocks (quantized as configured, or with ``--quant keep`` holding a GGUF
+file's Q8_0 / Q4_0 codes as they are) onto the server's device, bounds how
 many blocks fit in memory next to their attention cache, and measures (or reads from
 the cache file, or takes from ``--throughput``) the tokens/s of one block.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 
 import torch
 
 from kernels import BlockSpan, load_blocks, load_config, module_nbytes, quantize_linears_
+from kernels.config import config_hash
 from swarm import Span, max_blocks_for_memory
 from swarm.serving.settings import ServerConfig, resolve_device, resolve_dtype
 from swarm.throughput import ThroughputCache, measure_compute_throughput, throughput_cache_key
-
-
-def config_hash(checkpoint_dir: str) -> str:
-    """Short hash of the checkpoint's config.json: peers with another hash serve another model."""
-    raw = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SpanLoader:
@@ -41,12 +34,14 @@ class SpanLoader:
 
     def load(self, span: Span) -> BlockSpan:
         """The span's blocks, quantized as configured, in eval mode on the device."""
-        blocks = load_blocks(
-            self.config.model, span.start, span.end, self.dtype, self.device, self.model_config
-        )
-        if self.config.quant != "none":
+        return self._load(span.start, span.end, self.device).eval()
+
+    def _load(self, start: int, end: int, device) -> BlockSpan:
+        keep = self.config.quant == "keep"
+        blocks = load_blocks(self.config.model, start, end, self.dtype, device, self.model_config, keep)
+        if self.config.quant not in ("none", "keep"):
             quantize_linears_(blocks, kind=self.config.quant)
-        return blocks.eval()
+        return blocks
 
     def span_limit(self) -> int:
         """Blocks this server may hold: what memory allows, capped by ``--max-blocks``."""
@@ -56,9 +51,7 @@ class SpanLoader:
         return max_blocks
 
     def _max_blocks(self) -> int:
-        one_block = load_blocks(self.config.model, 0, 1, self.dtype, "cpu", self.model_config)
-        if self.config.quant != "none":
-            quantize_linears_(one_block, kind=self.config.quant)
+        one_block = self._load(0, 1, "cpu")
         per_block = module_nbytes(one_block)
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
@@ -76,14 +69,12 @@ class SpanLoader:
             return self.config.throughput
         cache = ThroughputCache(os.path.expanduser(self.config.throughput_cache))
         key = throughput_cache_key(
-            self.device.type, f"{self.dtype}-{self.config.quant}", config_hash(self.config.model)
+            self.device.type, f"{self.dtype}-{self.config.quant}", config_hash(self.model_config)
         )
         cached = cache.get(key)
         if cached is not None:
             return cached
-        block = load_blocks(self.config.model, 0, 1, self.dtype, self.device, self.model_config)
-        if self.config.quant != "none":
-            quantize_linears_(block, kind=self.config.quant)
+        block = self._load(0, 1, self.device)
         hidden = torch.randn(1, 16, self.model_config.hidden_size, dtype=self.dtype, device=self.device)
 
         def step() -> None:
