@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from kernels import BlockSpan
-from kernels.config import config_fingerprint, config_hash
+from kernels.model_config import config_fingerprint, config_hash
 from swarm import (
     Announcer,
     ModelMismatch,
