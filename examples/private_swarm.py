@@ -17,8 +17,8 @@ from pathlib import Path
 
 from kernels.tiny import write_tiny_checkpoint
 from peers.processes import ProcessGroup
-from swarm.errors import NoRouteError
 from swarm.serving import ClientConfig, RemoteModel
+from swarm.swarm_errors import NoRouteError
 from transport import Endpoint, NotAuthorized, Ping
 
 

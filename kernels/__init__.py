@@ -10,10 +10,10 @@ from kernels.checkpoint import (
     load_local_model,
     read_weight_map,
 )
-from kernels.config import ModelConfig, UnsupportedModelError, load_config
 from kernels.gguf import GGUFError, is_gguf
 from kernels.local_generation import generate, sample_next_token
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
+from kernels.model_config import ModelConfig, UnsupportedModelError, load_config
 from kernels.quantize import (
     dequantize_blockwise_4bit,
     dequantize_blockwise_int8,

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.config import ModelConfig
+from kernels.model_config import ModelConfig
 
 
 class LayerCache(NamedTuple):

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kernels.config import ModelConfig, load_config
 from kernels.gguf import block_tensor_names, is_gguf, read_gguf_tensors
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
+from kernels.model_config import ModelConfig, load_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -88,7 +88,7 @@ def read_field(reader, key: str, default: Any = None) -> Any:
 
 def architecture_of(reader) -> str:
     """The GGUF ``general.architecture``; raises UnsupportedModelError for others than we serve."""
-    from kernels.config import UnsupportedModelError
+    from kernels.model_config import UnsupportedModelError
 
     architecture = read_field(reader, "general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -100,7 +100,7 @@ def architecture_of(reader) -> str:
 
 def gguf_config_dict(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` dict (transformers layout) that this GGUF's metadata describes."""
-    from kernels.config import UnsupportedModelError
+    from kernels.model_config import UnsupportedModelError
 
     reader = open_gguf(path)
     arch = architecture_of(reader)

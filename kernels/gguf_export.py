@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from kernels.checkpoint import read_tensors, read_weight_map
-from kernels.config import load_config
 from kernels.gguf import gguf_tensor_name, heads_of, needs_unpermute
+from kernels.model_config import load_config
 from kernels.tokenizer import read_sampling_defaults
 
 _TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3  # llama.cpp token types

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.config import ModelConfig
 from kernels.model import BlockSpan
+from kernels.model_config import ModelConfig
 
 TARGET_MODULES = {
     "q": "self_attn.q_proj",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cache import KVCache, LayerCache, write_to_cache
-from kernels.config import ModelConfig
+from kernels.model_config import ModelConfig
 
 # torch >= 2.5 lets SDPA broadcast key/value heads itself (no copy of the cache for GQA).
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.config import ModelConfig
+from kernels.model_config import ModelConfig
 
 
 class SoftPrompt(nn.Module):

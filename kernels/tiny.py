@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kernels.config import ModelConfig
+from kernels.model_config import ModelConfig
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>")
 _CORPUS_MODULES = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "fnmatch.py")

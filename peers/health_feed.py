@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import aiomqtt
 
-from swarm.errors import MalformedRecord
+from swarm.swarm_errors import MalformedRecord
 from swarm.telemetry import MqttEndpoint, PeerTelemetry, decode_message
 
 logger = logging.getLogger(__name__)

@@ -208,11 +208,21 @@ def render_thinnest(coverage: dict[str, Any]) -> str:
     )
 
 
+def _relayed_mark(server: dict[str, Any]) -> str:
+    """A mark after the state of a server the reachability check found behind NAT (issue #13)."""
+    if server.get("reachability") != "relayed":
+        return ""
+    reason = _text(server.get("reachability_reason", ""))
+    return (
+        f' <span class="muted relayed" title="behind NAT, reached through a relay: {reason}">(relayed)</span>'
+    )
+
+
 def _server_row(server: dict[str, Any]) -> str:
     rtts = sorted(server["rtts"].values())
     rtt = f"{len(rtts)} · {_number(statistics.median(rtts) * 1000, 0)} ms" if rtts else "–"
     marks = []
-    if server.get("relayed"):
+    if server.get("relayed") and server.get("reachability") != "relayed":  # a plain flag, no check verdict
         marks.append("relayed")
     if server.get("reports"):
         marks.append(f"⚑ {server['reports']} reports")
@@ -220,9 +230,10 @@ def _server_row(server: dict[str, Any]) -> str:
     uptime = server["uptime"]
     uptime_text = "–" if uptime is None else f"{int(uptime) // 3600}h {int(uptime) % 3600 // 60}m"
     return (
-        f'<tr class="member" data-peer="{_text(server["peer_id"])}" data-state="{_text(server["state"])}">'
+        f'<tr class="member" data-peer="{_text(server["peer_id"])}" data-state="{_text(server["state"])}" '
+        f'data-reachability="{_text(server.get("reachability", "unknown"))}">'
         f"<td><code>{_text(server['short_id'])}</code></td>"
-        f'<td class="s-{_text(server["state"])}">{_text(server["state"])}</td>'
+        f'<td class="s-{_text(server["state"])}">{_text(server["state"])}{_relayed_mark(server)}</td>'
         f"<td{version_class}>{_text(server['version'])}</td>"
         f"<td>{_text(server['device'])} {_text(server['dtype'])}</td>"
         f"<td>{server['span'][0]}:{server['span'][1]}</td><td>{_number(server['throughput'])}</td>"

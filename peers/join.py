@@ -70,7 +70,7 @@ async def refuse_another_model(dht, model: str) -> None:
 
     A record that cannot be read is no reason to stay out: every session is checked too."""
     from kernels import load_config
-    from kernels.config import config_fingerprint, config_hash, describe_config_difference
+    from kernels.model_config import config_fingerprint, config_hash, describe_config_difference
     from swarm import ModelMismatch
     from transport.errors import SwarmError
 

@@ -11,16 +11,6 @@ decode), and the health snapshot that reads both records and telemetry: ``health
 from swarm.announcer import Announcer
 from swarm.bans import BanList
 from swarm.dht import DHTConfig, SwarmDHT
-from swarm.errors import (
-    DHTStartError,
-    InsecureKeyFile,
-    InvalidSpan,
-    MalformedRecord,
-    ModelMismatch,
-    NoRouteError,
-    NotAuthorized,
-    RecordRejected,
-)
 from swarm.identity import Identity, PeerId, load_or_create_identity, load_swarm_key, peer_id_from_public_key
 from swarm.rebalance import RebalancePolicy, draw_check_delay, plan_move
 from swarm.records import (
@@ -37,6 +27,16 @@ from swarm.routing import RouteHop, RoutingConfig, find_route
 from swarm.selection import choose_span, compute_coverage, coverage_from_records, max_blocks_for_memory
 from swarm.signing import SwarmRecordValidator
 from swarm.spans import Span, parse_span
+from swarm.swarm_errors import (
+    DHTStartError,
+    InsecureKeyFile,
+    InvalidSpan,
+    MalformedRecord,
+    ModelMismatch,
+    NoRouteError,
+    NotAuthorized,
+    RecordRejected,
+)
 from swarm.throughput import (
     ThroughputCache,
     announced_throughput,

@@ -25,7 +25,6 @@ import msgpack
 from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 
-from swarm.errors import DHTStartError, RecordRejected
 from swarm.identity import Identity, PeerId
 from swarm.records import (
     ModelRecord,
@@ -39,6 +38,7 @@ from swarm.records import (
 )
 from swarm.relay import RelayLimits, bounded_p2p_class
 from swarm.signing import SwarmRecordValidator
+from swarm.swarm_errors import DHTStartError, RecordRejected
 from transport.errors import ConfigurationError, DeadlineExceeded, MessageTooLarge
 
 logger = logging.getLogger(__name__)

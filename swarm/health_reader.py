@@ -25,11 +25,11 @@ from typing import Any, Protocol
 import msgpack
 from hivemind.dht.validation import DHTRecord
 
-from swarm.errors import MalformedRecord
 from swarm.health import MAX_BLOCKS, SwarmView
 from swarm.identity import PeerId
 from swarm.records import PeerValue, ServerRecord, block_key, choose_model_record, model_key
 from swarm.signing import SwarmRecordValidator
+from swarm.swarm_errors import MalformedRecord
 from swarm.training.progress import MAX_RUNS, parse_run_index, parse_run_listing, run_index_key, run_key
 from transport.errors import DeadlineExceeded
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from swarm.errors import InsecureKeyFile
+from swarm.swarm_errors import InsecureKeyFile
 from transport.curve import KeyPair
 from transport.errors import ConfigurationError
 

@@ -23,10 +23,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from swarm.errors import InvalidSpan, MalformedRecord
 from swarm.identity import PeerId
 from swarm.reachability import Reachability
 from swarm.spans import Span
+from swarm.swarm_errors import InvalidSpan, MalformedRecord
 from transport.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)

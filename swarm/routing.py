@@ -14,9 +14,9 @@ import dataclasses
 import heapq
 from collections.abc import Collection, Iterable, Mapping
 
-from swarm.errors import NoRouteError
 from swarm.records import ServerRecord, ServerState
 from swarm.spans import Span
+from swarm.swarm_errors import NoRouteError
 from transport.errors import ConfigurationError
 
 

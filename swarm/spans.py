@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from swarm.errors import InvalidSpan
+from swarm.swarm_errors import InvalidSpan
 
 
 @dataclasses.dataclass(frozen=True, order=True)

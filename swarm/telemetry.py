@@ -29,8 +29,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from swarm.errors import MalformedRecord
 from swarm.records import ServerRecord, is_valid_name
+from swarm.swarm_errors import MalformedRecord
 from swarm.training.progress import TrainingPeerRecord
 
 TELEMETRY_SCHEMA = 1

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from peers.health_page import render_fragment, render_page
 from peers.status import format_summary
-from swarm.errors import MalformedRecord
 from swarm.health import MAX_BLOCKS, HealthThresholds, RunProgressTracker, SwarmView, build_health_state
 from swarm.health_display import MAX_TEXT
 from swarm.records import ModelRecord, PeerValue, ServerState, parse_server_listings
 from swarm.spans import Span
+from swarm.swarm_errors import MalformedRecord
 from swarm.telemetry import PeerTelemetry, parse_telemetry_state
 from swarm.training.progress import (
     parse_run_index,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import KVCache, generate, load_blocks, load_client_pieces, load_config, load_local_model
-from kernels.config import ModelConfig, UnsupportedModelError
+from kernels.model_config import ModelConfig, UnsupportedModelError
 
 transformers = pytest.importorskip("transformers")
 

@@ -94,3 +94,18 @@ def test_imports_point_one_way_and_form_no_cycles():
     for name in edges:
         if name not in state:
             visit(name, [name])
+
+
+def test_no_two_modules_share_a_name_across_packages():
+    """A reader finds each concept by its file name alone (issue #12)."""
+    from collections import defaultdict
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    places = defaultdict(list)
+    for layer in LAYERS:
+        for path in (root / layer).rglob("*.py"):
+            if path.name != "__init__.py":
+                places[path.name].append(str(path.relative_to(root)))
+    shared = {name: paths for name, paths in places.items() if len(paths) > 1}
+    assert not shared, f"modules that share a name: {shared}"

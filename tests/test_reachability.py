@@ -236,9 +236,9 @@ def test_a_relayed_member_joins_the_round_but_does_not_lead_it():
             peer: Matchmaker(endpoints[peer], live_members, window=5.0, relayed_members=lambda: {"a-relayed"})
             for peer in peers
         }
-        joins = {
+        joins = {  # each announces the address its record has (the relayed one's is undialable)
             peer: JoinGroup(
-                0, peer, addresses[peer], endpoints[peer].public_key, 0.0 if "relayed" in peer else 1e8, "h"
+                0, peer, live[peer][0], endpoints[peer].public_key, 0.0 if "relayed" in peer else 1e8, "h"
             )
             for peer in peers
         }

@@ -23,7 +23,6 @@ from transport.codecs import (
     Int8BlockwiseCodec,
     RawCodec,
 )
-from transport.config import PROTOCOL_VERSION, Limits, Timeouts
 from transport.control import ErrorReply, Ping, Pong
 from transport.curve import KeyPair, admission_token
 from transport.dispatch import RequestContext
@@ -45,6 +44,7 @@ from transport.errors import (
     SwarmError,
     UnknownMessageKind,
 )
+from transport.limits import PROTOCOL_VERSION, Limits, Timeouts
 from transport.memory import MemoryEndpoint, MemoryNetwork
 from transport.messages import (
     DEFAULT_REGISTRY,

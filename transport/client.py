@@ -19,9 +19,9 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from transport.config import Limits, Timeouts
 from transport.control import ErrorReply, Ping, Pong, StreamClose, StreamOpened, raise_error_reply
 from transport.errors import DeadlineExceeded, MalformedMessage, PeerUnavailable, StreamClosed, SwarmError
+from transport.limits import Limits, Timeouts
 from transport.messages import (
     Message,
     MessageRegistry,

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from transport.config import Limits, Timeouts
 from transport.control import ErrorReply, Ping, Pong, StreamClose, error_reply
 from transport.curve import admission_token
 from transport.errors import (
@@ -26,6 +25,7 @@ from transport.errors import (
     SwarmError,
     UnknownMessageKind,
 )
+from transport.limits import Limits, Timeouts
 from transport.messages import (
     Message,
     MessageRegistry,

@@ -17,10 +17,10 @@ from __future__ import annotations
 import abc
 
 from transport.client import Connection
-from transport.config import Limits, Timeouts
 from transport.curve import KeyPair, admission_token
 from transport.dispatch import Dispatcher, Handler, StreamHandler
 from transport.errors import ConfigurationError, PeerUnavailable
+from transport.limits import Limits, Timeouts
 from transport.messages import DEFAULT_REGISTRY, Message, MessageRegistry
 
 

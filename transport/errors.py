@@ -19,7 +19,7 @@ class says whether retrying (possibly on another peer) can help::
         ├── RemoteError                the peer answered with an error (carries its class name)
         └── ConfigurationError         a local setting is invalid (names the flag to change)
 
-Higher layers add their own leaves (e.g. ``swarm.errors.NoRouteError``) under these.
+Higher layers add their own leaves (e.g. ``swarm.swarm_errors.NoRouteError``) under these.
 """
 
 from __future__ import annotations

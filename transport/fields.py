@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from transport.codecs import CODECS, CodedTensor, RawCodec
-from transport.config import Limits
 from transport.errors import ConfigurationError, MalformedMessage
+from transport.limits import Limits
 from transport.tensors import dtype_name, parse_tensor_header
 
 _RAW = RawCodec()

@@ -38,7 +38,6 @@ from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure, P2PDaemonErro
 from hivemind.utils.multiaddr import Multiaddr
 
 from transport.client import Connection
-from transport.config import PROTOCOL_VERSION
 from transport.curve import admission_token
 from transport.endpoint import BaseEndpoint
 from transport.errors import (
@@ -49,6 +48,7 @@ from transport.errors import (
     PeerUnavailable,
 )
 from transport.libp2p_addresses import split_address
+from transport.limits import PROTOCOL_VERSION
 from transport.messages import PeerKey
 from transport.stream_framing import read_frames, write_frames
 

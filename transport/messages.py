@@ -34,7 +34,6 @@ from typing import Any, ClassVar, NewType, TypeVar
 
 import msgpack
 
-from transport.config import PROTOCOL_VERSION, Limits
 from transport.errors import (
     ConfigurationError,
     MalformedMessage,
@@ -43,6 +42,7 @@ from transport.errors import (
     UnknownMessageKind,
 )
 from transport.fields import FieldType, FrameReader, compile_field_type
+from transport.limits import PROTOCOL_VERSION, Limits
 
 RequestId = NewType("RequestId", int)
 SessionId = NewType("SessionId", bytes)

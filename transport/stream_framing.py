@@ -16,8 +16,8 @@ import asyncio
 import struct
 from typing import Any
 
-from transport.config import Limits
 from transport.errors import MessageTooLarge
+from transport.limits import Limits
 
 _COUNT = struct.Struct("<I")
 

@@ -37,9 +37,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from transport.config import Timeouts
 from transport.control import StreamOpened, error_reply
 from transport.errors import ServerBusy, StreamClosed
+from transport.limits import Timeouts
 from transport.messages import Message, PeerKey, SessionId
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from transport.config import Limits
 from transport.errors import MalformedMessage, MessageTooLarge
+from transport.limits import Limits
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -43,7 +43,7 @@ from kernels import (
     load_tokenizer,
     render_chat,
 )
-from kernels.config import config_fingerprint, config_hash, describe_config_difference
+from kernels.model_config import config_fingerprint, config_hash, describe_config_difference
 from kernels.tokenizer import read_eos_token_ids, read_sampling_defaults
 from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
 from swarm.serving.generation import Sampling, generate_rows

@@ -14,11 +14,9 @@ alone covers) and moves there: JOINING on the new span, load it, ONLINE, drop th
 one (sessions already open on it finish on the old weights).
 
 Pieces: ``SpanLoader`` (weights, memory, throughput), ``HostedSessions`` (each client's
-cache and inputs), ``SpanBatchers`` (concurrent steps batched into one forward).
-
-Each inference step's output goes back to the client and, when the step names the
-next server of the client's chain, straight to that server too (``PushHidden``), so
-a step travels the chain once instead of returning to the client between hops.
+cache and inputs), ``SpanBatchers`` (concurrent steps batched into one forward),
+``StepService`` (``steps.py``: the inference protocol's handlers: sessions, steps and
+pushes) and ``TrainingService`` (``training_server.py``: fine-tuning forward/backward).
 """
 
 from __future__ import annotations
@@ -31,13 +29,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from kernels import BlockSpan
-from kernels.config import config_fingerprint, config_hash
+from kernels.model_config import config_fingerprint, config_hash
 from swarm import (
     Announcer,
-    ModelMismatch,
     ModelRecord,
     RebalancePolicy,
     ServerRecord,
@@ -52,28 +47,21 @@ from swarm import (
 )
 from swarm.records import model_key
 from swarm.selection import effective_throughput
-from swarm.serving.batching import SpanBatchers, StepBatcher
-from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions, PeerQuota
+from swarm.serving.batching import SpanBatchers
+from swarm.serving.hosted_sessions import CacheBudget, HostedSessions, PeerQuota
 from swarm.serving.protocol import (
-    ForwardReply,
-    ForwardRequest,
-    InferenceReply,
-    InferenceStep,
-    OpenInference,
-    PushAck,
-    PushHidden,
     ServerStats,
     StatsRequest,
 )
 from swarm.serving.settings import ServerConfig
 from swarm.serving.span_loader import SpanLoader
+from swarm.serving.steps import StepService
 from swarm.serving.training_server import TrainingService
-from transport import Connection, RequestContext, ServerStream
+from transport import RequestContext
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
 logger = logging.getLogger("swarm.join")
 
-PUSH_TIMEOUT = 5.0  # seconds for one push to the next server; the client's copy covers a failure
 LIST_TIMEOUT = 30.0  # seconds for the DHT lookup of one rebalance check
 
 StepHook = Callable[[int], None]
@@ -127,14 +115,11 @@ class InferenceServer:
             mailbox_steps=config.mailbox_steps,
         )
         self.sessions = HostedSessions(CacheBudget(config.cache_tokens), quota)
-        self.pushes_sent = 0
-        self.pushes_used = 0
-        self.client_copies_used = 0
         self.started_at = time.time()
-        self._batchers = SpanBatchers(config.max_batch_rows)
+        self.batchers = SpanBatchers(config.max_batch_rows)
+        self.steps = StepService(self)  # the inference protocol's handlers (steps.py)
+        self.tasks: asyncio.TaskGroup | None = None  # the running server's task group (batchers run in it)
         self._moved_from: list[Span] = []
-        self._connections: dict[str, Connection] = {}
-        self._tasks: asyncio.TaskGroup | None = None
         self._model_record: dict | None = None
 
     # Lifecycle.
@@ -153,13 +138,11 @@ class InferenceServer:
         self.blocks = await asyncio.to_thread(self.loader.load, self.span)
         training = TrainingService(self)  # fine-tuning: forward/backward with client adapters
         for endpoint in (self.endpoint, *([self.relayed.endpoint] if self.relayed else [])):
-            endpoint.add_handler(ForwardRequest, self._forward)
-            endpoint.add_handler(PushHidden, self._push_received)
+            self.steps.register(endpoint)
             endpoint.add_handler(StatsRequest, self._stats)
-            endpoint.add_stream_handler(OpenInference, self._serve_session)
             training.register(endpoint)
         async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
+            self.tasks = tasks
             self.state = ServerState.ONLINE
             await announcer.announce_once()
             announcer_task = tasks.create_task(announcer.run())
@@ -177,8 +160,7 @@ class InferenceServer:
             await announcer_task
             with contextlib.suppress(SwarmError):
                 await announcer.withdraw()
-            for connection in self._connections.values():
-                await connection.close()
+            await self.steps.close()
             raise _Done
 
     def record(self) -> ServerRecord:
@@ -279,13 +261,14 @@ class InferenceServer:
             raise
         self.blocks = blocks
         self._moved_from.append(old)
-        self._batchers.retire_all()  # sessions already open keep their batcher to the end
+        self.batchers.retire_all()  # sessions already open keep their batcher to the end
         if self.state == ServerState.JOINING:  # not DRAINING
             self.state = ServerState.ONLINE
             await announcer.announce_once()
         logger.info("moved to blocks %s", target)
 
-    def _sub_span(self, start: int, end: int) -> BlockSpan:
+    def sub_span(self, start: int, end: int) -> BlockSpan:
+        """The served blocks ``start:end`` (a view; ``ServerBusy`` after a move, else ``MalformedMessage``)."""
         served = Span(self.blocks.start, self.blocks.end)
         if not (served.start <= start < end <= served.end):
             if self.span != served or any(old.start <= start and end <= old.end for old in self._moved_from):
@@ -297,144 +280,22 @@ class InferenceServer:
             return self.blocks
         return BlockSpan(self.model_config, list(self.blocks.blocks[lo:hi]), start)
 
-    def _check_hidden(self, hidden: torch.Tensor) -> None:
-        if (
-            hidden.dim() != 3
-            or hidden.shape[-1] != self.model_config.hidden_size
-            or not hidden.is_floating_point()
-        ):
-            raise MalformedMessage(
-                f"hidden must be float (batch, seq, {self.model_config.hidden_size}), got "
-                f"{hidden.dtype} {tuple(hidden.shape)}"
-            )
-
-    async def _forward(self, request: ForwardRequest, context: RequestContext) -> ForwardReply:
-        blocks = self._sub_span(request.start, request.end)
-        self._check_hidden(request.hidden)
-        if request.hidden.shape[1] > self.model_config.max_position_embeddings:
-            raise MalformedMessage(f"{request.hidden.shape[1]} tokens exceed the model's maximum length")
-
-        def run() -> torch.Tensor:
-            with torch.inference_mode():
-                return blocks(request.hidden.to(self.device, self.dtype)).to(request.hidden.dtype).cpu()
-
-        return ForwardReply(hidden=await asyncio.to_thread(run))
-
-    async def _push_received(self, request: PushHidden, context: RequestContext) -> PushAck:
-        session = self.sessions.get(request.token)
-        if session is None:
-            raise MalformedMessage("no such session on this server")
-        self._check_hidden(request.hidden)
-        if request.hidden.shape[0] != session.batch or request.hidden.shape[1] > session.max_length:
-            raise MalformedMessage(f"pushed hidden {tuple(request.hidden.shape)} does not fit the session")
-        source = "client-copy" if request.from_client else "push"
-        return PushAck(accepted=session.offer(request.step, request.hidden, source))
-
     def stats(self) -> ServerStats:
         """Counters and occupancy now (the ``StatsRequest`` reply; also ``/metrics``)."""
         return ServerStats(
             sessions=len(self.sessions),
             cache_tokens_used=self.sessions.budget.used_tokens,
             cache_tokens_total=self.sessions.budget.total_tokens,
-            forwards=self._batchers.forwards,
-            batched_steps=self._batchers.batched_steps,
-            pushes_sent=self.pushes_sent,
-            pushes_used=self.pushes_used,
-            client_copies_used=self.client_copies_used,
+            forwards=self.batchers.forwards,
+            batched_steps=self.batchers.batched_steps,
+            pushes_sent=self.steps.pushes_sent,
+            pushes_used=self.steps.pushes_used,
+            client_copies_used=self.steps.client_copies_used,
             draining=self.state == ServerState.DRAINING,
         )
 
     async def _stats(self, request: StatsRequest, context: RequestContext) -> ServerStats:
         return self.stats()
-
-    async def _serve_session(self, stream: ServerStream) -> None:
-        opening: OpenInference = stream.opening
-        if self.state != ServerState.ONLINE:
-            raise ServerBusy(f"server is {self.state.value}, not taking sessions")
-        if opening.config_hash and opening.config_hash != config_hash(self.model_config):
-            raise ModelMismatch(f"this server serves a model with config hash {config_hash(self.model_config)}, "
-                                f"the client's is {opening.config_hash}: they differ (see the swarm's model record)")  # fmt: skip
-        if opening.max_length > self.model_config.max_position_embeddings:
-            raise MalformedMessage(
-                f"max_length {opening.max_length} exceeds the model's {self.model_config.max_position_embeddings}"
-            )
-        batcher = self._batchers.acquire(
-            opening.start, opening.end, lambda: self._sub_span(opening.start, opening.end), self._tasks
-        )
-        try:
-            session = self.sessions.open(
-                opening.token, opening.batch, opening.max_length,
-                lambda batch, length: batcher.span.allocate_cache(batch, length),
-                owner=stream.context.peer_key,
-            )  # fmt: skip
-        except BaseException:
-            self._batchers.release(batcher)
-            raise
-        try:
-            async with asyncio.TaskGroup() as pushes:
-                async for step in stream:
-                    if not isinstance(step, InferenceStep):
-                        # Any registered kind decodes; only steps belong here (the session stays).
-                        await stream.reply_error(
-                            MalformedMessage(
-                                f"a session takes {InferenceStep.kind} messages, got {step.kind}"
-                            )
-                        )
-                        continue
-                    try:
-                        reply = await self._serve_step(session, batcher, step, pushes)
-                    except MalformedMessage as error:
-                        # The step is refused; the session and its cache stay as they were.
-                        await stream.reply_error(error)
-                        continue
-                    await stream.reply(reply)
-        finally:
-            self.sessions.close(session)
-            self._batchers.release(batcher)
-
-    async def _serve_step(
-        self, session: HostedSession, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup
-    ) -> InferenceReply:
-        if step.hidden is not None:
-            session.offer(step.step, step.hidden, "step")
-            hidden, source = step.hidden, "step"
-        else:
-            arrived = await session.take(step.step, self.config.push_wait)
-            if arrived is None:
-                return InferenceReply(step=step.step, hidden=None, input_source="missing")
-            hidden, source = arrived
-            if source == "push":
-                self.pushes_used += 1
-            elif source == "client-copy":
-                self.client_copies_used += 1
-        session.check_step(step.position, step.new_tokens, hidden, self.model_config.hidden_size)
-        session.steps += 1
-        if self.on_step is not None:
-            self.on_step(session.steps)
-        try:
-            output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
-        except ValueError as error:
-            raise MalformedMessage(str(error)) from error
-        if step.push_address:
-            pushes.create_task(self._push(step, output))
-            await asyncio.sleep(0)  # let the push leave before the reply
-        return InferenceReply(step=step.step, hidden=output, input_source=source)
-
-    async def _push(self, step: InferenceStep, output: torch.Tensor) -> None:
-        """Sends a step's output to the next server; failures are logged (the client's copy covers them)."""
-        try:
-            connection = self._connections.get(step.push_address)
-            if connection is None:
-                connection = await self.endpoint.connect(step.push_address, step.push_key)
-                self._connections[step.push_address] = connection
-            message = PushHidden(token=step.push_token, step=step.step, hidden=output)
-            await connection.call(message, timeout=PUSH_TIMEOUT)
-            self.pushes_sent += 1
-        except SwarmError as error:
-            dropped = self._connections.pop(step.push_address, None)
-            if dropped is not None:
-                await dropped.close()
-            logger.info("push of step %d to %s failed: %s", step.step, step.push_address, error)
 
 
 class _Done(Exception):

@@ -69,7 +69,7 @@ class ServerPool:
         self._connections: dict[tuple[str, bytes], asyncio.Future] = {}  # (address, key) -> connect
         self._pace: dict[str, deque[tuple[float, int]]] = {}  # peer id -> (seconds, tokens) per step
         self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
-        self._relayed = RelayedDialer(dht, endpoint.swarm_key, endpoint.timeouts)
+        self._relayed: RelayedDialer | None = None  # made on the first relayed server
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
@@ -114,7 +114,9 @@ class ServerPool:
             key = (server.addresses[0], server.curve_public_key)  # a new server may reuse an address
         pending = self._connections.get(key)
         if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
-            connecting = self._relayed.connect(server) if server.relayed else self.endpoint.connect(*key)
+            connecting = (
+                self._relayed_dialer().connect(server) if server.relayed else self.endpoint.connect(*key)
+            )
             pending = asyncio.ensure_future(connecting)
             self._connections[key] = pending
         try:
@@ -130,9 +132,15 @@ class ServerPool:
             return await self.connection_to(server)
         return connection
 
+    def _relayed_dialer(self) -> RelayedDialer:
+        if self._relayed is None:
+            self._relayed = RelayedDialer(self.dht, self.endpoint.swarm_key, self.endpoint.timeouts)
+        return self._relayed
+
     async def close(self) -> None:
         """Closes the libp2p side (the ZeroMQ connections close with the client's endpoint)."""
-        await self._relayed.close()
+        if self._relayed is not None:
+            await self._relayed.close()
 
     async def answers_ping(self, server: ServerRecord, timeout: float) -> bool:
         """Whether ``server``'s process answers a ping within ``timeout`` seconds (it is not hung)."""

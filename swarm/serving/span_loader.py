@@ -13,7 +13,7 @@ import os
 import torch
 
 from kernels import BlockSpan, load_blocks, load_config, module_nbytes, quantize_linears_
-from kernels.config import config_hash
+from kernels.model_config import config_hash
 from swarm import Span, max_blocks_for_memory
 from swarm.serving.settings import ServerConfig, resolve_device, resolve_dtype
 from swarm.throughput import ThroughputCache, measure_compute_throughput, throughput_cache_key

@@ -92,7 +92,7 @@ class TrainingService:
     """Fine-tuning requests on an ``InferenceServer``'s span.
 
     Args:
-        server: the ``InferenceServer`` (its ``_sub_span``, device, dtype and
+        server: the ``InferenceServer`` (its ``sub_span``, device, dtype and
             ``config.cache_tokens``, the budget of tokens in flight, are used).
     """
 
@@ -183,8 +183,8 @@ class TrainingService:
     def _checked(self, request, hidden: torch.Tensor) -> tuple[BlockSpan, torch.Tensor]:
         if self.server.blocks is None:
             raise ServerBusy("this server is still loading its blocks")
-        blocks = self.server._sub_span(request.start, request.end)
-        self.server._check_hidden(hidden)
+        blocks = self.server.sub_span(request.start, request.end)
+        self.server.steps.check_hidden(hidden)
         if hidden.shape[1] > self.server.model_config.max_position_embeddings:
             raise MalformedMessage(f"{hidden.shape[1]} tokens exceed the model's maximum length")
         _check_finite("hidden", hidden)

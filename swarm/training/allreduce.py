@@ -46,7 +46,6 @@ from typing import TypeVar
 
 import torch
 
-from swarm.training import verification
 from swarm.training.group_links import (  # re-exported: the round's public types
     AllReduceReport,
     AllReduceTimeouts,
@@ -57,6 +56,7 @@ from swarm.training.group_links import (  # re-exported: the round's public type
 from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
 from swarm.training.reduction import PartState, RoundTrip, result_digest
 from swarm.training.robust import RobustConfig
+from swarm.training.verification import RoundVerification
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ _Reply = TypeVar("_Reply")
 __all__ = ["AllReduceReport", "AllReduceRound", "AllReduceTimeouts", "CommitReply", "GroupLinks", "Member"]
 
 
-class AllReduceRound:
+class AllReduceRound(RoundVerification):
     """One member's side of one round. Create it, register it with the service, then ``await run()``.
 
     Args:
@@ -187,7 +187,7 @@ class AllReduceRound:
             return "accepted"
         if backup != self.my_index:
             state.candidate = (values, contributors)
-            verification.settle(self, part)
+            self.settle(part)
             return "accepted"
         verdict = await self._verify(part, values, contributors)
         if state.ready.is_set() or state.taken_over:
@@ -195,10 +195,10 @@ class AllReduceRound:
         if not verdict:
             self._dispute(part)
             self.report.accused.add(part)
-            verification.announce(self, part, "")
+            self.announce(part, "")
             return "disputed"
         state.finish(values, contributors)
-        verification.announce(self, part, result_digest(values))
+        self.announce(part, result_digest(values))
         return "accepted"
 
     def on_verdict(self, part: int, digest: str) -> None:
@@ -206,11 +206,9 @@ class AllReduceRound:
         self._state(part)
         self._verdicts.setdefault(part, digest)
         if part == self.my_index:
-            verification.check_endorsement(
-                self, part
-            )  # a dispute of our part reached us as the commit's answer
+            self.check_endorsement(part)  # a dispute of our part reached us as the commit's answer
         elif digest:
-            verification.settle(self, part)
+            self.settle(part)
         else:
             self._dispute(part)
 
@@ -223,7 +221,7 @@ class AllReduceRound:
         if arbitrate:
             if not self.verifying or arbiter_of(part, count) != self.my_index:
                 raise ValueError(f"member {self.my_index} is not the arbiter of part {part}")
-            return await verification.arbitrate(self, sender, part, weight, values)
+            return await self.arbitrate(sender, part, weight, values)
         if fallback_reducer(part, count) != self.my_index:
             raise ValueError(f"member {self.my_index} is not the backup of part {part}")
         state = self._state(part)
@@ -243,7 +241,7 @@ class AllReduceRound:
 
     async def _verify(self, part: int, committed: torch.Tensor, contributors: list[int]) -> bool:
         """On the backup: does the committed result match our own recomputation? (verification.py)"""
-        return await verification.verify_commit(self, part, committed, contributors)
+        return await self.verify_commit(part, committed, contributors)
 
     async def _reduce_taken_over(self, part: int, state: PartState, expected: set[int]) -> None:
         await state.wait_for(expected, asyncio.get_running_loop().time() + self.timeouts.repair)
@@ -337,12 +335,12 @@ class AllReduceRound:
             logger.warning(
                 "round %s: no result for parts %s by the deadline; repairing", self.round_id, missing
             )
-            await asyncio.gather(*(verification.repair(self, j) for j in missing))
+            await asyncio.gather(*(self.repair(j) for j in missing))
         disputed = [
             j for j in range(count) if j in self.report.disputed and not self._state(j).ready.is_set()
         ]
         if disputed:
-            await asyncio.gather(*(verification.resolve_dispute(self, j) for j in disputed))
+            await asyncio.gather(*(self.resolve_dispute(j) for j in disputed))
         unresolved = [j for j in range(count) if not self._state(j).ready.is_set()]
         if unresolved:
             raise DeadlineExceeded(f"all-reduce {self.round_id}: parts {unresolved} have no result")
@@ -403,7 +401,7 @@ class AllReduceRound:
                 )
                 return
         state.finish(values, contributors)
-        verification.check_endorsement(self, part)
+        self.check_endorsement(part)
         others = [i for i in range(len(self.members)) if i not in (self.my_index, backup)]
         await asyncio.gather(
             *(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -269,8 +270,11 @@ class Matchmaker:
         lengths = {len(reply.peer_ids), len(reply.addresses), len(reply.public_keys), len(reply.bandwidths)}
         if reply.leader != leader or len(lengths) != 1 or me.peer_id not in reply.peer_ids:
             return "not from the leader we asked, malformed, or we are not in it"
-        if reply.peer_ids != sorted(set(reply.peer_ids)) or any(not b > 0 for b in reply.bandwidths):
-            return "members not sorted and distinct, or a bandwidth that is not positive"
+        # a bandwidth of 0 is a member reached only through relays: it holds no reducer share
+        if reply.peer_ids != sorted(set(reply.peer_ids)) or any(
+            not 0 <= b < math.inf for b in reply.bandwidths
+        ):
+            return "members not sorted and distinct, or a bandwidth that is negative or not finite"
         live = await self.live_members()
         live[me.peer_id] = (me.address, me.public_key)
         for peer, address, key in zip(reply.peer_ids, reply.addresses, reply.public_keys, strict=True):

@@ -20,9 +20,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from swarm.errors import MalformedRecord
 from swarm.reachability import Reachability
 from swarm.records import check_name, is_valid_name, namespaced_key, read_field, read_state, read_wire_dict
+from swarm.swarm_errors import MalformedRecord
 
 logger = logging.getLogger(__name__)
 

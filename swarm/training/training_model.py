@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from kernels.checkpoint import load_local_model
-from kernels.config import ModelConfig, load_config
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
+from kernels.model_config import ModelConfig, load_config
 
 
 def init_model(config: ModelConfig, seed: int) -> LocalModel:

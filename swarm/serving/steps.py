@@ -1,0 +1,199 @@
+"""``StepService``: the inference protocol's handlers on a server: sessions, steps, pushes.
+
+The serving half of ``swarm/serving/protocol.py`` for inference (the fine-tuning half is
+``training_server.py``); ``InferenceServer`` (``server.py``) owns the lifecycle, the
+records and the span, and registers this service on its endpoints.
+
+- ``OpenInference`` opens a stream: a ``HostedSession`` (its cache within the budget and
+  the client's quota) on the span's ``StepBatcher``; each ``InferenceStep`` takes its
+  input from the step, or waits for the previous server's push (or the client's copy),
+  runs batched with other sessions' steps, and returns the output.
+- When a step names the next server of the client's chain, its output is also pushed
+  there (``PushHidden``), so a step travels the chain once instead of returning to the
+  client between hops. A failed push is only logged: the client's copy covers it.
+- ``ForwardRequest``: a stateless forward of a sub-span (no cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from kernels.model_config import config_hash
+from swarm import ModelMismatch, ServerState
+from swarm.serving.batching import StepBatcher
+from swarm.serving.hosted_sessions import HostedSession
+from swarm.serving.protocol import (
+    ForwardReply,
+    ForwardRequest,
+    InferenceReply,
+    InferenceStep,
+    OpenInference,
+    PushAck,
+    PushHidden,
+)
+from transport import Connection, RequestContext, ServerStream
+from transport.errors import MalformedMessage, ServerBusy, SwarmError
+
+logger = logging.getLogger("swarm.join")
+
+PUSH_TIMEOUT = 5.0  # seconds for one push to the next server; the client's copy covers a failure
+
+
+class StepService:
+    """Serves inference sessions, steps, pushes and stateless forwards for one ``InferenceServer``.
+
+    Attributes:
+        pushes_sent: step outputs pushed to the next server (acknowledged).
+        pushes_used: steps whose input arrived by a push.
+        client_copies_used: steps whose input came from the client's copy first.
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server  # an InferenceServer: span, sessions, batchers, config
+        self.pushes_sent = 0
+        self.pushes_used = 0
+        self.client_copies_used = 0
+        self._connections: dict[str, Connection] = {}  # push targets, by address
+
+    def register(self, endpoint) -> None:
+        endpoint.add_handler(ForwardRequest, self._forward)
+        endpoint.add_handler(PushHidden, self._push_received)
+        endpoint.add_stream_handler(OpenInference, self._serve_session)
+
+    async def close(self) -> None:
+        """Closes the connections to push targets."""
+        for connection in self._connections.values():
+            await connection.close()
+        self._connections.clear()
+
+    def check_hidden(self, hidden: torch.Tensor) -> None:
+        if (
+            hidden.dim() != 3
+            or hidden.shape[-1] != self.server.model_config.hidden_size
+            or not hidden.is_floating_point()
+        ):
+            raise MalformedMessage(
+                f"hidden must be float (batch, seq, {self.server.model_config.hidden_size}), got "
+                f"{hidden.dtype} {tuple(hidden.shape)}"
+            )
+
+    async def _forward(self, request: ForwardRequest, context: RequestContext) -> ForwardReply:
+        blocks = self.server.sub_span(request.start, request.end)
+        self.check_hidden(request.hidden)
+        if request.hidden.shape[1] > self.server.model_config.max_position_embeddings:
+            raise MalformedMessage(f"{request.hidden.shape[1]} tokens exceed the model's maximum length")
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return (
+                    blocks(request.hidden.to(self.server.device, self.server.dtype))
+                    .to(request.hidden.dtype)
+                    .cpu()
+                )
+
+        return ForwardReply(hidden=await asyncio.to_thread(run))
+
+    async def _push_received(self, request: PushHidden, context: RequestContext) -> PushAck:
+        session = self.server.sessions.get(request.token)
+        if session is None:
+            raise MalformedMessage("no such session on this server")
+        self.check_hidden(request.hidden)
+        if request.hidden.shape[0] != session.batch or request.hidden.shape[1] > session.max_length:
+            raise MalformedMessage(f"pushed hidden {tuple(request.hidden.shape)} does not fit the session")
+        source = "client-copy" if request.from_client else "push"
+        return PushAck(accepted=session.offer(request.step, request.hidden, source))
+
+    async def _serve_session(self, stream: ServerStream) -> None:
+        opening: OpenInference = stream.opening
+        if self.server.state != ServerState.ONLINE:
+            raise ServerBusy(f"server is {self.server.state.value}, not taking sessions")
+        if opening.config_hash and opening.config_hash != config_hash(self.server.model_config):
+            raise ModelMismatch(f"this server serves a model with config hash {config_hash(self.server.model_config)}, "
+                                f"the client's is {opening.config_hash}: they differ (see the swarm's model record)")  # fmt: skip
+        if opening.max_length > self.server.model_config.max_position_embeddings:
+            raise MalformedMessage(
+                f"max_length {opening.max_length} exceeds the model's {self.server.model_config.max_position_embeddings}"
+            )
+        batcher = self.server.batchers.acquire(
+            opening.start,
+            opening.end,
+            lambda: self.server.sub_span(opening.start, opening.end),
+            self.server.tasks,
+        )
+        try:
+            session = self.server.sessions.open(
+                opening.token, opening.batch, opening.max_length,
+                lambda batch, length: batcher.span.allocate_cache(batch, length),
+                owner=stream.context.peer_key,
+            )  # fmt: skip
+        except BaseException:
+            self.server.batchers.release(batcher)
+            raise
+        try:
+            async with asyncio.TaskGroup() as pushes:
+                async for step in stream:
+                    if not isinstance(step, InferenceStep):
+                        # Any registered kind decodes; only steps belong here (the session stays).
+                        await stream.reply_error(
+                            MalformedMessage(
+                                f"a session takes {InferenceStep.kind} messages, got {step.kind}"
+                            )
+                        )
+                        continue
+                    try:
+                        reply = await self._serve_step(session, batcher, step, pushes)
+                    except MalformedMessage as error:
+                        # The step is refused; the session and its cache stay as they were.
+                        await stream.reply_error(error)
+                        continue
+                    await stream.reply(reply)
+        finally:
+            self.server.sessions.close(session)
+            self.server.batchers.release(batcher)
+
+    async def _serve_step(
+        self, session: HostedSession, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup
+    ) -> InferenceReply:
+        if step.hidden is not None:
+            session.offer(step.step, step.hidden, "step")
+            hidden, source = step.hidden, "step"
+        else:
+            arrived = await session.take(step.step, self.server.config.push_wait)
+            if arrived is None:
+                return InferenceReply(step=step.step, hidden=None, input_source="missing")
+            hidden, source = arrived
+            if source == "push":
+                self.pushes_used += 1
+            elif source == "client-copy":
+                self.client_copies_used += 1
+        session.check_step(step.position, step.new_tokens, hidden, self.server.model_config.hidden_size)
+        session.steps += 1
+        if self.server.on_step is not None:
+            self.server.on_step(session.steps)
+        try:
+            output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
+        except ValueError as error:
+            raise MalformedMessage(str(error)) from error
+        if step.push_address:
+            pushes.create_task(self._push(step, output))
+            await asyncio.sleep(0)  # let the push leave before the reply
+        return InferenceReply(step=step.step, hidden=output, input_source=source)
+
+    async def _push(self, step: InferenceStep, output: torch.Tensor) -> None:
+        """Sends a step's output to the next server; failures are logged (the client's copy covers them)."""
+        try:
+            connection = self._connections.get(step.push_address)
+            if connection is None:
+                connection = await self.server.endpoint.connect(step.push_address, step.push_key)
+                self._connections[step.push_address] = connection
+            message = PushHidden(token=step.push_token, step=step.step, hidden=output)
+            await connection.call(message, timeout=PUSH_TIMEOUT)
+            self.pushes_sent += 1
+        except SwarmError as error:
+            dropped = self._connections.pop(step.push_address, None)
+            if dropped is not None:
+                await dropped.close()
+            logger.info("push of step %d to %s failed: %s", step.step, step.push_address, error)
