@@ -36,7 +36,7 @@ class Echo(Message):
     caller: bytes = b""
 
 
-async def _echo(request: Echo, context: RequestContext) -> Echo:
+async def echo(request: Echo, context: RequestContext) -> Echo:
     return Echo(request.text, request.tensor, context.peer_key or b"")
 
 
@@ -73,7 +73,7 @@ async def echo_server(args: argparse.Namespace) -> None:
         "force_reachability": "private",
     }
     async with Libp2pEndpoint(daemon_options=options) as endpoint:
-        endpoint.add_handler(Echo, _echo)
+        endpoint.add_handler(Echo, echo)
         await endpoint.bind()
         deadline = time.monotonic() + args.timeout
         while True:
