@@ -306,18 +306,19 @@ class ServerRecord:
             device=read_field(wire, "device", str, ""),
             dtype=read_field(wire, "dtype", str, ""),
             started_at=float(read_field(wire, "started", (int, float), 0.0)),
-            reachability=_read_reachability(wire),
+            reachability=read_reachability(wire, record="server record"),
             libp2p_peer=read_field(wire, "p2p", str, ""),
         )
 
 
-def _read_reachability(wire: Mapping[str, Any]) -> Reachability | None:
+def read_reachability(wire: Mapping[str, Any], *, record: str = "record") -> Reachability | None:
+    """The start-up reachability verdict a record carries (None: a peer from before the check)."""
     if "reach" not in wire:
         return None
     try:
         return Reachability.from_wire(wire["reach"])
     except ValueError as error:
-        raise MalformedRecord(str(error)) from error
+        raise MalformedRecord(f"{record}: {error}") from error
 
 
 def server_record_entries(swarm: str, record: ServerRecord) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ module around in ``peers/`` or ``swarm/`` does not break every test file at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import socket
@@ -191,6 +192,21 @@ class ServingSwarm(ProcessSwarm):
 
 
 # ---------------------------------------------------------------- records
+
+
+@contextlib.contextmanager
+def three_server_swarm(tmp_path: Path):
+    """A tiny 4-block model served by three `swarm join` processes: a 0:2, b 2:3, c 3:4."""
+    from kernels.tiny import write_tiny_checkpoint
+
+    checkpoint = tmp_path / "model"
+    write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=64)
+    with ServingSwarm(tmp_path, checkpoint) as swarm:
+        for name, blocks in (("a", "0:2"), ("b", "2:3"), ("c", "3:4")):
+            swarm.join(name, blocks)
+        swarm.wait_online("a", "b", "c")
+        yield swarm
+
 
 NOW = 1_000_000.0  # the fixed "now" of record-level tests (DHT time, seconds)
 MODEL = ModelRecord(model_id="tiny", config_hash="abc", n_blocks=4)

@@ -36,7 +36,7 @@ class Echo(Message):
     caller: bytes = b""
 
 
-async def _echo(request: Echo, context: RequestContext) -> Echo:
+async def echo(request: Echo, context: RequestContext) -> Echo:
     return Echo(request.text, request.tensor, context.peer_key or b"")
 
 
@@ -73,7 +73,7 @@ async def echo_server(args: argparse.Namespace) -> None:
         "force_reachability": "private",
     }
     async with Libp2pEndpoint(daemon_options=options) as endpoint:
-        endpoint.add_handler(Echo, _echo)
+        endpoint.add_handler(Echo, echo)
         await endpoint.bind()
         deadline = time.monotonic() + args.timeout
         while True:
@@ -90,16 +90,18 @@ async def echo_client(args: argparse.Namespace) -> None:
     async with Libp2pEndpoint(daemon_options={"host_maddrs": ["/ip4/0.0.0.0/tcp/0"]}) as endpoint:
         try:
             deadline = time.monotonic() + args.timeout
-            while True:  # the server may not hold its relay reservation yet: retry, bounded
+            tensor = torch.arange(args.elements, dtype=torch.float32)
+            # The server may not hold its relay reservation yet, and a circuit through a relay
+            # that holds none for it ends: redial and retry, bounded (as a swarm client fails over).
+            while True:
                 try:
                     connection = await endpoint.connect(args.address, args.key.encode())
+                    reply = await connection.call(Echo("through the relay", tensor))
                     break
                 except PeerUnavailable:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(1.0)
-            tensor = torch.arange(args.elements, dtype=torch.float32)
-            reply = await connection.call(Echo("through the relay", tensor))
             _say(
                 "REPLY",
                 {

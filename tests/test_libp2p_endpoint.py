@@ -12,28 +12,15 @@ import struct
 import pytest
 import torch
 
+from tests.netns_roles import Echo, echo  # the same echo service the NAT tests run
 from transport import (
     HandshakeTimeout,
     Libp2pEndpoint,
     Limits,
-    Message,
     PeerUnavailable,
-    RequestContext,
-    message,
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@message("test.libp2p.echo")
-class Echo(Message):
-    text: str
-    tensor: torch.Tensor | None = None
-    caller: bytes = b""
-
-
-async def echo(request: Echo, context: RequestContext) -> Echo:
-    return Echo(request.text, request.tensor, context.peer_key or b"")
 
 
 def run(coroutine, timeout: float = 60.0):

@@ -16,10 +16,9 @@ import torch
 from kernels import load_config, load_local_model
 from kernels.lora import LoraAdapters, LoraConfig, adapter_hash, load_peft, local_forward, save_peft
 from kernels.prompt_tuning import SoftPrompt
-from kernels.tiny import write_tiny_checkpoint
 from swarm.serving.protocol import SpanBackward, SpanForward
 from swarm.serving.remote_training import connect_in_thread
-from tests.harness import ServingSwarm, client_config, wait_until_sync
+from tests.harness import client_config, three_server_swarm, wait_until_sync
 from transport.errors import RemoteError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -30,13 +29,7 @@ ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("finetune")
-    checkpoint = tmp_path / "model"
-    write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=64)
-    with ServingSwarm(tmp_path, checkpoint) as swarm:
-        for name, blocks in (("a", "0:2"), ("b", "2:3"), ("c", "3:4")):
-            swarm.join(name, blocks)
-        swarm.wait_online("a", "b", "c")
+    with three_server_swarm(tmp_path_factory.mktemp("finetune")) as swarm:
         yield swarm
 
 

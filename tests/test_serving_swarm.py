@@ -11,24 +11,17 @@ import pytest
 import torch
 
 from kernels import generate, load_local_model
-from kernels.tiny import write_tiny_checkpoint
 from swarm import NoRouteError
 from swarm.serving import RemoteModel
 from swarm.serving.protocol import ServerStats, StatsRequest
-from tests.harness import NEW_TOKENS, PROMPT, ServingSwarm
+from tests.harness import NEW_TOKENS, PROMPT, three_server_swarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("serving")
-    checkpoint = tmp_path / "model"
-    write_tiny_checkpoint(checkpoint, num_layers=4, hidden_size=64)
-    with ServingSwarm(tmp_path, checkpoint) as swarm:
-        for name, blocks in (("a", "0:2"), ("b", "2:3"), ("c", "3:4")):
-            swarm.join(name, blocks)
-        swarm.wait_online("a", "b", "c")
+    with three_server_swarm(tmp_path_factory.mktemp("serving")) as swarm:
         yield swarm
 
 

@@ -21,7 +21,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from swarm.reachability import Reachability
-from swarm.records import check_name, is_valid_name, namespaced_key, read_field, read_state, read_wire_dict
+from swarm.records import (
+    check_name,
+    is_valid_name,
+    namespaced_key,
+    read_field,
+    read_reachability,
+    read_state,
+    read_wire_dict,
+)
 from swarm.swarm_errors import MalformedRecord
 
 logger = logging.getLogger(__name__)
@@ -204,21 +212,12 @@ class TrainingPeerRecord:
             bandwidth=float(_get(wire, "bw", (int, float))),
             version=_get(wire, "ver", str),
             updated_at=float(_get(wire, "at", (int, float))),
-            reachability=_read_reachability(wire),
+            reachability=read_reachability(wire, record="training record"),
             **named,
         )
         if record.round < 0 or record.inner_step < 0 or record.bandwidth <= 0:
             raise MalformedRecord("round and step must be >= 0 and bandwidth > 0")
         return record
-
-
-def _read_reachability(wire: Mapping[str, Any]) -> Reachability | None:
-    if "reach" not in wire:
-        return None
-    try:
-        return Reachability.from_wire(wire["reach"])
-    except ValueError as error:
-        raise MalformedRecord(f"training record: {error}") from error
 
 
 def parse_run_listing(listing: Mapping[str, Any]) -> dict[str, TrainingPeerRecord]:
