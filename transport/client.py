@@ -20,7 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from transport.control import ErrorReply, Ping, Pong, StreamClose, StreamOpened, raise_error_reply
-from transport.errors import DeadlineExceeded, MalformedMessage, PeerUnavailable, StreamClosed, SwarmError
+from transport.errors import (
+    DeadlineExceeded,
+    HandshakeTimeout,
+    MalformedMessage,
+    PeerUnavailable,
+    StreamClosed,
+    SwarmError,
+)
 from transport.limits import Limits, Timeouts
 from transport.messages import (
     Message,
@@ -95,6 +102,22 @@ class Connection:
             MalformedMessage: the request (or the reply) does not match its declared types.
         """
         return await self._request(request, None, timeout)
+
+    async def confirm_answering(self, address: str, deadline: float) -> None:
+        """Pings the new connection before the connect ``deadline`` (loop time); closes it on failure.
+
+        Raises:
+            HandshakeTimeout: no answer by the deadline.
+            SwarmError: the ping failed otherwise.
+        """
+        try:
+            await self.ping(timeout=max(0.001, deadline - asyncio.get_running_loop().time()))
+        except DeadlineExceeded:
+            await self.close()
+            raise HandshakeTimeout(f"{address} did not answer within the connect deadline") from None
+        except BaseException:
+            await self.close()
+            raise
 
     async def ping(self, *, timeout: float | None = None) -> float:
         """Round-trip time to the server in seconds (also checks admission).

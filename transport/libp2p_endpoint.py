@@ -42,7 +42,6 @@ from transport.curve import admission_token
 from transport.endpoint import BaseEndpoint
 from transport.errors import (
     ConfigurationError,
-    DeadlineExceeded,
     HandshakeTimeout,
     MessageTooLarge,
     PeerUnavailable,
@@ -327,14 +326,7 @@ class Libp2pEndpoint(BaseEndpoint):
         )
         self._connections.add(connection)
         connection._on_closed = self._connections.discard
-        try:
-            await connection.ping(timeout=max(0.001, deadline - loop.time()))
-        except DeadlineExceeded:
-            await connection.close()
-            raise HandshakeTimeout(f"{address} did not answer within the connect deadline") from None
-        except BaseException:
-            await connection.close()
-            raise
+        await connection.confirm_answering(address, deadline)
         return connection
 
     async def _close_transport(self) -> None:

@@ -46,7 +46,6 @@ from transport.curve import (
 from transport.endpoint import BaseEndpoint
 from transport.errors import (
     ConfigurationError,
-    DeadlineExceeded,
     HandshakeTimeout,
     NotAuthorized,
     PeerUnavailable,
@@ -432,14 +431,7 @@ class Endpoint(BaseEndpoint):
         except BaseException:
             await connection.close()
             raise
-        try:
-            await connection.ping(timeout=max(0.001, deadline - loop.time()))
-        except DeadlineExceeded:
-            await connection.close()
-            raise HandshakeTimeout(f"{address} did not answer within the connect deadline") from None
-        except BaseException:
-            await connection.close()
-            raise
+        await connection.confirm_answering(address, deadline)
         return connection
 
     async def _close_transport(self) -> None:
