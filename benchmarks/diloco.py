@@ -89,6 +89,25 @@ def evaluate(model, batch: torch.Tensor) -> float:
         return float(language_model_loss(model, batch))
 
 
+def prepare_corpus(setting):
+    """The model config, the corpus tokens, a factory of fresh per-worker samplers, and the held-out batch, for
+    ``setting``: a tiny checkpoint's tokenizer over the standard library's sources."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = write_tiny_checkpoint(directory, num_layers=setting.layers, hidden_size=setting.hidden,
+                                       vocab_size=512)  # fmt: skip
+        tokens = tokenize_corpus(
+            list_text_files(default_corpus_dir()), Path(directory) / "tokenizer.json", setting.corpus_bytes
+        )
+
+    def samplers() -> list[WindowSampler]:
+        return [
+            WindowSampler(tokens, setting.seq_len, seed=worker, holdout_windows=64)
+            for worker in range(setting.workers)
+        ]
+
+    return config, tokens, samplers, samplers()[0].holdout_batch(64)
+
+
 def train_ddp(setting, config, samplers, inner_config, holdout, curve):
     model = init_model(config, seed=0)
     optimizer, schedule = make_inner_optimizer(model, inner_config)
@@ -210,17 +229,7 @@ def main() -> int:
     }
     setting = dataclasses.replace(setting, **overrides)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as directory:
-        config = write_tiny_checkpoint(directory, num_layers=setting.layers, hidden_size=setting.hidden,
-                                       vocab_size=512)  # fmt: skip
-        tokens = tokenize_corpus(
-            list_text_files(default_corpus_dir()), Path(directory) / "tokenizer.json", setting.corpus_bytes
-        )
-    samplers = lambda: [  # noqa: E731
-        WindowSampler(tokens, setting.seq_len, seed=worker, holdout_windows=64)
-        for worker in range(setting.workers)
-    ]
-    holdout = samplers()[0].holdout_batch(64)
+    config, tokens, samplers, holdout = prepare_corpus(setting)
     # Every method decays to 10% over its own steps; DiLoCo's inner steps follow the same schedule.
     inner = DiLoCoConfig(
         inner_lr=args.inner_lr,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +36,7 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.diloco import BLOCK, Setting, evaluate, int8_round_trip
-from kernels.tiny import write_tiny_checkpoint
-from swarm.training.data import WindowSampler, default_corpus_dir, list_text_files, tokenize_corpus
+from benchmarks.diloco import BLOCK, Setting, evaluate, int8_round_trip, prepare_corpus
 from swarm.training.diloco import (
     DiLoCoConfig,
     OuterOptimizer,
@@ -121,17 +118,7 @@ def main() -> int:
                           hidden=128, layers=4, corpus_bytes=10_000_000)  # fmt: skip
         attacks = ["scale", "flip", "nan"]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as directory:
-        config = write_tiny_checkpoint(directory, num_layers=setting.layers, hidden_size=setting.hidden,
-                                       vocab_size=512)  # fmt: skip
-        tokens = tokenize_corpus(
-            list_text_files(default_corpus_dir()), Path(directory) / "tokenizer.json", setting.corpus_bytes
-        )
-    samplers = lambda: [  # noqa: E731
-        WindowSampler(tokens, setting.seq_len, seed=worker, holdout_windows=64)
-        for worker in range(setting.workers)
-    ]
-    holdout = samplers()[0].holdout_batch(64)
+    config, _tokens, samplers, holdout = prepare_corpus(setting)
     inner = DiLoCoConfig(
         inner_lr=2e-3, warmup_steps=setting.inner_steps // 2, total_inner_steps=setting.steps
     )
