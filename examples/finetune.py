@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> None:
         ids = model.encode(TEXT)[:, : args.seq_len + 1]
         inputs, labels = ids[:, :-1], ids[:, 1:]
         prompt = model.encode("def add(")
-        before = model.training.generate(prompt, args.max_new_tokens)
+        before = client.run(model.generate(prompt, args.max_new_tokens))
         adapters = LoraAdapters(model.model_config, LoraConfig(rank=8, alpha=16, targets=("q", "v")))
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=args.lr)
         for step in range(1, args.steps + 1):
@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> None:
             optimizer.step()
             print(f"step {step:3d}  loss {loss.item():.4f}", flush=True)
         save_peft(adapters, args.out, base_model=args.model)
-        after = model.training.generate(prompt, args.max_new_tokens, adapters=adapters)
+        # The servers apply the adapter in the generation's KV-cached sessions.
+        after = client.run(model.generate(prompt, args.max_new_tokens, adapter=adapters))
         print("before:", repr(model.decode(before[0].tolist())))
         print("after: ", repr(model.decode(after[0].tolist())))
         print(f"adapter saved to {args.out}")

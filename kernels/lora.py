@@ -155,26 +155,57 @@ def adapter_hash(tensors: dict[str, torch.Tensor], scaling: float) -> bytes:
     return digest.digest()
 
 
-# Maps id(linear) -> (A (r, in), B (out, r), scaling) while a `lora_applied` context is open.
-_ACTIVE: contextvars.ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None] = (
-    contextvars.ContextVar("active_lora", default=None)
+@dataclass(frozen=True)
+class RowAdapters:
+    """The adapters of ``rows`` consecutive rows of a batch (several clients' requests in one forward).
+
+    Attributes:
+        rows: how many rows (the groups of a batch follow each other in order).
+        tensors: wire names -> tensors stacked over the blocks run; None: these rows run unadapted.
+        scaling: the low-rank term's factor.
+    """
+
+    rows: int
+    tensors: dict[str, torch.Tensor] | None
+    scaling: float = 1.0
+
+
+# Maps id(linear) -> [(rows, A (r, in) | None, B (out, r) | None, scaling)] (one entry per row
+# group, in batch order; a single group covers the whole batch) while a context is open.
+_ACTIVE: contextvars.ContextVar[dict[int, list[tuple]] | None] = contextvars.ContextVar(
+    "active_lora", default=None
 )
 _HOOKED = "_lora_hook_attached"
 
 
 def _add_low_rank(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     active = _ACTIVE.get()
-    entry = None if active is None else active.get(id(module))
-    if entry is None:
+    groups = None if active is None else active.get(id(module))
+    if groups is None:
         return output
-    a, b, scaling = entry
     x = inputs[0]
-    return output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
+    if len(groups) == 1:
+        _, a, b, scaling = groups[0]
+        if a is None:
+            return output
+        return output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
+    parts, row = [], 0
+    for rows, a, b, scaling in groups:  # each group's rows with its own adapters
+        part = output[row : row + rows]
+        if a is not None:
+            part = part + F.linear(F.linear(x[row : row + rows], a.to(x.dtype)), b.to(x.dtype)) * scaling
+        parts.append(part)
+        row += rows
+    return torch.cat(parts)
 
 
 def attach_hooks(span: BlockSpan, targets: tuple[str, ...] = tuple(TARGET_MODULES)) -> None:
     """Adds the (dormant) LoRA hook to the targets of every block of ``span``, once."""
-    for block in span.blocks:
+    _attach(span.blocks, targets)
+
+
+def _attach(blocks, targets: tuple[str, ...]) -> None:
+    for block in blocks:
         for target in targets:
             module = block.get_submodule(TARGET_MODULES[target])
             if not getattr(module, _HOOKED, False):
@@ -185,13 +216,27 @@ def attach_hooks(span: BlockSpan, targets: tuple[str, ...] = tuple(TARGET_MODULE
 @contextlib.contextmanager
 def lora_applied(span: BlockSpan, tensors: dict[str, torch.Tensor], scaling: float) -> Iterator[None]:
     """Runs ``span`` with the adapters ``tensors`` (wire names, stacked over the span's blocks)."""
-    targets = tuple(sorted({name.split(".")[0] for name in tensors}))
-    attach_hooks(span, targets)
-    active = {}
-    for index, block in enumerate(span.blocks):
+    with lora_on_blocks(list(span.blocks), [RowAdapters(0, tensors, scaling)]):
+        yield
+
+
+@contextlib.contextmanager
+def lora_on_blocks(blocks, groups: list[RowAdapters]) -> Iterator[None]:
+    """Runs ``blocks`` (a list of blocks) with each row group's adapters (stacked over ``blocks``).
+
+    One group applies to the whole batch whatever its ``rows``; several split the batch in order.
+    """
+    targets = tuple(sorted({name.split(".")[0] for g in groups if g.tensors for name in g.tensors}))
+    _attach(blocks, targets)
+    active: dict[int, list[tuple]] = {}
+    for index, block in enumerate(blocks):
         for target in targets:
             module = block.get_submodule(TARGET_MODULES[target])
-            active[id(module)] = (tensors[f"{target}.A"][index], tensors[f"{target}.B"][index], scaling)
+            active[id(module)] = [
+                (g.rows, g.tensors[f"{target}.A"][index], g.tensors[f"{target}.B"][index], g.scaling)
+                if g.tensors and f"{target}.A" in g.tensors else (g.rows, None, None, g.scaling)
+                for g in groups
+            ]  # fmt: skip
     token = _ACTIVE.set(active)
     try:
         yield
@@ -252,11 +297,20 @@ def load_peft(config: ModelConfig, directory: str | Path) -> LoraAdapters:
 def local_forward(
     model, input_ids: torch.Tensor, adapters: LoraAdapters | None = None, prompt=None
 ) -> torch.Tensor:
-    """A ``LocalModel``'s logits with LoRA ``adapters`` and a ``SoftPrompt`` (the local reference
-    that training through the swarm must equal): (batch, virtual + seq, vocab) float32."""
+    """A ``LocalModel``'s logits with LoRA ``adapters`` and a ``SoftPrompt`` or ``DeepPrompt`` (the
+    local reference that training through the swarm must equal): (batch, virtual + seq, vocab) float32."""
     hidden = model.client.embed(input_ids)
     if prompt is not None:
         hidden = prompt.prepend(hidden)
+    deep = getattr(prompt, "intermediate", None)  # a DeepPrompt: its vectors before every block
+    if deep is not None:
+        from kernels.span_training import run_span_blocks  # it builds on this module
+
+        lora = None
+        if adapters is not None:
+            tensors = adapters.span_tensors(model.span.start, model.span.end)
+            lora = [RowAdapters(input_ids.shape[0], tensors, adapters.lora.scaling)]
+        return model.client.logits(run_span_blocks(model.span, hidden, lora, deep))
     if adapters is None:
         return model.client.logits(model.span(hidden))
     tensors = adapters.span_tensors(model.span.start, model.span.end)

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
                         "for several (default: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     parser.add_argument("--adapter", default="", help="a PEFT adapter folder (LoRA or soft prompt, e.g. from "
-                        "`swarm finetune`): greedy, re-running the prefix each token (default: none)")  # fmt: skip
+                        "`swarm finetune`) the servers apply in this generation's sessions (default: none)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main, fix_arguments=lambda args: split_prompt_from_peers(args, parser))
 
@@ -98,15 +98,13 @@ async def _generate(args: argparse.Namespace) -> int:
                      "repetition_penalty": args.repetition_penalty}  # fmt: skip
             chosen = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
             sampling = Sampling(**chosen, stop=tuple(args.stop), seed=args.seed)
-            if args.adapter:
-                await _generate_with_adapter(model, args)
-                return 0
+            adapter = args.adapter or None  # the servers' sessions apply it (session_adapters.py)
             if args.chat:
                 messages = [{"role": "system", "content": args.system}] if args.system else []
                 messages.append({"role": "user", "content": args.prompt})
-                stream = model.stream_chat(messages, args.max_new_tokens, sampling=sampling)
+                stream = model.stream_chat(messages, args.max_new_tokens, sampling=sampling, adapter=adapter)
             else:
-                stream = model.stream(args.prompt, args.max_new_tokens, sampling=sampling)
+                stream = model.stream(args.prompt, args.max_new_tokens, sampling=sampling, adapter=adapter)
             async for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -118,15 +116,3 @@ async def _generate(args: argparse.Namespace) -> int:
         logger.error("generation failed: %s", error)
         return 1
     return 0
-
-
-async def _generate_with_adapter(model, args: argparse.Namespace) -> None:
-    """Greedy generation with a fine-tuned adapter (``swarm/serving/remote_training.py``)."""
-    import asyncio
-
-    from swarm.serving.finetune_run import load_adapter
-
-    adapters, prompt = load_adapter(model.model_config, args.adapter)
-    ids = model.encode(args.prompt)
-    output = await asyncio.to_thread(model.training.generate, ids, args.max_new_tokens, adapters, prompt)
-    sys.stdout.write(model.decode(output[0, ids.shape[1] :].tolist()) + "\n")

@@ -1,7 +1,7 @@
 """LoRA and soft prompts in kernels: the hook adds exactly PEFT's ``scaling * B A x`` only inside
 ``lora_applied`` (a concurrent forward outside it is untouched), QLoRA-style through quantized
 linears, the PEFT layouts round-trip, adapters from the network are validated; the servers'
-adapter cache is bounded and expires (injected clock)."""
+adapter cache is bounded and expires (injected clock)."""  # row groups, deep prompts, checkpointing: test_kernels_span_training.py
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kernels.lora import (
 )
 from kernels.prompt_tuning import SoftPrompt, load_prompt_peft, save_prompt_peft
 from kernels.tiny import write_tiny_checkpoint
-from swarm.serving.training_server import AdapterCache
+from swarm.serving.adapter_cache import AdapterCache, ServedAdapter
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 300]])
 
@@ -133,11 +133,11 @@ def test_adapter_cache_is_bounded_and_expires():
     now = [0.0]
     cache = AdapterCache(max_entries=2, ttl=10.0, clock=lambda: now[0])
     one = {"q.A": torch.zeros(1)}
-    cache.put(b"a", one, 1.0)
-    cache.put(b"b", one, 1.0)
+    cache.put(ServedAdapter(b"a", one, 1.0))
+    cache.put(ServedAdapter(b"b", one, 1.0))
     now[0] = 5.0
     assert cache.get(b"a") is not None  # used: now the most recent
-    cache.put(b"c", one, 1.0)  # evicts b, the least recently used
+    cache.put(ServedAdapter(b"c", one, 1.0))  # evicts b, the least recently used
     assert cache.get(b"b") is None and len(cache) == 2
     now[0] = 14.0
     assert cache.get(b"a") is not None and cache.get(b"c") is not None

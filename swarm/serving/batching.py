@@ -2,7 +2,8 @@
 
 Steps queue while a forward runs (in a worker thread, so the event loop keeps taking
 messages); the next forward takes every queued step with the same number of new
-tokens. One step runs straight on its session's cache. Several are gathered into a
+tokens and the same LoRA adapter (a session opened with one, ``adapter_cache.py``; applied
+with ``kernels.lora.lora_applied``). One step runs straight on its session's cache. Several are gathered into a
 temporary cache of the group's rows (``kernels.gather_prefixes`` copies each row's
 prefix in, ``kernels.scatter_new_tokens`` the new positions back): the copies cost
 far less than a forward per session because the weights are read once for the whole
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BlockSpan, KVCache, gather_prefixes, scatter_new_tokens
+from kernels.lora import lora_applied
 
 
 @dataclass
@@ -27,6 +29,7 @@ class _Pending:
     hidden: torch.Tensor  # (rows, new_tokens, hidden)
     position: int
     future: asyncio.Future
+    adapter: object = None  # a ServedAdapter (tensors stacked over the span's blocks) or None
 
 
 class StepBatcher:
@@ -46,14 +49,16 @@ class StepBatcher:
         self._wake = asyncio.Event()
         self._param = next(span.parameters())
 
-    async def step(self, cache: KVCache, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def step(self, cache: KVCache, hidden: torch.Tensor, position: int, adapter=None) -> torch.Tensor:
         """Appends hidden (rows, new_tokens, hidden) at ``position`` of every row; returns the output.
+
+        ``adapter``: LoRA adapters (a ``ServedAdapter``) this session's steps run with.
 
         Raises:
             ValueError: the cache cannot hold the new tokens.
         """
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(cache, hidden, position, future))
+        self._queue.append(_Pending(cache, hidden, position, future, adapter))
         self._wake.set()
         return await future
 
@@ -76,11 +81,11 @@ class StepBatcher:
                         item.future.set_result(output)
 
     def _take_group(self) -> list[_Pending]:
-        new_tokens = self._queue[0].hidden.shape[1]
+        new_tokens, adapter = self._queue[0].hidden.shape[1], _adapter_key(self._queue[0])
         group, rest, rows = [], [], 0
         for item in self._queue:
             fits = rows + item.hidden.shape[0] <= self.max_rows or not group
-            if item.hidden.shape[1] == new_tokens and fits:
+            if item.hidden.shape[1] == new_tokens and _adapter_key(item) == adapter and fits:
                 group.append(item)
                 rows += item.hidden.shape[0]
             else:
@@ -88,8 +93,15 @@ class StepBatcher:
         self._queue = rest
         return group
 
-    @torch.inference_mode()
     def _forward(self, group: list[_Pending]) -> list[torch.Tensor]:
+        adapter = group[0].adapter
+        if adapter is None:
+            return self._forward_group(group)
+        with lora_applied(self.span, adapter.tensors, adapter.scaling):
+            return self._forward_group(group)
+
+    @torch.inference_mode()
+    def _forward_group(self, group: list[_Pending]) -> list[torch.Tensor]:
         self.forwards += 1
         for item in group:
             if item.position + item.hidden.shape[1] > item.cache.max_length:
@@ -117,6 +129,10 @@ class StepBatcher:
             output[offset : offset + count].to(item.hidden.dtype)
             for item, offset, count in zip(group, offsets, rows, strict=True)
         ]
+
+
+def _adapter_key(item: _Pending) -> bytes | None:
+    return None if item.adapter is None else item.adapter.key
 
 
 class SpanBatchers:

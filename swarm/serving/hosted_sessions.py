@@ -92,6 +92,7 @@ class HostedSession:
     steps: int = 0  # steps taken so far (replayed ones included)
     owner: object = None  # the peer key that opened it (quotas)
     mailbox_steps: int = 4
+    adapter: object = None  # a ServedAdapter (adapter_cache.py) applied to every step, or None
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -53,6 +53,7 @@ class OpenInference(Message):
     batch: int
     max_length: int
     config_hash: str = ""  # the client's model config hash; a server serving another refuses ("": unchecked)
+    adapter_hash: bytes = b""  # LoRA adapters (``PutAdapter``) applied to every step ("": none)
 
 
 @message("serve.step")
@@ -141,7 +142,8 @@ class ServerStats(Message):
 # ``"<target>.A"`` (blocks, rank, in) / ``"<target>.B"`` (blocks, out, rank) (see
 # ``kernels/lora.py``); the server keeps them by ``adapter_hash`` for a while, so a
 # request may name the hash and leave ``adapters`` empty (``AdapterNotCached`` if it
-# expired: resend them).
+# expired: resend them). Deep prompts (``kernels/deep_prompts.py``) travel with each request: per
+# block of the span, vectors added to the first positions' hidden states before that block.
 
 
 @message("serve.train_forward")
@@ -161,6 +163,7 @@ class SpanForward(Message):
     adapters: dict[str, torch.Tensor] | None = None
     lora_scaling: float = 1.0
     keep: bytes = b""
+    prompts: torch.Tensor | None = None  # deep prompts (blocks, virtual, hidden), added before each block
 
 
 @message("serve.train_forward_reply")
@@ -183,6 +186,7 @@ class SpanBackward(Message):
     adapters: dict[str, torch.Tensor] | None = None
     lora_scaling: float = 1.0
     kept: bytes = b""  # the ``keep`` token of this input's forward on this server (used if still kept)
+    prompts: torch.Tensor | None = None  # deep prompts (blocks, virtual, hidden), as in its forward
 
 
 @message("serve.backward_reply")
@@ -190,6 +194,22 @@ class SpanBackwardReply(Message):
     grad_hidden: torch.Tensor  # (batch, seq, hidden)
     grad_adapters: dict[str, torch.Tensor]  # by wire name; empty without adapters
     reused_forward: bool = False  # the kept activations of the forward were used (no recomputation)
+    grad_prompts: torch.Tensor | None = None  # (blocks, virtual, hidden) when the request had prompts
+
+
+@message("serve.put_adapter")
+class PutAdapter(Message):
+    """Keeps LoRA adapters of blocks ``[start, end)`` on the server, for sessions opened with their hash."""
+
+    start: int
+    end: int
+    adapters: dict[str, torch.Tensor]
+    lora_scaling: float = 1.0
+
+
+@message("serve.put_adapter_reply")
+class PutAdapterReply(Message):
+    adapter_hash: bytes
 
 
 class AdapterNotCached(ServerBusy):

@@ -50,6 +50,7 @@ from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession, first_documented_error
+from swarm.serving.session_adapters import PromptedSession, SessionLora, resolve_adapter
 from swarm.serving.settings import ClientConfig
 from transport import Connection, Endpoint, Timeouts
 from transport.errors import SwarmError
@@ -188,9 +189,17 @@ class RemoteModel:
         """A (cached) connection to ``server`` (``servers.connection_to()``)."""
         return await self.servers.connection_to(server)
 
-    def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
-        """A session whose server caches persist between :meth:`generate` calls (multi-turn)."""
-        return InferenceSession(self.servers, self.config, max_length, batch)
+    def inference_session(self, max_length: int, batch: int = 1, adapter=None) -> InferenceSession:
+        """A session whose server caches persist between :meth:`generate` calls (multi-turn).
+
+        ``adapter``: a fine-tuned adapter every step uses (see ``generate``); a soft prompt's
+        tokens come on top of ``max_length``.
+        """
+        lora, prompt = resolve_adapter(self.model_config, adapter)
+        virtual = 0 if prompt is None else prompt.num_virtual_tokens
+        session = InferenceSession(self.servers, self.config, max_length + virtual, batch,
+                                   None if lora is None else SessionLora(lora))  # fmt: skip
+        return session if prompt is None else PromptedSession(session, prompt)
 
     def forward(self, input_ids: torch.Tensor, *, adapters=None, prompts=None) -> torch.Tensor:
         """Logits (batch, seq, vocab) with autograd through the swarm to ``adapters`` (``LoraAdapters``)
@@ -228,6 +237,7 @@ class RemoteModel:
         stop: Sequence[str] = (),
         seed: int | None = None,
         session: InferenceSession | None = None,
+        adapter=None,
     ) -> str | list[str] | torch.Tensor:
         """Generates a continuation.
 
@@ -237,6 +247,10 @@ class RemoteModel:
             sampling: how tokens are picked; or give its fields as keywords (``temperature``,
                 ``top_k``, ``top_p``, ``repetition_penalty``, ``stop``, ``seed``: see ``Sampling``).
             session: continue in this open session (multi-turn); a fresh one when None.
+            adapter: a fine-tuned adapter: a PEFT folder (LoRA or soft prompt, e.g. from
+                `swarm finetune`), ``LoraAdapters``, a ``SoftPrompt`` or a pair of them; the
+                servers apply LoRA in the session's cached steps (a session of your own takes
+                it at ``inference_session(..., adapter=)``).
         Returns:
             the new text (or list of texts); for ids, the prompt plus the new ids (batch, tokens).
         Raises:
@@ -251,12 +265,17 @@ class RemoteModel:
             try:
                 async with asyncio.TaskGroup() as tasks:
                     runs = [
-                        tasks.create_task(self.generate(p, max_new_tokens, sampling=sampling)) for p in prompt
+                        tasks.create_task(
+                            self.generate(p, max_new_tokens, sampling=sampling, adapter=adapter)
+                        )
+                        for p in prompt
                     ]
             except BaseExceptionGroup as group:  # the documented error, not a group of them
                 raise first_documented_error(group) from None
             return [run.result() for run in runs]
-        pieces = [piece async for piece in self._run(prompt, max_new_tokens, session, sampling)]
+        pieces = [
+            piece async for piece in self._run(prompt, max_new_tokens, session, sampling, adapter=adapter)
+        ]
         if isinstance(prompt, torch.Tensor):
             return torch.cat([prompt.to(torch.int64), *pieces], dim=1) if pieces else prompt
         return "".join(pieces)
@@ -274,11 +293,12 @@ class RemoteModel:
         stop: Sequence[str] = (),
         seed: int | None = None,
         session: InferenceSession | None = None,
+        adapter=None,
     ) -> AsyncIterator[str | torch.Tensor]:
         """Like :meth:`generate`, yielding as tokens are made: text pieces for a text prompt,
         (batch, 1) ids for an ids prompt."""
         sampling = _sampling(sampling, temperature, top_k, top_p, repetition_penalty, stop, seed)
-        return self._run(prompt, max_new_tokens, session, sampling)
+        return self._run(prompt, max_new_tokens, session, sampling, adapter=adapter)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         """``messages`` rendered with the checkpoint's chat template, the assistant's turn
@@ -307,21 +327,29 @@ class RemoteModel:
         max_new_tokens: int = 256,
         *,
         sampling: Sampling | None = None,
+        adapter=None,
     ) -> AsyncIterator[str]:
-        """Like :meth:`chat`, yielding text pieces as they are made."""
+        """Like :meth:`chat`, yielding text pieces as they are made (``adapter``: as in :meth:`generate`)."""
         return self._run(
-            self.chat_prompt(messages), max_new_tokens, None, sampling or Sampling(), as_text=True
+            self.chat_prompt(messages),
+            max_new_tokens,
+            None,
+            sampling or Sampling(),
+            as_text=True,
+            adapter=adapter,
         )
 
     async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling,
-                   as_text: bool = False):  # fmt: skip
+                   as_text: bool = False, adapter=None):  # fmt: skip
+        if session is not None and adapter is not None:
+            raise ValueError("an open session has its adapter already: pass adapter= to inference_session()")
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt.to(torch.int64)
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         decode = self.decode if as_text or isinstance(prompt, str) else None
         eos = self.eos_token_ids
         if session is None:
-            async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
+            async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0], adapter) as own:
                 async for piece in generate_rows(
                     self.pieces, own, ids, max_new_tokens, sampling, decode, eos
                 ):

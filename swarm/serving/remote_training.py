@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.deep_prompts import DeepPrompt
 from kernels.lora import LoraAdapters, adapter_hash
 from swarm import NoRouteError, ServerRecord, Span, find_route
 from swarm.serving.protocol import SpanBackward, SpanForward
@@ -87,31 +88,33 @@ class SpanClient:
 
     async def forward(
         self, span: Span, server: ServerRecord | None, hidden: torch.Tensor,
-        adapters: dict[str, torch.Tensor], scaling: float, keep: bytes = b"",
+        adapters: dict[str, torch.Tensor], scaling: float, keep: bytes = b"", prompts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ServerRecord | None]:  # fmt: skip
         """Runs ``span`` over ``hidden`` on ``server`` (or another chain if it fails).
 
         Args:
             keep: a token under which the server keeps the activations for the backward.
+            prompts: deep prompts of the span's blocks (blocks, virtual, hidden), or None.
         Returns:
             the output, and the server that ran the whole span (None if a chain did).
         """
         return await self._with_failover(
-            span, server, lambda route: self._forward_route(route, hidden, adapters, scaling, keep)
+            span, server, lambda route: self._forward_route(route, hidden, adapters, scaling, keep, prompts)
         )
 
     async def backward(
         self, span: Span, server: ServerRecord | None, hidden: torch.Tensor, grad_output: torch.Tensor,
-        adapters: dict[str, torch.Tensor], scaling: float, kept: bytes = b"",
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """Gradients of ``span``'s input and adapters on ``server`` (or another chain if it fails).
+        adapters: dict[str, torch.Tensor], scaling: float, kept: bytes = b"", prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        """Gradients of ``span``'s input, adapters and deep prompts on ``server`` (or another chain if
+        it fails); the prompts' is None without prompts.
 
         ``kept``: the forward's ``keep`` token (that server skips recomputing the forward).
         """
         result, _ = await self._with_failover(
             span,
             server,
-            lambda route: self._backward_route(route, hidden, grad_output, adapters, scaling, kept),
+            lambda route: self._backward_route(route, hidden, grad_output, adapters, scaling, kept, prompts),
         )
         return result
 
@@ -133,34 +136,42 @@ class SpanClient:
                 route = None
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _forward_route(self, route, hidden, adapters, scaling, keep: bytes) -> torch.Tensor:
+    async def _forward_route(self, route, hidden, adapters, scaling, keep: bytes, prompts) -> torch.Tensor:
         for server, span in route:
-            message = dict(
-                start=span.start, end=span.end, hidden=hidden, keep=keep if len(route) == 1 else b""
-            )
+            message = dict(start=span.start, end=span.end, hidden=hidden, keep=keep if len(route) == 1 else b"",
+                           prompts=_sub_prompts(prompts, route[0][1], span))  # fmt: skip
             reply = await self._call(
                 server, SpanForward, message, _sub_adapters(adapters, route[0][1], span), scaling
             )
             hidden = reply.hidden
         return hidden
 
-    async def _backward_route(self, route, hidden, grad_output, adapters, scaling, kept: bytes):
+    async def _backward_route(self, route, hidden, grad_output, adapters, scaling, kept: bytes, prompts):
         inputs = [hidden]
         for server, span in route[:-1]:  # a chain: recompute the inputs of its later hops
-            message = dict(start=span.start, end=span.end, hidden=inputs[-1])
+            message = dict(start=span.start, end=span.end, hidden=inputs[-1],
+                           prompts=_sub_prompts(prompts, route[0][1], span))  # fmt: skip
             sub = _sub_adapters(adapters, route[0][1], span)
             inputs.append((await self._call(server, SpanForward, message, sub, scaling)).hidden)
         grads: list[dict[str, torch.Tensor]] = []
+        grad_prompts: list[torch.Tensor] = []
         for (server, span), span_input in zip(reversed(route), reversed(inputs), strict=True):
             message = dict(start=span.start, end=span.end, hidden=span_input, grad_output=grad_output,
-                           kept=kept if len(route) == 1 else b"")  # fmt: skip
+                           kept=kept if len(route) == 1 else b"",
+                           prompts=_sub_prompts(prompts, route[0][1], span))  # fmt: skip
             sub = _sub_adapters(adapters, route[0][1], span)
             reply = await self._call(server, SpanBackward, message, sub, scaling)
             self.reused_forwards += reply.reused_forward
             grad_output = reply.grad_hidden
             grads.insert(0, reply.grad_adapters)
+            if prompts is not None:
+                if reply.grad_prompts is None:
+                    raise _HopFailed(
+                        server, RemoteError("MalformedMessage", "no gradient of the prompts came back")
+                    )
+                grad_prompts.insert(0, reply.grad_prompts)
         joined = {name: torch.cat([g[name] for g in grads]) for name in adapters}
-        return grad_output, joined
+        return grad_output, joined, torch.cat(grad_prompts) if prompts is not None else None
 
     async def _call(
         self, server: ServerRecord, kind, fields: dict, adapters: dict[str, torch.Tensor], scaling
@@ -193,20 +204,29 @@ def _sub_adapters(adapters: dict[str, torch.Tensor], whole: Span, part: Span) ->
     return {name: tensor[lo:hi].contiguous() for name, tensor in adapters.items()}
 
 
+def _sub_prompts(prompts: torch.Tensor | None, whole: Span, part: Span) -> torch.Tensor | None:
+    """The deep prompts of blocks ``part`` out of those of ``whole``."""
+    return (
+        None if prompts is None else prompts[part.start - whole.start : part.end - whole.start].contiguous()
+    )
+
+
 class _SpanHop(torch.autograd.Function):
     """One hop of the route: forward and backward of a span on a server."""
 
     @staticmethod
-    def forward(ctx, hop: _HopContext, hidden: torch.Tensor, *adapter_values: torch.Tensor) -> torch.Tensor:
-        adapters = dict(zip(hop.names, (v.detach() for v in adapter_values), strict=True))
+    def forward(ctx, hop: _HopContext, hidden: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        # values: the adapters' tensors (in hop.names' order), then the deep prompts if any
+        adapters = dict(zip(hop.names, (v.detach() for v in values[: len(hop.names)]), strict=True))
+        prompts = values[-1].detach() if hop.prompted else None
         keep = secrets.token_bytes(8) if hop.needs_grad else b""
         output, server = hop.run(
-            hop.client.forward(hop.span, hop.server, hidden.detach(), adapters, hop.scaling, keep)
+            hop.client.forward(hop.span, hop.server, hidden.detach(), adapters, hop.scaling, keep, prompts)
         )
         # The backward goes where the forward ran (its activations may be kept there).
         hop.kept = keep if server is not None else b""
         hop.server = server or hop.server
-        ctx.hop, ctx.adapters = hop, adapters
+        ctx.hop, ctx.adapters, ctx.prompts = hop, adapters, prompts
         ctx.save_for_backward(hidden)
         return output
 
@@ -214,17 +234,19 @@ class _SpanHop(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (hidden,) = ctx.saved_tensors
         hop = ctx.hop
-        grad_hidden, grad_adapters = hop.run(hop.client.backward(
-            hop.span, hop.server, hidden.detach(), grad_output.contiguous(), ctx.adapters, hop.scaling, hop.kept
+        grad_hidden, grad_adapters, grad_prompts = hop.run(hop.client.backward(
+            hop.span, hop.server, hidden.detach(), grad_output.contiguous(), ctx.adapters, hop.scaling, hop.kept,
+            ctx.prompts,
         ))  # fmt: skip
-        return (None, grad_hidden, *(grad_adapters[name] for name in hop.names))
+        extra = (grad_prompts,) if hop.prompted else ()
+        return (None, grad_hidden, *(grad_adapters[name] for name in hop.names), *extra)
 
 
 class _HopContext:
     def __init__(self, client: SpanClient, loop, span: Span, server: ServerRecord, names, scaling: float,
-                 needs_grad: bool):  # fmt: skip
+                 needs_grad: bool, prompted: bool = False):  # fmt: skip
         self.client, self.loop, self.span, self.server = client, loop, span, server
-        self.names, self.scaling, self.needs_grad = names, scaling, needs_grad
+        self.names, self.scaling, self.needs_grad, self.prompted = names, scaling, needs_grad, prompted
         self.kept = b""
 
     def run(self, coroutine):
@@ -265,8 +287,11 @@ class RemoteTraining:
         for parameter in model.pieces.parameters():  # the embeddings and head stay frozen
             parameter.requires_grad_(False)
 
-    def hidden(self, hidden: torch.Tensor, adapters: LoraAdapters | None = None) -> torch.Tensor:
-        """Runs every block over ``hidden`` (batch, seq, hidden) with autograd through the swarm."""
+    def hidden(self, hidden: torch.Tensor, adapters: LoraAdapters | None = None, deep=None) -> torch.Tensor:
+        """Runs every block over ``hidden`` (batch, seq, hidden) with autograd through the swarm.
+
+        ``deep``: a ``DeepPrompt`` whose per-block vectors the servers add (its input vectors
+        must already be in ``hidden``)."""
         n_blocks = self.model.model_config.num_layers
         route = run_on_loop(self.loop, self.client.route(0, n_blocks))
         scaling = adapters.lora.scaling if adapters is not None else 1.0
@@ -274,11 +299,16 @@ class RemoteTraining:
         for server, span in route:
             tensors = adapters.span_tensors(span.start, span.end) if adapters is not None else {}
             names = tuple(sorted(tensors))
-            needs_grad = torch.is_grad_enabled() and (
-                hidden.requires_grad or any(tensors[name].requires_grad for name in names)
+            values = [tensors[name] for name in names] + (
+                [deep.span_prompts(span.start, span.end)] if deep else []
             )
-            hop = _HopContext(self.client, self.loop, span, server, names, scaling, needs_grad)
-            hidden = _SpanHop.apply(hop, hidden, *(tensors[name] for name in names))
+            needs_grad = torch.is_grad_enabled() and (
+                hidden.requires_grad or any(v.requires_grad for v in values)
+            )
+            hop = _HopContext(
+                self.client, self.loop, span, server, names, scaling, needs_grad, deep is not None
+            )
+            hidden = _SpanHop.apply(hop, hidden, *values)
         return hidden
 
     def forward(
@@ -288,28 +318,25 @@ class RemoteTraining:
 
         Args:
             adapters: LoRA adapters applied on the servers' blocks.
-            prompts: a ``SoftPrompt`` prepended to the embeddings (its positions come first in the logits).
+            prompts: a ``SoftPrompt`` prepended to the embeddings (its positions come first in the
+                logits), or a ``DeepPrompt`` (prepended too, and its per-block vectors sent to the servers).
         """
         pieces = self.model.pieces
         hidden = pieces.embed(input_ids)
         if prompts is not None:
             hidden = prompts.prepend(hidden)
-        return pieces.logits(self.hidden(hidden, adapters))
+        deep = prompts if isinstance(prompts, DeepPrompt) else None
+        return pieces.logits(self.hidden(hidden, adapters, deep))
 
     def generate(
         self, input_ids: torch.Tensor, max_new_tokens: int, adapters: LoraAdapters | None = None, prompts=None
     ) -> torch.Tensor:
-        """Greedy continuation with the adapters: ids (batch, tokens + max_new_tokens).
-
-        Each token runs the whole prefix again (stateless passes, no attention cache on
-        the servers): right for checking an adapter, slow for long texts.
-        """
-        ids = input_ids.to(torch.int64)
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                logits = self.forward(ids, adapters, prompts)
-                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return ids
+        """Greedy continuation with the adapters, ids (batch, tokens + max_new_tokens), from a thread
+        other than the model's loop: ``RemoteModel.generate(ids, n, adapter=(adapters, prompts))``
+        (KV-cached sessions that apply the adapters on the servers)."""
+        return run_on_loop(
+            self.loop, self.model.generate(input_ids, max_new_tokens, adapter=(adapters, prompts))
+        )
 
 
 class connect_in_thread:

@@ -118,6 +118,7 @@ class InferenceServer:
         self.started_at = time.time()
         self.batchers = SpanBatchers(config.max_batch_rows)
         self.steps = StepService(self)  # the inference protocol's handlers (steps.py)
+        self.training = TrainingService(self)  # fine-tuning: forward/backward with client adapters
         self.tasks: asyncio.TaskGroup | None = None  # the running server's task group (batchers run in it)
         self._moved_from: list[Span] = []
         self._model_record: dict | None = None
@@ -136,16 +137,16 @@ class InferenceServer:
         )
         await announcer.announce_once()  # JOINING: others see the span being filled
         self.blocks = await asyncio.to_thread(self.loader.load, self.span)
-        training = TrainingService(self)  # fine-tuning: forward/backward with client adapters
         for endpoint in (self.endpoint, *([self.relayed.endpoint] if self.relayed else [])):
             self.steps.register(endpoint)
             endpoint.add_handler(StatsRequest, self._stats)
-            training.register(endpoint)
+            self.training.register(endpoint)
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             self.state = ServerState.ONLINE
             await announcer.announce_once()
             announcer_task = tasks.create_task(announcer.run())
+            tasks.create_task(self.training.run())  # batches fine-tuning requests
             if self.config.blocks == "auto" and self.config.rebalance_period > 0:
                 tasks.create_task(self.rebalance_periodically(announcer, stop))
             if on_online is not None:

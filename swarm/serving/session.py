@@ -96,13 +96,15 @@ class InferenceSession:
         config: deadlines and failover policy.
         max_length: tokens per row the servers reserve.
         batch: rows.
+        lora: a ``SessionLora`` (``session_adapters.py``) every hop applies, or None.
     """
 
-    def __init__(self, servers: ServerPool, config: ClientConfig, max_length: int, batch: int = 1):
+    def __init__(self, servers: ServerPool, config: ClientConfig, max_length: int, batch: int = 1, lora=None):
         self.servers = servers
         self.config = config
         self.max_length = max_length
         self.batch = batch
+        self.lora = lora
         self.position = 0
         self.chain: list[_Hop] = []
         self.failovers = 0
@@ -352,7 +354,10 @@ class InferenceSession:
         connection = await self.servers.connection_to(server)
         opening = OpenInference(token=token, start=span.start, end=span.end, batch=self.batch,
                                 max_length=self.max_length, config_hash=self.servers.config_hash)  # fmt: skip
-        stream = await connection.open_stream(opening, timeout=self.config.open_timeout)
+        if self.lora is not None:  # with the adapter's hash (uploaded if the server lacks it)
+            stream = await self.lora.open_stream(connection, opening, self.config.open_timeout)
+        else:
+            stream = await connection.open_stream(opening, timeout=self.config.open_timeout)
         return _Hop(server, span, stream, token)
 
 

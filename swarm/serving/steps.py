@@ -117,6 +117,9 @@ class StepService:
             raise MalformedMessage(
                 f"max_length {opening.max_length} exceeds the model's {self.server.model_config.max_position_embeddings}"
             )
+        adapter = None
+        if opening.adapter_hash:  # LoRA for every step (AdapterNotCached: the client uploads it)
+            adapter = self.server.training.session_adapter(opening.start, opening.end, opening.adapter_hash)
         batcher = self.server.batchers.acquire(
             opening.start,
             opening.end,
@@ -132,6 +135,7 @@ class StepService:
         except BaseException:
             self.server.batchers.release(batcher)
             raise
+        session.adapter = adapter
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
@@ -174,7 +178,8 @@ class StepService:
         if self.server.on_step is not None:
             self.server.on_step(session.steps)
         try:
-            output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
+            # (batch, new_tokens, hidden)
+            output = await batcher.step(session.cache, hidden, step.position, session.adapter)
         except ValueError as error:
             raise MalformedMessage(str(error)) from error
         if step.push_address:
