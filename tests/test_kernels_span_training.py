@@ -42,7 +42,9 @@ def test_row_groups_use_their_own_adapters(model):
     first, second = _lora(model, 1), _lora(model, 2, targets=("k", "up"))
     with torch.no_grad():
         grouped = run_span_blocks(
-            model.span, hidden, [RowAdapters(1, first, 2.0), RowAdapters(1, None), RowAdapters(1, second, 0.5)]
+            model.span,
+            hidden,
+            [RowAdapters(1, first, 2.0), RowAdapters(1, None), RowAdapters(1, second, 0.5)],
         )
         with lora_applied(model.span, first, 2.0):
             alone_first = model.span(hidden[:1])
@@ -99,7 +101,11 @@ def test_checkpointing_keeps_fewer_bytes_for_the_same_gradients(model):
 def _jobs(model, kind: str) -> list[TrainingJob]:
     hidden = model.client.embed(IDS).detach()
     prompts = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(7)) * 0.3
-    adapters = [ServedAdapter(b"1", _lora(model, 1), 2.0), None, ServedAdapter(b"2", _lora(model, 2, ("o",)), 1.0)]
+    adapters = [
+        ServedAdapter(b"1", _lora(model, 1), 2.0),
+        None,
+        ServedAdapter(b"2", _lora(model, 2, ("o",)), 1.0),
+    ]
     grad = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(8))
     return [
         TrainingJob(kind, 0, 3, hidden[i : i + 1], adapters[i], prompts * (i + 1), grad[i : i + 1] if kind == "backward" else None)
