@@ -1,7 +1,8 @@
 """Fine-tuning through real `swarm join` processes on 127.0.0.1: gradients of LoRA and
 soft-prompt parameters through 3 and 2 servers equal local autograd and `transformers` +
 `peft` (float32, 1e-5); a trained adapter saved in the PEFT layout gives through `peft`
-locally the logits the swarm gives; malformed backward requests get clear errors and
+locally the logits the swarm gives; malformed backward requests (deep prompts and adapter
+uploads included) get clear errors and
 the server keeps serving; a server SIGKILLed between forward and backward, or before the
 forward, is replaced with the same gradients; a request over a server's token budget is
 refused as busy; `swarm finetune` trains, resumes and saves on Ctrl-C."""
@@ -16,7 +17,7 @@ import torch
 from kernels import load_config, load_local_model
 from kernels.lora import LoraAdapters, LoraConfig, adapter_hash, load_peft, local_forward, save_peft
 from kernels.prompt_tuning import SoftPrompt
-from swarm.serving.protocol import SpanBackward, SpanForward
+from swarm.serving.protocol import PutAdapter, SpanBackward, SpanForward
 from swarm.serving.remote_training import connect_in_thread
 from tests.harness import client_config, three_server_swarm, wait_until_sync
 from transport.errors import RemoteError
@@ -240,6 +241,11 @@ def test_malformed_backward_requests_get_clear_errors_and_server_keeps_serving(s
         "does not match": backward(adapter_hash=b"x" * 16),
         "hidden must be float": backward(hidden=torch.ones(1, 5, 32)),
         "not inside this server's span": backward(start=2, end=4),
+        "prompts must have shape": backward(prompts=torch.zeros(3, 2, 64)),
+        "prompts holds NaN": backward(prompts=torch.full((2, 2, 64), float("nan"))),
+        "adapters: adapter q.[AB] must have": PutAdapter(
+            start=0, end=2, adapters=wrong_adapter, lora_scaling=2.0
+        ),
     }
     try:
         for expected, message in cases.items():
