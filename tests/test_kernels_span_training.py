@@ -2,7 +2,7 @@
 alone; deep prompts with zero per-block vectors are a soft prompt, and their gradients match a
 hand-written loop; activation checkpointing gives the same gradients while autograd keeps fewer
 bytes; the servers' training batcher runs concurrent requests as one batch with the results and
-gradients each would get alone."""
+gradients each would get alone, and sessions of different adapters share a step."""
 
 from __future__ import annotations
 
@@ -143,3 +143,43 @@ def _flatten(result) -> list[torch.Tensor]:
         return [result]
     grad_hidden, grad_adapters, grad_prompts = result
     return [grad_hidden, *(grad_adapters[name] for name in sorted(grad_adapters)), grad_prompts]
+
+
+def test_session_steps_with_different_adapters_batch_with_the_outputs_they_get_alone(model):
+    """The inference batcher: sessions opened with different LoRA adapters (or none) share a forward."""
+    from swarm.serving.batching import StepBatcher
+
+    adapters = [
+        ServedAdapter(b"1", _lora(model, 1), 2.0),
+        None,
+        ServedAdapter(b"2", _lora(model, 2, ("up",)), 0.5),
+    ]
+    generator = torch.Generator().manual_seed(11)
+    prefixes = [
+        torch.randn(rows, length, 64, generator=generator) for rows, length in ((2, 4), (1, 6), (1, 3))
+    ]
+    steps = [torch.randn(p.shape[0], 1, 64, generator=generator) for p in prefixes]
+
+    async def scenario(together: bool):
+        batcher = StepBatcher(model.span, max_rows=64)
+        runner = asyncio.create_task(batcher.run())
+        caches = [model.span.allocate_cache(p.shape[0], 8) for p in prefixes]
+        for cache, prefix, adapter in zip(caches, prefixes, adapters, strict=True):
+            await batcher.step(cache, prefix, 0, adapter)
+        calls = [
+            batcher.step(c, s, p.shape[1], a)
+            for c, s, p, a in zip(caches, steps, prefixes, adapters, strict=True)
+        ]
+        outputs = await asyncio.gather(*calls) if together else [await call for call in calls]
+        runner.cancel()
+        return outputs, batcher.batched_steps
+
+    alone, batched_alone = asyncio.run(scenario(False))
+    together, batched = asyncio.run(scenario(True))
+    assert (batched_alone, batched) == (0, 3)
+    for mine, theirs in zip(together, alone, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lora_applied(model.span, adapters[0].tensors, 2.0):  # the adapter is applied
+        cache = model.span.allocate_cache(2, 8)
+        model.span(prefixes[0], cache)
+        torch.testing.assert_close(alone[0], model.span(steps[0], cache), rtol=1e-5, atol=1e-5)

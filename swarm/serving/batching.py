@@ -2,9 +2,9 @@
 
 Steps queue while a forward runs (in a worker thread, so the event loop keeps taking
 messages); the next forward takes every queued step with the same number of new
-tokens and the same LoRA adapter (a session opened with one, ``adapter_cache.py``; applied
-with ``kernels.lora.lora_applied``). One step runs straight on its session's cache. Several are gathered into a
-temporary cache of the group's rows (``kernels.gather_prefixes`` copies each row's
+tokens, whatever LoRA adapters their sessions were opened with (``adapter_cache.py``:
+each row gets its own session's, ``kernels.lora.RowAdapters``). One step runs straight
+on its session's cache. Several are gathered into a temporary cache of the group's rows (``kernels.gather_prefixes`` copies each row's
 prefix in, ``kernels.scatter_new_tokens`` the new positions back): the copies cost
 far less than a forward per session because the weights are read once for the whole
 group. ``SpanBatchers`` keeps a server's batchers (one per sub-span asked for) and
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BlockSpan, KVCache, gather_prefixes, scatter_new_tokens
-from kernels.lora import lora_applied
+from kernels.lora import RowAdapters, lora_on_blocks
 
 
 @dataclass
@@ -81,11 +81,11 @@ class StepBatcher:
                         item.future.set_result(output)
 
     def _take_group(self) -> list[_Pending]:
-        new_tokens, adapter = self._queue[0].hidden.shape[1], _adapter_key(self._queue[0])
+        new_tokens = self._queue[0].hidden.shape[1]
         group, rest, rows = [], [], 0
         for item in self._queue:
             fits = rows + item.hidden.shape[0] <= self.max_rows or not group
-            if item.hidden.shape[1] == new_tokens and _adapter_key(item) == adapter and fits:
+            if item.hidden.shape[1] == new_tokens and fits:
                 group.append(item)
                 rows += item.hidden.shape[0]
             else:
@@ -94,10 +94,11 @@ class StepBatcher:
         return group
 
     def _forward(self, group: list[_Pending]) -> list[torch.Tensor]:
-        adapter = group[0].adapter
-        if adapter is None:
+        if all(item.adapter is None for item in group):
             return self._forward_group(group)
-        with lora_applied(self.span, adapter.tensors, adapter.scaling):
+        rows = [RowAdapters(item.hidden.shape[0], item.adapter.tensors if item.adapter else None,
+                            item.adapter.scaling if item.adapter else 1.0) for item in group]  # fmt: skip
+        with lora_on_blocks(list(self.span.blocks), rows):  # rows in the order _forward_gathered stacks them
             return self._forward_group(group)
 
     @torch.inference_mode()
@@ -129,10 +130,6 @@ class StepBatcher:
             output[offset : offset + count].to(item.hidden.dtype)
             for item, offset, count in zip(group, offsets, rows, strict=True)
         ]
-
-
-def _adapter_key(item: _Pending) -> bytes | None:
-    return None if item.adapter is None else item.adapter.key
 
 
 class SpanBatchers:
