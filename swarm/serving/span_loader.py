@@ -13,6 +13,7 @@ import os
 import torch
 
 from kernels import BlockSpan, load_blocks, load_config, module_nbytes, quantize_linears_
+from kernels.lora import attach_hooks
 from kernels.model_config import config_hash
 from swarm import Span, max_blocks_for_memory
 from swarm.serving.settings import ServerConfig, resolve_device, resolve_dtype
@@ -33,8 +34,12 @@ class SpanLoader:
         self.dtype = resolve_dtype(config.dtype, self.device)
 
     def load(self, span: Span) -> BlockSpan:
-        """The span's blocks, quantized as configured, in eval mode on the device."""
-        return self._load(span.start, span.end, self.device).eval()
+        """The span's blocks, quantized as configured, in eval mode on the device, with the (dormant)
+        LoRA hooks attached now: attaching one later, while another thread runs the same block,
+        would change its hooks mid-iteration."""
+        blocks = self._load(span.start, span.end, self.device).eval()
+        attach_hooks(blocks)
+        return blocks
 
     def _load(self, start: int, end: int, device) -> BlockSpan:
         keep = self.config.quant == "keep"
