@@ -93,8 +93,14 @@ def parse_mqtt_url(url: str, flag: str = "--mqtt") -> MqttEndpoint:
 
 
 def server_telemetry_state(record: ServerRecord) -> dict[str, Any]:
-    """The telemetry ``state`` of a serving peer: its record's wire fields."""
-    return {"kind": "server", "peer": str(record.peer_id), **record.to_wire()}
+    """The telemetry ``state`` of a serving peer: its record's wire fields.
+
+    Without the raw identity key (``ik``): it is binary, and the message's own ``key``
+    already carries it.
+    """
+    wire = record.to_wire()
+    wire.pop("ik", None)
+    return {"kind": "server", "peer": str(record.peer_id), **wire}
 
 
 def trainer_telemetry_state(run: str, record: TrainingPeerRecord) -> dict[str, Any]:

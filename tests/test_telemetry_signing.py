@@ -64,7 +64,11 @@ def test_freshness_accepts_newer_messages_and_one_will_per_session():
 
 def test_decode_rejects_unsigned_moved_and_tampered_messages():
     other = Identity.generate()
-    state = server_telemetry_state(make_server(PEER.peer_id, 0, 4, load=3))
+    # a bound record (with its binary identity key) travels too
+    bound = make_server(
+        PEER.peer_id, 0, 4, load=3, curve_public_key=PEER.curve_public_key, identity_key=PEER.public_key
+    )
+    state = server_telemetry_state(bound)
     genuine = encode_message(SWARM, PEER, online=True, state=state, sent_at=1.0, session="s")
     assert decode_message(genuine, swarm=SWARM, peer=PEER.peer_id).server.load == 3
     tampered = json.loads(genuine)
