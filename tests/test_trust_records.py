@@ -6,9 +6,9 @@ on 127.0.0.1 and a real hivemind DHT.
   skips it, routes through the honest servers, and generates what a local model does.
   (Before: the client chose A's record, reached B, asked it for blocks it does not hold,
   and failed with a non-retryable error.)
-- A client that asks a real server to push a step's output to an arbitrary listener, or
-  to a swarm server's address under another key, gets its step answered, and nothing
-  reaches the listener; a push to the real next server still arrives, and the server
+- A client that asks a real server to push a step's output to an arbitrary listener, to
+  a swarm server's address under another key, or to a server that does not hold the
+  next block, gets its step answered, and nothing reaches the listener; a push to the real next server still arrives, and the server
   keeps serving generations.
 """
 
@@ -135,10 +135,10 @@ def test_a_server_pushes_only_to_servers_of_the_next_block(swarm, expected):
     listener = _Listener()
 
     async def scenario():
-        async with listener.endpoint, await swarm.connect(listing=("a", "b")) as model:
+        async with listener.endpoint, await swarm.connect(listing=("a", "b", "c")) as model:
             listener_address = await listener.endpoint.bind("tcp://127.0.0.1:0")
             servers = await model.list_servers()
-            a, b = servers[swarm.peer_ids["a"]], servers[swarm.peer_ids["b"]]
+            a, b, c = (servers[swarm.peer_ids[name]] for name in ("a", "b", "c"))
             to_a, to_b = await model.connection_to(a), await model.connection_to(b)
             token_b = secrets.token_bytes(16)
             on_b = await to_b.open_stream(OpenInference(token_b, 2, 3, 1, 16), timeout=10)
@@ -147,6 +147,7 @@ def test_a_server_pushes_only_to_servers_of_the_next_block(swarm, expected):
                 (listener_address, listener.endpoint.public_key),  # a listener of the client's choice
                 (listener.raw_address, KeyPair.generate().public),  # any TCP port
                 (b.addresses[0], listener.endpoint.public_key),  # a swarm server's address, another key
+                (c.addresses[0], c.curve_public_key),  # a swarm server, but not of the next block (2)
             ]
             replies = []
             for step, (address, key) in enumerate(hostile_targets):
@@ -177,7 +178,7 @@ def test_a_server_pushes_only_to_servers_of_the_next_block(swarm, expected):
     try:
         replies, refused, sent, received, output = asyncio.run(scenario())
         assert all(reply.hidden is not None and reply.hidden.shape == (1, 4, HIDDEN) for reply in replies)
-        assert refused.pushes_refused == 3
+        assert refused.pushes_refused == 4
         assert (
             listener.pushes == 0 and listener.raw_connections() == 0
         )  # nothing arrived, not even a TCP connection
