@@ -228,6 +228,8 @@ async def run_crowd(args: argparse.Namespace) -> None:
         while True:
             await asyncio.sleep(args.period)  # the re-announcement period, not a wait for state
             await store()
+            if args.mqtt:  # fresh messages: readers drop telemetry older than a few minutes
+                await _publish_offline(args.mqtt, args.swarm, offline)
     finally:
         dht.shutdown()
 
