@@ -1,22 +1,26 @@
 """The health page's MQTT feed: the latest telemetry of every peer of one swarm.
 
 Subscribes to ``prefix/<swarm>/+`` and keeps one ``PeerTelemetry`` per peer, decoded by
-``swarm.telemetry`` (the message format and what a reader rejects are documented there);
-rejected messages are logged and skipped. Reconnects after broker failures like the
-publisher; never raises for broker trouble.
+``swarm.telemetry`` (the message format, its signature and what a reader rejects are
+documented there) and judged by ``swarm.telemetry_freshness`` (replays). Rejected messages
+are logged, counted by cause in ``rejected`` (``forged``, ``replayed``, ``stale``,
+``malformed``; the health page shows the counts) and skipped. Reconnects after broker
+failures like the publisher; never raises for broker trouble.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 
 import aiomqtt
 
 from swarm.swarm_errors import MalformedRecord
-from swarm.telemetry import MqttEndpoint, PeerTelemetry, decode_message
+from swarm.telemetry import ForgedTelemetry, MqttEndpoint, PeerTelemetry, decode_message
+from swarm.telemetry_freshness import TelemetryFreshness
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ class TelemetryFeed:
         timeout: deadline of connect and subscribe, in seconds.
         max_reconnect_delay: longest wait between reconnection attempts, in seconds.
         on_update: called (synchronously) after each accepted message.
+        freshness: judges replays (default: ``TelemetryFreshness()``).
+        clock: unix time source (injected in tests).
     """
 
     def __init__(
@@ -43,6 +49,8 @@ class TelemetryFeed:
         timeout: float,
         max_reconnect_delay: float,
         on_update: Callable[[], None] = lambda: None,
+        freshness: TelemetryFreshness | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.endpoint = endpoint
         self.swarm = swarm
@@ -52,6 +60,9 @@ class TelemetryFeed:
         self.peers: dict[str, PeerTelemetry] = {}
         self.connected = False
         self.messages = 0
+        self.rejected = {"forged": 0, "replayed": 0, "stale": 0, "malformed": 0}
+        self._freshness = freshness or TelemetryFreshness(max_peers=2 * MAX_PEERS)
+        self._clock = clock
 
     def accept(self, topic: str, payload: bytes) -> bool:
         """Applies one message. Returns whether it was valid (invalid ones are logged and skipped)."""
@@ -62,14 +73,27 @@ class TelemetryFeed:
         try:
             telemetry = decode_message(payload, swarm=self.swarm, peer=peer)
         except (ValueError, MalformedRecord) as error:
-            logger.warning("skipping malformed telemetry on %s: %s", topic[:200], str(error)[:200])
-            return False
+            return self._reject("forged" if isinstance(error, ForgedTelemetry) else "malformed", topic, error)
         if peer not in self.peers and len(self.peers) >= MAX_PEERS:
             return False
+        verdict = self._freshness.judge(peer, telemetry, self._clock())
+        if verdict is not None:
+            return self._reject(
+                verdict, topic, f"sent at {telemetry.sent_at:.3f}, session {telemetry.session!r}"
+            )
         self.peers[peer] = telemetry
         self.messages += 1
         self._on_update()
         return True
+
+    def _reject(self, cause: str, topic: str, why: object) -> bool:
+        self.rejected[cause] += 1
+        count = self.rejected[cause]
+        if count & (count - 1) == 0:  # 1, 2, 4, ...: a flood of forgeries logs little
+            logger.warning(
+                "dropped %s telemetry on %s (%d so far): %s", cause, topic[:200], count, str(why)[:200]
+            )
+        return False
 
     async def run(self) -> None:
         """Subscribes and follows the feed until cancelled, reconnecting after failures."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from swarm.health import VERDICTS
@@ -105,3 +105,12 @@ class SnapshotCollector(Collector):
         for kind, count in sorted(alert_counts.items()):
             alerts.add_metric([swarm, kind], count)
         yield alerts
+
+        rejected = CounterMetricFamily(
+            "swarm_telemetry_rejected",
+            "MQTT telemetry messages dropped, by cause (forged, replayed, stale, malformed)",
+            labels=["swarm", "cause"],
+        )
+        for cause, count in sorted((state["sources"].get("mqtt_rejected") or {}).items()):
+            rejected.add_metric([swarm, cause], count)
+        yield rejected

@@ -257,6 +257,9 @@ def render_fragment(state: dict[str, Any]) -> str:
     mqtt = "off"
     if sources.get("mqtt"):
         mqtt = f"{'connected' if sources.get('mqtt_connected') else 'disconnected'}, {sources.get('mqtt_peers', 0)} peers"
+        rejected = {cause: count for cause, count in (sources.get("mqtt_rejected") or {}).items() if count}
+        if rejected:  # forged, replayed, stale or malformed messages the feed dropped (issue #14)
+            mqtt += ", dropped " + ", ".join(f"{count} {cause}" for cause, count in sorted(rejected.items()))
     return (
         f"<p>Swarm <b>{_text(state['swarm'])}</b>: "
         f'<span class="verdict {_text(state["verdict"])}" id="verdict">{_text(state["verdict"])}</span> '

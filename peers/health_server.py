@@ -131,6 +131,7 @@ class HealthService:
             "mqtt": feed is not None,
             "mqtt_connected": bool(feed and feed.connected),
             "mqtt_peers": len(feed.peers) if feed else 0,
+            "mqtt_rejected": dict(feed.rejected) if feed else {},
         }
         return build_health_state(
             self._view,

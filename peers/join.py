@@ -141,6 +141,10 @@ class _ServerCollector:
             "swarm_serve_batched_steps": ("steps that ran batched with others", stats.batched_steps),
             "swarm_serve_pushes_sent": ("outputs pushed to the next server", stats.pushes_sent),
             "swarm_serve_pushes_used": ("inputs that arrived by a push", stats.pushes_used),
+            "swarm_serve_pushes_refused": (
+                "pushes refused: no server of the next block at that address",
+                stats.pushes_refused,
+            ),
         }
         for name, (documentation, value) in counters.items():
             counter = CounterMetricFamily(name, documentation)

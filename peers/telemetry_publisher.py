@@ -3,7 +3,7 @@
 The message format (topics, schema, encoding) lives in ``swarm.telemetry``; this module
 sends it. A daemon uses it like this (``--mqtt`` maps onto ``TelemetryConfig.url``)::
 
-    publisher = TelemetryPublisher(config, swarm=name, peer_id=me, snapshot=lambda: server_telemetry_state(record))
+    publisher = TelemetryPublisher(config, swarm=name, identity=me, snapshot=lambda: server_telemetry_state(record))
     async with asyncio.TaskGroup() as group:
         group.create_task(publisher.run())
         ...
@@ -15,7 +15,9 @@ sends it. A daemon uses it like this (``--mqtt`` maps onto ``TelemetryConfig.url
 ``swarm train``.) A broker that is down or goes away never blocks the peer: every
 connect and publish has a deadline, ``notify()`` only sets an event, and ``run()``
 reconnects with a capped backoff, publishing the current state as soon as the broker is
-back. The broker keeps a last will that marks the peer offline if it vanishes.
+back. The broker keeps a last will that marks the peer offline if it vanishes. Every
+message, the will included, is signed with the peer's identity key and carries its
+time and connection (``swarm.telemetry``), so readers drop forgeries and replays.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import aiomqtt
 
 from peers.metrics import MetricsConfig, MetricsServer
+from swarm.identity import Identity
 from swarm.telemetry import MqttEndpoint, encode_message, parse_mqtt_url
 
 logger = logging.getLogger(__name__)
@@ -112,7 +115,7 @@ def daemon_publisher(
     """A daemon's publisher for ``dht``'s peer in ``swarm``; None without ``--mqtt``."""
     if config is None:
         return None
-    return TelemetryPublisher(config, swarm=swarm, peer_id=str(dht.peer_id), snapshot=snapshot)
+    return TelemetryPublisher(config, swarm=swarm, identity=dht.identity, snapshot=snapshot)
 
 
 @contextlib.asynccontextmanager
@@ -142,7 +145,7 @@ class TelemetryPublisher:
     Args:
         config: broker, period and deadlines.
         swarm: the swarm name (second topic level).
-        peer_id: this peer's id (third topic level).
+        identity: this peer's identity: its id is the third topic level, its key signs.
         snapshot: returns the peer's current state (``server_telemetry_state(...)`` or
             ``trainer_telemetry_state(...)``); called from ``run()`` before each publication.
         clock: unix time source for ``sent_at`` (injected in tests).
@@ -153,17 +156,19 @@ class TelemetryPublisher:
         config: TelemetryConfig,
         *,
         swarm: str,
-        peer_id: str,
+        identity: Identity,
         snapshot: Callable[[], Mapping[str, Any]],
         clock: Callable[[], float] = time.time,
     ):
         self.config = config
         self.swarm = swarm
-        self.peer_id = peer_id
+        self.identity = identity
+        self.peer_id = str(identity.peer_id)
         self._snapshot = snapshot
         self._clock = clock
         self._endpoint = config.endpoint
-        self.topic = self._endpoint.topic(swarm, peer_id)
+        self.topic = self._endpoint.topic(swarm, self.peer_id)
+        self._session = ""  # names the current broker connection (and its will)
         self._changed = asyncio.Event()
         self._stopped = asyncio.Event()
         self.connected = False
@@ -180,12 +185,17 @@ class TelemetryPublisher:
         self._changed.set()
 
     def _client(self) -> aiomqtt.Client:
-        will = aiomqtt.Will(
-            self.topic,
-            encode_message(self.swarm, self.peer_id, online=False, state=None, sent_at=None),
-            qos=1,
-            retain=True,
+        self._session = uuid.uuid4().hex[:16]
+        message = encode_message(
+            self.swarm,
+            self.identity,
+            online=False,
+            state=None,
+            sent_at=self._clock(),
+            session=self._session,
+            will=True,
         )
+        will = aiomqtt.Will(self.topic, message, qos=1, retain=True)
         return aiomqtt.Client(
             self._endpoint.host,
             self._endpoint.port,
@@ -197,7 +207,14 @@ class TelemetryPublisher:
 
     async def _publish(self, client: aiomqtt.Client, *, online: bool) -> None:
         state = self._snapshot() if online else None
-        payload = encode_message(self.swarm, self.peer_id, online=online, state=state, sent_at=self._clock())
+        payload = encode_message(
+            self.swarm,
+            self.identity,
+            online=online,
+            state=state,
+            sent_at=self._clock(),
+            session=self._session,
+        )
         async with asyncio.timeout(self.config.timeout):
             await client.publish(self.topic, payload, qos=1, retain=True, timeout=self.config.timeout)
         self.published += 1

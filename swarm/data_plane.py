@@ -6,19 +6,56 @@ endpoint. A *relayed* peer also serves the same handlers over a ``Libp2pEndpoint
 attached to its DHT's p2p daemon (hole-punched or circuit-relayed by libp2p), and
 announces its libp2p peer id and addresses in its signed record; callers dial those
 (``RelayedDialer``) and check the peer id on every stream.
+
+The libp2p peer id is the DHT daemon's own key, not the swarm identity, so a record
+could name another relayed peer's libp2p id (issue #14). A caller therefore also asks
+the peer it reached to sign a fresh nonce, bound to that libp2p id, with the identity
+key the record names (``ProveIdentity``), and drops the connection if it cannot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable
 
+from swarm.identity import Identity, verify_signature
 from swarm.reachability import Reachability, ReachabilityConfig, check_reachability, serve_dial_back
 from swarm.records import ServerRecord, ServerState
-from transport import BaseEndpoint, Connection, Timeouts
+from transport import BaseEndpoint, Connection, Message, RequestContext, Timeouts, message
+from transport.errors import PeerUnavailable, SwarmError
 
 logger = logging.getLogger(__name__)
+
+_PROOF_LABEL = b"swarm/libp2p-identity/v1"
+_NONCE_BYTES = 16
+
+
+@message("swarm.prove_identity")
+class ProveIdentity(Message):
+    """Asks a relayed peer to sign ``nonce`` (with its libp2p id) with its identity key."""
+
+    nonce: bytes
+
+
+@message("swarm.identity_proof")
+class IdentityProof(Message):
+    signature: bytes  # Ed25519 over label + nonce + the answering endpoint's libp2p peer id
+
+
+def _proof_bytes(nonce: bytes, libp2p_peer: bytes) -> bytes:
+    return _PROOF_LABEL + nonce + libp2p_peer
+
+
+def serve_identity_proof(endpoint: BaseEndpoint, identity: Identity) -> None:
+    """Answers ``ProveIdentity`` on a relayed peer's libp2p endpoint with ``identity``'s key."""
+
+    async def prove(request: ProveIdentity, context: RequestContext) -> IdentityProof:
+        nonce = bytes(request.nonce)[:64]
+        return IdentityProof(signature=identity.sign(_proof_bytes(nonce, endpoint.public_key)))
+
+    endpoint.add_handler(ProveIdentity, prove)
 
 
 @dataclasses.dataclass
@@ -68,6 +105,7 @@ async def open_relayed_plane(dht, *, swarm_key: bytes | None, timeouts: Timeouts
 
     endpoint = Libp2pEndpoint(daemon=await dht.daemon_listen_maddr(), swarm_key=swarm_key, timeouts=timeouts)
     try:
+        serve_identity_proof(endpoint, dht.identity)
         visible = await endpoint.bind()
     except BaseException:
         await endpoint.close()
@@ -135,16 +173,40 @@ class RelayedDialer:
         self._endpoint: BaseEndpoint | None = None
 
     async def connect(self, server: ServerRecord) -> Connection:
-        """A new connection to ``server`` over libp2p, authenticated as ``server.libp2p_peer``."""
+        """A new connection to ``server`` over libp2p, authenticated as ``server.libp2p_peer``,
+        whose peer proved it holds the identity key ``server``'s record names.
+
+        Raises:
+            PeerUnavailable: the peer at that libp2p id cannot sign for the record's
+                identity (the record names someone else's libp2p id), or the dial failed.
+            HandshakeTimeout, NotAuthorized: see ``Libp2pEndpoint.connect``.
+        """
         if self._endpoint is None:
             from transport import Libp2pEndpoint
 
             daemon = await self._dht.daemon_listen_maddr()
             self._endpoint = Libp2pEndpoint(daemon=daemon, swarm_key=self._swarm_key, timeouts=self._timeouts)
         address = ",".join(a for a in server.addresses if a.startswith("/"))
-        return await self._endpoint.connect(
+        connection = await self._endpoint.connect(
             address or f"/p2p/{server.libp2p_peer}", server.libp2p_peer.encode()
         )
+        nonce = os.urandom(_NONCE_BYTES)
+        try:
+            proof = await connection.call(ProveIdentity(nonce=nonce), timeout=self._timeouts.request)
+            proven = isinstance(proof, IdentityProof) and verify_signature(
+                server.identity_key, _proof_bytes(nonce, server.libp2p_peer.encode()), bytes(proof.signature)
+            )
+        except SwarmError as error:
+            await connection.close()
+            raise PeerUnavailable(
+                f"relayed server {server.peer_id} did not prove its identity: {error}"
+            ) from error
+        if not proven:
+            await connection.close()
+            raise PeerUnavailable(
+                f"the libp2p peer {server.libp2p_peer} is not {server.peer_id}: its record names another peer's id"
+            )
+        return connection
 
     async def close(self) -> None:
         if self._endpoint is not None:

@@ -19,7 +19,8 @@ every string passes through ``swarm.health_display``. ``peers.health_server`` se
       "generated_at": float,          # unix time of the snapshot
       "verdict": "healthy" | "degraded" | "broken",   # worst of the model verdict and the alerts
       "sources": {"dht": bool, "dht_error": str | null,
-                  "mqtt": bool, "mqtt_connected": bool, "mqtt_peers": int},
+                  "mqtt": bool, "mqtt_connected": bool, "mqtt_peers": int,
+                  "mqtt_rejected": {"forged" | "replayed" | "stale" | "malformed": int}},
       "model": null | {
         "model_id": str, "config_hash": str, "n_blocks": int,
         "verdict": "healthy" | "degraded" | "broken", "reason": str,

@@ -27,7 +27,14 @@ from hivemind.dht.validation import DHTRecord
 
 from swarm.health import MAX_BLOCKS, SwarmView
 from swarm.identity import PeerId
-from swarm.records import PeerValue, ServerRecord, block_key, choose_model_record, model_key
+from swarm.records import (
+    PeerValue,
+    ServerRecord,
+    block_key,
+    choose_model_record,
+    key_binding_error,
+    model_key,
+)
 from swarm.signing import SwarmRecordValidator
 from swarm.swarm_errors import MalformedRecord
 from swarm.training.progress import MAX_RUNS, parse_run_index, parse_run_listing, run_index_key, run_key
@@ -99,8 +106,8 @@ def read_servers(
 ) -> tuple[dict[PeerId, ServerRecord], dict[PeerId, dict[str, Any]], int]:
     """Merges per-block listings into one record per server, within the caps.
 
-    Like ``swarm.records.parse_server_listings`` (the latest expiration wins, tombstones and
-    malformed records skipped), plus the optional marks other features add to a server's
+    Like ``swarm.records.parse_server_listings`` (the latest expiration wins, tombstones,
+    malformed records and records whose CURVE key is not their signer's skipped), plus the optional marks other features add to a server's
     record: ``"relayed"`` (bool, reached through a relay) and ``"reports"`` (int, signed
     misbehaviour reports). Absent marks stay absent (None); nothing is guessed.
 
@@ -136,6 +143,8 @@ def read_servers(
             record = ServerRecord.from_wire(peer_id, item.value)
         except (MalformedRecord, TypeError, ValueError, OverflowError):
             continue  # malformed: what the page cannot read, it does not show
+        if key_binding_error(record) is not None:
+            continue  # its CURVE key is not its signer's: no client would use it either
         servers[PeerId(peer_id)] = record
         reports = _optional(item.value, "reports", (int,))
         marks[PeerId(peer_id)] = {

@@ -1,10 +1,16 @@
 """Persistent peer identity: an Ed25519 key pair in a 0600 file, and the CURVE key bound to it.
 
 The peer id is a hash of the Ed25519 public key, so nobody can claim an id without its
-private key. The transport's CURVE (X25519) key pair is derived deterministically from the
-same secret (HKDF-SHA256 with a fixed label), so one file holds everything, and the CURVE
-public key that a server announces in its *signed* records is provably its own: a client
-that connects with that server key can only complete the handshake with that peer.
+private key. The transport's CURVE (X25519) key pair is the same key in Montgomery form
+(the standard Ed25519 -> X25519 conversion, libsodium's ``crypto_sign_ed25519_*_to_curve25519``),
+so one file holds everything and anyone can compute a peer's CURVE public key from its
+identity key (:func:`curve_public_key_of`). A record that carries a CURVE key is therefore
+checkable: the key must be the signer's own (issue #14: a record signed by A carrying B's
+address and key would otherwise send A's clients to B), and a client that connects with
+it can only complete the handshake with that peer. Using one key for signatures and key
+agreement is what libsodium supports and Signal's XEdDSA does the other way round; the
+signatures (Ed25519 over labelled messages) and the CURVE handshake never sign or decrypt
+each other's inputs.
 
 The private swarm key (``load_swarm_key``) lives here too: it is the other secret a peer
 reads from a file.
@@ -22,10 +28,9 @@ from typing import NewType
 
 import zmq.utils.z85
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from swarm.swarm_errors import InsecureKeyFile
 from transport.curve import KeyPair
@@ -36,7 +41,7 @@ PeerId = NewType("PeerId", str)
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 _PEER_ID_LABEL = b"swarm/peer-id/v1"
-_CURVE_LABEL = b"swarm/curve25519/v1"
+_FIELD_PRIME = 2**255 - 19  # Curve25519's field
 _MIN_SWARM_KEY_BYTES = 16
 
 
@@ -56,6 +61,30 @@ def peer_id_from_public_key(public_key: bytes) -> PeerId:
         raise ValueError(f"Ed25519 public key must be {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
     digest = hashlib.sha256(_PEER_ID_LABEL + public_key).digest()[:20]
     return PeerId(base64.b32encode(digest).decode().lower())
+
+
+def curve_public_key_of(public_key: bytes) -> bytes:
+    """The z85 CURVE public key that belongs to an Ed25519 identity key.
+
+    The Edwards point's y coordinate maps to the Montgomery u = (1 + y) / (1 - y) (RFC 7748,
+    section 4.1); ``Identity`` derives its CURVE secret so that its public key is exactly this.
+
+    Args:
+        public_key: raw 32-byte Ed25519 public key.
+
+    Returns:
+        40 z85 bytes, as ``zmq.curve_keypair()`` returns public keys.
+
+    Raises:
+        ValueError: the key is not 32 bytes, or is the one point without a Montgomery form.
+    """
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise ValueError(f"Ed25519 public key must be {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
+    y = int.from_bytes(public_key, "little") & ((1 << 255) - 1)
+    if (1 - y) % _FIELD_PRIME == 0:
+        raise ValueError("Ed25519 public key is the identity point")
+    u = (1 + y) * pow(1 - y, _FIELD_PRIME - 2, _FIELD_PRIME) % _FIELD_PRIME
+    return zmq.utils.z85.encode(u.to_bytes(32, "little"))
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -85,7 +114,8 @@ class Identity:
     Attributes:
         peer_id: derived from ``public_key``.
         public_key: raw Ed25519 public key (32 bytes), carried in every signed record.
-        curve_public_key: z85 CURVE public key (40 bytes), as ``zmq.curve_keypair()`` returns.
+        curve_public_key: z85 CURVE public key (40 bytes), as ``zmq.curve_keypair()`` returns;
+            equals ``curve_public_key_of(public_key)``.
         curve_secret_key: z85 CURVE secret key (40 bytes); never leaves this process.
     """
 
@@ -104,10 +134,12 @@ class Identity:
         seed = private_key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
-        curve_seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_CURVE_LABEL).derive(seed)
+        # Ed25519's secret scalar is the first half of SHA-512(seed) (RFC 8032, 5.1.5); as an
+        # X25519 scalar it gives the Montgomery form of the Ed25519 public key. X25519 clamps
+        # the scalar itself; zmq/libsodium clamp identically, so this pair equals what
+        # zmq.curve_public() computes from the secret.
+        curve_seed = hashlib.sha512(seed).digest()[:32]
         curve_private = X25519PrivateKey.from_private_bytes(curve_seed)
-        # X25519 clamps the scalar itself; zmq/libsodium clamp identically, so this pair
-        # equals what zmq.curve_public() computes from the secret.
         curve_public = curve_private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )

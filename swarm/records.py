@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from swarm.identity import PeerId
+from swarm.identity import PeerId, curve_public_key_of, peer_id_from_public_key
 from swarm.reachability import Reachability
 from swarm.spans import Span
 from swarm.swarm_errors import InvalidSpan, MalformedRecord
@@ -219,6 +219,8 @@ class ServerRecord:
         libp2p_peer: the libp2p peer id a relayed server is reached as (its data plane
             over libp2p: ``transport.Libp2pEndpoint``); empty for direct servers. Signed
             with the record, and checked against the authenticated remote of every stream.
+        identity_key: the owner's raw Ed25519 identity key; its peer id must be ``peer_id``
+            and ``curve_public_key`` must be its CURVE form (:func:`key_binding_error`).
     """
 
     peer_id: PeerId
@@ -237,6 +239,7 @@ class ServerRecord:
     started_at: float = 0.0
     reachability: Reachability | None = None
     libp2p_peer: str = ""
+    identity_key: bytes = b""
 
     @property
     def relayed(self) -> bool:
@@ -250,6 +253,8 @@ class ServerRecord:
             wire["reach"] = self.reachability.to_wire()
         if self.libp2p_peer:
             wire["p2p"] = self.libp2p_peer
+        if self.identity_key:
+            wire["ik"] = self.identity_key
         return wire
 
     def _core_wire(self) -> dict[str, Any]:
@@ -308,7 +313,26 @@ class ServerRecord:
             started_at=float(read_field(wire, "started", (int, float), 0.0)),
             reachability=read_reachability(wire, record="server record"),
             libp2p_peer=read_field(wire, "p2p", str, ""),
+            identity_key=read_field(wire, "ik", bytes, b""),
         )
+
+
+def key_binding_error(record: ServerRecord) -> str | None:
+    """Why ``record``'s data-plane key is not its signer's own, or None when it is.
+
+    The DHT's validator has checked that the record is signed by the key whose peer id is
+    ``record.peer_id``; this checks that the record names that key (``identity_key``) and
+    that its CURVE key is that key's CURVE form. Without it, peer A could announce B's
+    address and key (its clients would reach B, which does not hold what A claims; issue #14).
+    """
+    try:
+        if peer_id_from_public_key(record.identity_key) != record.peer_id:
+            return "its identity key is not its peer id's"
+        if curve_public_key_of(record.identity_key) != record.curve_public_key:
+            return "its CURVE key is not its identity key's"
+    except ValueError as error:
+        return f"no valid identity key ({error})"
+    return None
 
 
 def read_reachability(wire: Mapping[str, Any], *, record: str = "record") -> Reachability | None:
@@ -336,7 +360,8 @@ def parse_server_listings(listings: Iterable[Mapping[str, PeerValue]]) -> dict[P
 
     A server that moved may still be listed under its old blocks until those records
     expire; the record with the latest expiration wins. Tombstones (``None``) are dropped;
-    malformed records are logged and skipped.
+    malformed records, and records whose CURVE key is not their signer's
+    (:func:`key_binding_error`), are logged and skipped.
 
     Args:
         listings: for each block key, ``{peer_id: PeerValue}`` found under it.
@@ -354,9 +379,15 @@ def parse_server_listings(listings: Iterable[Mapping[str, PeerValue]]) -> dict[P
         if item.value is None:
             continue
         try:
-            servers[PeerId(peer_id)] = ServerRecord.from_wire(peer_id, item.value)
+            record = ServerRecord.from_wire(peer_id, item.value)
         except MalformedRecord as error:
             logger.warning("skipping malformed server record from %s: %s", peer_id, error)
+            continue
+        unbound = key_binding_error(record)
+        if unbound is not None:
+            logger.warning("skipping server record from %s: %s", peer_id, unbound)
+            continue
+        servers[PeerId(peer_id)] = record
     return servers
 
 

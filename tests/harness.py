@@ -234,6 +234,12 @@ def make_server(peer: str, start: int, end: int, **changes) -> ServerRecord:
     return dataclasses.replace(record, **changes)
 
 
+def make_bound_server(identity, start: int, end: int, **changes) -> ServerRecord:
+    """``make_server`` for ``identity``: its peer id, identity key and CURVE key (what readers accept)."""
+    bound = {"curve_public_key": identity.curve_public_key, "identity_key": identity.public_key}
+    return make_server(identity.peer_id, start, end, **{**bound, **changes})
+
+
 def make_trainer(round_: int = 3, **changes):
     """A TRAINING trainer record at ``round_`` with a falling loss history; ``changes`` override any field."""
     from swarm.training.progress import TrainerState, TrainingPeerRecord

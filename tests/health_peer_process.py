@@ -50,6 +50,7 @@ def _server_records(args: argparse.Namespace, identity: Identity, started: float
         load=0,
         addresses=("tcp://127.0.0.1:1",),
         curve_public_key=identity.curve_public_key,
+        identity_key=identity.public_key,
         version=args.version,
         device="cpu",
         dtype="float32",
@@ -139,14 +140,16 @@ async def _store_batch(_dht, node, keys, values, expiration, subkeys):
     return sum(bool(ok) for ok in results.values())
 
 
-async def _publish_offline(url: str, swarm: str, peers: list[str]) -> None:
+async def _publish_offline(url: str, swarm: str, peers: list[Identity]) -> None:
     import aiomqtt
 
     endpoint = parse_mqtt_url(url)
     async with asyncio.timeout(30), aiomqtt.Client(endpoint.host, endpoint.port) as client:
         for peer in peers:
-            message = encode_message(swarm, peer, online=False, state=None, sent_at=time.time())
-            await client.publish(endpoint.topic(swarm, peer), message, qos=1, retain=True)
+            message = encode_message(
+                swarm, peer, online=False, state=None, sent_at=time.time(), session="crowd"
+            )
+            await client.publish(endpoint.topic(swarm, peer.peer_id), message, qos=1, retain=True)
 
 
 async def run_crowd(args: argparse.Namespace) -> None:
@@ -171,6 +174,7 @@ async def run_crowd(args: argparse.Namespace) -> None:
             load=index % 5,
             addresses=(f"tcp://10.{index // 250}.{index % 250}.1:31337",),
             curve_public_key=identity.curve_public_key,
+            identity_key=identity.public_key,
             version=args.version if index % 40 != 11 else "0.0.9",
             device="cuda:NVIDIA A100" if index % 3 else "cuda:NVIDIA RTX 4090",
             dtype="bfloat16",
@@ -213,13 +217,19 @@ async def run_crowd(args: argparse.Namespace) -> None:
 
         stored = await store()
         if args.mqtt:
-            offline = [entry["peer"] for entry in manifest if entry["state"] == "offline"]
+            offline = [
+                identity
+                for identity, (_, state) in zip(identities, layout, strict=True)
+                if state == "offline"
+            ]
             await _publish_offline(args.mqtt, args.swarm, offline)
         maddr = dht.get_visible_maddrs()[0]
         print(f"READY {maddr} {identities[0].peer_id} {len(identities)} {stored}", flush=True)
         while True:
             await asyncio.sleep(args.period)  # the re-announcement period, not a wait for state
             await store()
+            if args.mqtt:  # fresh messages: readers drop telemetry older than a few minutes
+                await _publish_offline(args.mqtt, args.swarm, offline)
     finally:
         dht.shutdown()
 

@@ -18,7 +18,7 @@ from swarm.health_map import MAX_BANDS
 from swarm.health_reader import MAX_RECORD_BYTES, MAX_SERVERS_PER_BLOCK, CachingRecordValidator, read_servers
 from swarm.identity import Identity
 from swarm.records import ModelRecord, PeerValue, ServerRecord, ServerState
-from tests.harness import MODEL, NOW, make_server, make_trainer
+from tests.harness import MODEL, NOW, make_bound_server, make_server, make_trainer
 from tests.test_health_snapshot import build
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,15 +119,21 @@ def _peer_value(record: ServerRecord, **extra) -> PeerValue:
 
 
 def test_reader_caps_records_per_block_and_record_size_and_reads_marks():
-    listing = {f"p{i}": _peer_value(make_server(f"p{i}", 0, 1)) for i in range(MAX_SERVERS_PER_BLOCK + 5)}
-    listing["p0"] = _peer_value(make_server("p0", 0, 1), relayed=True, reports=2)
-    listing["p1"] = _peer_value(make_server("p1", 0, 1), relayed="yes", reports=-1)  # mistyped: ignored
-    listing["p2"] = _peer_value(make_server("p2", 0, 1, device="x" * (MAX_RECORD_BYTES + 1)))
+    identities = [Identity.generate() for _ in range(MAX_SERVERS_PER_BLOCK + 5)]
+    p0, p1, p2, p3 = (identity.peer_id for identity in identities[:4])
+    listing = {identity.peer_id: _peer_value(make_bound_server(identity, 0, 1)) for identity in identities}
+    listing[p0] = _peer_value(make_bound_server(identities[0], 0, 1), relayed=True, reports=2)
+    listing[p1] = _peer_value(make_bound_server(identities[1], 0, 1), relayed="yes", reports=-1)  # mistyped
+    listing[p2] = _peer_value(make_bound_server(identities[2], 0, 1, device="x" * (MAX_RECORD_BYTES + 1)))
+    # another peer's CURVE key: its clients would reach that peer, so the page leaves it out too
+    listing[p3] = _peer_value(
+        make_bound_server(identities[3], 0, 1, curve_public_key=identities[4].curve_public_key)
+    )
     servers, marks, dropped = read_servers([listing])
-    assert len(servers) == MAX_SERVERS_PER_BLOCK - 1 and dropped == 6
-    assert "p2" not in servers
-    assert marks["p0"] == {"relayed": True, "reports": 2}
-    assert marks["p1"] == {"relayed": None, "reports": None}
+    assert len(servers) == MAX_SERVERS_PER_BLOCK - 2 and dropped == 6
+    assert p2 not in servers and p3 not in servers
+    assert marks[p0] == {"relayed": True, "reports": 2}
+    assert marks[p1] == {"relayed": None, "reports": None}
     state = build(SwarmView("s", ModelRecord("m", "c", 1), servers, marks=marks, dropped=dropped))
     assert state["limits"] == {"records_dropped": 6}
     assert "6 DHT records left out" in render_fragment(state)

@@ -53,6 +53,7 @@ def server_record(dht: SwarmDHT, start: int, end: int) -> ServerRecord:
         load=0,
         addresses=("tcp://127.0.0.1:9",),
         curve_public_key=dht.identity.curve_public_key,
+        identity_key=dht.identity.public_key,
         version="test",
         device="",
         dtype="",

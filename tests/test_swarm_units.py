@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import random
@@ -34,8 +35,10 @@ from swarm import (
     parse_span,
     plan_move,
 )
-from swarm.records import PeerValue, parse_server_listings
+from swarm.identity import curve_public_key_of
+from swarm.records import PeerValue, key_binding_error, parse_server_listings
 from tests import harness
+from tests.harness import make_bound_server
 from transport.errors import ConfigurationError, RetryableError
 
 pytestmark = pytest.mark.timeout(30)
@@ -148,15 +151,42 @@ def test_malformed_fields_raise():
 
 
 def test_listing_skips_garbage_and_prefers_latest():
-    old = make_server("a", 0, 2)
-    new = make_server("a", 4, 6)
+    identity = Identity.generate()
+    a = identity.peer_id
+    old = make_bound_server(identity, 0, 2)
+    new = make_bound_server(identity, 4, 6)
     listings = [
-        {"a": PeerValue(old.to_wire(), 10.0), "junk": PeerValue({"state": 1}, 10.0)},
-        {"a": PeerValue(new.to_wire(), 20.0), "gone": PeerValue(None, 30.0)},
+        {a: PeerValue(old.to_wire(), 10.0), "junk": PeerValue({"state": 1}, 10.0)},
+        {a: PeerValue(new.to_wire(), 20.0), "gone": PeerValue(None, 30.0)},
     ]
     servers = parse_server_listings(listings)
-    assert list(servers) == ["a"]
-    assert servers["a"].span == Span(4, 6)
+    assert list(servers) == [a]
+    assert servers[a].span == Span(4, 6)
+
+
+def test_listing_skips_records_whose_curve_key_is_not_the_signers():
+    """A record must name its signer's identity key, and carry that key's CURVE form (issue #14)."""
+    owner, other = Identity.generate(), Identity.generate()
+    assert (
+        curve_public_key_of(owner.public_key)
+        == owner.curve_public_key
+        == zmq.curve_public(owner.curve_secret_key)
+    )
+    honest = make_bound_server(owner, 0, 2)
+    cases = {
+        "another peer's CURVE key": dataclasses.replace(honest, curve_public_key=other.curve_public_key),
+        "another peer's identity key": dataclasses.replace(honest, identity_key=other.public_key),
+        "no identity key": dataclasses.replace(honest, identity_key=b""),
+        "a malformed identity key": dataclasses.replace(honest, identity_key=b"x" * 31),
+    }
+    for what, record in cases.items():
+        assert key_binding_error(record) is not None, what
+        assert parse_server_listings([{owner.peer_id: PeerValue(record.to_wire(), 10.0)}]) == {}, what
+    assert key_binding_error(honest) is None
+    assert ServerRecord.from_wire(owner.peer_id, honest.to_wire()) == honest
+    assert list(parse_server_listings([{owner.peer_id: PeerValue(honest.to_wire(), 10.0)}])) == [
+        owner.peer_id
+    ]
 
 
 # ---------------------------------------------------------------- selection and rebalancing

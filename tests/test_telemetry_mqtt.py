@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import aiomqtt
@@ -19,12 +20,15 @@ from peers.health_feed import TelemetryFeed
 from peers.health_server import HealthConfig, HealthService, SwarmViewConfig
 from peers.telemetry_publisher import TelemetryConfig, TelemetryPublisher
 from swarm.health import SwarmView
+from swarm.identity import Identity
 from swarm.telemetry import MAX_PAYLOAD_BYTES, encode_message, parse_mqtt_url, server_telemetry_state
 from tests.harness import MODEL, ProcessSwarm, free_port, make_server, wait_until, wait_until_sync
 
 pytestmark = pytest.mark.timeout(120)
 
 SWARM = "s"
+PEER1 = Identity.generate()  # the publishing peer of most tests
+PEER1_ID = PEER1.peer_id
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -88,8 +92,8 @@ def fast_config(url: str) -> TelemetryConfig:
 
 
 def make_publisher(url: str, snapshot) -> TelemetryPublisher:
-    """Peer "peer1"'s publisher, fast (``fast_config``), publishing ``snapshot()``."""
-    return TelemetryPublisher(fast_config(url), swarm=SWARM, peer_id="peer1", snapshot=snapshot)
+    """Peer ``PEER1``'s publisher, fast (``fast_config``), publishing ``snapshot()``."""
+    return TelemetryPublisher(fast_config(url), swarm=SWARM, identity=PEER1, snapshot=snapshot)
 
 
 def make_feed(url: str, on_update=lambda: None) -> TelemetryFeed:
@@ -113,7 +117,7 @@ def test_parse_mqtt_url_and_config_errors():
 
 
 def test_publisher_feed_round_trip_retained_and_offline_on_stop(broker):
-    record = make_server("peer1", 0, 4)
+    record = make_server(PEER1_ID, 0, 4)
     current = {"record": record}
 
     async def main() -> None:
@@ -124,13 +128,13 @@ def test_publisher_feed_round_trip_retained_and_offline_on_stop(broker):
             # A reader that connects later gets the retained state at once.
             feed = make_feed(broker.url)
             feed_task = group.create_task(feed.run())
-            await wait_until(lambda: "peer1" in feed.peers, what="retained message")
-            assert feed.peers["peer1"].online and feed.peers["peer1"].server.load == record.load
+            await wait_until(lambda: PEER1_ID in feed.peers, what="retained message")
+            assert feed.peers[PEER1_ID].online and feed.peers[PEER1_ID].server.load == record.load
             current["record"] = dataclasses.replace(record, load=42)
             publisher.notify()
-            await wait_until(lambda: feed.peers["peer1"].server.load == 42, what="update after notify")
+            await wait_until(lambda: feed.peers[PEER1_ID].server.load == 42, what="update after notify")
             publisher.stop()
-            await wait_until(lambda: not feed.peers["peer1"].online, what="offline message")
+            await wait_until(lambda: not feed.peers[PEER1_ID].online, what="offline message")
             feed_task.cancel()
 
     asyncio.run(main())
@@ -141,13 +145,18 @@ def test_last_will_marks_a_killed_peer_offline(broker):
         f"""
         import asyncio, sys
         from peers.telemetry_publisher import TelemetryConfig, TelemetryPublisher
+        from swarm.identity import Identity
+        from swarm.telemetry import server_telemetry_state
+        from tests.harness import make_server
         async def main():
             config = TelemetryConfig(url={broker.url!r}, period=0.2, timeout=1.0)
-            publisher = TelemetryPublisher(config, swarm={SWARM!r}, peer_id="doomed", snapshot=lambda: {{}})
+            identity = Identity.generate()
+            state = server_telemetry_state(make_server(identity.peer_id, 0, 4))
+            publisher = TelemetryPublisher(config, swarm={SWARM!r}, identity=identity, snapshot=lambda: state)
             async def report():
                 while publisher.published < 1:
                     await asyncio.sleep(0.02)
-                print("READY", flush=True)
+                print("READY", publisher.peer_id, flush=True)
             async with asyncio.TaskGroup() as group:
                 group.create_task(publisher.run())
                 group.create_task(report())
@@ -162,11 +171,12 @@ def test_last_will_marks_a_killed_peer_offline(broker):
             async with asyncio.TaskGroup() as group:
                 task = group.create_task(feed.run())
                 line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
-                assert line.strip() == "READY"
+                assert line.startswith("READY")
+                doomed = line.split()[1]
+                await wait_until(lambda: doomed in feed.peers, what="the peer's first message")
                 process.kill()
-                await wait_until(
-                    lambda: "doomed" in feed.peers and not feed.peers["doomed"].online, what="the last will"
-                )
+                await wait_until(lambda: not feed.peers[doomed].online, what="the last will")
+                assert feed.peers[doomed].will and sum(feed.rejected.values()) == 0
                 task.cancel()
 
         asyncio.run(main())
@@ -176,7 +186,7 @@ def test_last_will_marks_a_killed_peer_offline(broker):
 
 
 def test_broker_outage_neither_blocks_nor_stops_the_publisher(broker):
-    current = {"record": make_server("peer1", 0, 4)}
+    current = {"record": make_server(PEER1_ID, 0, 4)}
 
     async def main() -> None:
         publisher = make_publisher(broker.url, lambda: server_telemetry_state(current["record"]))
@@ -207,7 +217,7 @@ def test_broker_outage_neither_blocks_nor_stops_the_publisher(broker):
             feed = make_feed(broker.url)
             feed_task = group.create_task(feed.run())
             await wait_until(
-                lambda: "peer1" in feed.peers and feed.peers["peer1"].server.load == 99,
+                lambda: PEER1_ID in feed.peers and feed.peers[PEER1_ID].server.load == 99,
                 what="messages flowing after the broker came back",
             )
             publisher.stop()
@@ -225,24 +235,30 @@ def test_feed_skips_hostile_messages(broker):
         async with asyncio.TaskGroup() as group:
             task = group.create_task(feed.run())
             await wait_until(lambda: feed.connected, what="feed subscription")
-            good_state = server_telemetry_state(make_server("good", 0, 4))
+            good, other = Identity.generate(), Identity.generate()
+            good_state = server_telemetry_state(make_server(good.peer_id, 0, 4))
+            now = time.time()
+
+            def signed(identity, **fields):
+                return encode_message(SWARM, identity, **{"online": True, "state": good_state, "sent_at": now,
+                                                          "session": "s1", **fields})  # fmt: skip
+
             junk = {
-                "wrongpeer": encode_message(SWARM, "other", online=True, state=good_state, sent_at=1.0),
+                "wrongpeer": signed(other),  # other's genuine message on another topic
                 "notjson": b"<script>alert(1)</script>",
                 "deep": b"[" * 200_000,  # under the size limit, but json.loads recurses past the stack
                 "huge": b"x" * (MAX_PAYLOAD_BYTES + 1),
-                "badstate": encode_message(
-                    SWARM, "badstate", online=True, state={"kind": "server"}, sent_at=1.0
-                ),
                 "badonline": json.dumps({"peer": "badonline", "swarm": SWARM, "online": "yes"}).encode(),
             }
+            bad_state = Identity.generate()
+            junk[bad_state.peer_id] = signed(bad_state, state={"kind": "server"})
             async with aiomqtt.Client("127.0.0.1", broker.port, timeout=5) as client:
                 for peer, payload in junk.items():
                     await client.publish(endpoint.topic(SWARM, peer), payload, qos=1, timeout=5)
-                good = encode_message(SWARM, "good", online=True, state=good_state, sent_at=1.0)
-                await client.publish(endpoint.topic(SWARM, "good"), good, qos=1, timeout=5)
-            await wait_until(lambda: "good" in feed.peers, what="the valid message")
-            assert set(feed.peers) == {"good"}
+                await client.publish(endpoint.topic(SWARM, good.peer_id), signed(good), qos=1, timeout=5)
+            await wait_until(lambda: good.peer_id in feed.peers, what="the valid message")
+            assert set(feed.peers) == {good.peer_id}
+            assert feed.rejected == {"forged": 2, "replayed": 0, "stale": 0, "malformed": 4}
             task.cancel()
 
     asyncio.run(main())
@@ -250,8 +266,8 @@ def test_feed_skips_hostile_messages(broker):
 
 def test_health_service_uses_the_mqtt_feed_for_live_updates(broker):
     """With --mqtt the snapshot follows telemetry between DHT reads; the DHT stays authoritative for membership."""
-    record = make_server("peer1", 0, 4, load=1)
-    view = SwarmView(SWARM, MODEL, {"peer1": record})
+    record = make_server(PEER1_ID, 0, 4, load=1)
+    view = SwarmView(SWARM, MODEL, {PEER1_ID: record})
 
     async def read_view() -> SwarmView:
         return view

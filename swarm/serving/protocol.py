@@ -124,6 +124,8 @@ class ServerStats(Message):
         pushes_sent: step outputs pushed to the next server (acknowledged).
         pushes_used: steps whose input came from a server's push before any other copy.
         client_copies_used: steps whose input came from the client's copy first.
+        pushes_refused: pushes not sent because no server of the next block announces the
+            address and key the client named.
     """
 
     sessions: int
@@ -135,6 +137,7 @@ class ServerStats(Message):
     pushes_used: int
     client_copies_used: int
     draining: bool
+    pushes_refused: int = 0
 
 
 # Fine-tuning (``swarm/serving/training_server.py``): stateless passes over frozen blocks

@@ -182,6 +182,7 @@ class InferenceServer:
             started_at=self.started_at,
             reachability=self.reachability,
             libp2p_peer=self.relayed.peer if self.relayed else "",
+            identity_key=self.dht.identity.public_key,  # binds the CURVE key to the signer
         )
 
     def _records(self) -> dict:
@@ -292,6 +293,7 @@ class InferenceServer:
             pushes_sent=self.steps.pushes_sent,
             pushes_used=self.steps.pushes_used,
             client_copies_used=self.steps.client_copies_used,
+            pushes_refused=self.steps.pushes_refused,
             draining=self.state == ServerState.DRAINING,
         )
 

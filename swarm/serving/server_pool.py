@@ -109,7 +109,7 @@ class ServerPool:
             PeerUnavailable, HandshakeTimeout, NotAuthorized: see ``Endpoint.connect``.
         """
         if server.relayed:
-            key = (f"/p2p/{server.libp2p_peer}", b"")
+            key = (f"/p2p/{server.libp2p_peer}", server.identity_key)  # proven for that identity only
         else:
             key = (server.addresses[0], server.curve_public_key)  # a new server may reuse an address
         pending = self._connections.get(key)

@@ -10,7 +10,9 @@ records and the span, and registers this service on its endpoints.
   runs batched with other sessions' steps, and returns the output.
 - When a step names the next server of the client's chain, its output is also pushed
   there (``PushHidden``), so a step travels the chain once instead of returning to the
-  client between hops. A failed push is only logged: the client's copy covers it.
+  client between hops, but only to an address and key the DHT lists for the next block
+  (``PushTargets``), never to an arbitrary address a client names. A failed or refused
+  push is only logged: the client's copy covers it.
 - ``ForwardRequest``: a stateless forward of a sub-span (no cache).
 """
 
@@ -34,6 +36,7 @@ from swarm.serving.protocol import (
     PushAck,
     PushHidden,
 )
+from swarm.serving.push_targets import PushTargets
 from transport import Connection, RequestContext, ServerStream
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
@@ -49,6 +52,7 @@ class StepService:
         pushes_sent: step outputs pushed to the next server (acknowledged).
         pushes_used: steps whose input arrived by a push.
         client_copies_used: steps whose input came from the client's copy first.
+        pushes_refused: pushes not sent: the target is no server of the next block.
     """
 
     def __init__(self, server) -> None:
@@ -56,6 +60,8 @@ class StepService:
         self.pushes_sent = 0
         self.pushes_used = 0
         self.client_copies_used = 0
+        self.pushes_refused = 0
+        self.push_targets = PushTargets(server.dht)
         self._connections: dict[str, Connection] = {}  # push targets, by address
 
     def register(self, endpoint) -> None:
@@ -183,12 +189,19 @@ class StepService:
         except ValueError as error:
             raise MalformedMessage(str(error)) from error
         if step.push_address:
-            pushes.create_task(self._push(step, output))
+            pushes.create_task(self._push(step, output, batcher.span.end))
             await asyncio.sleep(0)  # let the push leave before the reply
         return InferenceReply(step=step.step, hidden=output, input_source=source)
 
-    async def _push(self, step: InferenceStep, output: torch.Tensor) -> None:
-        """Sends a step's output to the next server; failures are logged (the client's copy covers them)."""
+    async def _push(self, step: InferenceStep, output: torch.Tensor, next_block: int) -> None:
+        """Sends a step's output to the next server (a server of ``next_block``); failures and
+        refusals are logged (the client's copy covers them)."""
+        if not await self.push_targets.allows(step.push_address, step.push_key, next_block):
+            self.pushes_refused += 1
+            if self.pushes_refused & (self.pushes_refused - 1) == 0:  # 1, 2, 4, ...: a flood logs little
+                logger.info("refused push #%d (step %d to %s): no server of block %d announces that address and key",
+                            self.pushes_refused, step.step, step.push_address[:200], next_block)  # fmt: skip
+            return
         try:
             connection = self._connections.get(step.push_address)
             if connection is None:
