@@ -12,6 +12,7 @@ give it the latest state (:mod:`swarm.training.state`).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from swarm.dht import SwarmDHT
 from swarm.training.progress import (
@@ -40,6 +41,7 @@ class RunMembership:
 
     def __init__(self, dht: SwarmDHT, run: str, record_ttl: float):
         self.relayed: set[str] = set()  # live members behind NAT, as of the last live_addresses()
+        self._curve_keys: dict[bytes, bytes] = {}  # libp2p peer id -> CURVE key, as of the last listing
         self.dht = dht
         self.run = run
         self.record_ttl = record_ttl
@@ -61,7 +63,25 @@ class RunMembership:
             SwarmError: the DHT lookup failed.
         """
         listing = await self.dht.list(self.key)
-        return parse_run_listing({peer: item.value for peer, item in listing.items()})
+        members = parse_run_listing({peer: item.value for peer, item in listing.items()})
+        claims = Counter(record.libp2p_peer for record in members.values() if record.libp2p_peer)
+        # a peer id two records claim names no one: a member cannot take over another's calls
+        self._curve_keys = {
+            record.libp2p_peer.encode(): record.curve_public_key
+            for record in members.values()
+            if record.libp2p_peer and claims[record.libp2p_peer] == 1
+        }
+        return members
+
+    async def curve_key_of(self, libp2p_peer: bytes) -> bytes | None:
+        """The CURVE key of the member whose signed record announces libp2p peer id
+        ``libp2p_peer``, or None (the listing is read again once when it is not known yet)."""
+        if libp2p_peer not in self._curve_keys:
+            try:
+                await self.members()
+            except SwarmError as error:
+                logger.warning("could not read the run's members: %s", error)
+        return self._curve_keys.get(libp2p_peer)
 
     async def others_active(self) -> dict[str, TrainingPeerRecord]:
         """The other members that take part in rounds (training or averaging).
