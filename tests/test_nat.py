@@ -8,6 +8,7 @@ real processes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,6 +47,33 @@ def read_tagged(process: subprocess.Popen, tag: str, timeout: float = 90.0) -> d
 @pytest.fixture(scope="module", autouse=True)
 def _namespaces():
     require_namespaces()
+
+
+def test_a_lab_reaps_the_namespaces_of_a_dead_run_and_keeps_a_live_one():
+    import uuid
+
+    from tests.netns import _OWNERS, reap_stale_namespaces
+
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(finished.stdout)  # a process that has exited (killed runs look like this)
+    dead, live = (f"sw{uuid.uuid4().hex[:5]}" for _ in range(2))
+    _OWNERS.mkdir(exist_ok=True)
+    (_OWNERS / dead).write_text(str(dead_pid))
+    (_OWNERS / live).write_text(str(os.getpid()))  # a parallel run, alive
+    try:
+        for prefix in (dead, live):
+            subprocess.run(["ip", "netns", "add", f"{prefix}wan"], check=True, timeout=30)
+        reaped = reap_stale_namespaces()
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+        assert f"{dead}wan" in reaped and f"{dead}wan" not in names
+        assert f"{live}wan" not in reaped and f"{live}wan" in names
+        assert not (_OWNERS / dead).exists()
+    finally:
+        for prefix in (dead, live):
+            subprocess.run(["ip", "netns", "del", f"{prefix}wan"], capture_output=True, timeout=30)
+            (_OWNERS / prefix).unlink(missing_ok=True)
 
 
 def test_server_behind_nat_is_reachable_only_through_a_relay():
