@@ -5,7 +5,9 @@ against direct peers already in the swarm. A *direct* peer keeps its one ZeroMQ
 endpoint. A *relayed* peer also serves the same handlers over a ``Libp2pEndpoint``
 attached to its DHT's p2p daemon (hole-punched or circuit-relayed by libp2p), and
 announces its libp2p peer id and addresses in its signed record; callers dial those
-(``RelayedDialer``) and check the peer id on every stream.
+(``RelayedDialer``) and check the peer id on every stream. A training member's
+protocols see both planes as one endpoint (``PeerPlane``), which also presents libp2p
+callers by the CURVE key of their records.
 """
 
 from __future__ import annotations
