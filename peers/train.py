@@ -204,6 +204,7 @@ async def _train(peer: RunningPeer) -> None:
     config = peer.arguments.config
     fault = AllReduceFault.from_environment()
     attack = Attack.from_environment()
+    reachability = await _establish_reachability(peer)  # may restart the DHT: before anything uses it
     gauges = _TrainerGauges()
     latest = {}
     exports, publisher = peer.exporting(
@@ -216,7 +217,6 @@ async def _train(peer: RunningPeer) -> None:
         if publisher is not None:
             publisher.notify()
 
-    reachability = await _establish_reachability(peer)
     # behind NAT, others reach this member over libp2p at its relayed addresses
     address = ",".join(peer.relayed.addresses) if peer.relayed is not None else peer.address
     plane = PeerPlane(peer.endpoint, peer.dht, peer.relayed)
