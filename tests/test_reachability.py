@@ -298,3 +298,36 @@ def test_peer_plane_presents_libp2p_callers_by_their_records_curve_key_and_dials
             await plane.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_libp2p_caller_is_the_member_whose_record_alone_claims_its_peer_id():
+    """``RunMembership.curve_key_of``: from the signed records; a peer id two records claim
+    names no one (a member cannot take over another's calls); the record round-trips it."""
+    from types import SimpleNamespace
+
+    from swarm.training.membership import RunMembership
+    from swarm.training.progress import TrainingPeerRecord
+    from tests.harness import make_trainer
+
+    honest = make_trainer(curve_public_key=b"h" * 40, libp2p_peer="12D3KooHonest")
+    assert TrainingPeerRecord.from_wire(honest.to_wire()).libp2p_peer == "12D3KooHonest"
+    records = {
+        "honest": honest,
+        "other": make_trainer(curve_public_key=b"o" * 40, libp2p_peer="12D3KooOther"),
+    }
+
+    async def listing(key):
+        return {peer: SimpleNamespace(value=record.to_wire()) for peer, record in records.items()}
+
+    dht = SimpleNamespace(swarm_name="s", peer_id="me", list=listing)
+
+    async def body():
+        membership = RunMembership(dht, "run", 30.0)
+        assert await membership.curve_key_of(b"12D3KooHonest") == b"h" * 40
+        assert await membership.curve_key_of(b"12D3KooStranger") is None
+        records["thief"] = make_trainer(curve_public_key=b"t" * 40, libp2p_peer="12D3KooHonest")
+        await membership.members()
+        assert await membership.curve_key_of(b"12D3KooHonest") is None
+        assert await membership.curve_key_of(b"12D3KooOther") == b"o" * 40
+
+    asyncio.run(asyncio.wait_for(body(), 10))
