@@ -10,7 +10,9 @@ swarm. This module owns what they share:
 - start-up: the open-file limit raised to its hard limit (connection floods), signals
   (first Ctrl-C / SIGTERM drains, a second one exits), the identity
   and DHT node, the data-plane endpoint and the address to announce, the
-  ``initial peer for others`` lines;
+  ``initial peer for others`` lines; the reachability check, which the work calls once
+  it knows whom to ask (:func:`establish_reachability`: behind NAT it restarts the DHT
+  so it takes a relay reservation, and opens the libp2p plane);
 - shut-down: the DHT node is stopped whatever happens; swarm errors become exit code 1.
 
 A daemon is a coroutine ``work(peer: RunningPeer) -> None`` that returns when
@@ -23,7 +25,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peers.faults import FaultConfig
@@ -114,6 +116,7 @@ class RunningPeer:
         stop: set by the first SIGINT / SIGTERM.
         arguments: what the daemon was started with.
         swarm_key: the private swarm's key, or None in a public swarm.
+        relayed: behind NAT, the libp2p plane others reach this peer through.
     """
 
     identity: Any
@@ -123,6 +126,9 @@ class RunningPeer:
     stop: asyncio.Event
     arguments: DaemonArguments
     swarm_key: bytes | None = None
+    relayed: Any = None
+    """Behind NAT: the libp2p plane (``swarm.data_plane.RelayedPlane``) that
+    :func:`establish_reachability` opened; the runner closes it."""
 
     def exporting(self, registry, snapshot: Callable[[], dict]):
         """``/metrics`` (from ``registry``) and MQTT telemetry (from ``snapshot()``) around the work.
@@ -220,9 +226,51 @@ async def run_daemon(
         logger.error("stopped by an error: %s", error)
         return 1
     finally:
+        if peer is not None and peer.relayed is not None:
+            await peer.relayed.endpoint.close()
         await asyncio.to_thread((dht if peer is None else peer.dht).shutdown)
     logger.info("left the swarm")
     return 0
+
+
+async def establish_reachability(peer: RunningPeer, checkers: list[tuple[str, bytes]]):
+    """Asks ``checkers`` (direct peers already in the swarm) to dial us back; behind NAT,
+    opens the libp2p plane others reach us through (``peer.relayed``). Prints the verdict.
+
+    With ``--reachability auto`` and a "relayed" verdict the DHT node is restarted (same
+    identity) told it is unreachable, so its daemon takes a relay reservation now rather
+    than when its own AutoNAT agrees (minutes later): ``peer.dht`` is then a new node.
+
+    Returns:
+        the verdict (``swarm.reachability.Reachability``).
+    """
+    from swarm.data_plane import establish_reachability as check_and_serve
+    from swarm.data_plane import open_relayed_plane
+
+    options, config = peer.arguments.options, peer.arguments.config
+    verdict, _ = await check_and_serve(
+        peer.dht,
+        peer.endpoint,
+        peer.address,
+        checkers,
+        reachability_config(options),
+        swarm_key=peer.swarm_key,
+        open_relayed=False,
+    )
+    print(f"reachability: {verdict.mode} ({verdict.reason})", flush=True)
+    if verdict.direct:
+        return verdict
+    if options.reachability == "auto":
+        await asyncio.to_thread(peer.dht.shutdown)
+        relayed_options = replace(options, reachability="relayed")
+        _, peer.dht, _ = await asyncio.to_thread(
+            start_peer, relayed_options, config.record_ttl, False, peer.identity
+        )
+    peer.relayed = await open_relayed_plane(
+        peer.dht, swarm_key=peer.swarm_key, timeouts=peer.endpoint.timeouts
+    )
+    print(f"reached through libp2p as {peer.relayed.peer}", flush=True)
+    return verdict
 
 
 def raise_descriptor_limit(logger: logging.Logger) -> None:

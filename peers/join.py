@@ -8,14 +8,12 @@ test faults are passed to the server as a hook (``peers/faults.py``).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import logging
 import os
 
 from prometheus_client import CollectorRegistry
 
-from peers.daemon import RunningPeer, daemon_main, register_daemon
+from peers.daemon import RunningPeer, daemon_main, establish_reachability, register_daemon
 from peers.options import configure_logging
 from swarm.telemetry import server_telemetry_state
 
@@ -183,37 +181,11 @@ async def _serve(peer: RunningPeer) -> None:
 
 
 async def _establish_reachability(server, peer: RunningPeer) -> None:
-    """Asks peers already in the swarm to dial us back; behind NAT, serves through libp2p relays too.
+    """The reachability check against the swarm's direct servers (``establish_reachability``)."""
+    from swarm.data_plane import direct_checkers
 
-    With ``--reachability auto`` and a "relayed" verdict the DHT node is restarted told it
-    is unreachable, so its daemon takes a relay reservation now rather than when its own
-    AutoNAT agrees (minutes later).
-    """
-    from peers.options import reachability_config, start_peer
-    from swarm.data_plane import direct_checkers, establish_reachability, open_relayed_plane
-
-    options, config = peer.arguments.options, peer.arguments.config
     servers = await peer.dht.list_servers(server.model_config.num_layers, timeout=30)
-    server.reachability, _ = await establish_reachability(
-        peer.dht,
-        peer.endpoint,
-        peer.address,
-        direct_checkers(servers.values(), peer.dht.peer_id),
-        reachability_config(options),
-        swarm_key=peer.swarm_key,
-        open_relayed=False,
+    server.reachability = await establish_reachability(
+        peer, direct_checkers(servers.values(), peer.dht.peer_id)
     )
-    print(f"reachability: {server.reachability.mode} ({server.reachability.reason})", flush=True)
-    if server.reachability.direct:
-        return
-    if options.reachability == "auto":
-        await asyncio.to_thread(peer.dht.shutdown)
-        relayed_options = dataclasses.replace(options, reachability="relayed")
-        _, peer.dht, _ = await asyncio.to_thread(
-            start_peer, relayed_options, config.record_ttl, False, peer.identity
-        )
-        server.dht = peer.dht
-    server.relayed = await open_relayed_plane(
-        peer.dht, swarm_key=peer.swarm_key, timeouts=peer.endpoint.timeouts
-    )
-    print(f"reached through libp2p as {server.relayed.peer}", flush=True)
+    server.dht, server.relayed = peer.dht, peer.relayed

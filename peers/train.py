@@ -19,6 +19,7 @@ from peers.daemon import (
     DaemonArguments,
     RunningPeer,
     daemon_main,
+    establish_reachability,
     register_daemon,
     run_daemon,
 )
@@ -185,13 +186,25 @@ async def train(config, options: PeerOptions, metrics=None, telemetry=None) -> i
     return await run_daemon(arguments, logger, _train)
 
 
+async def _establish_reachability(peer: RunningPeer):
+    """The reachability check against the run's direct members (the first member asks no one)."""
+    from swarm.data_plane import direct_member_checkers
+    from swarm.training.membership import RunMembership
+
+    config = peer.arguments.config
+    members = await RunMembership(peer.dht, config.run, config.record_ttl).members()
+    return await establish_reachability(peer, direct_member_checkers(members, str(peer.dht.peer_id)))
+
+
 async def _train(peer: RunningPeer) -> None:
     from peers.cli import software_version
+    from swarm.data_plane import PeerPlane
     from swarm.training.trainer import Trainer
 
     config = peer.arguments.config
     fault = AllReduceFault.from_environment()
     attack = Attack.from_environment()
+    reachability = await _establish_reachability(peer)  # may restart the DHT: before anything uses it
     gauges = _TrainerGauges()
     latest = {}
     exports, publisher = peer.exporting(
@@ -204,19 +217,25 @@ async def _train(peer: RunningPeer) -> None:
         if publisher is not None:
             publisher.notify()
 
+    # behind NAT, others reach this member over libp2p at its relayed addresses
+    address = ",".join(peer.relayed.addresses) if peer.relayed is not None else peer.address
+    plane = PeerPlane(peer.endpoint, peer.dht, peer.relayed)
     trainer = Trainer(
         config,
         peer.dht,
-        peer.endpoint,
-        peer.address,
+        plane,
+        address,
         software_version(),
         on_progress,
         before_send=None if fault is None else fault.before_send_hook(),
+        reachability=reachability,
         before_contribute=None if attack is None else attack_hook(attack),
     )
-    print(
-        f"training peer {str(peer.dht.peer_id)[:12]} joined run {config.run!r} at {peer.address}", flush=True
-    )
-    async with exports:
-        await trainer.run(peer.stop)
+    plane.identify = trainer.membership.curve_key_of  # callers over libp2p, by their records
+    print(f"training peer {str(peer.dht.peer_id)[:12]} joined run {config.run!r} at {address}", flush=True)
+    try:
+        async with exports:
+            await trainer.run(peer.stop)
+    finally:
+        await plane.close()
     print(f"left run {config.run!r} at round {trainer.replica.round}", flush=True)

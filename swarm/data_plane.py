@@ -5,7 +5,9 @@ against direct peers already in the swarm. A *direct* peer keeps its one ZeroMQ
 endpoint. A *relayed* peer also serves the same handlers over a ``Libp2pEndpoint``
 attached to its DHT's p2p daemon (hole-punched or circuit-relayed by libp2p), and
 announces its libp2p peer id and addresses in its signed record; callers dial those
-(``RelayedDialer``) and check the peer id on every stream.
+(``RelayedDialer``) and check the peer id on every stream. A training member's
+protocols see both planes as one endpoint (``PeerPlane``), which also presents libp2p
+callers by the CURVE key of their records.
 
 The libp2p peer id is the DHT daemon's own key, not the swarm identity, so a record
 could name another relayed peer's libp2p id (issue #14). A caller therefore also asks
@@ -15,10 +17,11 @@ key the record names (``ProveIdentity``), and drops the connection if it cannot.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from swarm.identity import Identity, verify_signature
 from swarm.reachability import Reachability, ReachabilityConfig, check_reachability, serve_dial_back
@@ -158,19 +161,39 @@ async def establish_reachability(
 
 
 class RelayedDialer:
-    """A client's way to relayed servers: one libp2p endpoint on its DHT's daemon, made on first use.
+    """A peer's way to relayed peers: one libp2p endpoint on its DHT's daemon, made on first use.
 
     Args:
-        dht: the client's started ``SwarmDHT`` (its daemon carries the streams).
+        dht: this peer's started ``SwarmDHT`` (its daemon carries the streams; the endpoint
+            is its replica, so callees authenticate this peer as its DHT peer id).
         swarm_key: a private swarm's key.
-        timeouts: the client's deadlines.
+        timeouts: this peer's deadlines.
+        endpoint: a libp2p endpoint to dial from instead (a relayed peer's own plane; not
+            closed here).
     """
 
-    def __init__(self, dht, swarm_key: bytes | None, timeouts: Timeouts):
+    def __init__(
+        self, dht, swarm_key: bytes | None, timeouts: Timeouts, endpoint: BaseEndpoint | None = None
+    ):
         self._dht = dht
         self._swarm_key = swarm_key
         self._timeouts = timeouts
-        self._endpoint: BaseEndpoint | None = None
+        self._endpoint = endpoint
+        self._owned: BaseEndpoint | None = None
+        self._making = asyncio.Lock()
+
+    async def _dialling_endpoint(self) -> BaseEndpoint:
+        if self._endpoint is None:
+            async with self._making:  # two first calls at once make one endpoint
+                if self._endpoint is None:
+                    from transport import Libp2pEndpoint
+
+                    daemon = await self._dht.daemon_listen_maddr()
+                    self._owned = Libp2pEndpoint(
+                        daemon=daemon, swarm_key=self._swarm_key, timeouts=self._timeouts
+                    )
+                    self._endpoint = self._owned
+        return self._endpoint
 
     async def connect(self, server: ServerRecord) -> Connection:
         """A new connection to ``server`` over libp2p, authenticated as ``server.libp2p_peer``,
@@ -181,13 +204,8 @@ class RelayedDialer:
                 identity (the record names someone else's libp2p id), or the dial failed.
             HandshakeTimeout, NotAuthorized: see ``Libp2pEndpoint.connect``.
         """
-        if self._endpoint is None:
-            from transport import Libp2pEndpoint
-
-            daemon = await self._dht.daemon_listen_maddr()
-            self._endpoint = Libp2pEndpoint(daemon=daemon, swarm_key=self._swarm_key, timeouts=self._timeouts)
         address = ",".join(a for a in server.addresses if a.startswith("/"))
-        connection = await self._endpoint.connect(
+        connection = await self.connect_address(
             address or f"/p2p/{server.libp2p_peer}", server.libp2p_peer.encode()
         )
         nonce = os.urandom(_NONCE_BYTES)
@@ -208,6 +226,108 @@ class RelayedDialer:
             )
         return connection
 
+    async def connect_address(self, address: str, peer: bytes) -> Connection:
+        """A new connection to libp2p peer ``peer`` (base58, as bytes) at ``address`` (multiaddrs)."""
+        endpoint = await self._dialling_endpoint()
+        return await endpoint.connect(address, peer)
+
     async def close(self) -> None:
-        if self._endpoint is not None:
-            await self._endpoint.close()
+        if self._owned is not None:
+            await self._owned.close()
+
+
+def is_libp2p_address(address: str) -> bool:
+    """Whether ``address`` is libp2p multiaddrs (a relayed peer's) rather than a ZeroMQ ``tcp://`` one."""
+    return address.startswith("/")
+
+
+class PeerPlane:
+    """A training member's data plane, seen by its protocols as one endpoint.
+
+    Handlers go on the ZeroMQ endpoint and, when this member is relayed, on its libp2p
+    plane too. ``connect`` dials a ``tcp://`` address over ZeroMQ (checking the CURVE
+    key) and a member's libp2p multiaddrs (a relayed member's announced address) over
+    libp2p, authenticating the peer id the address names: that address comes from the
+    member's signed record, checked by matchmaking against the group. A relayed member
+    dials from its own plane, a direct one from a replica of its DHT's daemon, so either
+    way the callee sees the caller's DHT peer id as ``RequestContext.peer_key``.
+
+    Handlers authenticate callers by CURVE key (they compare it with the member a request
+    claims to come from). Over libp2p the transport authenticates a libp2p peer id
+    instead; ``identify`` turns it into the CURVE key that the caller's own signed record
+    pairs it with, so the same checks hold on both planes.
+
+    Args:
+        direct: this member's bound ZeroMQ endpoint.
+        dht: its started ``SwarmDHT``.
+        relayed: its libp2p plane when relayed (``open_relayed_plane``), else None.
+        identify: ``await identify(libp2p peer id) -> CURVE key or None`` (e.g.
+            ``RunMembership.curve_key_of``); may be set after construction.
+    """
+
+    def __init__(
+        self,
+        direct: BaseEndpoint,
+        dht,
+        relayed: RelayedPlane | None = None,
+        identify: Callable[[bytes], Awaitable[bytes | None]] | None = None,
+    ):
+        self.direct = direct
+        self.relayed = relayed
+        self.identify = identify
+        self._dialer = RelayedDialer(
+            dht, direct.swarm_key, direct.timeouts, relayed.endpoint if relayed is not None else None
+        )
+
+    @property
+    def public_key(self) -> bytes:
+        """The ZeroMQ endpoint's CURVE key (what the member's record announces)."""
+        return self.direct.public_key
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.direct.timeouts
+
+    @property
+    def swarm_key(self) -> bytes | None:
+        return self.direct.swarm_key
+
+    def add_handler(self, kind, handler) -> None:
+        """Serve ``kind`` on both planes; over libp2p the handler sees the caller's CURVE key."""
+        self.direct.add_handler(kind, handler)
+        if self.relayed is not None:
+            self.relayed.endpoint.add_handler(kind, self._identified(handler))
+
+    def _identified(self, handler):
+        async def identified(request, context: RequestContext):
+            key = None
+            if self.identify is not None and context.peer_key is not None:
+                key = await self.identify(bytes(context.peer_key))
+            # unknown callers keep their libp2p peer id, which matches no member's CURVE key
+            return await handler(
+                request, context if key is None else dataclasses.replace(context, peer_key=key)
+            )
+
+        return identified
+
+    async def connect(self, address: str, server_public_key: bytes) -> Connection:
+        """Connect to a member at ``address`` (``tcp://``: ZeroMQ with ``server_public_key``;
+        multiaddrs: libp2p, authenticated as the peer they name).
+
+        Raises:
+            HandshakeTimeout: multiaddrs that name no peer, or the wrong peer answered.
+            PeerUnavailable / DeadlineExceeded: it cannot be reached in time.
+        """
+        if not is_libp2p_address(address):
+            return await self.direct.connect(address, server_public_key)
+        from transport.errors import HandshakeTimeout
+        from transport.libp2p_addresses import split_address
+
+        named, _ = split_address(address)
+        if named is None:
+            raise HandshakeTimeout(f"{address[:80]} names no libp2p peer to authenticate")
+        return await self._dialer.connect_address(address, named.to_base58().encode())
+
+    async def close(self) -> None:
+        """Close the libp2p endpoint made for dialling (the caller owns the others)."""
+        await self._dialer.close()

@@ -13,19 +13,25 @@
                                  eth0, forwards only replies inbound (a home router)
               +-- <p>nN (home):  eth0 192.168.N.2, default route via the router
 
-Nothing touches the machine's own namespace: every interface is created inside a
+A lab that a killed run left behind is removed by the next lab (an owner file names the
+process that made each lab; labs of live processes stay). Nothing touches the machine's own namespace: every interface is created inside a
 namespace of the lab, so all traffic stays within them (and their loopbacks).
 Needs root, ``ip`` (iproute2) and ``nft`` (nftables; ``make system-deps`` installs it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -101,8 +107,66 @@ class Host:
         return process
 
 
+_OWNERS = Path(tempfile.gettempdir()) / "swarm-natlab"
+"""One file per lab, named by its prefix, holding the pid of the process that made it."""
+
+_STALE_UNOWNED_SECONDS = 900.0
+"""A ``sw*`` namespace with no owner file is stale once this old: no NAT test runs this
+long, and the labs of older code (or a run killed between its first namespace and its
+owner file) leave no owner file."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(namespace: str) -> bool:
+    owner = _OWNERS / namespace[:7]  # "sw" + the lab's five hex digits
+    try:
+        return not _alive(int(owner.read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        age = time.time() - (Path("/run/netns") / namespace).stat().st_mtime
+    except OSError:
+        return False
+    return age > _STALE_UNOWNED_SECONDS
+
+
+def reap_stale_namespaces() -> list[str]:
+    """Delete the namespaces (and kill the processes in them) that labs of dead processes left.
+
+    A test run killed outright (SIGKILL, a CI timeout) never reaches ``NatLab.close``;
+    its namespaces would pile up. Labs of live processes (a parallel run) are kept.
+    Returns the namespaces deleted.
+    """
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    names = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("sw")]
+    reaped = [name for name in names if _stale(name)]
+    for name in reaped:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    for owner in _OWNERS.glob("sw*") if _OWNERS.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError):
+            if not _alive(int(owner.read_text())):
+                owner.unlink()
+    return reaped
+
+
 class NatLab:
-    """A disposable internet of namespaces (see the module doc). Use as a context manager."""
+    """A disposable internet of namespaces (see the module doc). Use as a context manager.
+
+    On entry it first reaps what labs of dead processes left (:func:`reap_stale_namespaces`).
+    """
 
     def __init__(self) -> None:
         self.prefix = f"sw{uuid.uuid4().hex[:5]}"
@@ -113,6 +177,9 @@ class NatLab:
 
     def __enter__(self) -> NatLab:
         require_namespaces()
+        reap_stale_namespaces()
+        _OWNERS.mkdir(exist_ok=True)
+        (_OWNERS / self.prefix).write_text(str(os.getpid()))  # before the first namespace
         try:
             self._add_namespace(self.wan)
             _run("ip", "-n", self.wan, "link", "add", "br0", "type", "bridge")
@@ -207,3 +274,5 @@ class NatLab:
         for namespace in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
         self._namespaces.clear()
+        with contextlib.suppress(OSError):
+            (_OWNERS / self.prefix).unlink()

@@ -4,10 +4,11 @@ Each role prints ``READY <json>`` once it is up, then lines the test reads, and 
 until killed (the ``NatLab`` kills it) or, for one-shot roles, exits with its result:
 
 - ``relay --count N``: N reachable libp2p peers (relays for others).
-- ``echo-server --relay MADDR,...``: a libp2p data-plane endpoint behind NAT that holds a
-  reservation on a relay; READY once its relayed address is known.
+- ``echo-server --relay MADDR,...``: a libp2p data-plane endpoint behind NAT that takes a
+  reservation on the relays; READY once it serves (a dial through a relay confirms the
+  reservation: p2pd does not list relay addresses).
 - ``echo-client --address A --key K``: connects (retrying for ``--timeout`` seconds),
-  calls Echo with a tensor, prints ``REPLY <json>`` (or ``ERROR <json>``).
+  calls Echo with a tensor, prints ``REPLY <json>`` with the attempts it took (or ``ERROR <json>``).
 - ``checker``: a ZeroMQ endpoint that answers reachability questions.
 - ``generate --checkpoint DIR --initial-peer MADDR``: greedy tokens through the swarm,
   compared with local generation: ``TOKENS <json>``.
@@ -74,15 +75,11 @@ async def echo_server(args: argparse.Namespace) -> None:
     }
     async with Libp2pEndpoint(daemon_options=options) as endpoint:
         endpoint.add_handler(Echo, echo)
-        await endpoint.bind()
-        deadline = time.monotonic() + args.timeout
-        while True:
-            address = await endpoint.visible_address()
-            relayed = [a for a in address.split(",") if "p2p-circuit" in a]
-            if relayed or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        _say("READY", {"relayed": relayed, "all": address, "peer": endpoint.public_key.decode()})
+        address = await endpoint.bind()
+        # p2pd does not list its relay addresses among its visible ones (none showed in 90 s
+        # while circuits through its reservation worked): only a dial through a relay tells
+        # whether the reservation is held, so the test confirms it with a small echo first
+        _say("READY", {"all": address, "peer": endpoint.public_key.decode()})
         await _forever()
 
 
@@ -93,7 +90,9 @@ async def echo_client(args: argparse.Namespace) -> None:
             tensor = torch.arange(args.elements, dtype=torch.float32)
             # The server may not hold its relay reservation yet, and a circuit through a relay
             # that holds none for it ends: redial and retry, bounded (as a swarm client fails over).
+            attempts = 0
             while True:
+                attempts += 1
                 try:
                     connection = await endpoint.connect(args.address, args.key.encode())
                     reply = await connection.call(Echo("through the relay", tensor))
@@ -108,6 +107,7 @@ async def echo_client(args: argparse.Namespace) -> None:
                     "text": reply.text,
                     "equal": bool(torch.equal(reply.tensor, tensor)),
                     "caller_ok": reply.caller == endpoint.public_key,
+                    "attempts": attempts,
                 },
             )
         except Exception as error:  # the test reads the failure

@@ -254,3 +254,80 @@ def test_a_relayed_member_joins_the_round_but_does_not_lead_it():
     }
     parts = split_parts(4096, [m.bandwidth for m in groups[0].members])
     assert parts[0][0] == parts[0][1]  # no reducer share for the relayed member
+
+
+def test_peer_plane_presents_libp2p_callers_by_their_records_curve_key_and_dials_both_planes():
+    """A relayed member's plane: handlers on ZeroMQ and libp2p; a libp2p caller is shown by
+    the CURVE key its record pairs with its peer id, a stranger by its bare peer id."""
+    from swarm.data_plane import PeerPlane, RelayedPlane
+    from tests.netns_roles import Echo, echo
+    from transport import Endpoint, Libp2pEndpoint
+
+    async def body():
+        async with (
+            Endpoint() as direct,
+            Libp2pEndpoint() as relayed,
+            Libp2pEndpoint() as member,
+            Libp2pEndpoint() as stranger,
+            Endpoint() as zmq_caller,
+        ):
+            address = await relayed.bind()
+            await member.start()
+            records = {bytes(member.public_key): b"curve-key-of-the-member-record-0000000000"}
+
+            async def identify(peer: bytes) -> bytes | None:
+                return records.get(peer)
+
+            plane = PeerPlane(
+                direct, dht=None, relayed=RelayedPlane(relayed, "", (address,)), identify=identify
+            )
+            plane.add_handler(Echo, echo)
+            zmq_address = await direct.bind("tcp://127.0.0.1:0")
+            for caller, expected in ((member, records[bytes(member.public_key)]), (stranger, None)):
+                connection = await caller.connect(address, relayed.public_key)
+                reply = await connection.call(Echo("hi"))
+                assert reply.caller == (expected or caller.public_key)
+            # and over ZeroMQ the caller's CURVE key, as before
+            connection = await zmq_caller.connect(zmq_address, direct.public_key)
+            assert (await connection.call(Echo("hi"))).caller == zmq_caller.public_key
+            # the plane dials tcp:// over ZeroMQ and multiaddrs over libp2p (as the peer they name)
+            assert (await (await plane.connect(zmq_address, direct.public_key)).call(Echo("z"))).text == "z"
+            other = await member.bind()
+            member.add_handler(Echo, echo)
+            assert (await (await plane.connect(other, b"")).call(Echo("p"))).caller == relayed.public_key
+            await plane.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_libp2p_caller_is_the_member_whose_record_alone_claims_its_peer_id():
+    """``RunMembership.curve_key_of``: from the signed records; a peer id two records claim
+    names no one (a member cannot take over another's calls); the record round-trips it."""
+    from types import SimpleNamespace
+
+    from swarm.training.membership import RunMembership
+    from swarm.training.progress import TrainingPeerRecord
+    from tests.harness import make_trainer
+
+    honest = make_trainer(curve_public_key=b"h" * 40, libp2p_peer="12D3KooHonest")
+    assert TrainingPeerRecord.from_wire(honest.to_wire()).libp2p_peer == "12D3KooHonest"
+    records = {
+        "honest": honest,
+        "other": make_trainer(curve_public_key=b"o" * 40, libp2p_peer="12D3KooOther"),
+    }
+
+    async def listing(key):
+        return {peer: SimpleNamespace(value=record.to_wire()) for peer, record in records.items()}
+
+    dht = SimpleNamespace(swarm_name="s", peer_id="me", list=listing)
+
+    async def body():
+        membership = RunMembership(dht, "run", 30.0)
+        assert await membership.curve_key_of(b"12D3KooHonest") == b"h" * 40
+        assert await membership.curve_key_of(b"12D3KooStranger") is None
+        records["thief"] = make_trainer(curve_public_key=b"t" * 40, libp2p_peer="12D3KooHonest")
+        await membership.members()
+        assert await membership.curve_key_of(b"12D3KooHonest") is None
+        assert await membership.curve_key_of(b"12D3KooOther") == b"o" * 40
+
+    asyncio.run(asyncio.wait_for(body(), 10))

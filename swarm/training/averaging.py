@@ -258,7 +258,11 @@ class AveragingService:
 
     async def _connection(self, member: Member) -> Connection:
         key = (member.address, member.public_key)
-        if key not in self._connections:
+        known = self._connections.get(key)
+        # a libp2p connection (to a relayed member) does not reconnect once its stream ends
+        if known is None or getattr(known, "broken", False):
+            if known is not None:
+                await known.close()
             self._connections[key] = await self.endpoint.connect(member.address, member.public_key)
         return self._connections[key]
 

@@ -12,6 +12,9 @@ give it the latest state (:mod:`swarm.training.state`).
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import Counter
 
 from swarm.dht import SwarmDHT
 from swarm.training.progress import (
@@ -24,6 +27,9 @@ from swarm.training.progress import (
 from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
+
+_RELIST_SECONDS = 2.0
+"""An unknown libp2p caller makes the run's records be read again at most this often."""
 
 _ACTIVE = (TrainerState.TRAINING, TrainerState.AVERAGING)
 """States of members that take part in rounds."""
@@ -40,6 +46,8 @@ class RunMembership:
 
     def __init__(self, dht: SwarmDHT, run: str, record_ttl: float):
         self.relayed: set[str] = set()  # live members behind NAT, as of the last live_addresses()
+        self._curve_keys: dict[bytes, bytes] = {}  # libp2p peer id -> CURVE key, as of the last listing
+        self._listed_at = -math.inf
         self.dht = dht
         self.run = run
         self.record_ttl = record_ttl
@@ -61,7 +69,28 @@ class RunMembership:
             SwarmError: the DHT lookup failed.
         """
         listing = await self.dht.list(self.key)
-        return parse_run_listing({peer: item.value for peer, item in listing.items()})
+        members = parse_run_listing({peer: item.value for peer, item in listing.items()})
+        self._listed_at = time.monotonic()
+        claims = Counter(record.libp2p_peer for record in members.values() if record.libp2p_peer)
+        # a peer id two records claim names no one: a member cannot take over another's calls
+        self._curve_keys = {
+            record.libp2p_peer.encode(): record.curve_public_key
+            for record in members.values()
+            if record.libp2p_peer and claims[record.libp2p_peer] == 1
+        }
+        return members
+
+    async def curve_key_of(self, libp2p_peer: bytes) -> bytes | None:
+        """The CURVE key of the member whose signed record announces libp2p peer id
+        ``libp2p_peer``, or None (the listing is read again when it is not known yet, at
+        most every :data:`_RELIST_SECONDS`, so strangers' calls cannot flood the DHT)."""
+        stale = time.monotonic() - self._listed_at > _RELIST_SECONDS
+        if libp2p_peer not in self._curve_keys and stale:
+            try:
+                await self.members()
+            except SwarmError as error:
+                logger.warning("could not read the run's members: %s", error)
+        return self._curve_keys.get(libp2p_peer)
 
     async def others_active(self) -> dict[str, TrainingPeerRecord]:
         """The other members that take part in rounds (training or averaging).

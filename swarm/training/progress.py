@@ -116,6 +116,8 @@ class TrainingPeerRecord:
         updated_at: DHT time of this record.
         reachability: the start-up reachability check's verdict (None: an older peer).
             A relayed member joins rounds with a zero reducer share.
+        libp2p_peer: the libp2p peer id of this member's DHT daemon (base58): what a
+            relayed member sees when this one calls it over libp2p ("": not announced).
         rejected: peer ids whose contribution this peer, as a reducer, dropped in its last
             round (not finite, or an invalid sample weight).
         clipped: peer ids whose contribution it clipped (weight or norm over the round's bound).
@@ -138,6 +140,7 @@ class TrainingPeerRecord:
     version: str
     updated_at: float
     reachability: Reachability | None = None
+    libp2p_peer: str = ""
     rejected: tuple[str, ...] = ()
     clipped: tuple[str, ...] = ()
     accused: tuple[str, ...] = ()
@@ -146,6 +149,8 @@ class TrainingPeerRecord:
         wire = self._core_wire()
         if self.reachability is not None:
             wire["reach"] = self.reachability.to_wire()
+        if self.libp2p_peer:
+            wire["p2p"] = self.libp2p_peer
         return wire
 
     def _core_wire(self) -> dict[str, Any]:
@@ -213,6 +218,7 @@ class TrainingPeerRecord:
             version=_get(wire, "ver", str),
             updated_at=float(_get(wire, "at", (int, float))),
             reachability=read_reachability(wire, record="training record"),
+            libp2p_peer=_get(wire, "p2p", str, ""),
             **named,
         )
         if record.round < 0 or record.inner_step < 0 or record.bandwidth <= 0:

@@ -89,6 +89,7 @@ class Trainer:
         self.before_contribute = before_contribute
         self.membership = RunMembership(dht, config.run, config.record_ttl)
         self.peer_id = self.membership.peer_id
+        self.libp2p_peer = dht.libp2p_peer_id  # who we are when we call a relayed member
         self.averaging = AveragingService(
             endpoint,
             config.compression,
@@ -323,6 +324,7 @@ class Trainer:
             version=self.version,
             updated_at=get_dht_time(),
             reachability=self.reachability,
+            libp2p_peer=self.libp2p_peer,
             **self.named_last_round,
         )
 
