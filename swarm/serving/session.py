@@ -152,6 +152,24 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return current
 
+    def rollback(self, length: int) -> None:
+        """Forgets every token after the first ``length`` (rejected draft tokens).
+
+        Each hop's kept inputs are cut at ``length``, so a replay after a failure replays
+        only accepted tokens; the servers drop theirs with the next step, whose position
+        is now ``length`` (``HostedSession.roll_back``).
+
+        Raises:
+            ValueError: ``length`` is negative or past what the session holds.
+        """
+        if not 0 <= length <= self.position:
+            raise ValueError(f"cannot roll back to {length}: the session holds {self.position} tokens")
+        self.position = length
+        for hop in self.chain:
+            hop.history[:] = [
+                (start, value[:, : length - start]) for start, value in hop.history if start < length
+            ]
+
     async def _run_step(self, hidden: torch.Tensor, number: int, position: int) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         new_tokens = hidden.shape[1]
