@@ -321,11 +321,12 @@ class RemoteModel:
         max_new_tokens: int = 256,
         *,
         sampling: Sampling | None = None,
+        speculative: str | None = None,
+        draft_model: str | Path | None = None,
     ) -> AsyncIterator[str]:
-        """Like :meth:`chat`, yielding text pieces as they are made."""
-        return self._run(
-            self.chat_prompt(messages), max_new_tokens, None, sampling or Sampling(), as_text=True
-        )
+        """Like :meth:`chat`, yielding text pieces as they are made (``speculative``: see :meth:`generate`)."""
+        return self._run(self.chat_prompt(messages), max_new_tokens, None, sampling or Sampling(), as_text=True,
+                         speculation=(speculative, draft_model))  # fmt: skip
 
     async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling,
                    as_text: bool = False, speculation: tuple = (None, None)):  # fmt: skip
