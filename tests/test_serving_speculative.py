@@ -97,6 +97,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup.propose([5, 6, 7, 8, 9, 1, 5, 6, 7], 3).tokens == [8, 9, 1]
     assert lookup.propose([5, 6, 7, 8, 9, 6, 7, 2, 6, 7], 2).tokens == [2, 6]  # the latest occurrence
     assert lookup.propose([1, 2, 3, 4], 4).tokens == []  # nothing repeats
+    assert lookup.propose([3, 1, 2, 1, 2], 5).tokens == [1, 2, 1, 2, 1]  # a repeating pattern runs on
+    assert lookup.propose([7, 7, 7], 3).tokens == [7, 7, 7]
     assert lookup.propose([4, 4], 0).tokens == []
 
 

@@ -68,7 +68,8 @@ class SpeculativeConfig:
 class PromptLookup:
     """Proposes the tokens that followed the latest earlier occurrence of the context's suffix.
 
-    Tries suffixes of ``ngram_max`` tokens down to ``ngram_min``; proposes nothing without a match.
+    Tries suffixes of ``ngram_max`` tokens down to ``ngram_min``; proposes nothing without a
+    match. A match close to the end continues its pattern (``abcabc`` -> ``abca...``).
     """
 
     def __init__(self, config: SpeculativeConfig = SpeculativeConfig()):
@@ -83,10 +84,19 @@ class PromptLookup:
             # latest start before the suffix itself whose n tokens equal it
             for start in range(len(context) - size - 1, -1, -1):
                 if context[start : start + size] == suffix:
-                    following = context[start + size : start + size + count]
-                    if following:
-                        return Draft(following)
+                    return Draft(_copy_from(context, start + size, count))
         return Draft([])
+
+
+def _copy_from(context: list[int], source: int, count: int) -> list[int]:
+    """``count`` tokens copied from ``context[source:]`` onward, running on into the copy itself
+    when the source reaches the end (as an LZ77 match may overlap its own output): a match just
+    behind the end continues the repeating pattern it is part of."""
+    copied: list[int] = []
+    for offset in range(count):
+        index = source + offset
+        copied.append(context[index] if index < len(context) else copied[index - len(context)])
+    return copied
 
 
 def load_draft_model(directory: str | Path, vocab_size: int) -> LocalModel:
