@@ -154,6 +154,7 @@ def _chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
     return float(((observed - expect) ** 2 / expect)[keep_pool].sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lookup", "draft"])
 def test_speculative_sampling_keeps_the_target_distribution(checkpoints, kind):
     """Many seeded draws of the first two tokens; their frequencies match the target model's

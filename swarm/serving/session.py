@@ -3,7 +3,8 @@
 Each step is sent to every hop of the chain at once: the first hop gets the input,
 the others wait for the previous hop's push (pipelining), and the client forwards
 each output it receives as a copy in case a push is lost. The client keeps every
-input it sent to each hop. When a hop fails (killed, timed out, busy), its server
+input it sent to each hop (``rollback`` cuts them when speculative decoding rejects
+drafted tokens, ``swarm/serving/speculative.py``). When a hop fails (killed, timed out, busy), its server
 is banned, a replacement chain for exactly that span is found, the kept inputs are
 replayed into it step by step (rebuilding the same caches), and the step goes on. A
 replacement that dies during the replay is banned too and another one is tried
