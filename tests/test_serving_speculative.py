@@ -132,6 +132,23 @@ def test_greedy_speculation_equals_plain_greedy_locally(checkpoints, kind):
         assert chain.steps < NEW_TOKENS
 
 
+def test_greedy_speculation_with_a_repetition_penalty_equals_the_plain_token_loop(checkpoints):
+    """Each verified position is penalized for the drafts before it, as the plain loop would."""
+    from swarm.serving.generation import generate_rows
+
+    model = load_local_model(checkpoints[0])
+    sampling = Sampling(repetition_penalty=1.3)
+
+    async def plain():
+        chain = LocalChain(model, PROMPT.shape[1] + NEW_TOKENS)
+        rows = generate_rows(model.client, chain, PROMPT, NEW_TOKENS, sampling, None)
+        return torch.cat([PROMPT, *[piece async for piece in rows]], dim=1)
+
+    expected = asyncio.run(plain())
+    output, _ = asyncio.run(_speculate(model, PROMPT, NEW_TOKENS, sampling, PromptLookup()))
+    assert torch.equal(output, expected)
+
+
 def test_a_draft_model_with_another_vocabulary_is_refused(checkpoints, tmp_path):
     write_tiny_checkpoint(tmp_path / "other", num_layers=1, hidden_size=32, vocab_size=300)
     with pytest.raises(ValueError, match="same tokenizer"):
