@@ -23,13 +23,14 @@ replays only accepted tokens. Speculation runs one row (batch 1).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
 import torch
 
 from kernels import ClientPieces, next_token_probabilities
-from swarm.serving.drafting import Draft, DraftLength, SpeculativeConfig
+from swarm.serving.drafting import Draft, DraftLength, DraftModel, SpeculativeConfig
 from swarm.serving.generation import Decode, Detokenizer, Sampling, penalize_repetitions
 
 
@@ -113,7 +114,12 @@ async def generate_speculative(
     while produced < max_new_tokens:
         room = min(max_new_tokens - produced - 1, session.max_length - session.position - pending.shape[1])
         wanted = min(lengths.choose(), room)
-        draft = drafter.propose(context, wanted, sampling, generator) if wanted > 0 else Draft([])
+        if wanted < 1:
+            draft = Draft([])
+        elif isinstance(drafter, DraftModel):  # a model's forwards: off the loop that serves the sessions
+            draft = await asyncio.to_thread(drafter.propose, context, wanted, sampling, generator)
+        else:
+            draft = drafter.propose(context, wanted, sampling, generator)
         step = torch.cat([pending, torch.tensor([draft.tokens], dtype=torch.int64)], dim=1)  # (1, n + k)
         start, began = session.position, time.perf_counter()
         with torch.inference_mode():
