@@ -11,7 +11,7 @@ from kernels.checkpoint import (
     read_weight_map,
 )
 from kernels.gguf import GGUFError, is_gguf
-from kernels.local_generation import generate, sample_next_token
+from kernels.local_generation import generate, next_token_probabilities, sample_next_token
 from kernels.model import BlockSpan, ClientPieces, LocalModel, TransformerBlock
 from kernels.model_config import ModelConfig, UnsupportedModelError, load_config
 from kernels.quantize import (
@@ -50,6 +50,7 @@ __all__ = [
     "load_local_model",
     "load_tokenizer",
     "module_nbytes",
+    "next_token_probabilities",
     "quantize_blockwise_4bit",
     "quantize_blockwise_int8",
     "quantize_linears_",

@@ -107,6 +107,21 @@ class KVCache:
         """Record that every row now holds ``new_tokens`` more tokens."""
         self.lengths += new_tokens
 
+    def truncate(self, length: int) -> None:
+        """Rolls every row back to ``length`` tokens (rejected draft tokens): the positions
+        dropped are zeroed, so nothing of them stays behind.
+
+        Raises:
+            ValueError: ``length`` is outside ``[0, max_length]``.
+        """
+        if not 0 <= length <= self.max_length:
+            raise ValueError(f"length {length} outside [0, {self.max_length}]")
+        held = int(self.lengths.max()) if self.lengths.numel() else 0
+        if held > length:
+            for block in (*self.keys, *self.values):
+                block[:, :, length:held].zero_()  # (batch, kv_heads, dropped, head_dim)
+        self.lengths.fill_(length)
+
     def set_length(self, row: int, length: int) -> None:
         """Truncate (or reset with 0) one row, e.g. to replay a session from a known point."""
         if not 0 <= length <= self.max_length:

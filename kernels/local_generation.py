@@ -7,6 +7,27 @@ import torch
 from kernels.model import LocalModel
 
 
+def next_token_probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution (batch, vocab) float32 that :func:`sample_next_token` samples from
+    (``temperature > 0``): logits divided by the temperature, cut to the ``top_k`` best and to
+    the smallest set whose probability reaches ``top_p``, softmaxed. Speculative sampling
+    accepts or rejects drafts against exactly this distribution."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (batch, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (always keep the best one).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -23,18 +44,7 @@ def sample_next_token(
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (batch, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (always keep the best one).
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probabilities = logits.softmax(dim=-1)
+    probabilities = next_token_probabilities(logits, temperature, top_k, top_p)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 

@@ -65,6 +65,11 @@ class ApiConfig:
     route_wait: float = field(
         default=15.0, metadata={"help": "seconds to wait for servers covering every block before a 503"}
     )
+    speculative: str = field(
+        default="lookup",
+        metadata={"help": "greedy requests draft by prompt lookup and the swarm verifies the drafts "
+                  "(same tokens, fewer passes; drafting stops while it does not pay): lookup or off"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,6 +83,8 @@ class ApiConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.route_wait <= 0:
             raise ValueError("--route-wait must be positive")
+        if self.speculative not in ("lookup", "off"):
+            raise ValueError(f"--speculative must be lookup or off, got {self.speculative!r}")
 
     @property
     def served_name(self) -> str:
@@ -136,8 +143,9 @@ async def serve(config: ApiConfig, stop: asyncio.Event | None = None) -> int:
         if model.tokenizer is None:
             logger.error("cannot start the API: %s", model.missing_tokenizer)
             return 1
-        routes = ApiRoutes(GenerationEngine(model, model.tokenizer, config.default_max_tokens), config.served_name,
-                           config.api_key, config.max_n)  # fmt: skip
+        engine = GenerationEngine(model, model.tokenizer, config.default_max_tokens,
+                                  speculative=None if config.speculative == "off" else config.speculative)  # fmt: skip
+        routes = ApiRoutes(engine, config.served_name, config.api_key, config.max_n)
         # handler_cancellation: a client that goes away cancels its handler, which closes its sessions.
         runner = web.AppRunner(routes.application(), access_log=None, handler_cancellation=True)
         await runner.setup()

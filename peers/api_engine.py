@@ -7,7 +7,9 @@ does not change when the client does. For each choice it:
   encoded without an extra BOS, as transformers does; a text prompt gets the tokenizer's
   usual special tokens; token ids are checked against the vocabulary);
 - streams tokens from the swarm (one inference session per choice, so ``n`` choices and
-  concurrent requests are concurrent sessions that the servers batch);
+  concurrent requests are concurrent sessions that the servers batch); a greedy request
+  uses prompt-lookup speculation by default (``speculative``): the same tokens in fewer
+  passes along the chain, and no drafts while the measured acceptance says they do not pay;
 - turns them into text deltas: ends at any of the model's end-of-sequence ids or at a
   stop sequence (never sent), holds back text that may be the start of a stop sequence
   or half of a UTF-8 character.
@@ -43,10 +45,15 @@ class GenerationEngine:
         model: a connected ``swarm.serving.RemoteModel``.
         tokenizer: the checkpoint's tokenizer (:func:`kernels.load_tokenizer`).
         default_max_tokens: tokens generated when a request does not say.
+        speculative: the drafter for greedy requests ("lookup"), or None for none. Sampled
+            requests are not speculated: their tokens would differ from a seed's usual ones.
     """
 
-    def __init__(self, model, tokenizer: TextTokenizer, default_max_tokens: int):
+    def __init__(
+        self, model, tokenizer: TextTokenizer, default_max_tokens: int, speculative: str | None = "lookup"
+    ):
         self.model = model
+        self.speculative = speculative
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
         self.context_length = model.model_config.max_position_embeddings
@@ -135,7 +142,9 @@ class GenerationEngine:
                  "repetition_penalty": request.repetition_penalty}  # fmt: skip
         chosen.update({name: value for name, value in given.items() if value is not None})
         sampling = Sampling(**chosen, seed=seed)
-        stream = self.model.stream(torch.tensor([ids], dtype=torch.int64), max_tokens, sampling=sampling)
+        speculative = self.speculative if sampling.temperature == 0 else None
+        stream = self.model.stream(torch.tensor([ids], dtype=torch.int64), max_tokens, sampling=sampling,
+                                   speculative=speculative)  # fmt: skip
         async with contextlib.aclosing(stream) as tokens:
             async for step in tokens:  # (1, 1) ids
                 yield int(step[0, 0])

@@ -56,6 +56,12 @@ def register(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="a text that ends generation; repeat the flag "
                         "for several (default: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--speculative", choices=("lookup", "draft"), default=None,
+                        help="draft tokens on this machine and let the swarm verify several per pass: "
+                        "lookup (prompt lookup) or draft (--draft-model); greedy output is unchanged, "
+                        "sampled output keeps its distribution (default: off)")  # fmt: skip
+    parser.add_argument("--draft-model", default=None, help="with --speculative draft: a small checkpoint "
+                        "folder with the same tokenizer (default: none)")  # fmt: skip
     parser.add_argument("--adapter", default="", help="a PEFT adapter folder (LoRA or soft prompt, e.g. from "
                         "`swarm finetune`) the servers apply in this generation's sessions (default: none)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,12 +105,13 @@ async def _generate(args: argparse.Namespace) -> int:
             chosen = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
             sampling = Sampling(**chosen, stop=tuple(args.stop), seed=args.seed)
             adapter = args.adapter or None  # the servers' sessions apply it (session_adapters.py)
+            options = {"adapter": adapter, "speculative": args.speculative, "draft_model": args.draft_model}
             if args.chat:
                 messages = [{"role": "system", "content": args.system}] if args.system else []
                 messages.append({"role": "user", "content": args.prompt})
-                stream = model.stream_chat(messages, args.max_new_tokens, sampling=sampling, adapter=adapter)
+                stream = model.stream_chat(messages, args.max_new_tokens, sampling=sampling, **options)
             else:
-                stream = model.stream(args.prompt, args.max_new_tokens, sampling=sampling, adapter=adapter)
+                stream = model.stream(args.prompt, args.max_new_tokens, sampling=sampling, **options)
             async for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -8,7 +8,9 @@ A session's cache is allocated from a budget of tokens (``batch * max_length`` p
 session); a session that does not fit is refused with ``ServerBusy`` so the client
 routes elsewhere. Step inputs may arrive in the step itself, pushed by the previous
 server of the chain, or as the client's copy: the mailbox keeps the first copy of
-each step and drops the rest, and holds at most ``mailbox_steps`` inputs.
+each step and drops the rest, and holds at most ``mailbox_steps`` inputs. A step at an
+earlier position than the session holds first truncates the cache there (``roll_back``):
+that is how speculative decoding's rejected draft tokens leave nothing behind.
 
 Quotas (issue #19): one peer (one CURVE key) holds at most ``PeerQuota.max_sessions``
 sessions and ``PeerQuota.max_cache_tokens`` of the budget, so a greedy client leaves the
@@ -154,6 +156,13 @@ class HostedSession:
             raise MalformedMessage(
                 f"positions {position}..{position + new_tokens} exceed the session's max_length {self.max_length}"
             )
+
+    def roll_back(self, position: int) -> None:
+        """Drops every cached token from ``position`` on: a step at an earlier position than the
+        session holds replaces what follows it (the client rejected drafted tokens, or replays)."""
+        held = int(self.cache.lengths.max()) if self.batch else 0
+        if position < held:
+            self.cache.truncate(position)
 
 
 class HostedSessions:

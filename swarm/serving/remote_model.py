@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from kernels import (
+    LocalModel,
     MissingTokenizerError,
     TextTokenizer,
     load_client_pieces,
@@ -46,12 +47,14 @@ from kernels import (
 from kernels.model_config import config_fingerprint, config_hash, describe_config_difference
 from kernels.tokenizer import read_eos_token_ids, read_sampling_defaults
 from swarm import BanList, DHTConfig, Identity, ModelMismatch, ServerRecord, SwarmDHT
+from swarm.serving.drafting import SpeculativeConfig, load_draft_model, make_drafter
 from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession, first_documented_error
 from swarm.serving.session_adapters import PromptedSession, SessionLora, resolve_adapter
 from swarm.serving.settings import ClientConfig
+from swarm.serving.speculative import generate_speculative
 from transport import Connection, Endpoint, Timeouts
 from transport.errors import SwarmError
 
@@ -72,6 +75,7 @@ class RemoteModel:
             ``swarm generate`` and ``swarm api`` use it for what a user leaves unset;
             ``generate`` / ``stream`` stay greedy unless given ``sampling=``.
         servers: the ``ServerPool`` (listing, bans, connections) the sessions share.
+        speculative_config: how speculative decoding drafts (``generate(speculative=...)``).
     """
 
     def __init__(self, checkpoint_dir: str | Path, dht: SwarmDHT, endpoint: Endpoint, config: ClientConfig):
@@ -93,6 +97,8 @@ class RemoteModel:
         self.dht = dht
         self.endpoint = endpoint
         self.config = config
+        self.speculative_config = SpeculativeConfig()
+        self._drafts: dict[Path, LocalModel] = {}  # draft models by folder, loaded once
         self.loop: asyncio.AbstractEventLoop | None = None  # set by connect()
         bans = BanList(base_seconds=config.ban_seconds)
         self.servers = ServerPool(
@@ -238,6 +244,8 @@ class RemoteModel:
         seed: int | None = None,
         session: InferenceSession | None = None,
         adapter=None,
+        speculative: str | None = None,
+        draft_model: str | Path | None = None,
     ) -> str | list[str] | torch.Tensor:
         """Generates a continuation.
 
@@ -251,6 +259,10 @@ class RemoteModel:
                 `swarm finetune`), ``LoraAdapters``, a ``SoftPrompt`` or a pair of them; the
                 servers apply LoRA in the session's cached steps (a session of your own takes
                 it at ``inference_session(..., adapter=)``).
+            speculative: "lookup" (prompt lookup drafts) or "draft" (``draft_model`` drafts):
+                the servers verify several drafted tokens per pass (``swarm/serving/speculative.py``);
+                greedy output is unchanged, sampled output keeps its distribution. None: off.
+            draft_model: with ``speculative="draft"``, a small checkpoint with the same tokenizer.
         Returns:
             the new text (or list of texts); for ids, the prompt plus the new ids (batch, tokens).
         Raises:
@@ -263,19 +275,18 @@ class RemoteModel:
                     "a list of prompts runs in sessions of its own; pass one prompt with session="
                 )
             try:
+                options = {"sampling": sampling, "speculative": speculative, "draft_model": draft_model}
                 async with asyncio.TaskGroup() as tasks:
                     runs = [
-                        tasks.create_task(
-                            self.generate(p, max_new_tokens, sampling=sampling, adapter=adapter)
-                        )
+                        tasks.create_task(self.generate(p, max_new_tokens, adapter=adapter, **options))
                         for p in prompt
                     ]
             except BaseExceptionGroup as group:  # the documented error, not a group of them
                 raise first_documented_error(group) from None
             return [run.result() for run in runs]
-        pieces = [
-            piece async for piece in self._run(prompt, max_new_tokens, session, sampling, adapter=adapter)
-        ]
+        run = self._run(prompt, max_new_tokens, session, sampling, adapter=adapter,
+                        speculation=(speculative, draft_model))  # fmt: skip
+        pieces = [piece async for piece in run]
         if isinstance(prompt, torch.Tensor):
             return torch.cat([prompt.to(torch.int64), *pieces], dim=1) if pieces else prompt
         return "".join(pieces)
@@ -294,11 +305,14 @@ class RemoteModel:
         seed: int | None = None,
         session: InferenceSession | None = None,
         adapter=None,
+        speculative: str | None = None,
+        draft_model: str | Path | None = None,
     ) -> AsyncIterator[str | torch.Tensor]:
         """Like :meth:`generate`, yielding as tokens are made: text pieces for a text prompt,
         (batch, 1) ids for an ids prompt."""
         sampling = _sampling(sampling, temperature, top_k, top_p, repetition_penalty, stop, seed)
-        return self._run(prompt, max_new_tokens, session, sampling, adapter=adapter)
+        return self._run(prompt, max_new_tokens, session, sampling, adapter=adapter,
+                         speculation=(speculative, draft_model))  # fmt: skip
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         """``messages`` rendered with the checkpoint's chat template, the assistant's turn
@@ -328,37 +342,42 @@ class RemoteModel:
         *,
         sampling: Sampling | None = None,
         adapter=None,
+        speculative: str | None = None,
+        draft_model: str | Path | None = None,
     ) -> AsyncIterator[str]:
-        """Like :meth:`chat`, yielding text pieces as they are made (``adapter``: as in :meth:`generate`)."""
-        return self._run(
-            self.chat_prompt(messages),
-            max_new_tokens,
-            None,
-            sampling or Sampling(),
-            as_text=True,
-            adapter=adapter,
-        )
+        """Like :meth:`chat`, yielding text pieces as they are made (``adapter``, ``speculative``: as
+        in :meth:`generate`)."""
+        return self._run(self.chat_prompt(messages), max_new_tokens, None, sampling or Sampling(), as_text=True,
+                         adapter=adapter, speculation=(speculative, draft_model))  # fmt: skip
 
     async def _run(self, prompt, max_new_tokens: int, session: InferenceSession | None, sampling: Sampling,
-                   as_text: bool = False, adapter=None):  # fmt: skip
+                   as_text: bool = False, adapter=None, speculation: tuple = (None, None)):  # fmt: skip
         if session is not None and adapter is not None:
             raise ValueError("an open session has its adapter already: pass adapter= to inference_session()")
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt.to(torch.int64)
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         decode = self.decode if as_text or isinstance(prompt, str) else None
-        eos = self.eos_token_ids
+        loop = functools.partial(self._token_loop, ids, max_new_tokens, sampling, decode, speculation)
         if session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0], adapter) as own:
-                async for piece in generate_rows(
-                    self.pieces, own, ids, max_new_tokens, sampling, decode, eos
-                ):
+                async for piece in loop(own):
                     yield piece
         else:
-            async for piece in generate_rows(
-                self.pieces, session, ids, max_new_tokens, sampling, decode, eos
-            ):
+            async for piece in loop(session):
                 yield piece
+
+    def _token_loop(self, ids, max_new_tokens, sampling, decode, speculation, session) -> AsyncIterator:
+        kind, draft_dir = speculation
+        if kind is None:
+            return generate_rows(
+                self.pieces, session, ids, max_new_tokens, sampling, decode, self.eos_token_ids
+            )
+        if kind == "draft" and draft_dir is not None and (draft_dir := Path(draft_dir)) not in self._drafts:
+            self._drafts[draft_dir] = load_draft_model(draft_dir, self.model_config.vocab_size)
+        drafter = make_drafter(kind, self._drafts.get(draft_dir), self.speculative_config)
+        return generate_speculative(self.pieces, session, ids, max_new_tokens, sampling, decode,
+                                    self.eos_token_ids, drafter, self.speculative_config)  # fmt: skip
 
 
 class _Connecting:

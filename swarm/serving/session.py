@@ -3,7 +3,8 @@
 Each step is sent to every hop of the chain at once: the first hop gets the input,
 the others wait for the previous hop's push (pipelining), and the client forwards
 each output it receives as a copy in case a push is lost. The client keeps every
-input it sent to each hop. When a hop fails (killed, timed out, busy), its server
+input it sent to each hop (``rollback`` cuts them when speculative decoding rejects
+drafted tokens, ``swarm/serving/speculative.py``). When a hop fails (killed, timed out, busy), its server
 is banned, a replacement chain for exactly that span is found, the kept inputs are
 replayed into it step by step (rebuilding the same caches), and the step goes on. A
 replacement that dies during the replay is banned too and another one is tried
@@ -153,6 +154,24 @@ class InferenceSession:
             raise first_documented_error(group) from None
         self.position += hidden.shape[1]
         return current
+
+    def rollback(self, length: int) -> None:
+        """Forgets every token after the first ``length`` (rejected draft tokens).
+
+        Each hop's kept inputs are cut at ``length``, so a replay after a failure replays
+        only accepted tokens; the servers drop theirs with the next step, whose position
+        is now ``length`` (``HostedSession.roll_back``).
+
+        Raises:
+            ValueError: ``length`` is negative or past what the session holds.
+        """
+        if not 0 <= length <= self.position:
+            raise ValueError(f"cannot roll back to {length}: the session holds {self.position} tokens")
+        self.position = length
+        for hop in self.chain:
+            hop.history[:] = [
+                (start, value[:, : length - start]) for start, value in hop.history if start < length
+            ]
 
     async def _run_step(self, hidden: torch.Tensor, number: int, position: int) -> torch.Tensor:
         loop = asyncio.get_running_loop()

@@ -180,6 +180,7 @@ class StepService:
             elif source == "client-copy":
                 self.client_copies_used += 1
         session.check_step(step.position, step.new_tokens, hidden, self.server.model_config.hidden_size)
+        session.roll_back(step.position)  # tokens after it (rejected drafts) leave nothing behind
         session.steps += 1
         if self.server.on_step is not None:
             self.server.on_step(session.steps)
