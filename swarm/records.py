@@ -213,6 +213,8 @@ class ServerRecord:
         next_rtts: measured round-trip seconds to servers of the following span, by peer id.
         device: e.g. ``"cuda:NVIDIA H100"``.
         dtype: e.g. ``"bfloat16"``.
+        quant: weight quantization, e.g. ``"int8"`` (``"none"``; empty: an older peer that
+            does not say). Clients pick spot-check partners by device, dtype and quant.
         started_at: DHT time the server started.
         reachability: the start-up reachability check's verdict (None: an older peer,
             read as direct).
@@ -237,6 +239,7 @@ class ServerRecord:
     started_at: float = 0.0
     reachability: Reachability | None = None
     libp2p_peer: str = ""
+    quant: str = ""
 
     @property
     def relayed(self) -> bool:
@@ -250,6 +253,8 @@ class ServerRecord:
             wire["reach"] = self.reachability.to_wire()
         if self.libp2p_peer:
             wire["p2p"] = self.libp2p_peer
+        if self.quant:
+            wire["quant"] = self.quant
         return wire
 
     def _core_wire(self) -> dict[str, Any]:
@@ -308,6 +313,7 @@ class ServerRecord:
             started_at=float(read_field(wire, "started", (int, float), 0.0)),
             reachability=read_reachability(wire, record="server record"),
             libp2p_peer=read_field(wire, "p2p", str, ""),
+            quant=read_field(wire, "quant", str, ""),
         )
 
 

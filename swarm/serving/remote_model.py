@@ -51,6 +51,7 @@ from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession, first_documented_error
 from swarm.serving.settings import ClientConfig
+from swarm.serving.verified_generation import generate_verified
 from transport import Connection, Endpoint, Timeouts
 from transport.errors import SwarmError
 
@@ -320,7 +321,16 @@ class RemoteModel:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         decode = self.decode if as_text or isinstance(prompt, str) else None
         eos = self.eos_token_ids
-        if session is None:
+        if session is None and self.config.verify_fraction:
+            # spot checks on: output shown once checked, rerun without a caught liar
+            async for piece in generate_verified(
+                lambda: self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]),
+                lambda own, chosen: generate_rows(self.pieces, own, ids, max_new_tokens, chosen, decode, eos),
+                sampling,
+                self.config.replay_attempts + 1,
+            ):
+                yield piece
+        elif session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0]) as own:
                 async for piece in generate_rows(
                     self.pieces, own, ids, max_new_tokens, sampling, decode, eos

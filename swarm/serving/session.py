@@ -38,6 +38,7 @@ from swarm import NoRouteError, ServerRecord, Span, find_route
 from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference, PushHidden
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
+from swarm.serving.spot_checks import SpotChecks
 from transport import ClientStream
 from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
 
@@ -108,6 +109,12 @@ class InferenceSession:
         self.failovers = 0
         self.replay_failures = 0  # replacements that failed in turn while being replayed into
         self._step = 0
+        # spot checks of the servers' outputs (spot_checks.py); None when verification is off
+        self.checks = (
+            SpotChecks(servers, config.verify_fraction, config.step_timeout)
+            if config.verify_fraction
+            else None
+        )
 
     async def __aenter__(self) -> InferenceSession:
         self.chain = await self._open_route(0, self.servers.n_blocks)
@@ -117,7 +124,9 @@ class InferenceSession:
         await self.close()
 
     async def close(self) -> None:
-        """Ends the sessions on every server. Idempotent."""
+        """Ends the sessions on every server (after the spot checks in flight). Idempotent."""
+        if self.checks is not None:
+            await self.checks.settle(raise_caught=False)
         chain, self.chain = self.chain, []
         for hop in chain:
             await hop.stream.close()
@@ -150,6 +159,8 @@ class InferenceSession:
         except BaseExceptionGroup as group:
             raise first_documented_error(group) from None
         self.position += hidden.shape[1]
+        if self.checks is not None:
+            await self.checks.after_step(self.chain, position, current)
         return current
 
     async def _run_step(self, hidden: torch.Tensor, number: int, position: int) -> torch.Tensor:
@@ -162,6 +173,8 @@ class InferenceSession:
             def launch(index: int, value: torch.Tensor | None) -> None:
                 hop = self.chain[index]
                 after = self.chain[index + 1] if index + 1 < len(self.chain) else None
+                if self.checks is not None:
+                    after = None  # spot checks: every input comes from the client (see spot_checks.py)
                 message = InferenceStep(
                     step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
                     # a relayed next server gets the client's copy only (no server push)
@@ -193,7 +206,7 @@ class InferenceSession:
                     index += 1
                     # nothing pushes to a relayed server: its input is always the client's copy
                     if index < len(self.chain) and (
-                        self.config.send_copies or self.chain[index].server.relayed
+                        self.config.send_copies or self.chain[index].server.relayed or self.checks is not None
                     ):
                         after = self.chain[index]
                         copies[after] = tasks.create_task(self._send_copy(after, number, current))
@@ -259,6 +272,8 @@ class InferenceSession:
             SwarmError: the last replacement failed too, or a server refused the replay as malformed.
         """
         failed = self.chain[index]
+        if self.checks is not None:
+            await self.checks.settle(raise_caught=False)
         if not _session_lost(error):
             self.servers.ban(failed.server)
         self.failovers += 1
