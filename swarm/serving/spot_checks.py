@@ -56,6 +56,11 @@ from transport.errors import RetryableError, SwarmError
 
 logger = logging.getLogger(__name__)
 
+RECOMMENDED_VERIFY_FRACTION = 0.25
+"""The fraction to verify at when in doubt (``benchmarks/robust.py``): a liar is caught at the
+first check after its first wrong output, so within 16 steps with probability 1 - 0.75**15 =
+98.7% (a check's result arrives a step later); it costs one prefill of the prefix on another
+server every 4 steps, under the 15% budget per token the issue sets (see the README)."""
 MAX_PENDING = 4
 """Checks in flight at once per session; a step waits for the oldest beyond this."""
 LISTING_MAX_AGE = 5.0
