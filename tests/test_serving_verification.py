@@ -208,7 +208,7 @@ def test_honest_servers_of_different_kinds_raise_no_false_alarm(tmp_path):
             async with await swarm.connect(listing=tuple(KINDS), verify_fraction=1.0) as model:
                 for name in KINDS:
                     others = [swarm.peer_ids[other] for other in KINDS if other != name]
-                    totals = [0, 0, 0]  # comparisons, mismatches, unchecked
+                    totals = [0, 0, 0, 0.0]  # comparisons, mismatches, unchecked, largest error / tolerance
                     for prompt in prompts:
                         for peer in others:  # route through `name` only...
                             model.bans.ban(peer)
@@ -221,7 +221,7 @@ def test_honest_servers_of_different_kinds_raise_no_false_alarm(tmp_path):
                         checks = session.checks
                         assert not checks.verdicts and checks.failed == 0, (name, checks.verdicts)
                         totals = [totals[0] + checks.checks, totals[1] + checks.mismatches,
-                                  totals[2] + checks.unchecked]  # fmt: skip
+                                  totals[2] + checks.unchecked, max(totals[3], checks.largest_agreeing)]  # fmt: skip
                     stats[name] = totals
                 return stats, model.bans.banned()
 

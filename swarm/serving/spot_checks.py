@@ -150,6 +150,7 @@ class SpotChecks:
         checks: hops compared; mismatches: of those, found different; unchecked: hops with
             no comparable other holder; failed: checks that could not run (a server failed);
         verdicts: resolved mismatches; unresolved: mismatches no third holder could decide.
+        largest_agreeing: the largest error of an agreeing comparison, as a share of its tolerance.
     """
 
     def __init__(self, servers, fraction: float, timeout: float, rng: random.Random | None = None):
@@ -159,6 +160,7 @@ class SpotChecks:
         self.rng = rng or random.Random()
         self.checks = self.mismatches = self.unchecked = self.failed = self.unresolved = 0
         self.verdicts: list[Verdict] = []
+        self.largest_agreeing = 0.0
         self._outputs: dict[object, _Outputs] = {}  # by hop
         self._pending: deque[asyncio.Task] = deque()
         self._unraised: list[Verdict] = []
@@ -267,7 +269,9 @@ class SpotChecks:
         recomputed = (await self._forward(checker, span, prefix))[:, positions]
         self.checks += 1
         allowed = tolerance(kind, ServerKind.of(checker))
-        if relative_error(claimed, recomputed) <= allowed:
+        error = relative_error(claimed, recomputed)
+        if error <= allowed:
+            self.largest_agreeing = max(self.largest_agreeing, error / allowed)
             return True
         self.mismatches += 1
         logger.warning("spot check: %s and %s disagree on blocks %s; asking a third holder",
