@@ -121,6 +121,8 @@ class InferenceSession:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self.checks is not None and exc_info[0] is not None:
+            await self.checks.cancel()  # leaving on an error (or cancelled): no verdict is awaited
         await self.close()
 
     async def close(self) -> None:

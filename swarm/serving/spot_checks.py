@@ -95,10 +95,9 @@ class Verdict:
 
 @dataclass(eq=False)
 class _Outputs:
-    """What one hop returned, by position; entries before ``checked`` were checked already."""
+    """What one hop returned and no check has taken yet, by position."""
 
     entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    checked: int = 0
     clean_through: int | None = None  # positions before this were checked and agreed
     agreed: list[tuple[int, int]] = field(default_factory=list)  # checked windows past clean_through
 
@@ -111,7 +110,6 @@ class _Outputs:
 
     def add(self, position: int, value: torch.Tensor) -> None:
         self.entries = _truncated(self.entries, position)
-        self.checked = min(self.checked, len(self.entries))
         if self.clean_through is None or self.clean_through > position:
             # a new hop starts clean where it joined: what came before was another server's,
             # whose remaining outputs the session checked before replacing it (settle)
@@ -224,9 +222,9 @@ class SpotChecks:
 
     def _start(self, hop) -> None:
         record = self._outputs.get(hop)
-        if record is None or record.checked >= len(record.entries):
+        if record is None or not record.entries:
             return
-        window, record.checked = record.entries[record.checked :], len(record.entries)
+        window, record.entries = record.entries, []  # a check holds what it compares
         prefix = input_prefix(hop.history)
         # Tracked in _pending and always awaited (settle) or cancelled (cancel).
         self._pending.append(asyncio.ensure_future(self._check(hop.server, hop.span, prefix, window, record)))
