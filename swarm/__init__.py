@@ -3,9 +3,9 @@
 Also, by concept: ``records`` (model and server records, the DHT key layout, the one
 record field parser), ``server_reports`` (signed misbehaviour reports), ``training/``
 (DiLoCo; ``training.progress`` holds the training run records and the run index),
-``telemetry`` (the MQTT telemetry format, encode and decode), and the health snapshot that reads both records and telemetry: ``health``
-(the ``/api/state`` document and its schema), ``health_runs``, ``health_display`` and
-``health_reader`` (the DHT read). The processes that serve them live in ``peers``.
+``telemetry`` (the MQTT telemetry format, encode and decode), and the health snapshot
+that reads both records and telemetry: ``health`` (the ``/api/state`` document and its
+schema), ``health_runs``, ``health_display`` and ``health_reader`` (the DHT read). The processes that serve them live in ``peers``.
 """
 
 from swarm.announcer import Announcer
