@@ -52,7 +52,7 @@ from swarm import ServerRecord, ServerState, Span
 from swarm.server_reports import MisbehaviourReport
 from swarm.serving.output_tolerance import ServerKind, relative_error, tolerance
 from swarm.serving.protocol import ForwardReply, ForwardRequest
-from transport.errors import RetryableError, SwarmError
+from transport.errors import MalformedMessage, RetryableError, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +316,9 @@ class SpotChecks:
         connection = await self.servers.connection_to(server)
         request = ForwardRequest(start=span.start, end=span.end, hidden=prefix)
         reply = await connection.call(request, timeout=self.timeout)
-        if not isinstance(reply, ForwardReply):
-            raise SwarmError(f"{server.peer_id} answered a forward with {type(reply).__name__}")
+        if not isinstance(reply, ForwardReply) or reply.hidden.shape != prefix.shape:
+            raise MalformedMessage(f"{server.peer_id} answered a forward of {tuple(prefix.shape)} with "
+                                   f"{getattr(getattr(reply, 'hidden', None), 'shape', type(reply).__name__)}")  # fmt: skip
         return reply.hidden
 
     async def _convict(self, liar: ServerRecord, verdict: Verdict) -> None:
