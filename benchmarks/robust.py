@@ -104,7 +104,7 @@ def train(
     return loss if math.isfinite(loss) else float("inf")
 
 
-def _generation_part(quick: bool) -> tuple[int, float]:
+def _generation_part(quick: bool, fraction: float | None) -> tuple[int, float]:
     """Runs ``benchmarks/robust_generation.py`` with a bootstrap DHT node of its own."""
     from benchmarks.robust_generation import run_generation_part
     from peers.processes import ProcessGroup
@@ -133,9 +133,11 @@ def main() -> int:
     parser.add_argument(
         "--generation-only", action="store_true", help="skip the DiLoCo half (prints n/a for it)"
     )
+    parser.add_argument("--verify-fraction", type=float, default=None,
+                        help="spot-check fraction of the generation half (default: the recommended one)")  # fmt: skip
     args = parser.parse_args()
     if args.generation_only:
-        detected, overhead = _generation_part(args.quick)
+        detected, overhead = _generation_part(args.quick, args.verify_fraction)
         print(f"robust defended_loss_ratio=n/a undefended_loss_ratio=n/a detected_within_steps={detected} "
               f"verify_overhead_ratio={overhead:.3f}")  # fmt: skip
         return 0
@@ -179,7 +181,7 @@ def main() -> int:
     print(f"time: {time.perf_counter() - started:.1f} s")
     defended = max(losses[f"defended/{attack}"] for attack in attacks) / clean
     undefended = min(losses[f"undefended/{attack}"] for attack in attacks) / clean
-    detected, overhead = _generation_part(args.quick)
+    detected, overhead = _generation_part(args.quick, args.verify_fraction)
     print(f"time in all: {time.perf_counter() - started:.1f} s; load average: {os.getloadavg()[0]:.2f}")
     print(
         f"robust defended_loss_ratio={defended:.4f} undefended_loss_ratio={undefended:.4f} "

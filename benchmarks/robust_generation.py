@@ -78,10 +78,14 @@ async def _measure(
     return detected, plain_ms, verified_ms, same
 
 
-def run_generation_part(tmp_path: Path, peers: list[str], group, *, quick: bool) -> tuple[int, float]:
+def run_generation_part(
+    tmp_path: Path, peers: list[str], group, *, quick: bool, fraction: float | None = None
+) -> tuple[int, float]:
     """Starts the three servers, measures, stops them. Returns (detected_within_steps, overhead ratio)."""
     from kernels.tiny import make_random_state, save_checkpoint, write_tiny_checkpoint
     from swarm.serving.spot_checks import RECOMMENDED_VERIFY_FRACTION
+
+    fraction = RECOMMENDED_VERIFY_FRACTION if fraction is None else fraction
 
     layers, hidden = (4, 256) if quick else (8, 512)
     tokens, repeats, trials = (48, 5, 5) if quick else (96, 7, 10)
@@ -109,14 +113,14 @@ def run_generation_part(tmp_path: Path, peers: list[str], group, *, quick: bool)
             for name, p in processes.items()
         }
         detected, plain_ms, verified_ms, same = asyncio.run(
-            _measure(checkpoint, peers, ids, RECOMMENDED_VERIFY_FRACTION, tokens, repeats, trials)
+            _measure(checkpoint, peers, ids, fraction, tokens, repeats, trials)
         )
     finally:
         for process in processes.values():
             process.terminate(timeout=60)
     plain, verified = statistics.median(plain_ms), statistics.median(verified_ms)
     print(f"generation: 3 servers holding {layers} blocks of width {hidden}, one perturbing its outputs by "
-          f"{float(PERTURBATION):.0%} from its step {LIE_AFTER + 1}; verify_fraction={RECOMMENDED_VERIFY_FRACTION}")  # fmt: skip
+          f"{float(PERTURBATION):.0%} from its step {LIE_AFTER + 1}; verify_fraction={fraction}")  # fmt: skip
     print(f"  caught after (steps from the first wrong output, per trial): {detected}")
     print(f"  ms/token unverified (runs): {[f'{v:.1f}' for v in plain_ms]}")
     print(f"  ms/token verified   (runs): {[f'{v:.1f}' for v in verified_ms]}")

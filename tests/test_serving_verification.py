@@ -17,7 +17,7 @@ from kernels import generate, load_local_model
 from swarm import PeerValue, ServerState
 from swarm.server_reports import MisbehaviourReport, count_reporters, parse_reports, reports_key
 from swarm.serving.output_tolerance import ServerKind, relative_error, tolerance
-from swarm.serving.spot_checks import MAX_PENDING, ServerMisbehaved, input_prefix
+from swarm.serving.spot_checks import MAX_LAG_STEPS, ServerMisbehaved, input_prefix
 from tests.harness import NEW_TOKENS, PROMPT, ServingSwarm, make_server, wait_until
 
 LIE_AFTER = 3  # the liar answers its sessions' first steps honestly
@@ -124,9 +124,9 @@ def test_liar_is_caught_banned_reported_and_generation_equals_honest(liar_swarm)
     liar, honest = swarm.peer_ids["liar"], {swarm.peer_ids["a"], swarm.peer_ids["b"]}
     first_wrong = PROMPT.shape[1] + LIE_AFTER - 1  # the position of the liar's step LIE_AFTER + 1
     assert error.peer_id == liar and error.position >= first_wrong
-    # The first wrong output is the liar's step LIE_AFTER + 1; every step is checked, and a step
-    # waits for the oldest check beyond MAX_PENDING, so the catch comes within that many more.
-    assert steps_taken <= LIE_AFTER + 1 + MAX_PENDING + 1, steps_taken
+    # The first wrong output is the liar's step LIE_AFTER + 1; every step is checked, and a
+    # check's result is awaited MAX_LAG_STEPS steps after it started at the latest.
+    assert steps_taken <= LIE_AFTER + 1 + MAX_LAG_STEPS, steps_taken
     assert {verdict.liar for verdict in checks.verdicts} == {liar}  # checks in flight may each catch it
     assert min(verdict.position for verdict in checks.verdicts) == first_wrong
     torch.testing.assert_close(output, expected, rtol=0, atol=0)

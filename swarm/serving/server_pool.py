@@ -72,6 +72,7 @@ class ServerPool:
         self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
         self._relayed: RelayedDialer | None = None  # made on the first relayed server
         self.reports = ReportBook(dht, dht_timeout)  # misbehaviour this client caught (spot_checks.py)
+        self.last_listing: tuple[float, dict[str, ServerRecord]] | None = None  # (loop time, list())
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
@@ -82,6 +83,7 @@ class ServerPool:
             SwarmError: the lookup failed or ran past ``dht_timeout``.
         """
         servers = await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
+        self.last_listing = (asyncio.get_running_loop().time(), servers)
         self._started = {peer: record.started_at for peer, record in servers.items()}
         for peer in self.bans.lift_restarted(self._started):
             logger.info("lifted the ban of %s: it restarted", peer)

@@ -21,9 +21,10 @@ Why this design:
   Since each check compares every position since that hop's last check, every output
   is eventually checked at any ``f`` and a liar is caught within about ``1/f`` steps of
   its first wrong output.
-- *Bounded.* At most :data:`MAX_PENDING` checks run at once (the step waits for the
-  oldest beyond that), each under ``step_timeout``; the session awaits them before it
-  closes or replays.
+- *Bounded.* At most :data:`MAX_PENDING` checks run at once, and a check's result is
+  awaited at most :data:`MAX_LAG_STEPS` steps after it started (only then does a step wait
+  for it); each is under ``step_timeout``; the session awaits them before it closes or
+  replays.
 
 On a mismatch a third holder, comparable with both, recomputes the same prefix; the
 server the third disagrees with is the liar. It is banned by this client
@@ -63,8 +64,12 @@ first check after its first wrong output, so within 16 steps with probability 1 
 server every 4 steps, under the 15% budget per token the issue sets (see the README)."""
 MAX_PENDING = 4
 """Checks in flight at once per session; a step waits for the oldest beyond this."""
+MAX_LAG_STEPS = 2
+"""A check's result is awaited at most this many steps after it started, so a liar is caught
+within this many steps of the first check that follows its first wrong output, however
+fast the steps run compared with a check."""
 LISTING_MAX_AGE = 5.0
-"""Seconds a DHT listing of the holders is reused for choosing checkers (not one lookup per check)."""
+"""Seconds the pool's last DHT listing is reused for choosing checkers (not one lookup per check)."""
 
 
 class ServerMisbehaved(RetryableError):
@@ -160,9 +165,9 @@ class SpotChecks:
         self.verdicts: list[Verdict] = []
         self.largest_agreeing = 0.0
         self._outputs: dict[object, _Outputs] = {}  # by hop
-        self._pending: deque[asyncio.Task] = deque()
+        self._pending: deque[tuple[int, asyncio.Task]] = deque()  # (step it started after, check)
+        self._steps = 0
         self._unraised: list[Verdict] = []
-        self._listed: tuple[float, dict[str, ServerRecord]] | None = None  # (loop time, listing)
 
     async def after_step(self, chain: list, position: int, output: torch.Tensor) -> None:
         """Notes every hop's output of the step at ``position``; maybe starts checks of them.
@@ -178,9 +183,12 @@ class SpotChecks:
         if self.rng.random() < self.fraction:
             for hop in chain:
                 self._start(hop)
-        while len(self._pending) > MAX_PENDING:
-            await self._pending.popleft()
-        while self._pending and self._pending[0].done():
+        self._steps += 1
+        while self._pending and (
+            len(self._pending) > MAX_PENDING or self._pending[0][0] <= self._steps - MAX_LAG_STEPS
+        ):
+            await self._pending.popleft()[1]
+        while self._pending and self._pending[0][1].done():
             self._pending.popleft()
         self._raise_caught()
 
@@ -198,15 +206,15 @@ class SpotChecks:
         for hop in list(self._outputs):
             self._start(hop)
         while self._pending:
-            await self._pending.popleft()
+            await self._pending.popleft()[1]
         if raise_caught:
             self._raise_caught()
 
     async def cancel(self) -> None:
         """Stops the checks in flight (the session is being dropped without a verdict)."""
-        for task in self._pending:
+        for _, task in self._pending:
             task.cancel()
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in self._pending), return_exceptions=True)
         self._pending.clear()
 
     def _raise_caught(self) -> None:
@@ -227,7 +235,8 @@ class SpotChecks:
         window, record.entries = record.entries, []  # a check holds what it compares
         prefix = input_prefix(hop.history)
         # Tracked in _pending and always awaited (settle) or cancelled (cancel).
-        self._pending.append(asyncio.ensure_future(self._check(hop.server, hop.span, prefix, window, record)))
+        check = asyncio.ensure_future(self._check(hop.server, hop.span, prefix, window, record))
+        self._pending.append((self._steps, check))
 
     async def _check(
         self,
@@ -307,10 +316,10 @@ class SpotChecks:
 
     async def _listing(self) -> dict[str, ServerRecord]:
         """The pool's listing, read from the DHT at most every :data:`LISTING_MAX_AGE` seconds."""
-        loop = asyncio.get_running_loop()
-        if self._listed is None or loop.time() - self._listed[0] > LISTING_MAX_AGE:
-            self._listed = (loop.time(), await self.servers.list())
-        return self._listed[1]
+        listed = self.servers.last_listing  # the session's own route lookup is usually fresh
+        if listed is None or asyncio.get_running_loop().time() - listed[0] > LISTING_MAX_AGE:
+            return await self.servers.list()
+        return listed[1]
 
     async def _forward(self, server: ServerRecord, span: Span, prefix: torch.Tensor) -> torch.Tensor:
         connection = await self.servers.connection_to(server)
