@@ -20,6 +20,10 @@ are tried once more before waiting for a new one (a ban is a guess, not a verdic
 Errors leave ``step`` as the documented ``SwarmError`` classes, never as an
 ``ExceptionGroup``.
 
+With ``ClientConfig.verify_fraction`` on, ``SpotChecks`` (``spot_checks.py``) has other
+holders recompute a sample of the hops' outputs after the steps; a caught liar makes
+``step`` raise ``ServerMisbehaved``.
+
 Servers are found, banned and connected to through a ``ServerPool`` that every session
 of a ``RemoteModel`` shares. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
