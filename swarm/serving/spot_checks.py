@@ -218,6 +218,7 @@ class SpotChecks:
             task.cancel()
         await asyncio.gather(*(task for _, task in self._pending), return_exceptions=True)
         self._pending.clear()
+        self._outputs = {}  # nothing left to check either (close() would start checks of it)
 
     def _raise_caught(self) -> None:
         if self._unraised:
