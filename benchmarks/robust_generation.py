@@ -88,7 +88,7 @@ def run_generation_part(
     fraction = RECOMMENDED_VERIFY_FRACTION if fraction is None else fraction
 
     layers, hidden = (4, 256) if quick else (8, 512)
-    tokens, repeats, trials = (48, 5, 5) if quick else (96, 7, 10)
+    tokens, repeats, trials = (64, 9, 5) if quick else (96, 11, 10)
     checkpoint = tmp_path / "generation-model"
     config = write_tiny_checkpoint(checkpoint, num_layers=layers, hidden_size=hidden, vocab_size=512)
     save_checkpoint(checkpoint, config, make_random_state(config, seed=0, std=0.02))
