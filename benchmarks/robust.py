@@ -15,9 +15,9 @@ function every reducer runs, after the int8 round trip the wire applies (the res
 round-tripped too). Members run one after another in this process: this measures the
 algorithm, not the network.
 
-The issue's benchmark also measures inference verification (caught within how many
-steps, its cost per token); that half belongs to the serving code and prints ``n/a``
-until it exists.
+The generation half (``benchmarks/robust_generation.py``): three `swarm join` servers of
+one model, one perturbing its outputs, clients with spot checks on at the recommended
+fraction: after how many steps the liar is caught, and verified / unverified ms per token.
 
 Last line: ``robust defended_loss_ratio=<f> undefended_loss_ratio=<f>
 detected_within_steps=<n> verify_overhead_ratio=<f>``
@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,11 +104,43 @@ def train(
     return loss if math.isfinite(loss) else float("inf")
 
 
+def _generation_part(quick: bool, fraction: float | None) -> tuple[int, float]:
+    """Runs ``benchmarks/robust_generation.py`` with a bootstrap DHT node of its own."""
+    from benchmarks.robust_generation import run_generation_part
+    from peers.processes import ProcessGroup
+    from swarm.dht import DHTConfig, SwarmDHT
+    from swarm.identity import Identity
+
+    bootstrap = SwarmDHT(
+        Identity.generate(), DHTConfig(swarm_name="swarm", host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    )
+    bootstrap.start()
+    with tempfile.TemporaryDirectory(prefix="swarm-robust-") as tmp:
+        group = ProcessGroup(Path(tmp))
+        try:
+            return run_generation_part(
+                Path(tmp), [str(m) for m in bootstrap.visible_maddrs()], group, quick=quick
+            )
+        finally:
+            group.close()
+            bootstrap.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small setting, x1000 attack only")
     parser.add_argument("--rounds", type=int, help="outer rounds (default: 6 quick, 20 full)")
+    parser.add_argument(
+        "--generation-only", action="store_true", help="skip the DiLoCo half (prints n/a for it)"
+    )
+    parser.add_argument("--verify-fraction", type=float, default=None,
+                        help="spot-check fraction of the generation half (default: the recommended one)")  # fmt: skip
     args = parser.parse_args()
+    if args.generation_only:
+        detected, overhead = _generation_part(args.quick, args.verify_fraction)
+        print(f"robust defended_loss_ratio=n/a undefended_loss_ratio=n/a detected_within_steps={detected} "
+              f"verify_overhead_ratio={overhead:.3f}")  # fmt: skip
+        return 0
     torch.manual_seed(0)
     torch.set_num_threads(1)  # on shared cores, two threads ran 16x slower per step (barrier spinning)
     if args.quick:
@@ -147,9 +181,11 @@ def main() -> int:
     print(f"time: {time.perf_counter() - started:.1f} s")
     defended = max(losses[f"defended/{attack}"] for attack in attacks) / clean
     undefended = min(losses[f"undefended/{attack}"] for attack in attacks) / clean
+    detected, overhead = _generation_part(args.quick, args.verify_fraction)
+    print(f"time in all: {time.perf_counter() - started:.1f} s; load average: {os.getloadavg()[0]:.2f}")
     print(
         f"robust defended_loss_ratio={defended:.4f} undefended_loss_ratio={undefended:.4f} "
-        "detected_within_steps=n/a verify_overhead_ratio=n/a"
+        f"detected_within_steps={detected} verify_overhead_ratio={overhead:.3f}"
     )
     return 0
 

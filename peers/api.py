@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peers.generate import VERIFY_HELP
 from peers.options import (
     add_config_arguments,
     config_from_arguments,
@@ -70,6 +71,10 @@ class ApiConfig:
         metadata={"help": "greedy requests draft by prompt lookup and the swarm verifies the drafts "
                   "(same tokens, fewer passes; drafting stops while it does not pay): lookup or off"},
     )  # fmt: skip
+    verify_fraction: float = field(
+        default=0.0,  # ClientConfig.verify_fraction's default (settings.py needs torch; the CLI starts without)
+        metadata={"help": VERIFY_HELP},
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -85,6 +90,8 @@ class ApiConfig:
             raise ValueError("--route-wait must be positive")
         if self.speculative not in ("lookup", "off"):
             raise ValueError(f"--speculative must be lookup or off, got {self.speculative!r}")
+        if not 0 <= self.verify_fraction <= 1:
+            raise ValueError("--verify-fraction must be in [0, 1]")
 
     @property
     def served_name(self) -> str:
@@ -135,7 +142,7 @@ async def serve(config: ApiConfig, stop: asyncio.Event | None = None) -> int:
     try:
         swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key else None
         model = await RemoteModel.connect(config.model, config.initial_peers, swarm=config.swarm,
-                                          swarm_key=swarm_key, config=ClientConfig(route_wait=config.route_wait))  # fmt: skip
+                                          swarm_key=swarm_key, config=ClientConfig(route_wait=config.route_wait, verify_fraction=config.verify_fraction))  # fmt: skip
     except (SwarmError, ValueError, OSError) as error:
         logger.error("cannot start the API: %s", error)
         return 1

@@ -5,7 +5,10 @@ Library code never ends its own process: components expose hooks (``InferenceSer
 module builds the hooks that die like a crash (SIGKILL: no drain, no withdrawal, no
 cleanup), as torchft's tests inject failures from outside the manager.
 
-- ``FaultConfig``: its fields become flags of `swarm join` (``--fail-at-step``).
+- ``FaultConfig``: its fields become flags of `swarm join` (``--fail-at-step``, and
+  ``--perturb-outputs`` with its ``--perturb-after-steps`` / ``--perturb-every-session``:
+  a server that returns slightly wrong outputs, through ``InferenceServer``'s
+  ``on_output`` hook, to test the clients' spot checks).
 - ``AllReduceFault``: read from ``SWARM_FAULT=nth:kind[:min_members]`` (an environment
   variable, so a test or the demo can set it on one member of a run).
 """
@@ -18,6 +21,8 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from swarm.training.averaging import AllReduceSend
@@ -37,9 +42,53 @@ class FaultConfig:
         },
     )
 
+    perturb_outputs: float = field(
+        default=0.0,
+        metadata={
+            "help": "testing: add noise of this size relative to each output vector's norm to the "
+            "session steps' outputs (a lying server; 0: honest)"
+        },
+    )
+    perturb_after_steps: int = field(
+        default=0,
+        metadata={"help": "testing: with --perturb-outputs, honest for a session's first N steps"},
+    )
+    perturb_every_session: int = field(
+        default=1,
+        metadata={
+            "help": "testing: with --perturb-outputs, perturb only every N-th inference session "
+            "opened here (1: all; else the N-th, 2N-th, ...)"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.fail_at_step < 0:
             raise ValueError("--fail-at-step must not be negative")
+        if self.perturb_outputs < 0 or self.perturb_after_steps < 0:
+            raise ValueError("--perturb-outputs and --perturb-after-steps must not be negative")
+        if self.perturb_every_session < 1:
+            raise ValueError("--perturb-every-session must be at least 1")
+
+    def server_output_hook(self) -> Callable[[bytes, int, torch.Tensor], torch.Tensor] | None:
+        """The ``on_output`` hook for ``InferenceServer`` that lies, or None when honest.
+
+        The noise is deterministic (seeded by the session's step count): each wrong output
+        vector is off by ``perturb_outputs`` of its norm, in a random direction.
+        """
+        if not self.perturb_outputs:
+            return None
+        sessions: dict[bytes, int] = {}  # token -> ordinal of the session on this server
+
+        def on_output(token: bytes, session_steps: int, output: torch.Tensor) -> torch.Tensor:
+            ordinal = sessions.setdefault(token, len(sessions) + 1)
+            if ordinal % self.perturb_every_session or session_steps <= self.perturb_after_steps:
+                return output
+            noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(session_steps))
+            noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            scale = self.perturb_outputs * output.float().norm(dim=-1, keepdim=True)
+            return (output.float() + scale * noise).to(output.dtype)
+
+        return on_output
 
     def server_step_hook(self) -> Callable[[int], None] | None:
         """The ``on_step`` hook for ``InferenceServer``, or None when no fault is set."""

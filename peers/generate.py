@@ -15,6 +15,12 @@ import sys
 from peers.options import configure_logging, run_async
 
 logger = logging.getLogger("swarm.generate")
+# ClientConfig.verify_fraction's help; the CLI does not import torch (settings.py) at start-up
+VERIFY_HELP = (
+    "share of steps another server holding the same blocks recomputes and compares; a server "
+    "caught lying is banned, reported, and the generation rerun without it (0: off; 0.33: a liar "
+    "is caught within 16 steps 99.6% of the time; output is shown once checked)"
+)
 
 DESCRIPTION = """\
 Stream a continuation of PROMPT computed by the swarm's servers, or with --chat the
@@ -64,6 +70,8 @@ def register(subparsers) -> None:
                         "folder with the same tokenizer (default: none)")  # fmt: skip
     parser.add_argument("--adapter", default="", help="a PEFT adapter folder (LoRA or soft prompt, e.g. from "
                         "`swarm finetune`) the servers apply in this generation's sessions (default: none)")  # fmt: skip
+    parser.add_argument("--verify-fraction", type=float, default=None,
+                        help=VERIFY_HELP + " (default: ClientConfig's, 0)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main, fix_arguments=lambda args: split_prompt_from_peers(args, parser))
 
@@ -93,13 +101,18 @@ def main(args: argparse.Namespace) -> int:
 async def _generate(args: argparse.Namespace) -> int:
     from kernels import ChatTemplateError, MissingTokenizerError
     from swarm.identity import load_swarm_key
-    from swarm.serving import RemoteModel, Sampling
+    from swarm.serving import ClientConfig, RemoteModel, Sampling
     from transport.errors import SwarmError
 
     try:
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
+        config = (
+            ClientConfig()
+            if args.verify_fraction is None
+            else ClientConfig(verify_fraction=args.verify_fraction)
+        )
         async with RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
-                                       swarm_key=swarm_key) as model:  # fmt: skip
+                                       swarm_key=swarm_key, config=config) as model:  # fmt: skip
             given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                      "repetition_penalty": args.repetition_penalty}  # fmt: skip
             chosen = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}

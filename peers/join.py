@@ -162,8 +162,9 @@ async def _serve(peer: RunningPeer) -> None:
 
         torch.set_num_threads(config.torch_threads)
     server = InferenceServer(
-        config, peer.dht, peer.endpoint, peer.address, software_version(), on_step=faults.server_step_hook()
-    )
+        config, peer.dht, peer.endpoint, peer.address, software_version(), on_step=faults.server_step_hook(),
+        on_output=faults.server_output_hook(),
+    )  # fmt: skip
     await _establish_reachability(server, peer)
     registry = CollectorRegistry()
     registry.register(_ServerCollector(server))

@@ -1,11 +1,12 @@
 """The swarm as any member sees it: identity, DHT records, block selection, routing.
 
 Also, by concept: ``records`` (model and server records, the DHT key layout, the one
-record field parser), ``training/`` (DiLoCo; ``training.progress`` holds the training
-run records and the run index), ``telemetry`` (the MQTT telemetry format, encode and
-decode), and the health snapshot that reads both records and telemetry: ``health``
-(the ``/api/state`` document and its schema), ``health_runs``, ``health_display`` and
-``health_reader`` (the DHT read). The processes that serve them live in ``peers``.
+record field parser), ``server_reports`` (signed misbehaviour reports), ``training/``
+(DiLoCo; ``training.progress`` holds the training run records and the run index),
+``telemetry`` (the MQTT telemetry format, encode and decode), and the health snapshot
+that reads both records and telemetry: ``health`` (the ``/api/state`` document and its
+schema), ``health_runs``, ``health_display`` and ``health_reader`` (the DHT read). The
+processes that serve them live in ``peers``.
 """
 
 from swarm.announcer import Announcer

@@ -34,7 +34,8 @@ every string passes through ``swarm.health_display``. ``peers.health_server`` se
         "free_cache_tokens": int, "load": int,
         "rtts": {short_id: seconds}, "uptime": float | null, "source": "dht" | "dht+mqtt",
         "relayed": bool | null,       # record field "relayed" (reachability); null: the record does not say
-        "reports": int | null         # record field "reports" (trust); null: the record does not say
+        "reports": int | null         # distinct peers whose signed misbehaviour reports accuse it
+                                      # (swarm.server_reports; shown, never acted on); null: not read
       }],
       "coverage": {                   # online servers per block, summarized (zeros without a model)
         "min_servers": int, "median_servers": float, "max_servers": int,

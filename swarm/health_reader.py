@@ -35,6 +35,7 @@ from swarm.records import (
     key_binding_error,
     model_key,
 )
+from swarm.server_reports import count_reporters, reports_key
 from swarm.signing import SwarmRecordValidator
 from swarm.swarm_errors import MalformedRecord
 from swarm.training.progress import MAX_RUNS, parse_run_index, parse_run_listing, run_index_key, run_key
@@ -181,7 +182,9 @@ async def read_swarm_view(dht: _Lister, swarm: str, *, runs: Sequence[str] = (),
             raise DeadlineExceeded(f"reading the swarm view took longer than {timeout:.1f}s")
         return left
 
-    first = await dht.list_many([model_key(swarm), run_index_key(swarm)], timeout=remaining())
+    first = await dht.list_many(
+        [model_key(swarm), run_index_key(swarm), reports_key(swarm)], timeout=remaining()
+    )
     model = choose_model_record(_values(first.get(model_key(swarm), {})))
     run_names = sorted(
         set(runs) | set(parse_run_index(_values(first.get(run_index_key(swarm), {})).values()))
@@ -195,6 +198,11 @@ async def read_swarm_view(dht: _Lister, swarm: str, *, runs: Sequence[str] = (),
     for start in range(0, len(keys), KEYS_PER_LOOKUP):
         second.update(await dht.list_many(keys[start : start + KEYS_PER_LOOKUP], timeout=remaining()))
     servers, marks, dropped = read_servers([second.get(key, {}) for key in block_keys])
+    # Misbehaviour reports (swarm.server_reports): distinct signed reporters per server. They
+    # replace whatever "reports" a server's own record claims (a server does not vouch for itself).
+    reporters = count_reporters(first.get(reports_key(swarm), {}))
+    for peer_id in servers:
+        marks[peer_id] = {**marks.get(peer_id, {}), "reports": reporters.get(peer_id, 0)}
     members = {name: parse_run_listing(_values(second.get(key, {}))) for name, key in run_keys.items()}
     return SwarmView(
         swarm=swarm,

@@ -213,6 +213,8 @@ class ServerRecord:
         next_rtts: measured round-trip seconds to servers of the following span, by peer id.
         device: e.g. ``"cuda:NVIDIA H100"``.
         dtype: e.g. ``"bfloat16"``.
+        quant: weight quantization, e.g. ``"int8"`` (``"none"``; empty: an older peer that
+            does not say). Clients pick spot-check partners by device, dtype and quant.
         started_at: DHT time the server started.
         reachability: the start-up reachability check's verdict (None: an older peer,
             read as direct).
@@ -240,6 +242,7 @@ class ServerRecord:
     reachability: Reachability | None = None
     libp2p_peer: str = ""
     identity_key: bytes = b""
+    quant: str = ""
 
     @property
     def relayed(self) -> bool:
@@ -255,6 +258,8 @@ class ServerRecord:
             wire["p2p"] = self.libp2p_peer
         if self.identity_key:
             wire["ik"] = self.identity_key
+        if self.quant:
+            wire["quant"] = self.quant
         return wire
 
     def _core_wire(self) -> dict[str, Any]:
@@ -314,6 +319,7 @@ class ServerRecord:
             reachability=read_reachability(wire, record="server record"),
             libp2p_peer=read_field(wire, "p2p", str, ""),
             identity_key=read_field(wire, "ik", bytes, b""),
+            quant=read_field(wire, "quant", str, ""),
         )
 
 

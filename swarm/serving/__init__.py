@@ -12,7 +12,8 @@ Client::
     ServerPool         listing servers, bans and connections, shared by the sessions
     Sampling           how the next token is picked
     connect_sync       the same client, blocking (scripts, notebooks): a SyncRemoteModel
-    ClientConfig       deadlines and failover policy
+    ClientConfig       deadlines, failover policy, ``verify_fraction`` (spot checks)
+    ServerMisbehaved   a spot check caught a server of an explicit session lying
 
 Server (``swarm join`` runs it)::
 
@@ -20,8 +21,9 @@ Server (``swarm join`` runs it)::
     ServerConfig       what it serves and how (the join flags)
 
 Modules: ``protocol`` (the wire messages), ``remote_model``, ``server_pool``,
-``session``, ``generation`` (client); ``server``, ``span_loader``, ``hosted_sessions``
-(each client's state on a server), ``batching`` (server); ``settings`` (both configs).
+``session``, ``generation``, ``spot_checks``, ``output_tolerance``,
+``verified_generation`` (client; spot checks of untrusted servers); ``server``,
+``span_loader``, ``hosted_sessions`` (each client's state on a server), ``batching`` (server); ``settings`` (both configs).
 """
 
 from swarm.serving.generation import Sampling
@@ -30,6 +32,7 @@ from swarm.serving.server import InferenceServer, serve
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.session import InferenceSession
 from swarm.serving.settings import ClientConfig, ServerConfig
+from swarm.serving.spot_checks import ServerMisbehaved
 from swarm.serving.sync import SyncRemoteModel, connect_sync
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "RemoteModel",
     "Sampling",
     "ServerConfig",
+    "ServerMisbehaved",
     "ServerPool",
     "SyncRemoteModel",
     "connect_sync",

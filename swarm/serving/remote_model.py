@@ -55,6 +55,7 @@ from swarm.serving.session import InferenceSession, first_documented_error
 from swarm.serving.session_adapters import PromptedSession, SessionLora, resolve_adapter
 from swarm.serving.settings import ClientConfig
 from swarm.serving.speculative import generate_speculative
+from swarm.serving.verified_generation import generate_verified
 from transport import Connection, Endpoint, Timeouts
 from transport.errors import SwarmError
 
@@ -358,16 +359,25 @@ class RemoteModel:
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         decode = self.decode if as_text or isinstance(prompt, str) else None
-        loop = functools.partial(self._token_loop, ids, max_new_tokens, sampling, decode, speculation)
-        if session is None:
+        loop = functools.partial(self._token_loop, ids, max_new_tokens, decode, speculation)
+        if session is None and self.config.verify_fraction:
+            # spot checks on: output shown once checked, rerun without a caught liar
+            async for piece in generate_verified(
+                lambda: self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0], adapter),
+                lambda own, chosen: loop(chosen, own),
+                sampling,
+                self.config.replay_attempts + 1,
+            ):
+                yield piece
+        elif session is None:
             async with self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0], adapter) as own:
-                async for piece in loop(own):
+                async for piece in loop(sampling, own):
                     yield piece
         else:
-            async for piece in loop(session):
+            async for piece in loop(sampling, session):
                 yield piece
 
-    def _token_loop(self, ids, max_new_tokens, sampling, decode, speculation, session) -> AsyncIterator:
+    def _token_loop(self, ids, max_new_tokens, decode, speculation, sampling, session) -> AsyncIterator:
         kind, draft_dir = speculation
         if kind is None:
             return generate_rows(

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from kernels import BlockSpan
 from kernels.model_config import config_fingerprint, config_hash
 from swarm import (
@@ -65,6 +67,8 @@ logger = logging.getLogger("swarm.join")
 LIST_TIMEOUT = 30.0  # seconds for the DHT lookup of one rebalance check
 
 StepHook = Callable[[int], None]
+OutputHook = Callable[[bytes, int, torch.Tensor], torch.Tensor]
+"""(session token, the session's step count, the step's output) -> the output to return (tests)."""
 
 
 class InferenceServer:
@@ -80,6 +84,8 @@ class InferenceServer:
             steps count), before the step runs; the process layer injects faults with it.
         reachability: the start-up check's verdict (``swarm.data_plane``), announced.
         relayed: when relayed, the libp2p plane that serves the same handlers.
+        on_output: replaces each session step's output (returned and pushed); the process
+            layer injects wrong outputs with it to test spot checks (``--perturb-outputs``).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class InferenceServer:
         on_step: StepHook | None = None,
         reachability=None,
         relayed=None,
+        on_output: OutputHook | None = None,
     ):
         self.config = config
         self.dht = dht
@@ -99,6 +106,7 @@ class InferenceServer:
         self.address = address
         self.version = version
         self.on_step = on_step
+        self.on_output = on_output
         self.reachability = reachability
         self.relayed = relayed
         self.loader = SpanLoader(config)
@@ -183,6 +191,7 @@ class InferenceServer:
             reachability=self.reachability,
             libp2p_peer=self.relayed.peer if self.relayed else "",
             identity_key=self.dht.identity.public_key,  # binds the CURVE key to the signer
+            quant=self.config.quant,
         )
 
     def _records(self) -> dict:

@@ -20,6 +20,7 @@ from collections import deque
 
 from swarm import BanList, ServerRecord, SwarmDHT
 from swarm.data_plane import RelayedDialer
+from swarm.server_reports import ReportBook
 from transport import Connection, Endpoint
 from transport.errors import SwarmError
 
@@ -70,6 +71,8 @@ class ServerPool:
         self._pace: dict[str, deque[tuple[float, int]]] = {}  # peer id -> (seconds, tokens) per step
         self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
         self._relayed: RelayedDialer | None = None  # made on the first relayed server
+        self.reports = ReportBook(dht, dht_timeout)  # misbehaviour this client caught (spot_checks.py)
+        self.last_listing: tuple[float, dict[str, ServerRecord]] | None = None  # (loop time, list())
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
@@ -80,6 +83,7 @@ class ServerPool:
             SwarmError: the lookup failed or ran past ``dht_timeout``.
         """
         servers = await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
+        self.last_listing = (asyncio.get_running_loop().time(), servers)
         self._started = {peer: record.started_at for peer, record in servers.items()}
         for peer in self.bans.lift_restarted(self._started):
             logger.info("lifted the ban of %s: it restarted", peer)
@@ -151,12 +155,14 @@ class ServerPool:
             return False
         return True
 
-    def ban(self, server: ServerRecord | str) -> None:
-        """Avoids ``server`` for a while (longer on each repeated failure) or until it restarts."""
+    def ban(self, server: ServerRecord | str) -> float:
+        """Avoids ``server`` for a while (longer on each repeated failure) or, for a record, until
+        it restarts. Returns the ban's length in seconds."""
         if isinstance(server, ServerRecord):
-            self.bans.ban(server.peer_id, evidence=self._started.get(server.peer_id, server.started_at))
-        else:
-            self.bans.ban(server)
+            return self.bans.ban(
+                server.peer_id, evidence=self._started.get(server.peer_id, server.started_at)
+            )
+        return self.bans.ban(server)
 
     def banned(self) -> frozenset[str]:
         """Peer ids avoided now."""

@@ -21,6 +21,10 @@ are tried once more before waiting for a new one (a ban is a guess, not a verdic
 Errors leave ``step`` as the documented ``SwarmError`` classes, never as an
 ``ExceptionGroup``.
 
+With ``ClientConfig.verify_fraction`` on, ``SpotChecks`` (``spot_checks.py``) has other
+holders recompute a sample of the hops' outputs after the steps; a caught liar makes
+``step`` raise ``ServerMisbehaved``.
+
 Servers are found, banned and connected to through a ``ServerPool`` that every session
 of a ``RemoteModel`` shares. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
@@ -39,6 +43,7 @@ from swarm import NoRouteError, ServerRecord, Span, find_route
 from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference, PushHidden
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
+from swarm.serving.spot_checks import SpotChecks
 from transport import ClientStream
 from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
 
@@ -111,16 +116,26 @@ class InferenceSession:
         self.failovers = 0
         self.replay_failures = 0  # replacements that failed in turn while being replayed into
         self._step = 0
+        # spot checks of the servers' outputs (spot_checks.py); None when verification is off
+        self.checks = (
+            SpotChecks(servers, config.verify_fraction, config.step_timeout)
+            if config.verify_fraction
+            else None
+        )
 
     async def __aenter__(self) -> InferenceSession:
         self.chain = await self._open_route(0, self.servers.n_blocks)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self.checks is not None and exc_info[0] is not None:
+            await self.checks.cancel()  # leaving on an error (or cancelled): no verdict is awaited
         await self.close()
 
     async def close(self) -> None:
-        """Ends the sessions on every server. Idempotent."""
+        """Ends the sessions on every server (after the spot checks in flight). Idempotent."""
+        if self.checks is not None:
+            await self.checks.settle(raise_caught=False)
         chain, self.chain = self.chain, []
         for hop in chain:
             await hop.stream.close()
@@ -153,6 +168,8 @@ class InferenceSession:
         except BaseExceptionGroup as group:
             raise first_documented_error(group) from None
         self.position += hidden.shape[1]
+        if self.checks is not None:
+            await self.checks.after_step(self.chain, position, current)
         return current
 
     def rollback(self, length: int) -> None:
@@ -183,6 +200,8 @@ class InferenceSession:
             def launch(index: int, value: torch.Tensor | None) -> None:
                 hop = self.chain[index]
                 after = self.chain[index + 1] if index + 1 < len(self.chain) else None
+                if self.checks is not None:
+                    after = None  # spot checks: every input comes from the client (see spot_checks.py)
                 message = InferenceStep(
                     step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
                     # a relayed next server gets the client's copy only (no server push)
@@ -214,7 +233,7 @@ class InferenceSession:
                     index += 1
                     # nothing pushes to a relayed server: its input is always the client's copy
                     if index < len(self.chain) and (
-                        self.config.send_copies or self.chain[index].server.relayed
+                        self.config.send_copies or self.chain[index].server.relayed or self.checks is not None
                     ):
                         after = self.chain[index]
                         copies[after] = tasks.create_task(self._send_copy(after, number, current))
@@ -280,6 +299,8 @@ class InferenceSession:
             SwarmError: the last replacement failed too, or a server refused the replay as malformed.
         """
         failed = self.chain[index]
+        if self.checks is not None:
+            await self.checks.settle(raise_caught=False)
         if not _session_lost(error):
             self.servers.ban(failed.server)
         self.failovers += 1

@@ -189,6 +189,8 @@ class StepService:
             output = await batcher.step(session.cache, hidden, step.position, session.adapter)
         except ValueError as error:
             raise MalformedMessage(str(error)) from error
+        if self.server.on_output is not None:  # test faults only (peers/faults.py)
+            output = self.server.on_output(session.token, session.steps, output)
         if step.push_address:
             pushes.create_task(self._push(step, output, batcher.span.end))
             await asyncio.sleep(0)  # let the push leave before the reply
