@@ -22,7 +22,11 @@ benchmark's local baseline ran like that and came out 4x *slower* than the swarm
 
 The last line is machine-readable (loopback)::
 
-    inference servers=3 local_ms_per_token=<f> swarm_ms_per_token=<f> overhead_ms_per_hop=<f>
+    inference servers=3 local_ms_per_token=<f> swarm_ms_per_token=<f> overhead_ms_per_hop=<f> ttft_ms=<f> local_ttft_ms=<f>
+
+``ttft_ms``: from asking for a generation (a new session: its route opened from the
+client's live view of the servers) to holding its first token, after a warm-up run;
+``local_ttft_ms``: the same prompt's prefill and first token locally (medians).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ SERVERS = 3
 INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after block
 LINKS = ((20.0, 100.0), (100.0, 100.0))  # (round trip ms, Mbit/s) emulated in full mode
 BATCH_SESSIONS = 16
+TTFT_SAMPLES = 3  # first-token measurements per repeat (they are short, and noisier than a 64-token run)
 
 
 @dataclasses.dataclass
@@ -78,12 +83,21 @@ async def _time_swarm(remote, prompt: torch.Tensor, new_tokens: int) -> tuple[fl
     return (time.perf_counter() - started) * 1000 / new_tokens, output
 
 
+async def _swarm_ttft(remote, prompt: torch.Tensor) -> float:
+    """Milliseconds from asking for a generation to holding its first token (session opened)."""
+    started = time.perf_counter()
+    async for _ in remote.stream(prompt, 1):
+        ttft = (time.perf_counter() - started) * 1000
+    return ttft
+
+
 async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
-    """Interleaved local / swarm runs -> (local ms per token, swarm ms per token, outputs equal)."""
+    """Interleaved local / swarm runs -> (local ms per token, swarm ms per token, outputs equal,
+    local ms to the first token, swarm ms to the first token)."""
     from kernels import generate
     from swarm.serving import RemoteModel
 
-    local_ms, swarm_ms = [], []
+    local_ms, swarm_ms, local_ttft, swarm_ttft = [], [], [], []
     async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 4)  # warm up connections and sessions
         _time_local(local, prompt, 4)
@@ -91,8 +105,11 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
             local_ms.append(_time_local(local, prompt, tokens))
             ms, output = await _time_swarm(remote, prompt, tokens)
             swarm_ms.append(ms)
+            for _ in range(TTFT_SAMPLES):  # a new session each: open + prefill + first token
+                local_ttft.append(_time_local(local, prompt, 1))
+                swarm_ttft.append(await _swarm_ttft(remote, prompt))
         equal = torch.equal(output, generate(local, prompt, tokens))
-    return local_ms, swarm_ms, equal
+    return local_ms, swarm_ms, equal, local_ttft, swarm_ttft
 
 
 async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> list[float]:
@@ -285,7 +302,7 @@ def main() -> None:
         try:
             processes = _start_servers(setup, "server", _chain_spans(args.layers))
             with steal_meter(report):
-                local_ms, swarm_ms, equal = asyncio.run(
+                local_ms, swarm_ms, equal, local_ttft, swarm_ttft = asyncio.run(
                     _compare(checkpoint, peers, local, prompt, args.tokens, repeats)
                 )
             _stop(processes)
@@ -306,6 +323,8 @@ def main() -> None:
     print(f"best of the runs (least disturbed by neighbours): local {best_local:.1f}, swarm "
           f"{best_swarm:.1f} -> {(best_swarm - best_local) / SERVERS:.2f} ms per hop")  # fmt: skip
     print(f"swarm tokens equal local tokens: {'yes' if equal else 'NO'}")
+    print(f"time to first token, local ms (runs): {[f'{v:.1f}' for v in local_ttft]}")
+    print(f"time to first token, swarm ms (runs): {[f'{v:.1f}' for v in swarm_ttft]}")
     load_after = os.getloadavg()
     print(f"threads per process: {args.threads}; cpu steal during the loopback runs: "
           f"{report['steal_percent']:.1f}%; load average before/after: "
@@ -325,7 +344,8 @@ def main() -> None:
               f"sessions {many:.1f} tokens/s (gain {many / single:.1f}x, {batched} steps batched)")  # fmt: skip
     print(
         f"inference servers={SERVERS} local_ms_per_token={local_median:.2f} "
-        f"swarm_ms_per_token={swarm_median:.2f} overhead_ms_per_hop={overhead:.2f}"
+        f"swarm_ms_per_token={swarm_median:.2f} overhead_ms_per_hop={overhead:.2f} "
+        f"ttft_ms={median(swarm_ttft):.2f} local_ttft_ms={median(local_ttft):.2f}"
     )
 
 

@@ -110,7 +110,9 @@ class InferenceSession:
         self._step = 0
 
     async def __aenter__(self) -> InferenceSession:
-        self.chain = await self._open_route(0, self.servers.n_blocks)
+        # Pipelined: the first step follows the openings without waiting for their answers;
+        # a refused opening fails that step, which then fails over like any other.
+        self.chain = await self._open_route(0, self.servers.n_blocks, pipelined=True)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -303,8 +305,9 @@ class InferenceSession:
                 value = reply.hidden
         return None
 
-    async def _open_route(self, start: int, end: int) -> list[_Hop]:
-        """Opens sessions on the fastest chain over ``[start, end)``, retrying elsewhere on refusal.
+    async def _open_route(self, start: int, end: int, pipelined: bool = False) -> list[_Hop]:
+        """Opens sessions on the fastest chain over ``[start, end)``, retrying elsewhere on refusal
+        (``pipelined``: without waiting for the servers to accept; see ``Connection.open_stream``).
 
         Raises:
             NoRouteError: some blocks had no server for ``route_wait`` seconds.
@@ -312,8 +315,11 @@ class InferenceSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.route_wait
         failed_now: set[str] = set()  # failed in this round: not retried until the next poll
+        first = True
         while True:
-            listed = await self.servers.list()
+            # The pool's live view first (no DHT lookup); after a failure, a fresh listing.
+            listed = await (self.servers.view() if first else self.servers.list())
+            first = False
             try:
                 route = find_route(listed.values(), start, end, excluded=self.servers.banned() | failed_now)
             except NoRouteError as error:
@@ -332,7 +338,9 @@ class InferenceSession:
                     await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
                     continue
             # All hops at once: one round trip instead of one per hop.
-            results = await asyncio.gather(*(_settle(self._open_hop(hop.server, hop.span)) for hop in route))
+            results = await asyncio.gather(
+                *(_settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
+            )
             opened = [result for result in results if isinstance(result, _Hop)]
             if len(opened) == len(route):
                 return opened
@@ -347,12 +355,14 @@ class InferenceSession:
                 self.servers.ban(hop.server)
                 failed_now.add(hop.peer_id)
 
-    async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
+    async def _open_hop(self, server: ServerRecord, span: Span, pipelined: bool = False) -> _Hop:
         token = secrets.token_bytes(16)
         connection = await self.servers.connection_to(server)
         opening = OpenInference(token=token, start=span.start, end=span.end, batch=self.batch,
                                 max_length=self.max_length, config_hash=self.servers.config_hash)  # fmt: skip
-        stream = await connection.open_stream(opening, timeout=self.config.open_timeout)
+        stream = await connection.open_stream(
+            opening, timeout=self.config.open_timeout, pipelined=pipelined and not server.relayed
+        )  # a relayed server's libp2p streams may reorder an opening and its first step
         return _Hop(server, span, stream, token)
 
 

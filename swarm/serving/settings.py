@@ -57,6 +57,13 @@ class ClientConfig:
         default=15.0, metadata={"help": "first ban of a failed server, doubling on repeats"}
     )
     dht_timeout: float = field(default=15.0, metadata={"help": "seconds for one DHT lookup"})
+    route_refresh: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds between background refreshes of the client's live view of the servers "
+            "(a ban or a failed open refreshes it at once); sessions open from it without a DHT lookup"
+        },
+    )
     replay_attempts: int = field(
         default=3,
         metadata={"help": "replacement chains tried for a failed span when replacements fail during replay"},
@@ -73,6 +80,7 @@ class ClientConfig:
             "route_poll",
             "ban_seconds",
             "dht_timeout",
+            "route_refresh",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ClientConfig.{name} must be positive")
