@@ -38,7 +38,7 @@ from swarm import NoRouteError, ServerRecord, Span, find_route
 from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference, PushHidden
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
-from transport import ClientStream
+from transport import ClientStream, coded, wire_codec
 from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class InferenceSession:
         self.failovers = 0
         self.replay_failures = 0  # replacements that failed in turn while being replayed into
         self._step = 0
+        self._codec = wire_codec(config.activations)  # how hidden states travel, both ways
 
     async def __aenter__(self) -> InferenceSession:
         # Pipelined: the first step follows the openings without waiting for their answers;
@@ -165,7 +166,8 @@ class InferenceSession:
                 hop = self.chain[index]
                 after = self.chain[index + 1] if index + 1 < len(self.chain) else None
                 message = InferenceStep(
-                    step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
+                    step=number, position=position, new_tokens=hidden.shape[1],
+                    hidden=None if value is None else coded(value, self._codec),
                     # a relayed next server gets the client's copy only (no server push)
                     push_address=after.server.addresses[0] if after and not after.server.relayed else "",
                     push_key=after.server.curve_public_key if after and not after.server.relayed else b"",
@@ -241,7 +243,9 @@ class InferenceSession:
         )
 
     async def _send_copy(self, hop: _Hop, number: int, hidden: torch.Tensor) -> None:
-        message = PushHidden(token=hop.token, step=number, hidden=hidden, from_client=True)
+        message = PushHidden(
+            token=hop.token, step=number, hidden=coded(hidden, self._codec), from_client=True
+        )
         try:
             connection = await self.servers.connection_to(hop.server)
             await connection.call(message, timeout=self.config.step_timeout)
@@ -296,7 +300,9 @@ class InferenceSession:
                 peer, tokens, started = hop.server.peer_id, value.shape[1], loop.time()
                 try:
                     reply = await hop.stream.call(
-                        InferenceStep(step=-1, position=position, new_tokens=tokens, hidden=value),
+                        InferenceStep(
+                            step=-1, position=position, new_tokens=tokens, hidden=coded(value, self._codec)
+                        ),
                         timeout=self.servers.step_deadline(peer, tokens),
                     )
                 except SwarmError as error:
@@ -359,7 +365,8 @@ class InferenceSession:
         token = secrets.token_bytes(16)
         connection = await self.servers.connection_to(server)
         opening = OpenInference(token=token, start=span.start, end=span.end, batch=self.batch,
-                                max_length=self.max_length, config_hash=self.servers.config_hash)  # fmt: skip
+                                max_length=self.max_length, config_hash=self.servers.config_hash,
+                                activations=self.config.activations)  # fmt: skip
         stream = await connection.open_stream(
             opening, timeout=self.config.open_timeout, pipelined=pipelined and not server.relayed
         )  # a relayed server's libp2p streams may reorder an opening and its first step

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from transport import WIRE_FORMATS
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -64,6 +66,14 @@ class ClientConfig:
             "(a ban or a failed open refreshes it at once); sessions open from it without a DHT lookup"
         },
     )
+    activations: str = field(
+        default="float32",
+        metadata={
+            "help": "how this client's hidden states travel, both ways and between its servers: "
+            "float32 (exact), bf16 (half the bytes) or int8 (blockwise, ~3.8x fewer bytes); "
+            "see the README for what each costs in accuracy"
+        },
+    )
     replay_attempts: int = field(
         default=3,
         metadata={"help": "replacement chains tried for a failed span when replacements fail during replay"},
@@ -84,6 +94,10 @@ class ClientConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ClientConfig.{name} must be positive")
+        if self.activations not in WIRE_FORMATS:
+            raise ValueError(
+                f"ClientConfig.activations must be one of {sorted(WIRE_FORMATS)}, got {self.activations!r}"
+            )
         if self.replay_attempts < 1:
             raise ValueError("ClientConfig.replay_attempts must be at least 1")
         if self.step_deadline_floor > self.step_timeout:

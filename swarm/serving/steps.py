@@ -34,7 +34,7 @@ from swarm.serving.protocol import (
     PushAck,
     PushHidden,
 )
-from transport import Connection, RequestContext, ServerStream
+from transport import Connection, RequestContext, ServerStream, coded, wire_codec
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
 logger = logging.getLogger("swarm.join")
@@ -117,6 +117,7 @@ class StepService:
             raise MalformedMessage(
                 f"max_length {opening.max_length} exceeds the model's {self.server.model_config.max_position_embeddings}"
             )
+        codec = wire_codec(opening.activations)  # MalformedMessage for an unknown one
         batcher = self.server.batchers.acquire(
             opening.start,
             opening.end,
@@ -132,6 +133,7 @@ class StepService:
         except BaseException:
             self.server.batchers.release(batcher)
             raise
+        session.codec = codec
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
@@ -177,6 +179,7 @@ class StepService:
             output = await batcher.step(session.cache, hidden, step.position)  # (batch, new_tokens, hidden)
         except ValueError as error:
             raise MalformedMessage(str(error)) from error
+        output = coded(output, session.codec)  # the reply and the push travel alike
         if step.push_address:
             pushes.create_task(self._push(step, output))
             await asyncio.sleep(0)  # let the push leave before the reply
