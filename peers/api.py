@@ -65,6 +65,12 @@ class ApiConfig:
     route_wait: float = field(
         default=15.0, metadata={"help": "seconds to wait for servers covering every block before a 503"}
     )
+    activations: str = field(
+        default="float32",
+        metadata={
+            "help": "how hidden states travel to and between the servers: float32 (exact), bf16 or int8"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,6 +84,10 @@ class ApiConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.route_wait <= 0:
             raise ValueError("--route-wait must be positive")
+        from transport.codecs import WIRE_FORMATS
+
+        if self.activations not in WIRE_FORMATS:
+            raise ValueError(f"--activations must be one of {sorted(WIRE_FORMATS)}, got {self.activations!r}")
 
     @property
     def served_name(self) -> str:
@@ -127,8 +137,9 @@ async def serve(config: ApiConfig, stop: asyncio.Event | None = None) -> int:
     install_stop_handlers(stop, asyncio.get_running_loop())
     try:
         swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key else None
+        client = ClientConfig(route_wait=config.route_wait, activations=config.activations)
         model = await RemoteModel.connect(config.model, config.initial_peers, swarm=config.swarm,
-                                          swarm_key=swarm_key, config=ClientConfig(route_wait=config.route_wait))  # fmt: skip
+                                          swarm_key=swarm_key, config=client)  # fmt: skip
     except (SwarmError, ValueError, OSError) as error:
         logger.error("cannot start the API: %s", error)
         return 1

@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     parser.add_argument("--adapter", default="", help="a PEFT adapter folder (LoRA or soft prompt, e.g. from "
                         "`swarm finetune`): greedy, re-running the prefix each token (default: none)")  # fmt: skip
+    parser.add_argument("--activations", default="float32", help="how hidden states travel to and between the "
+                        "servers: float32 (exact), bf16 or int8 (fewer bytes, see the README) (default: float32)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main, fix_arguments=lambda args: split_prompt_from_peers(args, parser))
 
@@ -87,13 +89,14 @@ def main(args: argparse.Namespace) -> int:
 async def _generate(args: argparse.Namespace) -> int:
     from kernels import ChatTemplateError, MissingTokenizerError
     from swarm.identity import load_swarm_key
-    from swarm.serving import RemoteModel, Sampling
+    from swarm.serving import ClientConfig, RemoteModel, Sampling
     from transport.errors import SwarmError
 
     try:
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
+        config = ClientConfig(activations=args.activations)
         async with RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
-                                       swarm_key=swarm_key) as model:  # fmt: skip
+                                       swarm_key=swarm_key, config=config) as model:  # fmt: skip
             given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                      "repetition_penalty": args.repetition_penalty}  # fmt: skip
             chosen = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}

@@ -15,7 +15,7 @@ import torch
 
 from swarm.serving import ClientConfig
 from swarm.serving.protocol import OpenInference, StatsRequest
-from tests.harness import three_server_swarm
+from tests.harness import three_server_swarm, wait_until_sync
 from transport.errors import RemoteError
 
 pytestmark = pytest.mark.timeout(400)
@@ -112,3 +112,18 @@ def test_unknown_format_is_refused_by_client_and_server(swarm):
             return caught.value.kind
 
     assert asyncio.run(scenario()) == "MalformedMessage"
+
+
+def test_swarm_generate_sends_what_activations_names(swarm):
+    async def expected() -> str:
+        async with await swarm.connect(listing=("a", "b", "c"), activations="int8") as model:
+            return await model.generate("hello world", 6)
+
+    text = asyncio.run(expected())
+    process = swarm.start("generate-int8", ["generate", "--model", str(swarm.checkpoint), "--initial-peers",
+                                            *swarm.peers, "--max-new-tokens", "6", "--activations", "int8",
+                                            "hello world"])  # fmt: skip
+    assert text.strip()
+    wait_until_sync(lambda: "".join(process.lines), until=lambda out: text.strip() in out, timeout=120,
+                    what="swarm generate to print the int8 client's text")  # fmt: skip
+    assert process.process.wait(timeout=60) == 0
