@@ -54,6 +54,7 @@ SERVERS = 3
 INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after block
 LINKS = ((20.0, 100.0), (100.0, 100.0))  # (round trip ms, Mbit/s) emulated in full mode
 BATCH_SESSIONS = 16
+PINGS = 10  # pings per server for the measured link round trip
 TTFT_SAMPLES = 3  # first-token measurements per repeat (they are short, and noisier than a 64-token run)
 
 
@@ -112,12 +113,19 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
     return local_ms, swarm_ms, equal, local_ttft, swarm_ttft
 
 
-async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> list[float]:
+async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> tuple[list[float], float]:
+    """ms per token of ``repeats`` runs, and the median round trip of a ping to the servers (ms):
+    the link as the swarm sees it, emulator and servers' event loops included."""
     from swarm.serving import RemoteModel
 
     async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 2)
-        return [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
+        runs = [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
+        pings = []
+        for server in (await remote.servers.view()).values():
+            connection = await remote.connection_to(server)
+            pings += [await connection.ping(timeout=10) * 1000 for _ in range(PINGS)]
+        return runs, median(pings)
 
 
 async def _batching_gain(checkpoint, peers, prompt, tokens: int) -> tuple[float, float, int]:
@@ -233,7 +241,7 @@ def _proxy_main(routes, one_way, bits_per_second, ready) -> None:
 
 
 def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: float) -> list[tuple]:
-    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token)."""
+    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it)."""
     context = multiprocessing.get_context("spawn")
     one_way, bits_per_second = context.Value("d", 0.0), context.Value("d", 1e9)
     ports = [free_port() for _ in range(SERVERS)]
@@ -253,10 +261,14 @@ def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: floa
     try:
         for rtt_ms, mbit in LINKS:
             one_way.value, bits_per_second.value = rtt_ms / 2000, mbit * 1e6
-            ms = median(asyncio.run(_time_remote(setup.checkpoint, setup.peers, prompt, tokens, repeats)))
+            runs, measured_rtt = asyncio.run(
+                _time_remote(setup.checkpoint, setup.peers, prompt, tokens, repeats)
+            )
             legs = SERVERS + 1  # client -> s1 -> s2 -> s3 -> client
-            floor = compute_ms + legs * (rtt_ms / 2 + message_bits / (mbit * 1e6) * 1000)
-            rows.append((rtt_ms, mbit, ms, floor))
+            transfer_ms = message_bits / (mbit * 1e6) * 1000
+            floor = compute_ms + legs * (rtt_ms / 2 + transfer_ms)
+            measured_floor = compute_ms + legs * (measured_rtt / 2 + transfer_ms)
+            rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor))
     finally:
         _stop(processes)
         proxy.terminate()
@@ -331,14 +343,19 @@ def main() -> None:
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
     if not args.quick:
         print()
-        print(f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11}")
+        print(
+            f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11} {'ping':>7} {'over floor on ping':>19}"
+        )
         print(
             f"{'loopback':<22} {swarm_median:>9.1f} {local_median:>9.1f} {swarm_median - local_median:>11.1f}"
         )
-        for rtt_ms, mbit, ms, floor in wan:
+        for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor in wan:
             link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
-            print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f}")
-        print("floor = local compute + (servers + 1) one-way latencies + one token's transfer per leg")
+            print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f} {measured_rtt:>7.1f} "
+                  f"{ms - measured_floor:>19.1f}")  # fmt: skip
+        print("floor = local compute + (servers + 1) one-way latencies + one token's transfer per leg;")
+        print("ping = median round trip of a ping to the servers through the emulated link (what the link")
+        print("costs as measured, the emulator's own delay and the servers' event loops included)")
         print()
         print(f"one server, all {args.layers} blocks: 1 session {single:.1f} tokens/s, {BATCH_SESSIONS} "
               f"sessions {many:.1f} tokens/s (gain {many / single:.1f}x, {batched} steps batched)")  # fmt: skip
