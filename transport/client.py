@@ -282,15 +282,22 @@ class ClientStream:
         """
         if self._closed:
             raise StreamClosed("this streaming session is closed")
-        try:
+        opened = self.opened
+        if opened is None or (opened.done() and not opened.cancelled() and opened.exception() is None):
             return await self._connection._request(step, self.session, timeout)
-        except SwarmError:
-            opened = self.opened
-            if opened is not None:
+        # The opening is unanswered: its failure (refused, or no answer by its deadline) ends
+        # this step at once rather than after the step's own, longer deadline.
+        call = asyncio.ensure_future(self._connection._request(step, self.session, timeout))
+        call.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait({call, opened}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done() or call.exception() is not None:
                 await asyncio.wait({opened})  # bounded by the opening's own deadline
                 if not opened.cancelled() and opened.exception() is not None:
-                    raise opened.exception() from None
-            raise
+                    raise opened.exception()
+            return await call
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         """End the session (the server's handler sees the end of its steps). Idempotent."""

@@ -21,7 +21,9 @@ Errors leave ``step`` as the documented ``SwarmError`` classes, never as an
 ``ExceptionGroup``.
 
 Servers are found, banned and connected to through a ``ServerPool`` that every session
-of a ``RemoteModel`` shares. The server keeps its side of each hop as a
+of a ``RemoteModel`` shares; a new session takes its route from the pool's live view and
+sends its first step right behind the openings (pipelined), so a refused opening shows
+up as that step's failure. Hidden states travel in ``ClientConfig.activations``. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
 """
 
