@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import KVCache
-from transport import RawCodec
+from transport.codecs import Codec, RawCodec
 from transport.errors import MalformedMessage, ServerBusy
 
 
@@ -93,7 +93,9 @@ class HostedSession:
     steps: int = 0  # steps taken so far (replayed ones included)
     owner: object = None  # the peer key that opened it (quotas)
     mailbox_steps: int = 4
-    codec: object = RawCodec()  # how its outputs travel (the client's ``activations`` choice)
+    codec: Codec = field(
+        default_factory=RawCodec
+    )  # how its outputs travel (the client's ``activations`` choice)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

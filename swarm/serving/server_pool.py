@@ -16,6 +16,7 @@ view stale (:meth:`ServerPool.invalidate`): the refresher looks up at once, and 
 ``view()`` waits for a fresh listing. After each refresh the pool connects ahead of time
 to the servers of the route it would pick now, so the next session finds its connections
 made.
+
 Relayed servers (behind NAT) are dialled over libp2p through the DHT's daemon
 (``RelayedDialer``), authenticated as the libp2p peer id in their signed record.
 """
@@ -153,6 +154,7 @@ class ServerPool:
     async def _shared_lookup(self) -> dict[str, ServerRecord]:
         if self._lookup is None or self._lookup.done():
             self._lookup = asyncio.ensure_future(self.list())
+            self._lookup.add_done_callback(_retrieve)  # a caller that gave up does not read it
         return await asyncio.shield(self._lookup)
 
     def invalidate(self) -> None:
@@ -282,3 +284,9 @@ class ServerPool:
             return self.deadline_ceiling
         slowest = max(seconds * max(1.0, tokens / sampled) for seconds, sampled in samples)
         return min(self.deadline_ceiling, max(self.deadline_floor, self.deadline_factor * slowest))
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Marks a shared future's exception as read (each caller that awaits it gets it raised)."""
+    if not future.cancelled():
+        future.exception()
