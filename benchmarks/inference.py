@@ -22,7 +22,11 @@ benchmark's local baseline ran like that and came out 4x *slower* than the swarm
 
 The last line is machine-readable (loopback)::
 
-    inference servers=3 local_ms_per_token=<f> swarm_ms_per_token=<f> overhead_ms_per_hop=<f>
+    inference servers=3 local_ms_per_token=<f> swarm_ms_per_token=<f> overhead_ms_per_hop=<f> ttft_ms=<f> local_ttft_ms=<f>
+
+``ttft_ms``: from asking for a generation (a new session: its route opened from the
+client's live view of the servers) to holding its first token, after a warm-up run;
+``local_ttft_ms``: the same prompt's prefill and first token locally (medians).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ SERVERS = 3
 INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after block
 LINKS = ((20.0, 100.0), (100.0, 100.0))  # (round trip ms, Mbit/s) emulated in full mode
 BATCH_SESSIONS = 16
+PINGS = 10  # pings per server for the measured link round trip
+TTFT_SAMPLES = 3  # first-token measurements per repeat (they are short, and noisier than a 64-token run)
 
 
 @dataclasses.dataclass
@@ -78,12 +84,21 @@ async def _time_swarm(remote, prompt: torch.Tensor, new_tokens: int) -> tuple[fl
     return (time.perf_counter() - started) * 1000 / new_tokens, output
 
 
+async def _swarm_ttft(remote, prompt: torch.Tensor) -> float:
+    """Milliseconds from asking for a generation to holding its first token (session opened)."""
+    started = time.perf_counter()
+    async for _ in remote.stream(prompt, 1):
+        ttft = (time.perf_counter() - started) * 1000
+    return ttft
+
+
 async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
-    """Interleaved local / swarm runs -> (local ms per token, swarm ms per token, outputs equal)."""
+    """Interleaved local / swarm runs -> (local ms per token, swarm ms per token, outputs equal,
+    local ms to the first token, swarm ms to the first token)."""
     from kernels import generate
     from swarm.serving import RemoteModel
 
-    local_ms, swarm_ms = [], []
+    local_ms, swarm_ms, local_ttft, swarm_ttft = [], [], [], []
     async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 4)  # warm up connections and sessions
         _time_local(local, prompt, 4)
@@ -91,16 +106,26 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
             local_ms.append(_time_local(local, prompt, tokens))
             ms, output = await _time_swarm(remote, prompt, tokens)
             swarm_ms.append(ms)
+            for _ in range(TTFT_SAMPLES):  # a new session each: open + prefill + first token
+                local_ttft.append(_time_local(local, prompt, 1))
+                swarm_ttft.append(await _swarm_ttft(remote, prompt))
         equal = torch.equal(output, generate(local, prompt, tokens))
-    return local_ms, swarm_ms, equal
+    return local_ms, swarm_ms, equal, local_ttft, swarm_ttft
 
 
-async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> list[float]:
+async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> tuple[list[float], float]:
+    """ms per token of ``repeats`` runs, and the median round trip of a ping to the servers (ms):
+    the link as the swarm sees it, emulator and servers' event loops included."""
     from swarm.serving import RemoteModel
 
     async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 2)
-        return [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
+        runs = [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
+        pings = []
+        for server in (await remote.servers.view()).values():
+            connection = await remote.connection_to(server)
+            pings += [await connection.ping(timeout=10) * 1000 for _ in range(PINGS)]
+        return runs, median(pings)
 
 
 async def _batching_gain(checkpoint, peers, prompt, tokens: int) -> tuple[float, float, int]:
@@ -216,7 +241,7 @@ def _proxy_main(routes, one_way, bits_per_second, ready) -> None:
 
 
 def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: float) -> list[tuple]:
-    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token)."""
+    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it)."""
     context = multiprocessing.get_context("spawn")
     one_way, bits_per_second = context.Value("d", 0.0), context.Value("d", 1e9)
     ports = [free_port() for _ in range(SERVERS)]
@@ -236,10 +261,14 @@ def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: floa
     try:
         for rtt_ms, mbit in LINKS:
             one_way.value, bits_per_second.value = rtt_ms / 2000, mbit * 1e6
-            ms = median(asyncio.run(_time_remote(setup.checkpoint, setup.peers, prompt, tokens, repeats)))
+            runs, measured_rtt = asyncio.run(
+                _time_remote(setup.checkpoint, setup.peers, prompt, tokens, repeats)
+            )
             legs = SERVERS + 1  # client -> s1 -> s2 -> s3 -> client
-            floor = compute_ms + legs * (rtt_ms / 2 + message_bits / (mbit * 1e6) * 1000)
-            rows.append((rtt_ms, mbit, ms, floor))
+            transfer_ms = message_bits / (mbit * 1e6) * 1000
+            floor = compute_ms + legs * (rtt_ms / 2 + transfer_ms)
+            measured_floor = compute_ms + legs * (measured_rtt / 2 + transfer_ms)
+            rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor))
     finally:
         _stop(processes)
         proxy.terminate()
@@ -285,7 +314,7 @@ def main() -> None:
         try:
             processes = _start_servers(setup, "server", _chain_spans(args.layers))
             with steal_meter(report):
-                local_ms, swarm_ms, equal = asyncio.run(
+                local_ms, swarm_ms, equal, local_ttft, swarm_ttft = asyncio.run(
                     _compare(checkpoint, peers, local, prompt, args.tokens, repeats)
                 )
             _stop(processes)
@@ -306,26 +335,34 @@ def main() -> None:
     print(f"best of the runs (least disturbed by neighbours): local {best_local:.1f}, swarm "
           f"{best_swarm:.1f} -> {(best_swarm - best_local) / SERVERS:.2f} ms per hop")  # fmt: skip
     print(f"swarm tokens equal local tokens: {'yes' if equal else 'NO'}")
+    print(f"time to first token, local ms (runs): {[f'{v:.1f}' for v in local_ttft]}")
+    print(f"time to first token, swarm ms (runs): {[f'{v:.1f}' for v in swarm_ttft]}")
     load_after = os.getloadavg()
     print(f"threads per process: {args.threads}; cpu steal during the loopback runs: "
           f"{report['steal_percent']:.1f}%; load average before/after: "
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
     if not args.quick:
         print()
-        print(f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11}")
+        print(
+            f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11} {'ping':>7} {'over floor on ping':>19}"
+        )
         print(
             f"{'loopback':<22} {swarm_median:>9.1f} {local_median:>9.1f} {swarm_median - local_median:>11.1f}"
         )
-        for rtt_ms, mbit, ms, floor in wan:
+        for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor in wan:
             link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
-            print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f}")
-        print("floor = local compute + (servers + 1) one-way latencies + one token's transfer per leg")
+            print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f} {measured_rtt:>7.1f} "
+                  f"{ms - measured_floor:>19.1f}")  # fmt: skip
+        print("floor = local compute + (servers + 1) one-way latencies + one token's transfer per leg;")
+        print("ping = median round trip of a ping to the servers through the emulated link (what the link")
+        print("costs as measured, the emulator's own delay and the servers' event loops included)")
         print()
         print(f"one server, all {args.layers} blocks: 1 session {single:.1f} tokens/s, {BATCH_SESSIONS} "
               f"sessions {many:.1f} tokens/s (gain {many / single:.1f}x, {batched} steps batched)")  # fmt: skip
     print(
         f"inference servers={SERVERS} local_ms_per_token={local_median:.2f} "
-        f"swarm_ms_per_token={swarm_median:.2f} overhead_ms_per_hop={overhead:.2f}"
+        f"swarm_ms_per_token={swarm_median:.2f} overhead_ms_per_hop={overhead:.2f} "
+        f"ttft_ms={median(swarm_ttft):.2f} local_ttft_ms={median(local_ttft):.2f}"
     )
 
 

@@ -75,6 +75,12 @@ class ApiConfig:
         default=0.0,  # ClientConfig.verify_fraction's default (settings.py needs torch; the CLI starts without)
         metadata={"help": VERIFY_HELP},
     )
+    activations: str = field(
+        default="float32",
+        metadata={
+            "help": "how hidden states travel to and between the servers: float32 (exact), bf16 or int8"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -92,6 +98,10 @@ class ApiConfig:
             raise ValueError(f"--speculative must be lookup or off, got {self.speculative!r}")
         if not 0 <= self.verify_fraction <= 1:
             raise ValueError("--verify-fraction must be in [0, 1]")
+        from transport.codecs import WIRE_FORMATS
+
+        if self.activations not in WIRE_FORMATS:
+            raise ValueError(f"--activations must be one of {sorted(WIRE_FORMATS)}, got {self.activations!r}")
 
     @property
     def served_name(self) -> str:
@@ -141,8 +151,10 @@ async def serve(config: ApiConfig, stop: asyncio.Event | None = None) -> int:
     install_stop_handlers(stop, asyncio.get_running_loop())
     try:
         swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key else None
+        client = ClientConfig(route_wait=config.route_wait, activations=config.activations,
+                              verify_fraction=config.verify_fraction)  # fmt: skip
         model = await RemoteModel.connect(config.model, config.initial_peers, swarm=config.swarm,
-                                          swarm_key=swarm_key, config=ClientConfig(route_wait=config.route_wait, verify_fraction=config.verify_fraction))  # fmt: skip
+                                          swarm_key=swarm_key, config=client)  # fmt: skip
     except (SwarmError, ValueError, OSError) as error:
         logger.error("cannot start the API: %s", error)
         return 1

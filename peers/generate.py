@@ -9,6 +9,7 @@ reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -72,6 +73,8 @@ def register(subparsers) -> None:
                         "`swarm finetune`) the servers apply in this generation's sessions (default: none)")  # fmt: skip
     parser.add_argument("--verify-fraction", type=float, default=None,
                         help=VERIFY_HELP + " (default: ClientConfig's, 0)")  # fmt: skip
+    parser.add_argument("--activations", default="float32", help="how hidden states travel to and between the "
+                        "servers: float32 (exact), bf16 or int8 (fewer bytes, see the README) (default: float32)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=main, fix_arguments=lambda args: split_prompt_from_peers(args, parser))
 
@@ -106,11 +109,9 @@ async def _generate(args: argparse.Namespace) -> int:
 
     try:
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
-        config = (
-            ClientConfig()
-            if args.verify_fraction is None
-            else ClientConfig(verify_fraction=args.verify_fraction)
-        )
+        config = ClientConfig(activations=args.activations)
+        if args.verify_fraction is not None:
+            config = dataclasses.replace(config, verify_fraction=args.verify_fraction)
         async with RemoteModel.connect(args.model, args.initial_peers, swarm=args.swarm,
                                        swarm_key=swarm_key, config=config) as model:  # fmt: skip
             given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,

@@ -148,8 +148,8 @@ def test_session_over_cache_budget_is_refused_and_routed_elsewhere(swarm):
             assert error.retryable
             hidden = torch.randn(1, SMALL_CACHE + 2, HIDDEN)
             async with model.inference_session(SMALL_CACHE + 2) as session:
+                output = await session.step(hidden)  # the first step learns of a refused opening
                 route = [swarm.name_of(peer) for peer, _ in session.route]
-                output = await session.step(hidden)
             assert swarm.peer_ids["x"] in model.bans.banned()
             return route, output, hidden
 

@@ -6,7 +6,7 @@ Public surface (everything else is private to the package)::
     RequestId, SessionId, PeerKey                    distinct id types
     RawCodec, Float16Codec, BFloat16Codec,
     Int8BlockwiseCodec, FourBitBlockwiseCodec,
-    CodedTensor                                      tensor codecs
+    CodedTensor, WIRE_FORMATS, wire_codec, coded     tensor codecs, formats by name
     Endpoint (ZeroMQ) / Libp2pEndpoint (hivemind's p2p daemon, for peers behind NAT)
     / MemoryEndpoint + MemoryNetwork
     Connection, ClientStream, ServerStream, RequestContext
@@ -16,12 +16,15 @@ Public surface (everything else is private to the package)::
 
 from transport.client import ClientStream, Connection
 from transport.codecs import (
+    WIRE_FORMATS,
     BFloat16Codec,
     CodedTensor,
     Float16Codec,
     FourBitBlockwiseCodec,
     Int8BlockwiseCodec,
     RawCodec,
+    coded,
+    wire_codec,
 )
 from transport.control import ErrorReply, Ping, Pong
 from transport.curve import KeyPair, admission_token
@@ -75,6 +78,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "DEFAULT_REGISTRY",
     "PROTOCOL_VERSION",
+    "WIRE_FORMATS",
     "BFloat16Codec",
     "BaseEndpoint",
     "ClientStream",
@@ -117,8 +121,10 @@ __all__ = [
     "Timeouts",
     "UnknownMessageKind",
     "admission_token",
+    "coded",
     "decode_body",
     "decode_envelope",
     "encode_message",
     "message",
+    "wire_codec",
 ]

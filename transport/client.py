@@ -131,24 +131,46 @@ class Connection:
             raise MalformedMessage(f"ping answered with {reply.kind}")
         return self._loop.time() - start
 
-    async def open_stream(self, opening: Message, *, timeout: float | None = None) -> ClientStream:
+    async def open_stream(
+        self, opening: Message, *, timeout: float | None = None, pipelined: bool = False
+    ) -> ClientStream:
         """Open an ordered streaming session on the server's handler for ``opening``'s kind.
 
         Args:
             opening: the message that opens the session (its kind has a stream handler).
             timeout: seconds until the server accepts; ``Timeouts.request`` when None.
+            pipelined: send the opening and return at once, without waiting for the server
+                to accept: steps called next go out right behind it (the server queues them
+                in the session), so the first step costs no extra round trip. A refused
+                opening then fails those steps with the opening's own error, and
+                ``stream.opened`` holds the outcome.
         Returns:
             the session; use it as ``async with`` or ``close()`` it.
         Raises:
-            the errors of :meth:`call` (``RemoteError`` with kind ``ServerBusy`` when refused).
+            the errors of :meth:`call` (``RemoteError`` with kind ``ServerBusy`` when refused);
+            only ``PeerUnavailable`` when pipelined.
         """
         session = SessionId(secrets.token_bytes(16))
-        reply = await self._request(opening, session, timeout)
-        if not isinstance(reply, StreamOpened):
-            raise MalformedMessage(f"stream opening answered with {reply.kind}")
+        begun = self._begin(opening, session, timeout)  # sent now, before any step
+        if pipelined:
+            opened = asyncio.ensure_future(self._confirm_opened(begun))
+            opened.add_done_callback(_retrieve)
+            return ClientStream(self, session, opened)
+        await self._confirm_opened(begun)
         return ClientStream(self, session)
 
+    async def _confirm_opened(self, begun: tuple[int, asyncio.Future, asyncio.TimerHandle]) -> None:
+        reply = await self._finish(*begun)
+        if not isinstance(reply, StreamOpened):
+            raise MalformedMessage(f"stream opening answered with {reply.kind}")
+
     async def _request(self, msg: Message, session: bytes | None, timeout: float | None) -> Message:
+        return await self._finish(*self._begin(msg, session, timeout))
+
+    def _begin(
+        self, msg: Message, session: bytes | None, timeout: float | None
+    ) -> tuple[int, asyncio.Future, asyncio.TimerHandle]:
+        """Sends ``msg`` now; returns what :meth:`_finish` awaits its reply with."""
         if self._closed:
             raise PeerUnavailable(f"connection to {self.address} is closed")
         loop = self._loop
@@ -162,6 +184,14 @@ class Connection:
         timer = loop.call_later(timeout, _expire, future, self.address, timeout)
         try:
             self._send(frames, future, loop.time() + timeout)
+        except BaseException:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+            raise
+        return request_id, future, timer
+
+    async def _finish(self, request_id: int, future: asyncio.Future, timer: asyncio.TimerHandle) -> Message:
+        try:
             return await future
         finally:
             timer.cancel()
@@ -231,10 +261,12 @@ class ClientStream:
 
     Attributes:
         session: the session id.
+        opened: for a pipelined opening, the future of its outcome; None otherwise.
     """
 
-    def __init__(self, connection: Connection, session: SessionId):
+    def __init__(self, connection: Connection, session: SessionId, opened: asyncio.Future | None = None):
         self.session = session
+        self.opened = opened
         self._connection = connection
         self._closed = False
 
@@ -245,16 +277,34 @@ class ClientStream:
 
         Raises:
             StreamClosed: the session ended (client close, idle expiry, handler done).
-            the errors of :meth:`Connection.call`.
+            the errors of :meth:`Connection.call`; for a pipelined session whose opening
+            was refused, the opening's error.
         """
         if self._closed:
             raise StreamClosed("this streaming session is closed")
-        return await self._connection._request(step, self.session, timeout)
+        opened = self.opened
+        if opened is None or (opened.done() and not opened.cancelled() and opened.exception() is None):
+            return await self._connection._request(step, self.session, timeout)
+        # The opening is unanswered: its failure (refused, or no answer by its deadline) ends
+        # this step at once rather than after the step's own, longer deadline.
+        call = asyncio.ensure_future(self._connection._request(step, self.session, timeout))
+        call.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait({call, opened}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done() or call.exception() is not None:
+                await asyncio.wait({opened})  # bounded by the opening's own deadline
+                if not opened.cancelled() and opened.exception() is not None:
+                    raise opened.exception()
+            return await call
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         """End the session (the server's handler sees the end of its steps). Idempotent."""
         if not self._closed:
             self._closed = True
+            if self.opened is not None and not self.opened.done():
+                self.opened.cancel()
             try:
                 self._connection._notify(StreamClose(), self.session)
             except SwarmError:
@@ -265,6 +315,12 @@ class ClientStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Marks a background future's exception as read (its owner reports it when it matters)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _expire(future: asyncio.Future, address: str, timeout: float) -> None:

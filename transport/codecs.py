@@ -14,6 +14,9 @@ Error bounds (per element; ``absmax`` = largest magnitude in the element's block
 | bf16            | data            | ``|x| * 2**-8``                                       |
 | int8 blockwise  | codes, scales   | ``absmax / 254``                                      |
 | nf4 blockwise   | packed, scales  | ``absmax * 0.1520`` (half the widest NF4 gap, -1..-0.696) |
+
+``WIRE_FORMATS`` names the codecs a user picks by name for floating tensors (a
+client's ``activations`` option: ``float32`` sends them as they are).
 """
 
 from __future__ import annotations
@@ -192,3 +195,27 @@ class CodedTensor:
 
     tensor: torch.Tensor
     codec: Codec
+
+
+WIRE_FORMATS: dict[str, Codec] = {
+    "float32": RawCodec(),  # the tensor's own bytes (activations are float32 on the client)
+    "bf16": BFloat16Codec(),
+    "int8": Int8BlockwiseCodec(64),  # 1.06 bytes per value: 1 code + a float32 scale per 64
+}
+
+
+def wire_codec(name: str) -> Codec:
+    """The codec of the wire format ``name`` (a key of ``WIRE_FORMATS``).
+
+    Raises:
+        MalformedMessage: no such format (a ``ValueError``-like refusal for a peer's request).
+    """
+    codec = WIRE_FORMATS.get(name) if type(name) is str else None
+    if codec is None:
+        raise MalformedMessage(f"unknown wire format {name!r}; one of {sorted(WIRE_FORMATS)}")
+    return codec
+
+
+def coded(tensor: torch.Tensor, codec: Codec) -> torch.Tensor | CodedTensor:
+    """``tensor`` to put in a message field so that it travels with ``codec`` (raw: as it is)."""
+    return tensor if isinstance(codec, RawCodec) else CodedTensor(tensor, codec)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import KVCache
+from transport.codecs import Codec, RawCodec
 from transport.errors import MalformedMessage, ServerBusy
 
 
@@ -95,6 +96,9 @@ class HostedSession:
     owner: object = None  # the peer key that opened it (quotas)
     mailbox_steps: int = 4
     adapter: object = None  # a ServedAdapter (adapter_cache.py) applied to every step, or None
+    codec: Codec = field(
+        default_factory=RawCodec
+    )  # how its outputs travel (the client's ``activations`` choice)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -12,7 +12,9 @@ A client runs a prompt through a chain of servers, each holding a span of blocks
 * ``SpanForward`` / ``SpanBackward``: fine-tuning, stateless passes with the client's
   adapters (below).
 
-Tensors are (batch, new_tokens, hidden_size) and travel raw (exact) by default.
+Tensors are (batch, new_tokens, hidden_size) and travel raw (exact) by default; a session
+opened with ``activations="bf16"`` or ``"int8"`` gets its replies and the pushes into the
+next server in that format (the client sends its inputs in it too).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class OpenInference(Message):
     max_length: int
     config_hash: str = ""  # the client's model config hash; a server serving another refuses ("": unchecked)
     adapter_hash: bytes = b""  # LoRA adapters (``PutAdapter``) applied to every step ("": none)
+    activations: str = "float32"  # how the session's hidden states travel (``transport.WIRE_FORMATS``)
 
 
 @message("serve.step")

@@ -106,6 +106,7 @@ class RemoteModel:
             dht, endpoint, self.model_config.num_layers, bans, config.dht_timeout,
             deadline_floor=config.step_deadline_floor, deadline_factor=config.step_deadline_factor,
             deadline_ceiling=config.step_timeout, config_hash=self.config_hash,
+            refresh_period=config.route_refresh,
         )  # fmt: skip
 
     @classmethod
@@ -144,6 +145,7 @@ class RemoteModel:
         try:
             model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config)
             await model._check_model_record()
+            await model.servers.start()  # the live view: its first lookup overlaps what the caller does next
             model.loop = asyncio.get_running_loop()  # where its connections live (see forward)
             return model
         except BaseException:

@@ -8,6 +8,15 @@ a hung server is given up on in seconds rather than after ``step_timeout``.
 
 A ban remembers the ``started_at`` of the record it was made on: a listing that shows a
 newer one (the server restarted and re-announced) lifts the ban at once.
+
+The live view (issue #18, time to first token): once started, the pool keeps the newest
+listing and refreshes it in the background every ``refresh_period`` seconds, so opening a
+session costs no DHT lookup (:meth:`ServerPool.view`). A ban or a failed open marks the
+view stale (:meth:`ServerPool.invalidate`): the refresher looks up at once, and the next
+``view()`` waits for a fresh listing. After each refresh the pool connects ahead of time
+to the servers of the route it would pick now, so the next session finds its connections
+made.
+
 Relayed servers (behind NAT) are dialled over libp2p through the DHT's daemon
 (``RelayedDialer``), authenticated as the libp2p peer id in their signed record.
 """
@@ -15,10 +24,11 @@ Relayed servers (behind NAT) are dialled over libp2p through the DHT's daemon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 
-from swarm import BanList, ServerRecord, SwarmDHT
+from swarm import BanList, NoRouteError, ServerRecord, SwarmDHT, find_route
 from swarm.data_plane import RelayedDialer
 from swarm.server_reports import ReportBook
 from transport import Connection, Endpoint
@@ -43,6 +53,8 @@ class ServerPool:
             within ``[deadline_floor, deadline_ceiling]``; the ceiling while nothing is known.
         config_hash: the client's model config hash, sent with each session it opens so that
             a server of another model refuses it ("" sends none).
+        refresh_period: seconds between background refreshes of the live view, once
+            :meth:`start` ran; a view older than twice this is not used.
     """
 
     def __init__(
@@ -57,6 +69,7 @@ class ServerPool:
         deadline_factor: float = 5.0,
         deadline_ceiling: float = 120.0,
         config_hash: str = "",
+        refresh_period: float = 10.0,
     ):
         self.dht = dht
         self.endpoint = endpoint
@@ -73,6 +86,86 @@ class ServerPool:
         self._relayed: RelayedDialer | None = None  # made on the first relayed server
         self.reports = ReportBook(dht, dht_timeout)  # misbehaviour this client caught (spot_checks.py)
         self.last_listing: tuple[float, dict[str, ServerRecord]] | None = None  # (loop time, list())
+        self.refresh_period = refresh_period
+        self.refreshes = 0  # DHT lookups made for the view (background and forced)
+        self._view: dict[str, ServerRecord] | None = None
+        self._view_at = 0.0  # loop time of the view's lookup
+        self._stale = False  # a ban or a failed open since the view's lookup
+        self._lookup: asyncio.Future | None = None  # the lookup in flight, shared by view() callers
+        self._wake: asyncio.Event | None = None
+        self._refresher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Starts the background refresher of the live view (its first lookup starts at once).
+
+        Idempotent; :meth:`close` stops it."""
+        if self._refresher is None:
+            self._wake = asyncio.Event()
+            self._refresher = asyncio.create_task(self._refresh_forever(), name="server-pool-refresher")
+
+    async def _refresh_forever(self) -> None:
+        """Refreshes the view every ``refresh_period`` seconds, or at once when it went stale."""
+        while True:
+            try:
+                await self._connect_ahead(await self._shared_lookup())
+            except SwarmError as error:  # the next view() looks up itself
+                logger.debug("background refresh of the server listing failed: %s", error)
+            except Exception:  # a task boundary: the refresher outlives one bad round
+                logger.exception("background refresh of the server listing failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_period)
+            self._wake.clear()
+
+    async def _connect_ahead(self, servers: dict[str, ServerRecord]) -> None:
+        """Connects to the servers of the route a session would take now (a failure is only
+        logged: the session's own open reports it)."""
+        try:
+            route = find_route(servers.values(), 0, self.n_blocks, excluded=self.banned())
+        except NoRouteError:
+            return
+        results = await asyncio.gather(
+            *(self.connection_to(hop.server) for hop in route), return_exceptions=True
+        )
+        for hop, result in zip(route, results, strict=True):
+            if isinstance(result, Exception):
+                logger.debug("could not connect ahead to %s: %s", hop.peer_id, result)
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether a lookup for the view is in flight."""
+        return self._lookup is not None and not self._lookup.done()
+
+    @property
+    def known(self) -> dict[str, ServerRecord]:
+        """The newest listing as it stands (no lookup; empty before the first)."""
+        return self._view or {}
+
+    async def view(self) -> dict[str, ServerRecord]:
+        """The live view: the newest listing while it is fresh (younger than twice
+        ``refresh_period``, and no ban or failed open since), else a new lookup, shared with
+        any other caller waiting for one.
+
+        Raises:
+            SwarmError: the lookup failed or ran past ``dht_timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        fresh = self._view is not None and loop.time() - self._view_at < 2 * self.refresh_period
+        if fresh and not self._stale:
+            return self._view
+        return await self._shared_lookup()
+
+    async def _shared_lookup(self) -> dict[str, ServerRecord]:
+        if self._lookup is None or self._lookup.done():
+            self._lookup = asyncio.ensure_future(self.list())
+            self._lookup.add_done_callback(_retrieve)  # a caller that gave up does not read it
+        return await asyncio.shield(self._lookup)
+
+    def invalidate(self) -> None:
+        """Marks the view stale (a server failed): the next :meth:`view` waits for a fresh
+        listing, and the background refresher looks up now."""
+        self._stale = True
+        if self._wake is not None:
+            self._wake.set()
 
     async def list(self) -> dict[str, ServerRecord]:
         """The servers the DHT lists for the model's blocks, by peer id.
@@ -82,8 +175,15 @@ class ServerPool:
         Raises:
             SwarmError: the lookup failed or ran past ``dht_timeout``.
         """
+        started = asyncio.get_running_loop().time()
+        stale_before = self._stale
         servers = await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
         self.last_listing = (asyncio.get_running_loop().time(), servers)
+        self.refreshes += 1
+        if started >= self._view_at:  # not overtaken by a lookup that started later
+            self._view, self._view_at = servers, started
+            if stale_before or not self._stale:
+                self._stale = False  # a failure reported during the lookup keeps it stale
         self._started = {peer: record.started_at for peer, record in servers.items()}
         for peer in self.bans.lift_restarted(self._started):
             logger.info("lifted the ban of %s: it restarted", peer)
@@ -142,7 +242,15 @@ class ServerPool:
         return self._relayed
 
     async def close(self) -> None:
-        """Closes the libp2p side (the ZeroMQ connections close with the client's endpoint)."""
+        """Stops the refresher and closes the libp2p side (the ZeroMQ connections close with the
+        client's endpoint)."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        if self._lookup is not None and not self._lookup.done():
+            self._lookup.cancel()
         if self._relayed is not None:
             await self._relayed.close()
 
@@ -158,6 +266,7 @@ class ServerPool:
     def ban(self, server: ServerRecord | str) -> float:
         """Avoids ``server`` for a while (longer on each repeated failure) or, for a record, until
         it restarts. Returns the ban's length in seconds."""
+        self.invalidate()
         if isinstance(server, ServerRecord):
             return self.bans.ban(
                 server.peer_id, evidence=self._started.get(server.peer_id, server.started_at)
@@ -180,3 +289,9 @@ class ServerPool:
             return self.deadline_ceiling
         slowest = max(seconds * max(1.0, tokens / sampled) for seconds, sampled in samples)
         return min(self.deadline_ceiling, max(self.deadline_floor, self.deadline_factor * slowest))
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Marks a shared future's exception as read (each caller that awaits it gets it raised)."""
+    if not future.cancelled():
+        future.exception()

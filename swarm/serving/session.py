@@ -26,7 +26,9 @@ holders recompute a sample of the hops' outputs after the steps; a caught liar m
 ``step`` raise ``ServerMisbehaved``.
 
 Servers are found, banned and connected to through a ``ServerPool`` that every session
-of a ``RemoteModel`` shares. The server keeps its side of each hop as a
+of a ``RemoteModel`` shares; a new session takes its route from the pool's live view and
+sends its first step right behind the openings (pipelined), so a refused opening shows
+up as that step's failure. Hidden states travel in ``ClientConfig.activations``. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
 """
 
@@ -44,7 +46,7 @@ from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference,
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
 from swarm.serving.spot_checks import SpotChecks
-from transport import ClientStream
+from transport import ClientStream, coded, wire_codec
 from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -122,9 +124,12 @@ class InferenceSession:
             if config.verify_fraction
             else None
         )
+        self._codec = wire_codec(config.activations)  # how hidden states travel, both ways
 
     async def __aenter__(self) -> InferenceSession:
-        self.chain = await self._open_route(0, self.servers.n_blocks)
+        # Pipelined: the first step follows the openings without waiting for their answers;
+        # a refused opening fails that step, which then fails over like any other.
+        self.chain = await self._open_route(0, self.servers.n_blocks, pipelined=True)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -203,7 +208,8 @@ class InferenceSession:
                 if self.checks is not None:
                     after = None  # spot checks: every input comes from the client (see spot_checks.py)
                 message = InferenceStep(
-                    step=number, position=position, new_tokens=hidden.shape[1], hidden=value,
+                    step=number, position=position, new_tokens=hidden.shape[1],
+                    hidden=None if value is None else coded(value, self._codec),
                     # a relayed next server gets the client's copy only (no server push)
                     push_address=after.server.addresses[0] if after and not after.server.relayed else "",
                     push_key=after.server.curve_public_key if after and not after.server.relayed else b"",
@@ -279,7 +285,9 @@ class InferenceSession:
         )
 
     async def _send_copy(self, hop: _Hop, number: int, hidden: torch.Tensor) -> None:
-        message = PushHidden(token=hop.token, step=number, hidden=hidden, from_client=True)
+        message = PushHidden(
+            token=hop.token, step=number, hidden=coded(hidden, self._codec), from_client=True
+        )
         try:
             connection = await self.servers.connection_to(hop.server)
             await connection.call(message, timeout=self.config.step_timeout)
@@ -336,7 +344,9 @@ class InferenceSession:
                 peer, tokens, started = hop.server.peer_id, value.shape[1], loop.time()
                 try:
                     reply = await hop.stream.call(
-                        InferenceStep(step=-1, position=position, new_tokens=tokens, hidden=value),
+                        InferenceStep(
+                            step=-1, position=position, new_tokens=tokens, hidden=coded(value, self._codec)
+                        ),
                         timeout=self.servers.step_deadline(peer, tokens),
                     )
                 except SwarmError as error:
@@ -345,8 +355,9 @@ class InferenceSession:
                 value = reply.hidden
         return None
 
-    async def _open_route(self, start: int, end: int) -> list[_Hop]:
-        """Opens sessions on the fastest chain over ``[start, end)``, retrying elsewhere on refusal.
+    async def _open_route(self, start: int, end: int, pipelined: bool = False) -> list[_Hop]:
+        """Opens sessions on the fastest chain over ``[start, end)``, retrying elsewhere on refusal
+        (``pipelined``: without waiting for the servers to accept; see ``Connection.open_stream``).
 
         Raises:
             NoRouteError: some blocks had no server for ``route_wait`` seconds.
@@ -354,8 +365,11 @@ class InferenceSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.route_wait
         failed_now: set[str] = set()  # failed in this round: not retried until the next poll
+        first = True
         while True:
-            listed = await self.servers.list()
+            # The pool's live view first (no DHT lookup); after a failure, a fresh listing.
+            listed = await (self.servers.view() if first else self.servers.list())
+            first = False
             try:
                 route = find_route(listed.values(), start, end, excluded=self.servers.banned() | failed_now)
             except NoRouteError as error:
@@ -374,7 +388,9 @@ class InferenceSession:
                     await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
                     continue
             # All hops at once: one round trip instead of one per hop.
-            results = await asyncio.gather(*(_settle(self._open_hop(hop.server, hop.span)) for hop in route))
+            results = await asyncio.gather(
+                *(_settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
+            )
             opened = [result for result in results if isinstance(result, _Hop)]
             if len(opened) == len(route):
                 return opened
@@ -389,15 +405,18 @@ class InferenceSession:
                 self.servers.ban(hop.server)
                 failed_now.add(hop.peer_id)
 
-    async def _open_hop(self, server: ServerRecord, span: Span) -> _Hop:
+    async def _open_hop(self, server: ServerRecord, span: Span, pipelined: bool = False) -> _Hop:
         token = secrets.token_bytes(16)
         connection = await self.servers.connection_to(server)
         opening = OpenInference(token=token, start=span.start, end=span.end, batch=self.batch,
-                                max_length=self.max_length, config_hash=self.servers.config_hash)  # fmt: skip
+                                max_length=self.max_length, config_hash=self.servers.config_hash,
+                                activations=self.config.activations)  # fmt: skip
         if self.lora is not None:  # with the adapter's hash (uploaded if the server lacks it)
             stream = await self.lora.open_stream(connection, opening, self.config.open_timeout)
         else:
-            stream = await connection.open_stream(opening, timeout=self.config.open_timeout)
+            stream = await connection.open_stream(
+                opening, timeout=self.config.open_timeout, pipelined=pipelined and not server.relayed
+            )  # a relayed server's libp2p streams may reorder an opening and its first step
         return _Hop(server, span, stream, token)
 
 

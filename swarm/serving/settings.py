@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from transport import WIRE_FORMATS
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -57,6 +59,21 @@ class ClientConfig:
         default=15.0, metadata={"help": "first ban of a failed server, doubling on repeats"}
     )
     dht_timeout: float = field(default=15.0, metadata={"help": "seconds for one DHT lookup"})
+    route_refresh: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds between background refreshes of the client's live view of the servers "
+            "(a ban or a failed open refreshes it at once); sessions open from it without a DHT lookup"
+        },
+    )
+    activations: str = field(
+        default="float32",
+        metadata={
+            "help": "how this client's hidden states travel, both ways and between its servers: "
+            "float32 (exact), bf16 (half the bytes) or int8 (blockwise, ~3.8x fewer bytes); "
+            "see the README for what each costs in accuracy"
+        },
+    )
     replay_attempts: int = field(
         default=3,
         metadata={"help": "replacement chains tried for a failed span when replacements fail during replay"},
@@ -80,11 +97,16 @@ class ClientConfig:
             "route_poll",
             "ban_seconds",
             "dht_timeout",
+            "route_refresh",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ClientConfig.{name} must be positive")
         if not 0 <= self.verify_fraction <= 1:
             raise ValueError("ClientConfig.verify_fraction (--verify-fraction) must be in [0, 1]")
+        if self.activations not in WIRE_FORMATS:
+            raise ValueError(
+                f"ClientConfig.activations must be one of {sorted(WIRE_FORMATS)}, got {self.activations!r}"
+            )
         if self.replay_attempts < 1:
             raise ValueError("ClientConfig.replay_attempts must be at least 1")
         if self.step_deadline_floor > self.step_timeout:

@@ -37,7 +37,7 @@ from swarm.serving.protocol import (
     PushHidden,
 )
 from swarm.serving.push_targets import PushTargets
-from transport import Connection, RequestContext, ServerStream
+from transport import Connection, RequestContext, ServerStream, coded, wire_codec
 from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
 logger = logging.getLogger("swarm.join")
@@ -126,6 +126,7 @@ class StepService:
         adapter = None
         if opening.adapter_hash:  # LoRA for every step (AdapterNotCached: the client uploads it)
             adapter = self.server.training.session_adapter(opening.start, opening.end, opening.adapter_hash)
+        codec = wire_codec(opening.activations)  # MalformedMessage for an unknown one
         batcher = self.server.batchers.acquire(
             opening.start,
             opening.end,
@@ -142,6 +143,7 @@ class StepService:
             self.server.batchers.release(batcher)
             raise
         session.adapter = adapter
+        session.codec = codec
         try:
             async with asyncio.TaskGroup() as pushes:
                 async for step in stream:
@@ -191,6 +193,7 @@ class StepService:
             raise MalformedMessage(str(error)) from error
         if self.server.on_output is not None:  # test faults only (peers/faults.py)
             output = self.server.on_output(session.token, session.steps, output)
+        output = coded(output, session.codec)  # the reply and the push travel alike
         if step.push_address:
             pushes.create_task(self._push(step, output, batcher.span.end))
             await asyncio.sleep(0)  # let the push leave before the reply
