@@ -54,7 +54,7 @@ from swarm.training.group_links import (  # re-exported: the round's public type
     Member,
 )
 from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
-from swarm.training.reduction import ChunkAssembly, PartState, RoundTrip, result_digest
+from swarm.training.reduction import PartState, ResultChunks, RoundTrip, result_digest
 from swarm.training.robust import RobustConfig
 from swarm.training.verification import RoundVerification
 
@@ -107,8 +107,7 @@ class AllReduceRound(RoundVerification):
         self.robust = robust
         self.verifying = verify and len(members) >= 3
         self.parts = split_parts(self.vector.numel(), [m.bandwidth for m in members], alignment)
-        self._results: torch.Tensor | None = None  # results arriving in chunks land here (the vector's size)
-        self._incoming: dict[int, tuple[ChunkAssembly, list[int]]] = {}  # per part: its chunks so far
+        self._results = ResultChunks(self.parts)  # reducers' results arriving in chunks
         self._states: dict[int, PartState] = {}
         self._checks: dict[int, PartState] = {}  # as a backup: the copies it recomputes from
         self._arbitrations: dict[int, PartState] = {}
@@ -139,9 +138,9 @@ class AllReduceRound(RoundVerification):
             state.candidate = None
             if fallback_reducer(part, len(self.members)) != self.my_index:
                 state.result = None
-            elif state.result is not None and self._results is not None:
+            elif state.result is not None and self._results.buffer is not None:
                 state.result = state.result.clone()  # not a view that keeps the whole buffer alive
-        self._results = None
+        self._results.buffer = None
 
     def _background(self, work: Awaitable) -> None:
         self._tasks.add(asyncio.get_running_loop().create_task(work))
@@ -195,7 +194,7 @@ class AllReduceRound(RoundVerification):
             contributors
         ):
             raise ValueError(f"result for part {part} names contributors {contributors} not in the group")
-        values, contributors = self._assemble_result(part, offset, values.reshape(-1), list(contributors))
+        values, contributors = self._results.add(part, offset, values.reshape(-1), list(contributors))
         if values is None:
             return None
         backup = fallback_reducer(part, len(self.members))
@@ -217,22 +216,6 @@ class AllReduceRound(RoundVerification):
         state.finish(values, contributors)
         self.announce(part, result_digest(values))
         return "accepted"
-
-    def _assemble_result(
-        self, part: int, offset: int, values: torch.Tensor, contributors: list[int]
-    ) -> tuple[torch.Tensor | None, list[int]]:
-        """A result chunk into its place in ``_results``: the whole result once all are here, else None."""
-        start, end = self.parts[part]
-        if part not in self._incoming and offset == 0 and values.numel() == end - start:
-            return values, contributors  # the whole result in one message
-        assembly, expected = self._incoming.setdefault(part, (ChunkAssembly(end - start), contributors))
-        if contributors != expected:
-            raise ValueError(f"chunks of the result for part {part} name different contributors")
-        complete = assembly.claim(offset, values.numel())
-        if self._results is None:
-            self._results = torch.empty(self.parts[-1][1], dtype=torch.float32)
-        self._results[start + offset : start + offset + values.numel()].copy_(values)
-        return (self._results[start:end], contributors) if complete else (None, contributors)
 
     def on_verdict(self, part: int, digest: str) -> None:
         """Verification: the part's backup endorses a result digest ("": the part is disputed)."""

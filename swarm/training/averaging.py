@@ -12,7 +12,7 @@ into wire messages, counts the bytes, and first calls the service's ``before_sen
 hook with an :class:`AllReduceSend` for each message.
 
 A contribution or a result travels as a stream of chunks of about ``chunk_bytes`` on the
-wire (:data:`CHUNK_BYTES`), :data:`CHUNKS_IN_FLIGHT` at a time, each acknowledged: the
+wire (:mod:`~swarm.training.chunk_streams`), a few at a time, each acknowledged: the
 receiver copies chunk i into the round's buffer while chunk i+1 is on the wire, and
 libzmq encrypts and decrypts each chunk in a buffer the allocator hands back for the
 next one, where a whole 25 MB part took fresh pages (zeroed by the kernel) each time.
@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
+from swarm.training.chunk_streams import CHUNK_BYTES, send_chunks
 from swarm.training.parts import fallback_reducer
 from swarm.training.robust import RobustConfig
 from transport import (
@@ -60,17 +60,6 @@ COMPRESSIONS = {
     "4bit": FourBitBlockwiseCodec(64),
 }
 """``--compression`` values and the codec pseudo-gradients travel with (blocks of 64 values)."""
-
-CHUNK_BYTES = 2**20
-"""Wire bytes of one all-reduce message. With CURVE on, 1 MiB moved 1.7x the bytes per
-second of 25 MiB messages and 1.15x those of 256 KiB ones (README, "allreduce"): libzmq
-encrypts every message into a new buffer, which at this size comes back from the heap
-instead of fresh (kernel-zeroed) pages, and smaller ones pay more per-message overhead."""
-
-CHUNKS_IN_FLIGHT = 4
-"""Chunks of one stream sent before the first is acknowledged: enough to keep the link
-busy while the receiver handles one, few enough to stay far below the receiver's
-per-peer in-flight byte limit."""
 
 
 @message("train.contribution")
@@ -381,7 +370,9 @@ class _TransportLinks:
         def chunk(offset: int, values: torch.Tensor) -> Contribution:
             return Contribution(self.round_id, part, self.my_index, weight, self._coded(values), offset)
 
-        await self._stream("contribution", target, values, chunk, timeout)
+        await send_chunks(
+            self._caller("contribution", target), values, self.service.chunk_values, chunk, timeout
+        )
 
     async def send_result(
         self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
@@ -389,51 +380,11 @@ class _TransportLinks:
         def chunk(offset: int, values: torch.Tensor) -> PartResult:
             return PartResult(self.round_id, part, list(contributors), self._coded(values), offset=offset)
 
-        reply = await self._stream("result", target, values, chunk, timeout)
+        caller = self._caller("result", target)
+        reply = await send_chunks(caller, values, self.service.chunk_values, chunk, timeout, stops_early=True)
         if not isinstance(reply, Ack) or reply.status not in ("accepted", "taken_over", "disputed"):
             raise MalformedMessage(f"member {target} answered a result with {reply!r:.80}")
         return reply.status
-
-    async def _stream(
-        self,
-        kind,
-        target: int,
-        values: torch.Tensor,
-        chunk: Callable[[int, torch.Tensor], Message],
-        timeout: float,
-    ) -> Message:
-        """Send ``values`` as a stream of chunks, :data:`CHUNKS_IN_FLIGHT` unacknowledged at most.
-
-        The whole stream is bounded by ``timeout``, as one message of the whole part was.
-        Returns the reply that ends it: the last chunk's or, for a result, an earlier one
-        that is not ``partial`` (a backup that took the part over refuses the rest at once).
-        """
-        stops_early = kind == "result"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        step = self.service.chunk_values
-        offsets = range(0, values.numel(), step) if values.numel() else range(1)
-        in_flight: deque[asyncio.Task] = deque()
-        reply: Message | None = None
-        try:
-            for index, offset in enumerate(offsets):
-                if len(in_flight) >= CHUNKS_IN_FLIGHT:
-                    reply = await in_flight.popleft()
-                    if stops_early and not _more_to_come(reply):
-                        return reply
-                message = chunk(offset, values[offset : offset + step])
-                in_flight.append(
-                    loop.create_task(self._call(kind, target, message, deadline - loop.time(), index))
-                )
-            while in_flight:
-                reply = await in_flight.popleft()
-                if stops_early and not _more_to_come(reply):
-                    return reply
-            return reply
-        finally:
-            for task in in_flight:  # the stream failed or ended early: the rest is moot
-                task.cancel()
-                task.add_done_callback(_retrieve)
 
     async def send_verdict(self, target: int, part: int, digest: str, timeout: float) -> None:
         await self._call("verdict", target, Verdict(self.round_id, part, digest), timeout)
@@ -446,6 +397,12 @@ class _TransportLinks:
         if not isinstance(reply, PartResult) or reply.part != part:
             raise MalformedMessage(f"member {target} answered a repair with {reply!r:.80}")
         return (None, []) if reply.disputed else (reply.values, reply.contributors)
+
+    def _caller(self, kind, target: int) -> Callable[[Message, float, int], Awaitable[Message]]:
+        def call(message: Message, timeout: float, chunk: int) -> Awaitable[Message]:
+            return self._call(kind, target, message, timeout, chunk)
+
+        return call
 
     def _coded(self, values: torch.Tensor) -> CodedTensor:
         return CodedTensor(values, self.service.codec)
@@ -460,13 +417,3 @@ class _TransportLinks:
         else:
             self.bytes_sent += wire_size(self.service.codec, message.values.tensor.numel())
         return await connection.call(message, timeout=timeout)
-
-
-def _more_to_come(reply: Message) -> bool:
-    return isinstance(reply, Ack) and reply.status == "partial"
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """Mark an abandoned chunk's outcome as seen (its failure was not the stream's)."""
-    if not task.cancelled():
-        task.exception()

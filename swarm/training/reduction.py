@@ -86,6 +86,38 @@ class ChunkAssembly:
         return self.received == self.numel
 
 
+class ResultChunks:
+    """Reducers' results arriving in chunks, each copied into its place in one buffer of
+    the whole vector's size (allocated at the first chunk, once per round)."""
+
+    def __init__(self, parts: list[tuple[int, int]]):
+        self.parts = parts
+        self.buffer: torch.Tensor | None = None
+        self._incoming: dict[int, tuple[ChunkAssembly, list[int]]] = {}
+
+    def add(
+        self, part: int, offset: int, values: torch.Tensor, contributors: list[int]
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """A chunk of ``part``'s result: (the whole result, its contributors) once every
+        chunk is here, (None, ...) before.
+
+        Raises:
+            ValueError: the chunk overlaps or overruns the chunks received, or names other
+                contributors than the part's first chunk.
+        """
+        start, end = self.parts[part]
+        if part not in self._incoming and offset == 0 and values.numel() == end - start:
+            return values, contributors  # the whole result in one message
+        assembly, expected = self._incoming.setdefault(part, (ChunkAssembly(end - start), contributors))
+        if contributors != expected:
+            raise ValueError(f"chunks of the result for part {part} name different contributors")
+        complete = assembly.claim(offset, values.numel())
+        if self.buffer is None:
+            self.buffer = torch.empty(self.parts[-1][1], dtype=torch.float32)
+        self.buffer[start + offset : start + offset + values.numel()].copy_(values)
+        return (self.buffer[start:end], contributors) if complete else (None, contributors)
+
+
 class PartState:
     """One part's contributions and, once reduced, its result."""
 
