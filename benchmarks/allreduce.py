@@ -11,7 +11,10 @@ is a warm-up; the table shows the median of the timed rounds.
 
 - ours: ``AveragingService.all_reduce`` over ``transport.Endpoint`` (ZeroMQ), CURVE
   encrypted as deployed, and with ``encrypted=False`` to show the cost of encryption;
-  uncompressed ("none") and int8. Bytes sent are counted by the service.
+  uncompressed ("none") and int8; reducers aggregate with CenteredClip and backups
+  verify, as a swarm runs it, and "ours-mean" takes the weighted mean instead (what
+  gloo and hivemind compute) to show the cost of the robust rule. Bytes sent are
+  counted by the service.
 - gloo: ``torch.distributed.all_reduce`` (sum) on a CPU tensor; bytes sent are the
   ring all-reduce's 2 (M-1)/M x vector bytes (a formula, not a measurement).
 - hivemind: ``DecentralizedAverager`` with a fixed group of ``--peers``. Matchmaking is
@@ -84,10 +87,11 @@ class Settings:
         return self.numel * 4
 
 
-OURS = {  # variant name -> (encrypted, compression)
-    "ours": (True, "none"),
-    "ours-plain": (False, "none"),
-    "ours-int8": (True, "int8"),
+OURS = {  # variant name -> (encrypted, compression, aggregation rule)
+    "ours": (True, "none", "centered_clip"),
+    "ours-plain": (False, "none", "centered_clip"),
+    "ours-int8": (True, "int8", "centered_clip"),
+    "ours-mean": (True, "none", "mean"),  # the weighted mean, as gloo and hivemind compute
 }
 
 
@@ -123,13 +127,14 @@ def _ours_worker(rank, settings, barrier, to_parent, from_parent, results):
 async def _ours_member(rank, settings, barrier, to_parent, from_parent, results):
     from swarm.training.allreduce import AllReduceTimeouts, Member
     from swarm.training.averaging import AveragingService
+    from swarm.training.robust import RobustConfig
     from transport import Endpoint
 
     vector = _make_vector(rank, settings.numel)
     endpoints, services = {}, {}
     # the last member dies in the kill round, which runs on "ours" (see the plan below)
     before_send = _kill_on_first_result if rank == settings.peers - 1 else None
-    for variant, (encrypted, compression) in OURS.items():  # one endpoint and service per variant
+    for variant, (encrypted, compression, _) in OURS.items():  # one endpoint and service per variant
         endpoints[variant] = Endpoint(encrypted=encrypted)
         address = await endpoints[variant].bind("tcp://127.0.0.1:0")
         services[variant] = AveragingService(
@@ -154,6 +159,7 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             )
         start = time.perf_counter()
         service = services.get(variant, services["ours"])  # the kill round runs on "ours"
+        rule = OURS.get(variant, OURS["ours"])[2]
         outcome = await service.all_reduce(
             f"{variant}-{index}",
             members.get(variant, members["ours"]),
@@ -162,6 +168,7 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             1.0,
             round_timeouts,
             out=work,
+            robust=RobustConfig(rule=rule),
         )
         seconds = time.perf_counter() - start
         results.put(
@@ -472,6 +479,8 @@ def report(settings: Settings, measured: dict[str, SystemRounds]) -> None:
             notes.append("bytes by formula")
         if name == "ours-plain":
             notes.append("CURVE off")
+        if name == "ours-mean":
+            notes.append("weighted mean instead of CenteredClip")
         print(
             f"{name:<12} {seconds:>9.3f} {throughput[name] / 1e9:>7.3f} {sent / 1e6:>15.1f} {steal:>8.1f}  "
             + "; ".join(notes)
@@ -487,11 +496,16 @@ def report(settings: Settings, measured: dict[str, SystemRounds]) -> None:
             f"{'bit-identical' if identical else 'DIFFER'}"
         )
 
-    def ratio(baseline: str) -> str:
-        if "ours" not in throughput or baseline not in throughput:
+    def ratio(baseline: str, ours: str = "ours") -> str:
+        if ours not in throughput or baseline not in throughput:
             return "nan"
-        return f"{throughput['ours'] / throughput[baseline]:.2f}"
+        return f"{throughput[ours] / throughput[baseline]:.2f}"
 
+    if "ours-mean" in throughput:
+        print(
+            f"like for like (weighted mean, CURVE on): vs_gloo={ratio('gloo', 'ours-mean')} "
+            f"vs_hivemind={ratio('hivemind', 'ours-mean')}"
+        )
     print(f"allreduce peers={settings.peers} vs_gloo={ratio('gloo')} vs_hivemind={ratio('hivemind')}")
 
 

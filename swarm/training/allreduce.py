@@ -54,7 +54,7 @@ from swarm.training.group_links import (  # re-exported: the round's public type
     Member,
 )
 from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
-from swarm.training.reduction import PartState, RoundTrip, result_digest
+from swarm.training.reduction import PartState, ResultChunks, RoundTrip, result_digest
 from swarm.training.robust import RobustConfig
 from swarm.training.verification import RoundVerification
 
@@ -107,6 +107,7 @@ class AllReduceRound(RoundVerification):
         self.robust = robust
         self.verifying = verify and len(members) >= 3
         self.parts = split_parts(self.vector.numel(), [m.bandwidth for m in members], alignment)
+        self._results = ResultChunks(self.parts)  # reducers' results arriving in chunks
         self._states: dict[int, PartState] = {}
         self._checks: dict[int, PartState] = {}  # as a backup: the copies it recomputes from
         self._arbitrations: dict[int, PartState] = {}
@@ -131,12 +132,15 @@ class AllReduceRound(RoundVerification):
         """
         self.vector = None
         for state in (*self._checks.values(), *self._arbitrations.values()):
-            state.contributions.clear()
+            state.release()
         for part, state in self._states.items():
-            state.contributions.clear()
+            state.release()
             state.candidate = None
             if fallback_reducer(part, len(self.members)) != self.my_index:
                 state.result = None
+            elif state.result is not None and self._results.buffer is not None:
+                state.result = state.result.clone()  # not a view that keeps the whole buffer alive
+        self._results.buffer = None
 
     def _background(self, work: Awaitable) -> None:
         self._tasks.add(asyncio.get_running_loop().create_task(work))
@@ -156,31 +160,43 @@ class AllReduceRound(RoundVerification):
             raise ValueError(f"part {part} needs {end - start} values")
         return values.reshape(-1)
 
-    def on_contribution(self, sender: int, part: int, weight: float, values: torch.Tensor | None) -> None:
-        """Scatter phase: another member's contribution to a part this member reduces or backs up."""
+    def on_contribution(
+        self, sender: int, part: int, weight: float, values: torch.Tensor | None, offset: int = 0
+    ) -> None:
+        """Scatter phase: another member's contribution to a part this member reduces or backs
+        up, whole or the chunk of it that starts at ``offset``."""
         if part == self.my_index:
             state = self._state(part)
         elif self.verifying and fallback_reducer(part, len(self.members)) == self.my_index:
             state = self._state(part, self._checks)
         else:
             raise ValueError(f"member {self.my_index} neither reduces nor backs up part {part}")
-        state.add(sender, float(weight), self._check_contribution(sender, part, values))
+        if not 0 <= sender < len(self.members):
+            raise ValueError(f"sender index {sender} out of range")
+        if values is None:
+            raise ValueError(f"contribution to part {part} has no values")
+        start, end = self.parts[part]
+        state.add_chunk(sender, float(weight), offset, values.reshape(-1), end - start, len(self.members))
 
-    async def on_result(self, part: int, values: torch.Tensor | None, contributors: list[int]) -> CommitReply:
-        """Gather phase: a reducer's result (on the backup: its commit, verified first)."""
+    async def on_result(
+        self, part: int, values: torch.Tensor | None, contributors: list[int], offset: int = 0
+    ) -> CommitReply | None:
+        """Gather phase: a reducer's result (on the backup: its commit, verified first), whole
+        or the chunk of it that starts at ``offset``; None while more chunks are to come."""
         state = self._state(part)
         if state.ready.is_set():
             return "accepted"
         if state.taken_over:
             return "taken_over"
-        start, end = self.parts[part]
-        if values is None or values.numel() != end - start:
-            raise ValueError(f"result for part {part} needs {end - start} values")
+        if values is None:
+            raise ValueError(f"result for part {part} has no values")
         if any(not 0 <= c < len(self.members) for c in contributors) or len(set(contributors)) != len(
             contributors
         ):
             raise ValueError(f"result for part {part} names contributors {contributors} not in the group")
-        values, contributors = values.reshape(-1), list(contributors)
+        values, contributors = self._results.add(part, offset, values.reshape(-1), list(contributors))
+        if values is None:
+            return None
         backup = fallback_reducer(part, len(self.members))
         if not self.verifying:
             state.finish(values, contributors)
@@ -378,7 +394,7 @@ class AllReduceRound(RoundVerification):
         await state.wait_for(set(range(len(self.members))), scatter_deadline)
         if state.taken_over:
             return
-        computed = state.compute(self.round_trip, self.robust)
+        computed = await state.compute_in_thread(self.round_trip, self.robust)
         state.aggregate = computed
         self._note_aggregate(self.my_index, state)
         await self._broadcast(self.my_index, state, computed.values, computed.contributors)

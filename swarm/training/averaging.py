@@ -8,8 +8,16 @@ contribution in another member's name.
 
 Outgoing, each round reaches its group through a :class:`_TransportLinks` (the
 :class:`~swarm.training.allreduce.GroupLinks` of this service), which turns each send
-into its wire message, counts the bytes, and first calls the service's ``before_send``
-hook with an :class:`AllReduceSend`. The process layer uses that hook for fault
+into wire messages, counts the bytes, and first calls the service's ``before_send``
+hook with an :class:`AllReduceSend` for each message.
+
+A contribution or a result travels as a stream of chunks of about ``chunk_bytes`` on the
+wire (:mod:`~swarm.training.chunk_streams`), a few at a time, each acknowledged: the
+receiver copies chunk i into the round's buffer while chunk i+1 is on the wire, and
+libzmq encrypts and decrypts each chunk in a buffer the allocator hands back for the
+next one, where a whole 25 MB part took fresh pages (zeroed by the kernel) each time.
+Chunk boundaries fall on the codec's blocks, so a chunked part decodes to the same
+bits as a whole one. The process layer uses that hook for fault
 injection (``SWARM_FAULT`` in ``peers/train.py``); the library never acts on it.
 """
 
@@ -17,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
+from swarm.training.chunk_streams import CHUNK_BYTES, send_chunks
 from swarm.training.parts import fallback_reducer
 from swarm.training.robust import RobustConfig
 from transport import (
@@ -60,6 +69,8 @@ class Contribution(Message):
     sender: int
     weight: float
     values: torch.Tensor
+    offset: int = 0
+    """Where ``values`` start in the part (a chunk of it); 0 and the part's size: all of it."""
 
 
 @message("train.result")
@@ -70,6 +81,8 @@ class PartResult(Message):
     values: torch.Tensor
     disputed: bool = False
     """In a repair reply: the backup disputes the part (ask its arbiter); ``values`` is empty."""
+    offset: int = 0
+    """Where ``values`` start in the part (a chunk of it, in the gather phase)."""
 
 
 @message("train.repair")
@@ -96,7 +109,8 @@ class Verdict(Message):
 class Ack(Message):
     accepted: bool = True
     status: str = "accepted"
-    """To a result: ``accepted``, ``taken_over`` or ``disputed`` (see ``CommitReply``)."""
+    """To a result: ``accepted``, ``taken_over`` or ``disputed`` (see ``CommitReply``), or
+    ``partial``: a chunk was kept and the result is not complete yet."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class AllReduceSend:
         kind: ``"contribution"`` (scatter), ``"result"`` (gather), ``"verdict"`` or ``"repair"``.
         target: the receiving member's position in the group.
         group_size: members in the group.
+        chunk: which chunk of a contribution or result this message is, counting from 0.
     """
 
     all_reduce: int
@@ -116,6 +131,7 @@ class AllReduceSend:
     kind: Literal["contribution", "result", "verdict", "repair"]
     target: int
     group_size: int
+    chunk: int = 0
 
 
 BeforeSend = Callable[[AllReduceSend], None]
@@ -172,6 +188,7 @@ class AveragingService:
         compression: a key of :data:`COMPRESSIONS`.
         registration_wait: how long a request for an unknown round waits for it to start.
         before_send: called with each :class:`AllReduceSend` before the message goes out.
+        chunk_bytes: wire bytes of one message of a contribution or result stream.
     """
 
     def __init__(
@@ -180,11 +197,18 @@ class AveragingService:
         compression: str = "int8",
         registration_wait: float = 30.0,
         before_send: BeforeSend | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"--compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.endpoint = endpoint
         self.codec = COMPRESSIONS[compression]
+        block = getattr(self.codec, "block_size", 64)
+        per_block = wire_size(self.codec, block)
+        self.chunk_values = max(1, chunk_bytes // per_block) * block
+        """Values per chunk: whole codec blocks, so chunks quantize as the whole part does."""
         self.registration_wait = registration_wait
         self.before_send = before_send
         self.all_reduces = 0
@@ -192,6 +216,7 @@ class AveragingService:
         self._rounds: dict[str, AllReduceRound] = {}
         self._registered = asyncio.Condition()
         self._connections: dict[tuple[str, bytes], Connection] = {}
+        self._dialing: dict[tuple[str, bytes], asyncio.Lock] = {}
         endpoint.add_handler(Contribution, self._on_contribution)
         endpoint.add_handler(PartResult, self._on_result)
         endpoint.add_handler(RepairRequest, self._on_repair)
@@ -203,10 +228,12 @@ class AveragingService:
                 await self._registered.wait_for(lambda: round_id in self._rounds)
                 return self._rounds[round_id]
 
-        try:
-            round_ = await asyncio.wait_for(registered(), self.registration_wait)
-        except TimeoutError:
-            raise ServerBusy(f"no all-reduce round {round_id!r} here") from None
+        round_ = self._rounds.get(round_id)  # the usual case: no waiting, so a chunk is handled
+        if round_ is None:  # in the socket's callback, in the order it arrived
+            try:
+                round_ = await asyncio.wait_for(registered(), self.registration_wait)
+            except TimeoutError:
+                raise ServerBusy(f"no all-reduce round {round_id!r} here") from None
         if sender is not None:
             if not 0 <= sender < len(round_.members):
                 raise MalformedMessage(f"sender {sender} is not in round {round_id!r}")
@@ -223,7 +250,9 @@ class AveragingService:
     async def _on_contribution(self, request: Contribution, context: RequestContext) -> Ack:
         round_ = await self._round(request.round, request.sender, context)
         try:
-            round_.on_contribution(request.sender, request.part, request.weight, request.values)
+            round_.on_contribution(
+                request.sender, request.part, request.weight, request.values, request.offset
+            )
         except ValueError as error:
             raise MalformedMessage(str(error)) from None
         return Ack()
@@ -231,9 +260,13 @@ class AveragingService:
     async def _on_result(self, request: PartResult, context: RequestContext) -> Ack:
         round_ = await self._round(request.round, request.part, context)  # only the part's reducer
         try:
-            status = await round_.on_result(request.part, request.values, request.contributors)
+            status = await round_.on_result(
+                request.part, request.values, request.contributors, request.offset
+            )
         except ValueError as error:
             raise MalformedMessage(str(error)) from None
+        if status is None:
+            return Ack(status="partial")
         return Ack(accepted=status == "accepted", status=status)
 
     async def _on_verdict(self, request: Verdict, context: RequestContext) -> Ack:
@@ -258,12 +291,18 @@ class AveragingService:
 
     async def _connection(self, member: Member) -> Connection:
         key = (member.address, member.public_key)
-        known = self._connections.get(key)
-        # a libp2p connection (to a relayed member) does not reconnect once its stream ends
-        if known is None or getattr(known, "broken", False):
-            if known is not None:
-                await known.close()
-            self._connections[key] = await self.endpoint.connect(member.address, member.public_key)
+
+        def usable(known) -> bool:  # a libp2p connection (to a relayed member) does not reconnect
+            return known is not None and not getattr(known, "broken", False)
+
+        if not usable(self._connections.get(key)):
+            # the chunks of a stream ask at once: one dial, which they all wait for
+            async with self._dialing.setdefault(key, asyncio.Lock()):
+                known = self._connections.get(key)
+                if not usable(known):
+                    if known is not None:
+                        await known.close()
+                    self._connections[key] = await self.endpoint.connect(member.address, member.public_key)
         return self._connections[key]
 
     async def all_reduce(
@@ -335,14 +374,21 @@ class _TransportLinks:
     async def send_contribution(
         self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
     ) -> None:
-        message = Contribution(self.round_id, part, self.my_index, weight, self._coded(values))
-        await self._call("contribution", target, message, timeout)
+        def chunk(offset: int, values: torch.Tensor) -> Contribution:
+            return Contribution(self.round_id, part, self.my_index, weight, self._coded(values), offset)
+
+        await send_chunks(
+            self._caller("contribution", target), values, self.service.chunk_values, chunk, timeout
+        )
 
     async def send_result(
         self, target: int, part: int, contributors: list[int], values: torch.Tensor, timeout: float
     ) -> CommitReply:
-        message = PartResult(self.round_id, part, list(contributors), self._coded(values))
-        reply = await self._call("result", target, message, timeout)
+        def chunk(offset: int, values: torch.Tensor) -> PartResult:
+            return PartResult(self.round_id, part, list(contributors), self._coded(values), offset=offset)
+
+        caller = self._caller("result", target)
+        reply = await send_chunks(caller, values, self.service.chunk_values, chunk, timeout, stops_early=True)
         if not isinstance(reply, Ack) or reply.status not in ("accepted", "taken_over", "disputed"):
             raise MalformedMessage(f"member {target} answered a result with {reply!r:.80}")
         return reply.status
@@ -359,12 +405,18 @@ class _TransportLinks:
             raise MalformedMessage(f"member {target} answered a repair with {reply!r:.80}")
         return (None, []) if reply.disputed else (reply.values, reply.contributors)
 
+    def _caller(self, kind, target: int) -> Callable[[Message, float, int], Awaitable[Message]]:
+        def call(message: Message, timeout: float, chunk: int) -> Awaitable[Message]:
+            return self._call(kind, target, message, timeout, chunk)
+
+        return call
+
     def _coded(self, values: torch.Tensor) -> CodedTensor:
         return CodedTensor(values, self.service.codec)
 
-    async def _call(self, kind, target: int, message: Message, timeout: float) -> Message:
+    async def _call(self, kind, target: int, message: Message, timeout: float, chunk: int = 0) -> Message:
         if self.service.before_send is not None:
-            send = AllReduceSend(self.count, self.round_id, kind, target, len(self.members))
+            send = AllReduceSend(self.count, self.round_id, kind, target, len(self.members), chunk)
             self.service.before_send(send)
         connection = await self.service._connection(self.members[target])
         if isinstance(message, Verdict):

@@ -1,8 +1,12 @@
 """One all-reduce part's bookkeeping on the member that reduces, verifies or arbitrates it.
 
 A :class:`PartState` collects the contributions to one part, waits for them with a
-deadline, and reduces them robustly (:func:`~swarm.training.robust.aggregate`) through
-the wire codec. :func:`result_digest` and :func:`results_agree` are how a backup
+deadline, and reduces them robustly (:func:`~swarm.training.robust.aggregate`, computed
+by :func:`~swarm.training.robust_buffers.aggregate_buffered`: same bits, faster) through
+the wire codec. Contributions may arrive in chunks (the wire sends a part as a stream of
+messages of about a megabyte, see ``swarm.training.averaging``): each chunk is copied
+into its place in one buffer the part allocates once per round, and a
+:class:`ChunkAssembly` per sender says when its contribution is complete. :func:`result_digest` and :func:`results_agree` are how a backup
 compares a reducer's result with its own recomputation, and how members check that
 the result they received is the one the backup endorsed.
 """
@@ -10,12 +14,15 @@ the result they received is the one the backup endorsed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
+import math
 from collections.abc import Callable
 
 import torch
 
-from swarm.training.robust import Aggregate, RobustConfig, aggregate
+from swarm.training.robust import Aggregate, RobustConfig
+from swarm.training.robust_buffers import aggregate_buffered
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
 """Quantize-dequantize with the wire codec: the values as receivers will decode them."""
@@ -43,11 +50,84 @@ def results_agree(first: torch.Tensor, second: torch.Tensor) -> bool:
     return float((first - second).abs().max()) <= AGREEMENT_TOLERANCE * scale + 1e-12
 
 
+class ChunkAssembly:
+    """Which ranges of a flat tensor of ``numel`` values have arrived.
+
+    A chunk that overlaps one already received, or reaches outside the tensor, is
+    refused: a sender cannot overwrite values it sent, nor complete a tensor with gaps.
+    Chunks may arrive in any order.
+    """
+
+    def __init__(self, numel: int, weight: float = 0.0):
+        self.numel = numel
+        self.weight = weight
+        """The sample weight every chunk of a contribution must repeat."""
+        self.received = 0
+        self._starts: list[int] = []  # sorted; _ends[i] belongs to _starts[i]
+        self._ends: list[int] = []
+
+    def claim(self, offset: int, length: int) -> bool:
+        """Record the chunk ``[offset, offset + length)``; returns whether the tensor is complete.
+
+        Raises:
+            ValueError: the chunk is empty, outside the tensor, or overlaps a received one.
+        """
+        end = offset + length
+        if offset < 0 or length <= 0 or end > self.numel:
+            raise ValueError(f"chunk [{offset}, {end}) is outside a tensor of {self.numel} values")
+        index = bisect.bisect_right(self._starts, offset)
+        if (index > 0 and self._ends[index - 1] > offset) or (
+            index < len(self._starts) and self._starts[index] < end
+        ):
+            raise ValueError(f"chunk [{offset}, {end}) overlaps one already received")
+        self._starts.insert(index, offset)
+        self._ends.insert(index, end)
+        self.received += length
+        return self.received == self.numel
+
+
+class ResultChunks:
+    """Reducers' results arriving in chunks, each copied into its place in one buffer of
+    the whole vector's size (allocated at the first chunk, once per round)."""
+
+    def __init__(self, parts: list[tuple[int, int]]):
+        self.parts = parts
+        self.buffer: torch.Tensor | None = None
+        self._incoming: dict[int, tuple[ChunkAssembly, list[int]]] = {}
+
+    def add(
+        self, part: int, offset: int, values: torch.Tensor, contributors: list[int]
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """A chunk of ``part``'s result: (the whole result, its contributors) once every
+        chunk is here, (None, ...) before.
+
+        Raises:
+            ValueError: the chunk overlaps or overruns the chunks received, or names other
+                contributors than the part's first chunk.
+        """
+        start, end = self.parts[part]
+        if part not in self._incoming and offset == 0 and values.numel() == end - start:
+            return values, contributors  # the whole result in one message
+        assembly, expected = self._incoming.setdefault(part, (ChunkAssembly(end - start), contributors))
+        if contributors != expected:
+            raise ValueError(f"chunks of the result for part {part} name different contributors")
+        complete = assembly.claim(offset, values.numel())
+        if self.buffer is None:
+            self.buffer = torch.empty(self.parts[-1][1], dtype=torch.float32)
+        self.buffer[start + offset : start + offset + values.numel()].copy_(values)
+        return (self.buffer[start:end], contributors) if complete else (None, contributors)
+
+
 class PartState:
     """One part's contributions and, once reduced, its result."""
 
     def __init__(self) -> None:
         self.contributions: dict[int, tuple[float, torch.Tensor]] = {}
+        self.buffer: torch.Tensor | None = None
+        """(members, part values) float32: chunked contributions land in their sender's row.
+        Allocated at the first chunk, once per round; a whole contribution in one message
+        is kept as received instead (no copy)."""
+        self._assemblies: dict[int, ChunkAssembly] = {}
         self.changed = asyncio.Event()
         self.result: torch.Tensor | None = None
         self.contributors: list[int] = []
@@ -67,6 +147,40 @@ class PartState:
         self.contributions.setdefault(sender, (weight, values))
         self.changed.set()
 
+    def add_chunk(
+        self, sender: int, weight: float, offset: int, values: torch.Tensor, numel: int, members: int
+    ) -> None:
+        """Values ``[offset, offset + len(values))`` of ``sender``'s contribution to a part of
+        ``numel`` values; it counts (:meth:`add`) once all its chunks are here.
+
+        Raises:
+            ValueError: the chunk overlaps one already received, lies outside the part, or
+                repeats a different weight than the sender's first chunk.
+        """
+        if self.ready.is_set() or sender in self.contributions:
+            return
+        if sender not in self._assemblies and offset == 0 and values.numel() == numel:
+            self.add(sender, weight, values)  # the whole contribution in one message
+            return
+        assembly = self._assemblies.setdefault(sender, ChunkAssembly(numel, weight))
+        same_weight = assembly.weight == weight or (math.isnan(assembly.weight) and math.isnan(weight))
+        if assembly.numel != numel or not same_weight:
+            raise ValueError(f"member {sender} sent chunks of one part with different weights")
+        complete = assembly.claim(offset, values.numel())
+        if self.buffer is None:
+            self.buffer = torch.empty((members, numel), dtype=torch.float32)
+        row = self.buffer[sender]
+        row[offset : offset + values.numel()].copy_(values)
+        if complete:
+            del self._assemblies[sender]
+            self.add(sender, weight, row)
+
+    def release(self) -> None:
+        """Drop the contributions and the buffer they live in."""
+        self.contributions.clear()
+        self._assemblies.clear()
+        self.buffer = None
+
     async def wait_for(self, expected: set[int], deadline: float) -> None:
         loop = asyncio.get_running_loop()
         while not expected <= self.contributions.keys():
@@ -81,9 +195,22 @@ class PartState:
 
     def compute(self, round_trip: RoundTrip, robust: RobustConfig) -> Aggregate:
         """The robust aggregate of the contributions so far, its values through the codec."""
-        result = aggregate(self.contributions, robust)
+        result = aggregate_buffered(self.contributions, robust)
         result.values = round_trip(result.values)
         return result
+
+    async def compute_in_thread(self, round_trip: RoundTrip, robust: RobustConfig) -> Aggregate:
+        """:meth:`compute` in a worker thread, so the event loop keeps moving other parts'
+        chunks meanwhile (torch releases the GIL). It reduces the contributions complete
+        when it starts; chunks arriving meanwhile go to rows it does not read."""
+        contributions = dict(self.contributions)
+
+        def compute() -> Aggregate:
+            result = aggregate_buffered(contributions, robust)
+            result.values = round_trip(result.values)
+            return result
+
+        return await asyncio.to_thread(compute)
 
     def reduce(self, round_trip: RoundTrip, robust: RobustConfig) -> None:
         """Make the robust aggregate of the contributions this part's final result."""

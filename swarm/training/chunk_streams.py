@@ -1,0 +1,88 @@
+"""How the all-reduce sends one contribution or result: a stream of chunks, a few in flight.
+
+A part of a 100 MB vector among four members is 25 MB; sent as one message, libzmq's
+CURVE encrypts it into a new 25 MB buffer on the sender and decrypts it into another on
+the receiver, both fresh pages the kernel zeroes, and the receiver can do nothing with
+it until the last byte is in. :func:`send_chunks` sends it as messages of about
+:data:`CHUNK_BYTES` instead, :data:`CHUNKS_IN_FLIGHT` unacknowledged at most, so the
+receiver handles chunk i while chunk i+1 is on the wire and the allocator hands the
+same buffers back message after message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import torch
+
+from transport import Message
+
+CHUNK_BYTES = 2**20
+"""Wire bytes of one all-reduce message. With CURVE on, 1 MiB moved 1.7x the bytes per
+second of 25 MiB messages and 1.15x those of 256 KiB ones (README, "allreduce"): libzmq
+encrypts every message into a new buffer, which at this size comes back from the heap
+instead of fresh (kernel-zeroed) pages, and smaller ones pay more per-message overhead."""
+
+CHUNKS_IN_FLIGHT = 4
+"""Chunks of one stream sent before the first is acknowledged: enough to keep the link
+busy while the receiver handles one, few enough to stay far below the receiver's
+per-peer in-flight byte limit."""
+
+ChunkCall = Callable[[Message, float, int], Awaitable[Message]]
+"""Sends one chunk's message with a timeout and the chunk's index; returns the reply."""
+
+
+async def send_chunks(
+    call: ChunkCall,
+    values: torch.Tensor,
+    chunk_values: int,
+    message: Callable[[int, torch.Tensor], Message],
+    timeout: float,
+    stops_early: bool = False,
+) -> Message:
+    """Send ``values`` as chunks of ``chunk_values``, each as ``message(offset, chunk)``.
+
+    The whole stream is bounded by ``timeout``, as one message of the whole part was.
+
+    Args:
+        stops_early: a reply that is not ``partial`` ends the stream at once (a backup
+            that took a part over refuses the rest of its result).
+    Returns:
+        the reply that ended the stream (the last chunk's unless ``stops_early``).
+    Raises:
+        whatever a chunk's call raises; the chunks still in flight are abandoned.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    offsets = range(0, values.numel(), chunk_values) if values.numel() else range(1)
+    in_flight: deque[asyncio.Task] = deque()
+    reply: Message | None = None
+    try:
+        for index, offset in enumerate(offsets):
+            if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                reply = await in_flight.popleft()
+                if stops_early and not _more_to_come(reply):
+                    return reply
+            chunk = message(offset, values[offset : offset + chunk_values])
+            in_flight.append(loop.create_task(call(chunk, deadline - loop.time(), index)))
+        while in_flight:
+            reply = await in_flight.popleft()
+            if stops_early and not _more_to_come(reply):
+                return reply
+        return reply  # type: ignore[return-value]  # at least one chunk was sent
+    finally:
+        for task in in_flight:  # the stream failed or ended early: the rest is moot
+            task.cancel()
+            task.add_done_callback(_retrieve)
+
+
+def _more_to_come(reply: Message) -> bool:
+    return getattr(reply, "status", None) == "partial"  # an Ack for a chunk of an incomplete result
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark an abandoned chunk's outcome as seen (its failure was not the stream's)."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,136 @@
+"""The all-reduce's chunk streams: parts travel as many small messages (real ZeroMQ, CURVE on).
+
+A chunked round must give the same bits as one that sends each part whole; a chunk that
+overlaps or overruns what a sender already sent is refused; and a member SIGKILLed in
+the middle of a contribution stream leaves a half-filled row that never counts, with
+the survivors bit-identical.
+"""
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarm.training.allreduce import AllReduceTimeouts, Member
+from swarm.training.averaging import AveragingService
+from swarm.training.parts import split_parts
+from swarm.training.reduction import ChunkAssembly, PartState
+from swarm.training.robust import RobustConfig, aggregate
+from transport import Endpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+TIMEOUTS = AllReduceTimeouts(scatter=5, gather=5, repair=5, call=5)
+MEMBER = Path(__file__).with_name("allreduce_member_process.py")
+
+
+def test_chunk_assembly_refuses_overlaps_and_overruns_and_completes_in_any_order():
+    assembly = ChunkAssembly(10)
+    assert not assembly.claim(4, 3)
+    for offset, length in ((3, 2), (6, 1), (8, 3), (0, 0), (-1, 2)):
+        with pytest.raises(ValueError):
+            assembly.claim(offset, length)
+    assert not assembly.claim(0, 4)
+    assert assembly.claim(7, 3)
+
+
+def test_a_part_state_counts_a_chunked_contribution_only_once_complete():
+    state = PartState()
+    state.add_chunk(1, 2.0, 4, torch.arange(4, 8, dtype=torch.float32), numel=8, members=3)
+    assert not state.contributions
+    with pytest.raises(ValueError, match="different weights"):
+        state.add_chunk(1, 3.0, 0, torch.zeros(4), numel=8, members=3)
+    state.add_chunk(1, 2.0, 0, torch.arange(4, dtype=torch.float32), numel=8, members=3)
+    weight, values = state.contributions[1]
+    assert weight == 2.0 and torch.equal(values, torch.arange(8, dtype=torch.float32))
+    assert values.data_ptr() == state.buffer[1].data_ptr()  # in the round's buffer, not a copy
+
+
+async def _average(vectors, compression, chunk_bytes):
+    endpoints, services, members = [], [], []
+    for i in range(len(vectors)):
+        endpoint = Endpoint()
+        address = await endpoint.bind("tcp://127.0.0.1:0")
+        endpoints.append(endpoint)
+        services.append(AveragingService(endpoint, compression, registration_wait=5, chunk_bytes=chunk_bytes))
+        members.append(Member(f"peer{i}", 1.0 + i, address, endpoint.public_key))
+    try:
+        return await asyncio.gather(
+            *(services[i].all_reduce("r", members, i, v, 1.0 + i, TIMEOUTS) for i, v in enumerate(vectors))
+        )
+    finally:
+        for service in services:
+            await service.close()
+        for endpoint in endpoints:
+            await endpoint.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_chunked_parts_give_the_same_bits_as_whole_ones(compression):
+    generator = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(20_000, generator=generator) * (1 + i) for i in range(3)]
+    whole = asyncio.run(_average(vectors, compression, chunk_bytes=2**20))
+    chunked = asyncio.run(_average(vectors, compression, chunk_bytes=2048))  # ~500 values a chunk
+    for outcome in chunked:
+        assert torch.equal(outcome.averaged, whole[0].averaged)
+        assert outcome.report.contributors == whole[0].report.contributors == {p: [0, 1, 2] for p in range(3)}
+    # chunk boundaries on codec blocks: the bytes on the wire are the same too
+    assert [o.bytes_sent for o in chunked] == [o.bytes_sent for o in whole]
+
+
+def test_a_member_killed_mid_chunk_stream_leaves_the_survivors_bit_identical():
+    numel, chunk_bytes, dying = 30_000, 4096, 2  # parts of ~10,000 values: 10 chunks of 1,024
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(MEMBER),
+                str(rank),
+                str(numel),
+                str(chunk_bytes),
+                str(3 if rank == dying else -1),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(3)
+    ]
+    try:
+        group = [json.loads(child.stdout.readline()) for child in children]
+        line = json.dumps([[g["address"], g["key"]] for g in group]) + "\n"
+        for child in children:
+            child.stdin.write(line)
+            child.stdin.flush()
+        assert children[dying].wait(timeout=60) == -9  # died as it sent its 4th chunk
+        outcomes = [json.loads(children[rank].stdout.readline()) for rank in range(3) if rank != dying]
+        for child in children:
+            if child.poll() is None:
+                child.stdin.write("done\n")
+                child.stdin.flush()
+                assert child.wait(timeout=30) == 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+    assert outcomes[0]["digest"] == outcomes[1]["digest"]
+    # no chunk stream of the dead member was complete: it counts nowhere
+    assert all(outcome["contributors"] == {"0": [0, 1], "1": [0, 1], "2": [0, 1]} for outcome in outcomes)
+    assert 2 in outcomes[0]["repaired"]  # member 0 backs up part 2 and took it over
+
+    sys.path.insert(0, str(MEMBER.parent))
+    from allreduce_member_process import member_vector
+
+    survivors = {rank: member_vector(rank, numel) for rank in (0, 1)}
+    parts = split_parts(numel, [1.0, 1.0, 1.0])
+    expected = torch.cat(
+        [aggregate({r: (1.0, v[a:b]) for r, v in survivors.items()}, RobustConfig()).values for a, b in parts]
+    )
+    assert hashlib.sha256(expected.numpy().tobytes()).hexdigest() == outcomes[0]["digest"]
