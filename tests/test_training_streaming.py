@@ -51,7 +51,14 @@ def test_fragments_are_strided_over_depth_equal_and_cover_every_parameter_once(m
         sizes = [fragment.numel for fragment in fragments]
         assert max(sizes) - min(sizes) <= 1, sizes  # 4 blocks over P in {1, 2, 4}: equal to one value
     # the paper's strided pattern: with P=2, blocks 0 and 2 sync together, 1 and 3 together
-    sizes = [("embed", 10), ("blocks.0.w", 4), ("blocks.1.w", 4), ("blocks.2.w", 4), ("blocks.3.w", 4), ("head", 6)]
+    sizes = [
+        ("embed", 10),
+        ("blocks.0.w", 4),
+        ("blocks.1.w", 4),
+        ("blocks.2.w", 4),
+        ("blocks.3.w", 4),
+        ("head", 6),
+    ]
     first, second = make_fragments(sizes, 2)
     assert first.ranges == ((0, 8), (10, 14), (18, 22))  # embeddings' first 8, blocks 0 and 2
     assert second.ranges == ((8, 10), (14, 18), (22, 32))  # the rest of the embeddings, blocks 1 and 3, head
@@ -77,7 +84,9 @@ def test_one_fragment_without_overlap_is_plain_diloco_bit_for_bit(model_config):
     config = DiLoCoConfig(inner_lr=3e-3, warmup_steps=2)
     plain = _replicas(model_config, 2, config)
     streamed = _replicas(model_config, 2, config)
-    streaming = [StreamingReplica(r, StreamingConfig(fragments=1, overlap_steps=0, inner_steps=4)) for r in streamed]
+    streaming = [
+        StreamingReplica(r, StreamingConfig(fragments=1, overlap_steps=0, inner_steps=4)) for r in streamed
+    ]
     for _ in range(3):
         for replica in plain + streamed:
             for _ in range(4):
@@ -158,3 +167,76 @@ def test_the_record_carries_fragment_wait_and_inner_share():
         del wire[key]
     older = TrainingPeerRecord.from_wire(wire)
     assert (older.fragments, older.fragment) == (1, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_streaming_members_survive_a_kill_mid_exchange_admit_a_joiner_and_resume(tmp_path):
+    """Real `swarm train` processes, P=2 fragments and tau=2 overlap: c is SIGKILLed as it sends its
+    reduced part; a and b finish that sync and go on; d joins and downloads every fragment; a
+    restarts from its checkpoint; per outer step, every member logs the same hash of theta_global."""
+    from peers.processes import ProcessGroup
+    from swarm.dht import DHTConfig, SwarmDHT
+    from swarm.identity import Identity
+    from tests.test_training_swarm import rounds_of, wait_for_round
+
+    write_tiny_checkpoint(tmp_path / "model", num_layers=2, hidden_size=64)
+    bootstrap = SwarmDHT(
+        Identity.generate(), DHTConfig(swarm_name="ci", host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    )
+    bootstrap.start()
+    group = ProcessGroup(tmp_path)
+    common = [
+        "train", "--model", str(tmp_path / "model"), "--init", "random", "--run", "stream", "--swarm", "ci",
+        "--initial-peers", bootstrap.visible_maddrs()[0], "--inner-steps", "12", "--seq-len", "32",
+        "--batch-size", "4", "--corpus-bytes", "300000", "--warmup-steps", "5", "--inner-lr", "2e-3",
+        "--matchmaking-seconds", "6", "--phase-timeout", "4", "--record-ttl", "6",
+        "--streaming-fragments", "2", "--overlap-steps", "2", "--eager",
+    ]  # fmt: skip
+
+    def trainer(name, *extra, env=None):
+        return group.start(name, [*common, "--identity", str(tmp_path / f"{name}.pem"), *extra], env)
+
+    try:
+        a = trainer("a", "--checkpoint-dir", str(tmp_path / "ckpt-a"))
+        b = trainer("b")
+        c = trainer("c", env={"SWARM_FAULT": "2:result:3"})  # dies in its second sync among three
+        for process in (a, b, c):
+            process.wait_for_line("joined run", timeout=120)
+        full = wait_for_round(a, "a sync with 3 members", lambda r: r.members == 3)
+        assert c.process.wait(timeout=120) == -9
+        for survivor in (a, b):
+            wait_for_round(
+                survivor, "a sync of a and b after c died", lambda r: r.members == 2 and r.index > full.index
+            )
+
+        d = trainer("d")
+        d.wait_for_line("synced state of round", timeout=120)
+        wait_for_round(d, "a sync with a, b and d", lambda r: r.members == 3)
+
+        checkpointed = rounds_of(a)[-1].index
+        a.kill()
+        for survivor in (b, d):
+            wait_for_round(survivor, "two syncs past a's checkpoint", lambda r: r.index >= checkpointed + 2)
+        a_again = trainer("a-again", "--checkpoint-dir", str(tmp_path / "ckpt-a"))
+        a_again.wait_for_line("resumed from checkpoint", timeout=120)
+        wait_for_round(a_again, "a sync with the restarted a, b and d", lambda r: r.members == 3)
+        for process in (a_again, b, d):
+            assert process.terminate(timeout=120) == 0
+
+        hashes: dict[int, set[str]] = defaultdict(set)
+        fragments_synced = set()
+        for process in (a, b, c, d, a_again):
+            for line in process.lines:
+                if " done: " in line and "fragment " in line:
+                    fragments_synced.add(int(line.split("fragment ")[1].split()[0]))
+            for done in rounds_of(process):
+                if done.members >= 2:
+                    hashes[done.index].add(done.hash)
+        assert fragments_synced == {0, 1}
+        assert not {i: h for i, h in hashes.items() if len(h) > 1}, "members disagree after a sync"
+        history = rounds_of(b)
+        assert history[-1].loss < history[0].loss, f"loss did not decrease: {history}"
+    finally:
+        group.close()
+        bootstrap.shutdown()
