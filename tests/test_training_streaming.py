@@ -3,6 +3,7 @@ the merge rules, and real `swarm train` members that stream through a kill, a jo
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections import defaultdict
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from kernels.tiny import write_tiny_checkpoint
-from swarm.training.data import WindowSampler
 from swarm.training.diloco import DiLoCoConfig, average_weighted, flatten_parameters
 from swarm.training.fragments import fragment_of_round, fragment_rounds, make_fragments, model_fragments
 from swarm.training.progress import TrainerState, TrainingPeerRecord
@@ -75,7 +75,7 @@ def test_each_fragment_syncs_every_h_steps_offset_by_h_over_p():
         syncs[fragment_of_round(round_index, count)].append(step)
     for fragment, steps in syncs.items():
         assert all((step - fragment * every) % inner_steps == 0 for step in steps)
-        assert all(b - a == inner_steps for a, b in zip(steps, steps[1:], strict=False))
+        assert all(b - a == inner_steps for a, b in itertools.pairwise(steps))
     assert fragment_rounds(30, count) == [10, 10, 10]
     assert fragment_rounds(4, count) == [1, 2, 1]
 
@@ -142,7 +142,7 @@ def test_overlapped_syncs_keep_members_bit_identical_and_merge_as_documented(mod
 
 
 def test_flags_are_validated_and_name_themselves(tmp_path):
-    with pytest.raises(ValueError, match="--inner-steps .* multiple of --streaming-fragments"):
+    with pytest.raises(ValueError, match=r"--inner-steps .* multiple of --streaming-fragments"):
         TrainerConfig(model=str(tmp_path), inner_steps=10, streaming_fragments=3)
     with pytest.raises(ValueError, match="--overlap-steps"):
         TrainerConfig(model=str(tmp_path), inner_steps=8, streaming_fragments=2, overlap_steps=5)

@@ -176,14 +176,15 @@ class Trainer:
         """Checkpoint and log a completed outer step (tests and benchmarks read this line)."""
         self._checkpoint()
         logger.info(
-            "round %d done: loss %.4f, %d members, hash %s, %.2f MB sent, %.0f tokens/s, inner share %.3f%s",
+            "round %d done: loss %.4f, %d members, hash %s, %.2f MB sent, %.0f tokens/s, inner %.2f of %.2f s%s",
             self.replica.round,
             self.loss,
             self.members_last_round,
             self.replica.parameters_hash()[:16],
             self.bytes_last_round / 1e6,
             self.tokens_per_second,
-            self.inner_share(),
+            self.inner_seconds,
+            time.monotonic() - self.training_since,
             detail,
         )
 
