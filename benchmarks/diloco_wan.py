@@ -43,7 +43,8 @@ INNER = re.compile(r"round (\d+) done: .* (\d+) members, .* inner (\S+) of (\S+)
 
 
 def utilization(lines: list[str]) -> tuple[float, int, float]:
-    """(inner share between the first and last outer step, outer steps, wall seconds) of one member's log."""
+    """(inner share between the first and last outer step, outer steps logged, wall seconds between
+    the first and the last) of one member's log."""
     points = [(float(m.group(3)), float(m.group(4))) for m in map(INNER.search, lines) if m]
     if len(points) < 2:
         return float("nan"), len(points), 0.0
@@ -52,7 +53,7 @@ def utilization(lines: list[str]) -> tuple[float, int, float]:
 
 
 def run_mode(name: str, model: Path, workdir: Path, common: list[str], extra: list[str], syncs: int,
-             one_way, bits_per_second) -> float:  # fmt: skip
+             one_way, bits_per_second, steps_per_sync: int) -> float:  # fmt: skip
     """Start the members behind the proxy, wait for ``syncs`` outer steps each, stop them."""
     context = multiprocessing.get_context("spawn")
     ports = [free_port() for _ in range(MEMBERS)]
@@ -82,7 +83,9 @@ def run_mode(name: str, model: Path, workdir: Path, common: list[str], extra: li
         shares = []
         for i, member in enumerate(members):
             share, steps, seconds = utilization(member.lines)
-            print(f"{name:<10} member {i}: {steps} outer steps in {seconds:.1f} s, inner share {share:.3f}")
+            rate = (steps - 1) * steps_per_sync / max(seconds, 1e-9)  # at most: a slower member ends early
+            print(f"{name:<10} member {i}: {steps} outer steps in {seconds:.1f} s (<= {rate:.2f} inner steps/s), "
+                  f"inner share {share:.3f}")  # fmt: skip
             shares.append(share)
         for member in members:
             member.terminate(timeout=120)
@@ -102,11 +105,17 @@ def main() -> int:
     parser.add_argument("--fragments", type=int, default=2, help="streaming: P")
     parser.add_argument("--hidden", type=int, help="model width (default: 256 quick, 512 full)")
     parser.add_argument("--inner-steps", type=int, help="H (default: 16 quick, 32 full)")
-    parser.add_argument("--rounds", type=int, help="plain rounds to run (default: 4 quick, 8 full)")
+    parser.add_argument("--rounds", type=int, help="plain rounds to run (default: 3 quick, 8 full)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="sequences of 128 tokens per inner step (sets compute per step)",
+    )
     args = parser.parse_args()
     hidden = args.hidden or (256 if args.quick else 512)
     inner_steps = args.inner_steps or (16 if args.quick else 32)
-    rounds = args.rounds or (4 if args.quick else 8)
+    rounds = args.rounds or (3 if args.quick else 8)
     context = multiprocessing.get_context("spawn")
     one_way, bits_per_second = context.Value("d", args.rtt_ms / 2000), context.Value("d", args.mbit * 1e6)
     with tempfile.TemporaryDirectory() as directory:
@@ -116,17 +125,19 @@ def main() -> int:
         print(f"model: ~{numel / 1e6:.1f}M block parameters (+ embeddings); {MEMBERS} members; "
               f"links {args.mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT; H={inner_steps}")  # fmt: skip
         common = [
-            "--inner-steps", str(inner_steps), "--seq-len", "64", "--batch-size", "4", "--corpus-bytes",
+            "--inner-steps", str(inner_steps), "--seq-len", "128", "--batch-size", str(args.batch_size), "--corpus-bytes",
             "400000", "--warmup-steps", "4", "--matchmaking-seconds", "10", "--phase-timeout", "30",
             "--record-ttl", "10",
         ]  # fmt: skip
         started = time.perf_counter()
-        plain = run_mode("plain", workdir / "model", workdir, common, [], rounds, one_way, bits_per_second)
+        plain = run_mode(
+            "plain", workdir / "model", workdir, common, [], rounds, one_way, bits_per_second, inner_steps
+        )
         every = inner_steps // args.fragments
         streaming_flags = ["--streaming-fragments", str(args.fragments), "--overlap-steps", str(every)]
         streaming = run_mode(
             "streaming", workdir / "model", workdir, common, streaming_flags, rounds * args.fragments,
-            one_way, bits_per_second,
+            one_way, bits_per_second, every,
         )  # fmt: skip
         print(f"time: {time.perf_counter() - started:.1f} s")
     print(f"diloco_wan plain_utilization={plain:.4f} streaming_utilization={streaming:.4f}")

@@ -208,7 +208,7 @@ class StreamingLoop:
         trainer, config = self.trainer, self.trainer.config
         rounds_done, losses, segment = 0, [], 0
         pending: tuple[Pending, asyncio.Task] | None = None
-        peek: asyncio.Task | None = None
+        peek: tuple[int, asyncio.Task] | None = None  # (round, whether others already exchange it)
         last_peek = time.monotonic()
         started, samples = time.monotonic(), 0
         try:
@@ -222,16 +222,24 @@ class StreamingLoop:
                 if pending is not None and trainer.replica.inner_step >= pending[0].due_step:
                     rounds_done += await self._join(*pending)
                     pending = None
-                # a slower member ends its segment when the others are already exchanging
-                others_ahead = peek is not None and peek.done() and not peek.cancelled() and peek.result()
+                # a slower member ends its segment when the others already exchange its next sync
+                next_round = trainer.replica.round + (pending is not None)
+                others_ahead = (
+                    peek is not None and peek[0] == next_round and peek[1].done() and peek[1].result()
+                )
                 if segment < self.config.sync_every and not others_ahead:
-                    if peek is None or (peek.done() and time.monotonic() - last_peek >= 1.0):
+                    if peek is None or (peek[1].done() and time.monotonic() - last_peek >= 1.0):
                         last_peek = time.monotonic()
-                        peek = asyncio.create_task(trainer.membership.others_averaging(trainer.replica.round))
+                        peek = (
+                            next_round,
+                            asyncio.create_task(trainer.membership.others_averaging(next_round)),
+                        )
                     continue
                 if pending is not None:  # tau == H/P: the last sync is due just as the next starts
                     rounds_done += await self._join(*pending)
                     pending = None
+                if peek is not None:
+                    peek[1].cancel()
                 segment, peek = 0, None
                 pending = self._start()
                 if self.config.overlap_steps == 0:
@@ -239,7 +247,7 @@ class StreamingLoop:
                     pending = None
         finally:
             if peek is not None:
-                peek.cancel()
+                peek[1].cancel()
             if pending is not None:  # leave after the sync in flight, as plain DiLoCo ends its round
                 await self._join(*pending)
             if self._publishing is not None:
