@@ -10,12 +10,21 @@ same held-out windows:
   averaged (each part quantized on the way to its reducer, the result quantized on the
   way back, as swarm.training.allreduce does) and one outer Nesterov step is applied;
   bytes per member per round = 2 N (M-1)/M x (1 + 4/block) bytes.
+- streaming DiLoCo (Douillard et al. 2025, arXiv:2501.18512): the same 4 workers and H,
+  the model in P fragments (blocks strided over depth), one fragment synced every H/P
+  steps with its exchange overlapping tau inner steps and the result mixed back
+  (alpha = 0.5), through swarm.training.streaming's own ``StreamingReplica``; so the
+  same tokens and the same total bytes as DiLoCo, and 1/P of its peak bytes per sync.
+  Also with eager updates (arXiv:2502.12996), and with 4-bit outer gradients: our
+  blockwise NF4 against the paper's E3M0 float4 (same block of 64 and fp32 scale).
 - single: one worker with the same per-step batch, seeing the same total tokens.
 
 Workers run one after another in this process: this measures the algorithm, not the
 network (benchmarks/allreduce.py measures that).
 
-Last line: ``diloco loss_ratio_vs_ddp=<f> bytes_ratio_vs_ddp=<f>``
+Last line: ``diloco loss_ratio_vs_ddp=<plain> streaming_loss_ratio_vs_ddp=<f>
+bytes_ratio_vs_ddp=<f> peak_bytes_ratio=<streaming peak / plain peak>`` (bytes of the
+streaming run; plain DiLoCo sends the same total).
 """
 
 from __future__ import annotations
@@ -35,7 +44,12 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
+from kernels import (
+    dequantize_blockwise_4bit,
+    dequantize_blockwise_int8,
+    quantize_blockwise_4bit,
+    quantize_blockwise_int8,
+)
 from kernels.tiny import write_tiny_checkpoint
 from swarm.training.data import WindowSampler, default_corpus_dir, list_text_files, tokenize_corpus
 from swarm.training.diloco import (
@@ -46,6 +60,8 @@ from swarm.training.diloco import (
     make_inner_optimizer,
 )
 from swarm.training.parts import split_parts
+from swarm.training.replica import Replica
+from swarm.training.streaming import StreamingConfig, StreamingReplica
 from swarm.training.training_model import init_model, language_model_loss
 
 BLOCK = 64  # int8 quantization block (one float32 scale per 64 values)
@@ -72,16 +88,46 @@ def int8_round_trip(values: torch.Tensor) -> torch.Tensor:
     return dequantize_blockwise_int8(codes, scales, BLOCK)
 
 
-def average_like_the_all_reduce(pseudo_gradients: list[torch.Tensor]) -> torch.Tensor:
+def nf4_round_trip(values: torch.Tensor) -> torch.Tensor:
+    """Our 4-bit blockwise codec (NF4 levels, one fp32 absmax per 64 values)."""
+    packed, scales = quantize_blockwise_4bit(values, BLOCK)
+    return dequantize_blockwise_4bit(packed, scales, values.numel(), BLOCK)
+
+
+def e3m0_round_trip(values: torch.Tensor) -> torch.Tensor:
+    """The Streaming DiLoCo paper's E3M0 float4 (sign, 3 exponent bits, no mantissa) per block of
+    64 with an fp32 absmax scale: magnitudes 0 and 2^-6 .. 2^0 of the scale, nearest in value."""
+    padded = torch.nn.functional.pad(values, (0, -values.numel() % BLOCK)).view(-1, BLOCK)
+    scale = padded.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    magnitude = padded.abs() / scale
+    exponent = torch.floor(torch.log2(magnitude.clamp_min(2.0**-7))).clamp(-6, 0)
+    low = torch.pow(2.0, exponent)
+    rounded = torch.where(magnitude > 1.5 * low, 2 * low, low).clamp_max(1.0)
+    rounded = torch.where(magnitude < 2.0**-7, torch.zeros_like(rounded), rounded)
+    return (torch.sign(padded) * rounded * scale).view(-1)[: values.numel()]
+
+
+CODECS = {"int8": (int8_round_trip, 1 + 4 / BLOCK), "nf4": (nf4_round_trip, 0.5 + 4 / BLOCK),
+          "e3m0": (e3m0_round_trip, 0.5 + 4 / BLOCK)}  # fmt: skip
+"""Outer-gradient codecs: round trip, and bytes per value on the wire (codes plus fp32 scales)."""
+
+
+def average_like_the_all_reduce(pseudo_gradients: list[torch.Tensor], codec: str = "int8") -> torch.Tensor:
     """Each part quantized on its way to the reducer, averaged in fp32, quantized on the way back."""
+    round_trip = CODECS[codec][0]
     numel = pseudo_gradients[0].numel()
     result = torch.empty(numel)
     for start, end in split_parts(numel, [1.0] * len(pseudo_gradients), BLOCK):
         accumulator = torch.zeros(end - start)
         for vector in pseudo_gradients:
-            accumulator += int8_round_trip(vector[start:end]) / len(pseudo_gradients)
-        result[start:end] = int8_round_trip(accumulator)
+            accumulator += round_trip(vector[start:end]) / len(pseudo_gradients)
+        result[start:end] = round_trip(accumulator)
     return result
+
+
+def exchange_bytes(setting, numel: int, codec: str = "int8") -> float:
+    """Bytes one member sends to all-reduce ``numel`` values: 2 n (M-1)/M values on the wire."""
+    return 2 * numel * (setting.workers - 1) / setting.workers * CODECS[codec][1]
 
 
 def evaluate(model, batch: torch.Tensor) -> float:
@@ -122,8 +168,8 @@ def train_ddp(setting, config, samplers, inner_config, holdout, curve):
         if (step + 1) % setting.inner_steps == 0:
             curve.append((tokens, evaluate(model, holdout)))
     numel = sum(p.numel() for p in model.parameters())
-    bytes_per_member = setting.steps * 2 * numel * (setting.workers - 1) / setting.workers * 4
-    return evaluate(model, holdout), bytes_per_member
+    per_step = 2 * numel * (setting.workers - 1) / setting.workers * 4
+    return evaluate(model, holdout), setting.steps * per_step, per_step
 
 
 def train_diloco(setting, config, samplers, inner_config, holdout, curve):
@@ -145,9 +191,56 @@ def train_diloco(setting, config, samplers, inner_config, holdout, curve):
             load_flat_parameters_(replica, new_global)
         tokens += setting.workers * setting.inner_steps * setting.batch * setting.seq_len
         curve.append((tokens, evaluate(replicas[0], holdout)))
-    numel = outer.parameters.numel()
-    bytes_per_member = setting.rounds * 2 * numel * (setting.workers - 1) / setting.workers * (1 + 4 / BLOCK)
-    return evaluate(replicas[0], holdout), bytes_per_member
+    peak = exchange_bytes(setting, outer.parameters.numel())
+    return evaluate(replicas[0], holdout), setting.rounds * peak, peak
+
+
+def train_streaming(setting, config, samplers, inner_config, holdout, curve, streaming, codec="int8"):
+    """Streaming DiLoCo with ``streaming`` (P, tau, alpha, eager): workers step in lockstep; the
+    average of a fragment started at step t is merged at step t + tau."""
+    streams = []
+    for sampler in samplers:
+        replica = Replica(init_model(config, seed=0), inner_config)
+        replica.sampler = sampler
+        streams.append(StreamingReplica(replica, streaming))
+    tokens, sent, peak, pending = 0, 0.0, 0.0, None
+
+    def finish(pending) -> None:
+        begun, average = pending
+        for stream, (started, _, _) in zip(streams, begun, strict=True):
+            stream.finish(started, average, members=setting.workers)
+
+    for step in range(1, setting.steps + 1):
+        for stream in streams:
+            stream.replica.train_step(setting.batch)
+            stream.add_samples(setting.batch)
+        tokens += setting.workers * setting.batch * setting.seq_len
+        if pending is not None and step >= pending[0][0][0].due_step:
+            finish(pending)
+            pending = None
+        if step % streaming.sync_every == 0:
+            if pending is not None:
+                finish(pending)
+            begun = [s.begin(s.next_fragment(), step + streaming.overlap_steps) for s in streams]
+            average = average_like_the_all_reduce([vector for _, vector, _ in begun], codec)
+            fragment_bytes = exchange_bytes(setting, average.numel(), codec)
+            sent, peak = sent + fragment_bytes, max(peak, fragment_bytes)
+            pending = (begun, average)
+            if streaming.overlap_steps == 0:
+                finish(pending)
+                pending = None
+        if step % setting.inner_steps == 0:
+            curve.append((tokens, evaluate_global(config, streams[0].replica, holdout)))
+    if pending is not None:
+        finish(pending)
+    return evaluate_global(config, streams[0].replica, holdout), sent, peak
+
+
+def evaluate_global(config, replica, holdout) -> float:
+    """Held-out loss of ``theta_global`` (every member holds the same one)."""
+    model = init_model(config, seed=0)
+    load_flat_parameters_(model, replica.outer.parameters.detach())
+    return evaluate(model, holdout)
 
 
 def train_single(setting, config, sampler, inner_config, holdout, curve):
@@ -165,7 +258,7 @@ def train_single(setting, config, sampler, inner_config, holdout, curve):
         schedule.step()
         if (step + 1) % (setting.inner_steps * setting.workers) == 0:
             curve.append(((step + 1) * setting.batch * setting.seq_len, evaluate(model, holdout)))
-    return evaluate(model, holdout), 0.0
+    return evaluate(model, holdout), 0.0, 0.0
 
 
 def plot(curves: dict, bytes_per_point: dict, path: Path) -> None:
@@ -196,10 +289,15 @@ def plot(curves: dict, bytes_per_point: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small setting that finishes within 120 s on 2 cores"
+        "--quick", action="store_true", help="small setting: about 17 CPU-minutes (~9 min on 2 idle cores)"
     )
     parser.add_argument(
-        "--plot", type=Path, default=Path("artifacts/diloco.png"), help="PNG path (full mode)"
+        "--plot", type=Path, default=Path("docs/diloco.png"), help="where the loss curves go (PNG)"
+    )
+    parser.add_argument("--fragments", type=int, default=2, help="streaming: P fragments (at most --layers)")
+    parser.add_argument("--overlap-steps", type=int, default=1, help="streaming: tau, overlapped inner steps")
+    parser.add_argument(
+        "--mix-alpha", type=float, default=0.5, help="streaming: weight of the local fragment"
     )
     parser.add_argument(
         "--inner-steps", type=int, help="H, inner steps per round (default: 30 quick, 50 full)"
@@ -243,25 +341,45 @@ def main() -> int:
           f"{setting.workers} workers x {setting.steps} steps x {setting.batch}x{setting.seq_len} tokens; "
           f"H={setting.inner_steps}")  # fmt: skip
 
-    curves: dict[str, list] = {"ddp": [], "diloco": [], "single": []}
-    results = {
-        "ddp": train_ddp(setting, config, samplers(), inner, holdout, curves["ddp"]),
-        "diloco": train_diloco(setting, config, samplers(), inner, holdout, curves["diloco"]),
+    streaming = StreamingConfig(
+        fragments=args.fragments, overlap_steps=args.overlap_steps, mix_alpha=args.mix_alpha,
+        inner_steps=setting.inner_steps,
+    )  # fmt: skip
+    eager = dataclasses.replace(streaming, eager=True)
+    runs = {
+        "ddp": lambda curve: train_ddp(setting, config, samplers(), inner, holdout, curve),
+        "diloco": lambda curve: train_diloco(setting, config, samplers(), inner, holdout, curve),
+        "streaming": lambda curve: train_streaming(
+            setting, config, samplers(), inner, holdout, curve, streaming
+        ),
+        "eager": lambda curve: train_streaming(setting, config, samplers(), inner, holdout, curve, eager),
+        "streaming-nf4": lambda curve: train_streaming(
+            setting, config, samplers(), inner, holdout, curve, streaming, "nf4"
+        ),
+        "streaming-e3m0": lambda curve: train_streaming(
+            setting, config, samplers(), inner, holdout, curve, streaming, "e3m0"
+        ),
     }
     if not args.skip_single:
-        results["single"] = train_single(setting, config, samplers()[0], inner, holdout, curves["single"])
-    print(f"{'method':<8} {'eval loss':>10} {'MB sent/member':>15}")
-    for name, (loss, sent) in results.items():
-        print(f"{name:<8} {loss:>10.4f} {sent / 1e6:>15.2f}")
+        runs["single"] = lambda curve: train_single(setting, config, samplers()[0], inner, holdout, curve)
+    curves: dict[str, list] = {name: [] for name in runs}
+    results = {name: run(curves[name]) for name, run in runs.items()}
+    print(f"P={streaming.fragments} fragments, tau={streaming.overlap_steps} overlap steps, "
+          f"alpha={streaming.mix_alpha}; 4-bit runs: outer gradients in 4 bits, fp32 accumulation")  # fmt: skip
+    print(f"{'method':<15} {'eval loss':>10} {'MB sent/member':>15} {'peak MB/sync':>13}")
+    for name, (loss, sent, peak) in results.items():
+        print(f"{name:<15} {loss:>10.4f} {sent / 1e6:>15.2f} {peak / 1e6:>13.3f}")
     print(f"time: {time.perf_counter() - started:.1f} s")
-    if not args.quick:
-        per_point = {name: results[name][1] / max(1, len(curves[name])) for name in results}
-        curves = {name: curves[name] for name in results}
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(curves, per_point, args.plot)
-    loss_ratio = results["diloco"][0] / results["ddp"][0]
-    bytes_ratio = results["diloco"][1] / results["ddp"][1]
-    print(f"diloco loss_ratio_vs_ddp={loss_ratio:.4f} bytes_ratio_vs_ddp={bytes_ratio:.5f}")
+    per_point = {name: results[name][1] / max(1, len(curves[name])) for name in results}
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(curves, per_point, args.plot)
+    ddp_loss, ddp_bytes = results["ddp"][0], results["ddp"][1]
+    loss_ratio = results["diloco"][0] / ddp_loss
+    streaming_ratio = results["streaming"][0] / ddp_loss
+    bytes_ratio = results["streaming"][1] / ddp_bytes
+    peak_ratio = results["streaming"][2] / results["diloco"][2]
+    print(f"diloco loss_ratio_vs_ddp={loss_ratio:.4f} streaming_loss_ratio_vs_ddp={streaming_ratio:.4f} "
+          f"bytes_ratio_vs_ddp={bytes_ratio:.5f} peak_bytes_ratio={peak_ratio:.4f}")  # fmt: skip
     return 0
 
 

@@ -152,6 +152,21 @@ class _TrainerGauges:
             "members_last_round": Gauge(
                 "swarm_train_group_size", "members of the last all-reduce", labels, registry=self.registry
             ),
+            "fragment": Gauge(
+                "swarm_train_fragment",
+                "fragment of the last outer step (streaming)",
+                labels,
+                registry=self.registry,
+            ),
+            "wait_seconds": Gauge(
+                "swarm_train_wait_seconds",
+                "how long inner steps last waited for an exchange (streaming)",
+                labels,
+                registry=self.registry,
+            ),
+            "inner_share": Gauge(
+                "swarm_train_inner_share", "share of wall time in inner steps", labels, registry=self.registry
+            ),
         }
         self.direct = Gauge(
             "swarm_train_reachability_direct",

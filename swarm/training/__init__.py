@@ -13,6 +13,8 @@
   bookkeeping; ``robust``: validation, clipping and the robust rules (CenteredClip,
   trimmed mean); ``parts``: how the vector is cut; ``averaging``: the all-reduce on the wire.
 - ``state``: state for members that join or fall behind; ``run_checkpoint``: checkpoints.
+- ``streaming``: Streaming DiLoCo's loop (fragment syncs overlapped with inner steps,
+  mixing, eager updates); ``fragments``: which parameters sync together, and when.
 
 Nothing here exits or kills its process: the process layer (``peers/train.py``) wires
 a trainer to its DHT and endpoint and injects faults through ``before_send`` (and, for

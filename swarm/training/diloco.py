@@ -150,6 +150,15 @@ class OuterOptimizer:
         self.round += 1
         return self.parameters.detach()
 
+    @property
+    def momentum(self) -> torch.Tensor | None:
+        """The outer momentum buffer (flat, like the parameters), None before the first step."""
+        return self._sgd.state.get(self.parameters, {}).get("momentum_buffer")
+
+    @momentum.setter
+    def momentum(self, buffer: torch.Tensor) -> None:
+        self._sgd.state[self.parameters] = {"momentum_buffer": buffer}
+
     def state_dict(self) -> dict:
         """Everything a newcomer needs to continue bit-identically: params, momentum, round."""
         momentum = self._sgd.state.get(self.parameters, {}).get("momentum_buffer")

@@ -123,6 +123,11 @@ class TrainingPeerRecord:
         clipped: peer ids whose contribution it clipped (weight or norm over the round's bound).
         accused: peer ids it caught, as a reducer, backup or member, returning a reduced
             part that disagreed with the recomputation that was used.
+        fragments: P, the fragments the model syncs in (1: plain DiLoCo).
+        fragment: the fragment the last outer step synced; with ``round`` it gives every
+            fragment's own round (``swarm.training.fragments.fragment_rounds``).
+        wait_seconds: how long the inner loop last waited for an exchange (streaming).
+        inner_share: the share of wall time spent in inner steps since training started.
     """
 
     state: TrainerState
@@ -144,6 +149,10 @@ class TrainingPeerRecord:
     rejected: tuple[str, ...] = ()
     clipped: tuple[str, ...] = ()
     accused: tuple[str, ...] = ()
+    fragments: int = 1
+    fragment: int = 0
+    wait_seconds: float = 0.0
+    inner_share: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         wire = self._core_wire()
@@ -172,6 +181,10 @@ class TrainingPeerRecord:
             "rejected": list(self.rejected[:MAX_NAMED]),
             "clipped": list(self.clipped[:MAX_NAMED]),
             "accused": list(self.accused[:MAX_NAMED]),
+            "frags": int(self.fragments),
+            "frag": int(self.fragment),
+            "wait": float(self.wait_seconds),
+            "busy": float(self.inner_share),
         }
 
     @classmethod
@@ -220,9 +233,15 @@ class TrainingPeerRecord:
             reachability=read_reachability(wire, record="training record"),
             libp2p_peer=_get(wire, "p2p", str, ""),
             **named,
+            fragments=_get(wire, "frags", int, 1),
+            fragment=_get(wire, "frag", int, 0),
+            wait_seconds=float(_get(wire, "wait", (int, float), 0.0)),
+            inner_share=float(_get(wire, "busy", (int, float), 0.0)),
         )
         if record.round < 0 or record.inner_step < 0 or record.bandwidth <= 0:
             raise MalformedRecord("round and step must be >= 0 and bandwidth > 0")
+        if not 0 <= record.fragment < record.fragments:
+            raise MalformedRecord("fragment must be in [0, fragments)")
         return record
 
 

@@ -24,13 +24,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.dht import SwarmDHT
 from swarm.training.allreduce import AllReduceReport
-from swarm.training.averaging import AveragingService, BeforeContribute, BeforeSend
+from swarm.training.averaging import AveragingOutcome, AveragingService, BeforeContribute, BeforeSend
 from swarm.training.data import load_corpus, member_seed
-from swarm.training.matchmaking import JoinGroup, Matchmaker
+from swarm.training.matchmaking import Group, JoinGroup, Matchmaker
 from swarm.training.membership import RunMembership
 from swarm.training.progress import TrainerState, TrainingPeerRecord
 from swarm.training.replica import Replica
@@ -42,12 +43,22 @@ from swarm.training.run_checkpoint import (
     save_training_state,
 )
 from swarm.training.state import StateSync
+from swarm.training.streaming import StreamingLoop
 from swarm.training.trainer_config import TrainerConfig
 from swarm.training.training_model import load_or_init_model
 from transport import BaseEndpoint
 from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One outer step's group and all-reduce outcome (the average is ``outcome.averaged``)."""
+
+    round_index: int
+    group: Group
+    outcome: AveragingOutcome
 
 
 class Trainer:
@@ -121,6 +132,11 @@ class Trainer:
         self.named_last_round: dict[str, tuple[str, ...]] = {"rejected": (), "clipped": (), "accused": ()}
         """Peer ids whose contribution or reduced part this member dropped, clipped or caught lying."""
         self._last_good_loss: float | None = None  # probe loss at the last checkpoint written
+        self.inner_seconds = 0.0  # time spent in inner steps since training started
+        self.training_since = 0.0  # time.monotonic() when training started
+        self.wait_seconds = 0.0  # streaming: how long the inner loop last waited for an exchange
+        self.fragment_last_round = 0  # streaming: the fragment the last outer step synced
+        self.fragments = 1  # streaming: P
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -130,43 +146,68 @@ class Trainer:
         resumed = self._resume()
         await self.state_sync.join(await self.membership.others_active(), resumed)
         await self.publish(TrainerState.TRAINING)
-        rounds_done = 0
         try:
             async with asyncio.TaskGroup() as tasks:
                 refresher = tasks.create_task(self._refresh_record(stop))
-                while not stop.is_set() and not (
-                    self.config.max_rounds and rounds_done >= self.config.max_rounds
-                ):
-                    samples = await self._inner_phase(stop)
-                    if stop.is_set():
-                        break
-                    averaged = await self._average(samples)
-                    # publish first: once the log names a round, records and metrics show it
-                    await self.publish(TrainerState.TRAINING)
-                    if averaged:
-                        rounds_done += 1
-                        self._checkpoint()
-                        logger.info(
-                            "round %d done: loss %.4f, %d members, hash %s, %.2f MB sent, %.0f tokens/s",
-                            self.replica.round,
-                            self.loss,
-                            self.members_last_round,
-                            self.replica.parameters_hash()[:16],
-                            self.bytes_last_round / 1e6,
-                            self.tokens_per_second,
-                        )
+                self.training_since = time.monotonic()
+                if self.config.streaming.enabled:
+                    await StreamingLoop(self, self.config.streaming).run(stop)
+                else:
+                    await self._plain_loop(stop)
                 refresher.cancel()
         finally:
             await self.publish(TrainerState.LEAVING)
             await self.averaging.close()
+
+    async def _plain_loop(self, stop: asyncio.Event) -> None:
+        """Plain DiLoCo: inner phase, then the whole model's outer step, waiting for it."""
+        rounds_done = 0
+        while not stop.is_set() and not (self.config.max_rounds and rounds_done >= self.config.max_rounds):
+            samples = await self._inner_phase(stop)
+            if stop.is_set():
+                break
+            averaged = await self._average(samples)
+            # publish first: once the log names a round, records and metrics show it
+            await self.publish(TrainerState.TRAINING)
+            if averaged:
+                rounds_done += 1
+                self.round_done()
+
+    def round_done(self, detail: str = "") -> None:
+        """Checkpoint and log a completed outer step (tests and benchmarks read this line)."""
+        self._checkpoint()
+        logger.info(
+            "round %d done: loss %.4f, %d members, hash %s, %.2f MB sent, %.0f tokens/s, inner %.2f of %.2f s%s",
+            self.replica.round,
+            self.loss,
+            self.members_last_round,
+            self.replica.parameters_hash()[:16],
+            self.bytes_last_round / 1e6,
+            self.tokens_per_second,
+            self.inner_seconds,
+            time.monotonic() - self.training_since,
+            detail,
+        )
+
+    def inner_share(self) -> float:
+        """The share of wall time since training started that went into inner steps."""
+        elapsed = time.monotonic() - self.training_since if self.training_since else 0.0
+        return self.inner_seconds / elapsed if elapsed > 0 else 0.0
+
+    async def train_step(self) -> float:
+        """One inner step (in a worker thread, so the all-reduce runs meanwhile); counts its time."""
+        started = time.monotonic()
+        loss = await asyncio.to_thread(self.replica.train_step, self.config.batch_size)
+        self.inner_seconds += time.monotonic() - started
+        self.replica.inner_step += 1
+        return loss
 
     async def _inner_phase(self, stop: asyncio.Event) -> int:
         """Inner steps until the round's target, a stop, or (for a slower member) the others averaging."""
         started, samples, losses = time.monotonic(), 0, []
         last_check = started
         while not stop.is_set():
-            losses.append(await asyncio.to_thread(self.replica.train_step, self.config.batch_size))
-            self.replica.inner_step += 1
+            losses.append(await self.train_step())
             samples += self.config.batch_size
             elapsed = time.monotonic() - started
             self.tokens_per_second = samples * self.config.seq_len / max(elapsed, 1e-9)
@@ -186,7 +227,17 @@ class Trainer:
         """Matchmaking, all-reduce and outer step of the current round. Returns False if skipped."""
         if await self.state_sync.catch_up(await self.membership.others_active()):
             return False
-        round_index = self.replica.round
+        pseudo_gradient = self.replica.pseudo_gradient()
+        exchanged = await self.exchange(self.replica.round, pseudo_gradient, float(samples))
+        if exchanged is None:
+            return False
+        self.replica.apply_outer_step(exchanged.outcome.averaged)
+        await self.finish_exchange(exchanged)
+        return True
+
+    async def exchange(self, round_index: int, pseudo_gradient, samples: float) -> Exchange | None:
+        """Form the group of outer step ``round_index`` and average ``pseudo_gradient`` with it
+        (in place), weighted by ``samples``. Returns None (logged) when it could not."""
         await self.publish(TrainerState.AVERAGING)
         me = JoinGroup(
             round_index,
@@ -199,10 +250,9 @@ class Trainer:
         group = await self.matchmaker.form_group(round_index, me)
         if group is None:
             logger.warning("round %d: no group formed; training on", round_index)
-            return False
+            return None
         # a member that just synced, or is about to re-sync, adds nothing but still averages
-        weight = 0.0 if self.replica.zero_update_next_round or group.resync_from else float(samples)
-        pseudo_gradient = self.replica.pseudo_gradient()
+        weight = 0.0 if self.replica.zero_update_next_round or group.resync_from else samples
         if self.before_contribute is not None:
             weight = self.before_contribute(round_index, pseudo_gradient, weight)
         try:
@@ -219,21 +269,24 @@ class Trainer:
             )
         except SwarmError as error:
             logger.warning("round %d: all-reduce failed (%s); training on", round_index, error)
-            return False
+            return None
         self._name_suspects(round_index, group.members, outcome.report)
-        self.replica.apply_outer_step(outcome.averaged)
-        self.bytes_last_round = outcome.bytes_sent
+        return Exchange(round_index, group, outcome)
+
+    async def finish_exchange(self, exchanged: Exchange) -> None:
+        """After the outer step of ``exchanged``: note it, and re-sync if we disagreed with the group."""
+        group = exchanged.group
+        self.bytes_last_round = exchanged.outcome.bytes_sent
         self.members_last_round = len(group.members)
         self.loss_history.append((self.replica.round, self.loss))
         if group.resync_from:
             logger.error(
                 "round %d: our parameters disagreed with the majority; re-syncing from %s",
-                round_index,
+                exchanged.round_index,
                 group.resync_from[:12],
             )
             await self.state_sync.sync_from(group.resync_from, await self.membership.members())
             self.replica.zero_update_next_round = False  # the donor's state is exactly the group's result
-        return True
 
     def _name_suspects(self, round_index: int, members: list, report: AllReduceReport) -> None:
         """Log and keep (for the record) whom this round's validation and verification named."""
@@ -326,6 +379,10 @@ class Trainer:
             reachability=self.reachability,
             libp2p_peer=self.libp2p_peer,
             **self.named_last_round,
+            fragments=self.fragments,
+            fragment=self.fragment_last_round,
+            wait_seconds=self.wait_seconds,
+            inner_share=self.inner_share(),
         )
 
     async def publish(self, state: TrainerState | None = None) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from swarm.training.allreduce import AllReduceTimeouts
 from swarm.training.diloco import DiLoCoConfig
 from swarm.training.robust import RobustConfig
+from swarm.training.streaming import StreamingConfig
 
 
 def _opt(default, help: str):
@@ -59,6 +60,19 @@ class TrainerConfig:
     verify_reducers: bool = _opt(
         True, "backups recompute every reduced part and dispute a reducer that disagrees (1.5x scatter bytes)"
     )
+    streaming_fragments: int = _opt(
+        1,
+        "P: sync the model in P fragments (blocks strided over depth), one every H/P inner steps (1: plain)",
+    )
+    overlap_steps: int = _opt(
+        0, "tau: inner steps a fragment's all-reduce may overlap before its result is needed (0: wait)"
+    )
+    mix_alpha: float = _opt(
+        0.5, "after an overlapped sync: local fragment = alpha * local + (1 - alpha) * new global"
+    )
+    eager: bool = _opt(
+        False, "eager updates: while a sync is in flight, step the fragment with our own fresh outer gradient"
+    )
     checkpoint_explosion_factor: float = _opt(
         2.0, "keep the last good checkpoint when the loss has grown this many times since it was written"
     )
@@ -78,6 +92,20 @@ class TrainerConfig:
         if self.checkpoint_explosion_factor <= 1:
             raise ValueError("--checkpoint-explosion-factor must be greater than 1")
         self.robust  # noqa: B018 (validates --aggregation, --max-weight-ratio, --max-norm-ratio)
+        self.streaming  # noqa: B018 (validates --streaming-fragments, --overlap-steps, --mix-alpha)
+        if self.streaming.enabled and self.round_seconds:
+            raise ValueError("--streaming-fragments / --overlap-steps / --eager need --round-seconds 0")
+
+    @property
+    def streaming(self) -> StreamingConfig:
+        """Streaming DiLoCo's settings (raises ValueError naming the flag)."""
+        return StreamingConfig(
+            fragments=self.streaming_fragments,
+            overlap_steps=self.overlap_steps,
+            mix_alpha=self.mix_alpha,
+            eager=self.eager,
+            inner_steps=self.inner_steps,
+        )
 
     @property
     def robust(self) -> RobustConfig:
