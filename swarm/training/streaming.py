@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -45,9 +45,35 @@ from swarm.training.progress import TrainerState
 from swarm.training.replica import Replica
 
 if TYPE_CHECKING:
-    from swarm.training.trainer import Exchange, Trainer
+    from swarm.training.averaging import AveragingOutcome
+    from swarm.training.matchmaking import Group
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One outer step's group and all-reduce outcome (the average is ``outcome.averaged``)."""
+
+    round_index: int
+    group: Group
+    outcome: AveragingOutcome
+
+
+class Trainer(Protocol):
+    """What the streaming loop uses of ``swarm.training.trainer.Trainer`` (which runs it)."""
+
+    config: Any
+    replica: Replica
+    membership: Any
+    state_sync: Any
+    fragments: int
+    fragment_last_round: int
+    wait_seconds: float
+
+    async def exchange(self, round_index: int, pseudo_gradient, samples: float) -> Exchange | None: ...
+
+    async def finish_exchange(self, exchanged: Exchange) -> None: ...
 
 
 @dataclass(frozen=True)

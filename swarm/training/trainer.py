@@ -24,14 +24,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.dht import SwarmDHT
 from swarm.training.allreduce import AllReduceReport
-from swarm.training.averaging import AveragingOutcome, AveragingService, BeforeContribute, BeforeSend
+from swarm.training.averaging import AveragingService, BeforeContribute, BeforeSend
 from swarm.training.data import load_corpus, member_seed
-from swarm.training.matchmaking import Group, JoinGroup, Matchmaker
+from swarm.training.matchmaking import JoinGroup, Matchmaker
 from swarm.training.membership import RunMembership
 from swarm.training.progress import TrainerState, TrainingPeerRecord
 from swarm.training.replica import Replica
@@ -43,22 +42,13 @@ from swarm.training.run_checkpoint import (
     save_training_state,
 )
 from swarm.training.state import StateSync
-from swarm.training.streaming import StreamingLoop
+from swarm.training.streaming import Exchange, StreamingLoop
 from swarm.training.trainer_config import TrainerConfig
 from swarm.training.training_model import load_or_init_model
 from transport import BaseEndpoint
 from transport.errors import SwarmError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One outer step's group and all-reduce outcome (the average is ``outcome.averaged``)."""
-
-    round_index: int
-    group: Group
-    outcome: AveragingOutcome
 
 
 class Trainer:
