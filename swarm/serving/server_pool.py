@@ -85,7 +85,6 @@ class ServerPool:
         self._started: dict[str, float] = {}  # peer id -> started_at of its newest listed record
         self._relayed: RelayedDialer | None = None  # made on the first relayed server
         self.reports = ReportBook(dht, dht_timeout)  # misbehaviour this client caught (spot_checks.py)
-        self.last_listing: tuple[float, dict[str, ServerRecord]] | None = None  # (loop time, list())
         self.refresh_period = refresh_period
         self.refreshes = 0  # DHT lookups made for the view (background and forced)
         self._view: dict[str, ServerRecord] | None = None
@@ -178,7 +177,6 @@ class ServerPool:
         started = asyncio.get_running_loop().time()
         stale_before = self._stale
         servers = await self.dht.list_servers(self.n_blocks, timeout=self.dht_timeout)
-        self.last_listing = (asyncio.get_running_loop().time(), servers)
         self.refreshes += 1
         if started >= self._view_at:  # not overtaken by a lookup that started later
             self._view, self._view_at = servers, started

@@ -70,8 +70,6 @@ MAX_LAG_STEPS = 2
 """A check's result is awaited at most this many steps after it started, so a liar is caught
 within this many steps of the first check that follows its first wrong output, however
 fast the steps run compared with a check."""
-LISTING_MAX_AGE = 5.0
-"""Seconds the pool's last DHT listing is reused for choosing checkers (not one lookup per check)."""
 
 
 class ServerMisbehaved(RetryableError):
@@ -318,11 +316,8 @@ class SpotChecks:
         return False
 
     async def _listing(self) -> dict[str, ServerRecord]:
-        """The pool's listing, read from the DHT at most every :data:`LISTING_MAX_AGE` seconds."""
-        listed = self.servers.last_listing  # the session's own route lookup is usually fresh
-        if listed is None or asyncio.get_running_loop().time() - listed[0] > LISTING_MAX_AGE:
-            return await self.servers.list()
-        return listed[1]
+        """The pool's live view (``ServerPool.view``): no DHT lookup per check."""
+        return await self.servers.view()
 
     async def _forward(self, server: ServerRecord, span: Span, prefix: torch.Tensor) -> torch.Tensor:
         connection = await self.servers.connection_to(server)
