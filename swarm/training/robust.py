@@ -90,6 +90,41 @@ def _lower_median(values: list[float]) -> float:
     return sorted(values)[(len(values) - 1) // 2]
 
 
+@dataclass
+class Screened:
+    """A part's contributions after the checks every rule shares (see :func:`screen`)."""
+
+    kept: dict[int, tuple[float, torch.Tensor]]  # finite, weight >= 0; values flat float32
+    rejected: list[int]  # a non-finite or negative weight, or a non-finite value
+    weight_bound: float  # max_weight_ratio x the lower median of the positive weights
+    norms: dict[int, float]  # of the members kept with a positive weight
+    norm_bound: float  # max_norm_ratio x the lower median of those norms
+
+
+def screen(contributions: dict[int, tuple[float, torch.Tensor]], config: RobustConfig) -> Screened:
+    """Rejects what cannot be averaged and computes the round's weight and norm bounds."""
+    rejected: list[int] = []
+    kept: dict[int, tuple[float, torch.Tensor]] = {}
+    for member in sorted(contributions):
+        weight, values = contributions[member]
+        values = values.reshape(-1).to(torch.float32)
+        if not math.isfinite(weight) or weight < 0 or not _all_finite(values):
+            rejected.append(member)
+            continue
+        kept[member] = (weight, values)
+    positive = [weight for weight, _ in kept.values() if weight > 0]
+    weight_bound = config.max_weight_ratio * _lower_median(positive) if positive else 0.0
+    norms = {m: float(torch.linalg.vector_norm(v)) for m, (w, v) in kept.items() if w > 0}
+    norm_bound = config.max_norm_ratio * _lower_median(list(norms.values())) if norms else 0.0
+    return Screened(kept, rejected, weight_bound, norms, norm_bound)
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    # NaN and infinity survive a sum, so a finite sum means every value is finite; a
+    # non-finite sum may be an overflow of finite values: only then look at each value.
+    return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())
+
+
 def aggregate(
     contributions: dict[int, tuple[float, torch.Tensor]],
     config: RobustConfig,
@@ -110,23 +145,13 @@ def aggregate(
     if config.rule == "mean":  # no defence at all, for comparison: what DiLoCo does without this module
         plain = {m: (w, v.reshape(-1).to(torch.float32)) for m, (w, v) in contributions.items()}
         return Aggregate(_weighted_mean(plain, numel), [m for m in order if contributions[m][0] != 0])
-    rejected, clipped = [], []
-    kept: dict[int, tuple[float, torch.Tensor]] = {}
-    for member in order:
-        weight, values = contributions[member]
-        values = values.reshape(-1).to(torch.float32)
-        if not math.isfinite(weight) or weight < 0 or not bool(torch.isfinite(values).all()):
-            rejected.append(member)
-            continue
-        kept[member] = (weight, values)
-    positive = [weight for weight, _ in kept.values() if weight > 0]
-    weight_bound = config.max_weight_ratio * _lower_median(positive) if positive else 0.0
-    norms = {m: float(torch.linalg.vector_norm(v)) for m, (w, v) in kept.items() if w > 0}
-    norm_bound = config.max_norm_ratio * _lower_median(list(norms.values())) if norms else 0.0
+    screened = screen(contributions, config)
+    kept, rejected, clipped = screened.kept, screened.rejected, []
+    norms, norm_bound = screened.norms, screened.norm_bound
     for member, (weight, values) in list(kept.items()):
         if weight <= 0:
             continue
-        cap = min(weight_bound, (weight_caps or {}).get(member, math.inf))
+        cap = min(screened.weight_bound, (weight_caps or {}).get(member, math.inf))
         was_clipped = False
         if weight > cap:
             weight, was_clipped = cap, True

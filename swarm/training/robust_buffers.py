@@ -20,11 +20,9 @@ The other rules go to the reference unchanged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from swarm.training.robust import NOTABLE_CLIP, Aggregate, RobustConfig, aggregate
+from swarm.training.robust import NOTABLE_CLIP, Aggregate, RobustConfig, aggregate, screen
 
 MEDIAN_NETWORK_MAX_MEMBERS = 8
 """Above this many contributions the median is ``torch.median``: the network's
@@ -42,19 +40,9 @@ def aggregate_buffered(
         return aggregate(contributions, config)
     order = sorted(contributions)
     numel = contributions[order[0]][1].numel() if order else 0
-    rejected, clipped = [], []
-    kept: dict[int, tuple[float, torch.Tensor]] = {}
-    for member in order:
-        weight, values = contributions[member]
-        values = values.reshape(-1).to(torch.float32)
-        if not math.isfinite(weight) or weight < 0 or not _all_finite(values):
-            rejected.append(member)
-            continue
-        kept[member] = (weight, values)
-    positive = [weight for weight, _ in kept.values() if weight > 0]
-    weight_bound = config.max_weight_ratio * _lower_median(positive) if positive else 0.0
-    norms = {m: float(torch.linalg.vector_norm(v)) for m, (w, v) in kept.items() if w > 0}
-    norm_bound = config.max_norm_ratio * _lower_median(list(norms.values())) if norms else 0.0
+    screened = screen(contributions, config)
+    kept, rejected, clipped = screened.kept, screened.rejected, []
+    weight_bound, norms, norm_bound = screened.weight_bound, screened.norms, screened.norm_bound
     live = [member for member, (weight, _) in kept.items() if weight > 0]
     if not live:
         return Aggregate(torch.zeros(numel, dtype=torch.float32), [], rejected, clipped)
@@ -73,16 +61,6 @@ def aggregate_buffered(
             clipped.append(member)
         weights.append(weight)
     return Aggregate(_centered_clip(stacked, weights, config), live, rejected, clipped)
-
-
-def _lower_median(values: list[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]  # as robust.py: the smaller middle value
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    # NaN and infinity survive a sum, so a finite sum means every value is finite; a
-    # non-finite sum may be an overflow of finite values: only then look at each value.
-    return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())
 
 
 def _centered_clip(stacked: torch.Tensor, weights: list[float], config: RobustConfig) -> torch.Tensor:
