@@ -14,7 +14,8 @@ stops each once no session uses it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +29,75 @@ class _Pending:
     cache: KVCache
     hidden: torch.Tensor  # (rows, new_tokens, hidden)
     position: int
-    future: asyncio.Future
     adapter: object = None  # a ServedAdapter (tensors stacked over the span's blocks) or None
+    future: asyncio.Future | None = None
 
 
-class StepBatcher:
+class GroupQueue(ABC):
+    """Queued items run in groups, one group at a time in a worker thread (so the event
+    loop keeps taking messages meanwhile).
+
+    A group is the oldest item and every later one with the same ``_group_key``, up to
+    ``max_rows`` rows (an item's rows: ``item.hidden.shape[0]``). Subclasses say what a
+    group's key is and how a group runs (``_run_group``: one result per item, in order);
+    an error of a group is every one of its items' error.
+    """
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self._queue: list = []
+        self._wake = asyncio.Event()
+
+    async def _enqueue(self, item):
+        """``item``'s result once its group ran (``item.future`` is set here)."""
+        item.future = asyncio.get_running_loop().create_future()
+        self._queue.append(item)
+        self._wake.set()
+        return await item.future
+
+    async def run(self) -> None:
+        """Serves queued items until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group = self._take_group()
+                if not group:
+                    continue
+                try:
+                    results = await asyncio.to_thread(self._run_group, group)
+                except Exception as error:  # reported to every item of the group
+                    for item in group:
+                        if not item.future.done():
+                            item.future.set_exception(error)
+                    continue
+                for item, result in zip(group, results, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(result)
+
+    def _take_group(self) -> list:
+        key = self._group_key(self._queue[0])
+        group, rest, rows = [], [], 0
+        for item in self._queue:
+            fits = rows + item.hidden.shape[0] <= self.max_rows or not group
+            if self._group_key(item) == key and fits:
+                group.append(item)
+                rows += item.hidden.shape[0]
+            else:
+                rest.append(item)
+        self._queue = rest
+        return group
+
+    @abstractmethod
+    def _group_key(self, item) -> Hashable:
+        """Items run together only when their keys are equal."""
+
+    @abstractmethod
+    def _run_group(self, group: list) -> list:
+        """Runs ``group`` (in a worker thread); one result per item, in order."""
+
+
+class StepBatcher(GroupQueue):
     """Runs steps of many sessions over one span, batching those that queue together.
 
     Args:
@@ -41,12 +106,10 @@ class StepBatcher:
     """
 
     def __init__(self, span: BlockSpan, max_rows: int = 64):
+        super().__init__(max_rows)
         self.span = span
-        self.max_rows = max_rows
         self.forwards = 0
         self.batched_steps = 0
-        self._queue: list[_Pending] = []
-        self._wake = asyncio.Event()
         self._param = next(span.parameters())
 
     async def step(self, cache: KVCache, hidden: torch.Tensor, position: int, adapter=None) -> torch.Tensor:
@@ -57,41 +120,13 @@ class StepBatcher:
         Raises:
             ValueError: the cache cannot hold the new tokens.
         """
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(cache, hidden, position, future, adapter))
-        self._wake.set()
-        return await future
+        return await self._enqueue(_Pending(cache, hidden, position, adapter))
 
-    async def run(self) -> None:
-        """Serves queued steps until cancelled."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                group = self._take_group()
-                try:
-                    outputs = await asyncio.to_thread(self._forward, group)
-                except Exception as error:  # reported to every step of the group
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(error)
-                    continue
-                for item, output in zip(group, outputs, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(output)
+    def _group_key(self, item: _Pending) -> int:
+        return item.hidden.shape[1]  # new tokens
 
-    def _take_group(self) -> list[_Pending]:
-        new_tokens = self._queue[0].hidden.shape[1]
-        group, rest, rows = [], [], 0
-        for item in self._queue:
-            fits = rows + item.hidden.shape[0] <= self.max_rows or not group
-            if item.hidden.shape[1] == new_tokens and fits:
-                group.append(item)
-                rows += item.hidden.shape[0]
-            else:
-                rest.append(item)
-        self._queue = rest
-        return group
+    def _run_group(self, group: list[_Pending]) -> list[torch.Tensor]:
+        return self._forward(group)
 
     def _forward(self, group: list[_Pending]) -> list[torch.Tensor]:
         if all(item.adapter is None for item in group):

@@ -25,6 +25,7 @@ import torch
 from kernels.lora import RowAdapters
 from kernels.model import BlockSpan
 from kernels.span_training import run_span_blocks
+from swarm.serving.batching import GroupQueue
 
 CHECKPOINT_MIN_TOKEN_BLOCKS = 8192  # tokens x blocks of a graph past which blocks are checkpointed
 
@@ -157,7 +158,7 @@ def _row_prompts(jobs: list[TrainingJob], prompts: list[torch.Tensor | None]) ->
     return torch.cat(per_row, dim=1)
 
 
-class TrainingBatcher:
+class TrainingBatcher(GroupQueue):
     """Queues training jobs and runs them in groups, one group at a time in a worker thread.
 
     Args:
@@ -166,11 +167,10 @@ class TrainingBatcher:
     """
 
     def __init__(self, blocks_of: Callable[[int, int], BlockSpan], max_rows: int = 64):
-        self.blocks_of, self.max_rows = blocks_of, max_rows
+        super().__init__(max_rows)
+        self.blocks_of = blocks_of
         self.groups = 0
         self.batched_jobs = 0  # jobs that ran in a group with another one
-        self._queue: list[TrainingJob] = []
-        self._wake = asyncio.Event()
 
     async def submit(self, job: TrainingJob):
         """The job's result once its group ran (``run_group``'s item for it).
@@ -178,46 +178,17 @@ class TrainingBatcher:
         Raises:
             ValueError: the computation refused the input (reported to every job of the group).
         """
-        job.future = asyncio.get_running_loop().create_future()
-        self._queue.append(job)
-        self._wake.set()
-        return await job.future
+        return await self._enqueue(job)
 
-    async def run(self) -> None:
-        """Serves queued jobs until cancelled."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                group = self._take_group()
-                if not group:
-                    continue
-                try:
-                    blocks = self.blocks_of(group[0].start, group[0].end)
-                    results = await asyncio.to_thread(run_group, blocks, group)
-                except Exception as error:  # reported to every job of the group
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(error)
-                    continue
-                self.groups += 1
-                self.batched_jobs += len(group) if len(group) > 1 else 0
-                for job, result in zip(group, results, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(result)
+    def _group_key(self, job: TrainingJob) -> tuple:
+        return job.group_key
+
+    def _run_group(self, group: list[TrainingJob]) -> list:
+        results = run_group(self.blocks_of(group[0].start, group[0].end), group)
+        self.groups += 1
+        self.batched_jobs += len(group) if len(group) > 1 else 0
+        return results
 
     def _take_group(self) -> list[TrainingJob]:
         self._queue = [job for job in self._queue if not job.future.done()]  # cancelled requests
-        if not self._queue:
-            return []
-        key = self._queue[0].group_key
-        group, rest, rows = [], [], 0
-        for job in self._queue:
-            fits = rows + job.hidden.shape[0] <= self.max_rows or not group
-            if job.group_key == key and fits:
-                group.append(job)
-                rows += job.hidden.shape[0]
-            else:
-                rest.append(job)
-        self._queue = rest
-        return group
+        return super()._take_group() if self._queue else []
