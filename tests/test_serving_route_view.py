@@ -13,6 +13,7 @@ import torch
 
 from kernels import load_blocks
 from kernels.tiny import write_tiny_checkpoint
+from swarm.serving.remote_training import SpanClient
 from tests.harness import ServingSwarm, wait_until
 
 HIDDEN = 64
@@ -72,6 +73,27 @@ def test_sessions_open_from_the_view_and_a_ban_refreshes_it(swarm):
     assert after_view == refreshed
     for output in outputs:
         torch.testing.assert_close(output, _local(swarm, hidden))
+
+
+def test_fine_tuning_routes_come_from_the_view(swarm):
+    """Fine-tuning forwards (``SpanClient.route``, once per forward) read the live view too."""
+
+    async def scenario():
+        async with await swarm.connect(listing=("a", "b"), route_refresh=600.0) as model:
+            await wait_until(
+                lambda: not model.servers.refreshing, timeout=30, what="the first refresh to end"
+            )
+            before = model.servers.refreshes
+            client = SpanClient(model.servers, model.config)
+            routes = [await client.route(0, 4) for _ in range(5)]
+            return before, model.servers.refreshes, routes
+
+    before, after, routes = asyncio.run(scenario())
+    assert after == before  # five routes, no DHT lookup
+    for route in routes:
+        assert [(server.peer_id, (span.start, span.end)) for server, span in route] == [
+            (swarm.peer_ids["a"], (0, 2)), (swarm.peer_ids["b"], (2, 4)),
+        ]  # fmt: skip
 
 
 def test_the_view_follows_the_swarm_and_a_dead_server_in_it_costs_a_failover(swarm):

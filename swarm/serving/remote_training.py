@@ -73,11 +73,16 @@ class SpanClient:
         self._sent: dict[tuple[str, int, int], bytes] = {}
 
     async def route(self, start: int, end: int) -> list[tuple[ServerRecord, Span]]:
-        """A chain covering ``[start, end)``, waiting up to ``route_wait`` for coverage."""
+        """A chain covering ``[start, end)``, waiting up to ``route_wait`` for coverage.
+
+        The first try reads the pool's live view (no DHT lookup while it is fresh; a ban makes it
+        stale), later tries a new listing."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.route_wait
+        first = True
         while True:
-            listed = await self.servers.list()
+            listed = await (self.servers.view() if first else self.servers.list())
+            first = False
             try:
                 hops = find_route(listed.values(), start, end, excluded=self.servers.banned())
                 return [(hop.server, hop.span) for hop in hops]
