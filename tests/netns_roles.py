@@ -173,8 +173,9 @@ async def generate_role(args: argparse.Namespace) -> None:
                 async for piece in model.stream(prompt, args.tokens):
                     pieces.append(piece)
                     if len(pieces) == args.pause_after:
-                        paths = [
-                            getattr(c, "remote_address", "zmq") for c in model.servers._connections.values()
+                        paths = [  # the pool's connection cache is keyed by (address, key)
+                            "libp2p" if address.startswith("/p2p/") else "zmq"
+                            for address, _ in model.servers._connections
                         ]
                         _say("PAUSED", {"tokens": len(pieces), "paths": paths})
                         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
