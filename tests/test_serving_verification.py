@@ -151,6 +151,51 @@ def test_liar_is_caught_banned_reported_and_generation_equals_honest(liar_swarm)
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_checker_computes_each_position_once_also_across_rollbacks(liar_swarm):
+    """The checker's session holds the checked hop's inputs: each check feeds it only the
+    positions since the last one (not the whole prefix), also when speculative decoding
+    rolls positions back; honest outputs agree and tokens equal a local run."""
+    swarm = liar_swarm
+    local = load_local_model(swarm.checkpoint)
+    expected = generate(local, PROMPT, NEW_TOKENS)
+    repetitive = torch.tensor([[7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8]])  # prompt lookup drafts from it
+    expected_repetitive = generate(local, repetitive, NEW_TOKENS)
+
+    async def scenario():
+        results = []
+        async with await swarm.connect(listing=("a", "b", "liar"), verify_fraction=1.0) as model:
+            model.bans.ban(swarm.peer_ids["liar"])
+            for prompt, speculative in ((PROMPT, None), (repetitive, "lookup")):
+                async with model.inference_session(prompt.shape[1] + NEW_TOKENS + 8) as session:
+                    session.checks.checker_redraw = 0.0  # one checker for the session
+                    sent, step = [], session.step
+
+                    async def counted_step(hidden, step=step, sent=sent):
+                        sent.append(hidden.shape[1])  # positions the hop computes
+                        return await step(hidden)
+
+                    session.step = counted_step
+                    output = await model.generate(
+                        prompt, NEW_TOKENS, session=session, speculative=speculative
+                    )
+                    await session.checks.settle()
+                    results.append((output, session.position, sent, session.checks))
+        return results
+
+    (plain, plain_length, plain_sent, plain_checks), (drafted, length, sent, checks) = asyncio.run(scenario())
+    torch.testing.assert_close(plain, expected, rtol=0, atol=0)
+    torch.testing.assert_close(drafted, expected_repetitive, rtol=0, atol=0)
+    # every step checked; each position sent to the checker once, in one session
+    assert plain_checks.checks == len(plain_sent) and not plain_checks.mismatches and not plain_checks.failed
+    assert plain_checks.sessions.opened == 1 and plain_checks.sessions.positions_sent == plain_length
+    # rejected drafts were rolled back; the checker computed what the hop computed, no more
+    assert sum(sent) > length, (sent, length)
+    assert checks.checks == len(sent) and not checks.mismatches and not checks.failed
+    assert checks.sessions.opened == 1 and checks.sessions.positions_sent == sum(sent)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_liar_of_some_sessions_only_is_caught_in_those(tmp_path):
     """``--perturb-every-session 2``: honest in its 1st session, lying in its 2nd. The honest
     session's generation is not accused; the lying one's is caught and rerun; both equal local."""

@@ -82,7 +82,7 @@ class ClientConfig:
         default=0.0,
         metadata={
             "help": "share of steps whose outputs another holder of the same blocks recomputes and "
-            "compares (0: off; 0.33 catches a liar within 16 steps 99.6% of the time; see swarm/serving/spot_checks.py)"
+            "compares (0: off; 0.33 catches a liar within 16 steps 99.5% of the time; see swarm/serving/spot_checks.py)"
         },
     )
 

@@ -2,22 +2,24 @@
 
 With ``ClientConfig.verify_fraction = f``, after each step the client draws (with a
 generator the servers cannot see) whether to check this step; a checked step checks
-every hop of the chain. To check a hop, the client sends the hop's whole input prefix
-(it keeps every input it sent, ``_Hop.history``) as one stateless ``ForwardRequest`` to
-another server holding the hop's blocks, of a kind comparable with the hop's server
-(``output_tolerance``), and compares the recomputed outputs with the outputs the hop
+every hop of the chain. To check a hop, the client feeds the hop's inputs since its last
+check (it keeps every input it sent, ``_Hop.history``) to the hop's *shadow*: a session
+on another server holding the hop's blocks, of a kind comparable with the hop's server
+(``output_tolerance``), that holds the hop's earlier inputs in its cache
+(``check_sessions.py``), and compares the recomputed outputs with the outputs the hop
 returned for every position not yet checked.
 
 Why this design:
 
 - *Indistinguishable.* The checked server receives nothing at all: the check runs on
-  another server, so it cannot be honest only when watched. The checker receives a
-  ``ForwardRequest``, the request every fine-tuning client sends, over the client's usual
-  connection.
+  another server, so it cannot be honest only when watched. The checker serves an
+  ordinary inference session over the client's usual connection.
 - *Cheap on long sessions.* One round trip per hop per checked step, off the critical
-  path (the next token does not wait for it); the checker's cost is one prefill of the
-  prefix, no cache kept and no session opened. Mirroring every step in a shadow session
-  on a second server would double the servers' cache and work on every token instead.
+  path (the next token does not wait for it); the checker computes each position once,
+  in steps of about ``1/f`` tokens. Recomputing the whole prefix statelessly at each check
+  (the first version) made the checker's work grow with the square of the length, and
+  on a small swarm that work slowed every step (``benchmarks/robust.py``). Mirroring
+  every step on the checker would cost it a step per token instead of one per check.
   Since each check compares every position since that hop's last check, every output
   is eventually checked at any ``f`` and a liar is caught within about ``1/f`` steps of
   its first wrong output.
@@ -51,25 +53,27 @@ from hivemind.utils import get_dht_time
 
 from swarm import ServerRecord, ServerState, Span
 from swarm.server_reports import MisbehaviourReport
+from swarm.serving.check_sessions import CHECKER_REDRAW, CheckSessions, OpenHop
 from swarm.serving.output_tolerance import ServerKind, relative_error, tolerance
-from swarm.serving.protocol import ForwardReply, ForwardRequest
-from transport.errors import MalformedMessage, RetryableError, SwarmError
+from transport.errors import RetryableError, SwarmError
 
 logger = logging.getLogger(__name__)
 
 RECOMMENDED_VERIFY_FRACTION = 0.33
 """The fraction to verify at when in doubt (``benchmarks/robust.py``): a liar is caught by the
 first check that starts at or after its first wrong output, whose result is awaited within
-:data:`MAX_LAG_STEPS` more steps, so within 16 steps of it with probability 1 - 0.67**14 =
-99.6% (0.25 would give 98.2%, and the benchmark reports the worst of several trials); it
-costs one prefill of the prefix on another server every 3 steps, which on this project's
-shared 2-core VM stayed within the 15% per token the issue allows (README, benchmarks)."""
+:data:`MAX_LAG_STEPS` more steps, so within 16 steps of it with probability 1 - 0.67**13 =
+99.5% (0.25 would give 97.6%, and the benchmark reports the worst of several trials); it
+costs another server one step of about 3 tokens every 3 steps (README, benchmarks)."""
 MAX_PENDING = 4
 """Checks in flight at once per session; a step waits for the oldest beyond this."""
-MAX_LAG_STEPS = 2
+MAX_LAG_STEPS = 3
 """A check's result is awaited at most this many steps after it started, so a liar is caught
 within this many steps of the first check that follows its first wrong output, however
-fast the steps run compared with a check."""
+fast the steps run compared with a check. A check is one round trip to its checker, about
+as long as a step, and it is awaited in the ``after_step`` of the step MAX_LAG_STEPS - 1
+after its own: with 2 it had one step's time and a step waited for nearly every check
+(0.9 ms per token of 7.4 on the 2-core VM, ``benchmarks/robust.py``); 3 gives it two."""
 
 
 class ServerMisbehaved(RetryableError):
@@ -147,6 +151,9 @@ class SpotChecks:
         servers: the model's ``ServerPool`` (listing, bans, connections, its ``reports``).
         fraction: share of steps checked, in (0, 1].
         timeout: seconds for one recomputation on one server.
+        open_hop: opens a session like the checked session's own on a server
+            (``InferenceSession._open_hop``): the checkers' sessions.
+        codec: how the checked session's hidden states travel.
         rng: draws which steps are checked and which holders check (seeded in tests only).
 
     Attributes:
@@ -154,10 +161,22 @@ class SpotChecks:
             no comparable other holder; failed: checks that could not run (a server failed);
         verdicts: resolved mismatches; unresolved: mismatches no third holder could decide.
         largest_agreeing: the largest error of an agreeing comparison, as a share of its tolerance.
+        checker_redraw: chance per check that a hop's checker is drawn anew
+            (``check_sessions.CHECKER_REDRAW``); sessions: the checkers' sessions.
     """
 
-    def __init__(self, servers, fraction: float, timeout: float, rng: random.Random | None = None):
+    def __init__(
+        self,
+        servers,
+        fraction: float,
+        timeout: float,
+        open_hop: OpenHop,
+        codec,
+        rng: random.Random | None = None,
+    ):
         self.servers = servers
+        self.sessions = CheckSessions(open_hop, codec, timeout)
+        self.checker_redraw = CHECKER_REDRAW
         self.fraction = fraction
         self.timeout = timeout
         self.rng = rng or random.Random()
@@ -180,6 +199,7 @@ class SpotChecks:
             returned = chain[index + 1].history[-1][1] if index + 1 < len(chain) else output
             self._outputs.setdefault(hop, _Outputs()).add(position, returned)
         self._outputs = {hop: self._outputs[hop] for hop in chain}  # replaced hops are done with
+        await self.sessions.keep_only(chain)
         if self.rng.random() < self.fraction:
             for hop in chain:
                 self._start(hop)
@@ -210,6 +230,11 @@ class SpotChecks:
         if raise_caught:
             self._raise_caught()
 
+    async def close(self) -> None:
+        """Checks what was not checked yet, waits for every check, and ends the checkers' sessions."""
+        await self.settle(raise_caught=False)
+        await self.sessions.close()
+
     async def cancel(self) -> None:
         """Stops the checks in flight (the session is being dropped without a verdict)."""
         for _, task in self._pending:
@@ -217,6 +242,7 @@ class SpotChecks:
         await asyncio.gather(*(task for _, task in self._pending), return_exceptions=True)
         self._pending.clear()
         self._outputs = {}  # nothing left to check either (close() would start checks of it)
+        await self.sessions.close()
 
     def _raise_caught(self) -> None:
         if self._unraised:
@@ -235,30 +261,30 @@ class SpotChecks:
             return
         window, record.entries = record.entries, []  # a check holds what it compares
         prefix = input_prefix(hop.history)
+        window = _truncated(window, prefix.shape[1])  # a rollback with no step since: nothing past it
+        if not window:
+            return
         # Tracked in _pending and always awaited (settle) or cancelled (cancel).
-        check = asyncio.ensure_future(self._check(hop.server, hop.span, prefix, window, record))
+        check = asyncio.ensure_future(self._check(hop, prefix, window, record))
         self._pending.append((self._steps, check))
 
     async def _check(
-        self,
-        server: ServerRecord,
-        span: Span,
-        prefix: torch.Tensor,
-        window: list[tuple[int, torch.Tensor]],
-        record: _Outputs,
+        self, hop, prefix: torch.Tensor, window: list[tuple[int, torch.Tensor]], record: _Outputs
     ) -> None:
         try:
-            if await self._compare(server, span, prefix, window):
-                last, value = window[-1]
-                record.agree(window[0][0], last + value.shape[1])
+            async with self.sessions.lock(hop):  # a hop's checks feed its shadow in order
+                if await self._compare(hop, prefix, window):
+                    last, value = window[-1]
+                    record.agree(window[0][0], last + value.shape[1])
         except SwarmError as error:
             self.failed += 1
-            logger.info("spot check of %s on blocks %s could not run: %s", server.peer_id, span, error)
+            logger.info(
+                "spot check of %s on blocks %s could not run: %s", hop.server.peer_id, hop.span, error
+            )
 
-    async def _compare(
-        self, server: ServerRecord, span: Span, prefix: torch.Tensor, window: list[tuple[int, torch.Tensor]]
-    ) -> bool:
+    async def _compare(self, hop, prefix: torch.Tensor, window: list[tuple[int, torch.Tensor]]) -> bool:
         """Whether the hop's outputs in ``window`` were checked and found right."""
+        server, span = hop.server, hop.span
         kind = ServerKind.of(server)
         holders = [
             record for record in (await self._listing()).values()
@@ -271,10 +297,12 @@ class SpotChecks:
             self.unchecked += 1
             return False
         self.rng.shuffle(holders)
-        checker = holders[0]
         positions = [p for start, value in window for p in range(start, start + value.shape[1])]
         claimed = torch.cat([value for _, value in window], dim=1)  # (batch, len(positions), hidden)
-        recomputed = (await self._forward(checker, span, prefix))[:, positions]
+        redraw = self.rng.random() < self.checker_redraw
+        checker, first, outputs = await self.sessions.recompute(hop, holders, prefix, positions[0], redraw)
+        recomputed = outputs[:, [p - first for p in positions]]
+        holders = [record for record in holders if record.peer_id != checker.peer_id]
         self.checks += 1
         allowed = tolerance(kind, ServerKind.of(checker))
         error = relative_error(claimed, recomputed)
@@ -284,11 +312,11 @@ class SpotChecks:
         self.mismatches += 1
         logger.warning("spot check: %s and %s disagree on blocks %s; asking a third holder",
                        server.peer_id, checker.peer_id, span)  # fmt: skip
-        for third in holders[1:]:
+        for third in holders:
             if tolerance(ServerKind.of(checker), ServerKind.of(third)) is None:
                 continue
             try:
-                decider = (await self._forward(third, span, prefix))[:, positions]
+                decider = (await self.sessions.recompute_once(third, span, prefix))[:, positions]
             except SwarmError as error:
                 logger.info("tie-breaker %s failed: %s", third.peer_id, error)
                 continue
@@ -306,9 +334,11 @@ class SpotChecks:
                 )
                 await self._convict(server, Verdict(server.peer_id, span, first, True, evidence))
             elif hop_agrees and not checker_agrees:
+                await self.sessions.drop(hop)
                 await self._convict(checker, Verdict(checker.peer_id, span, positions[0], False, evidence))
                 return True
             else:
+                await self.sessions.drop(hop)  # the next check draws its checker anew
                 self.unresolved += 1
             return False
         self.unresolved += 1
@@ -318,15 +348,6 @@ class SpotChecks:
     async def _listing(self) -> dict[str, ServerRecord]:
         """The pool's live view (``ServerPool.view``): no DHT lookup per check."""
         return await self.servers.view()
-
-    async def _forward(self, server: ServerRecord, span: Span, prefix: torch.Tensor) -> torch.Tensor:
-        connection = await self.servers.connection_to(server)
-        request = ForwardRequest(start=span.start, end=span.end, hidden=prefix)
-        reply = await connection.call(request, timeout=self.timeout)
-        if not isinstance(reply, ForwardReply) or reply.hidden.shape != prefix.shape:
-            raise MalformedMessage(f"{server.peer_id} answered a forward of {tuple(prefix.shape)} with "
-                                   f"{getattr(getattr(reply, 'hidden', None), 'shape', type(reply).__name__)}")  # fmt: skip
-        return reply.hidden
 
     async def _convict(self, liar: ServerRecord, verdict: Verdict) -> None:
         logger.warning("server %s computes blocks %s wrong (from position %d): banned and reported",
