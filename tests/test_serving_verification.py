@@ -16,8 +16,9 @@ import torch
 from kernels import generate, load_local_model
 from swarm import PeerValue, ServerState
 from swarm.server_reports import MisbehaviourReport, count_reporters, parse_reports, reports_key
+from swarm.serving.check_sessions import input_prefix, inputs_end
 from swarm.serving.output_tolerance import ServerKind, relative_error, tolerance
-from swarm.serving.spot_checks import MAX_LAG_STEPS, ServerMisbehaved, input_prefix
+from swarm.serving.spot_checks import MAX_LAG_STEPS, ServerMisbehaved
 from tests.harness import NEW_TOKENS, PROMPT, ServingSwarm, make_server, wait_until
 
 LIE_AFTER = 3  # the liar answers its sessions' first steps honestly
@@ -56,8 +57,12 @@ def test_relative_error_is_per_position_and_refuses_non_finite():
 def test_input_prefix_follows_rollbacks():
     a, b, c = (torch.full((1, n, 2), float(v)) for v, n in ((1, 3), (2, 2), (3, 1)))
     assert input_prefix([(0, a), (3, b)]).shape[1] == 5
-    rolled = input_prefix([(0, a), (3, b), (4, c)])  # the step at 4 replaces b's second token
-    assert rolled[0, :, 0].tolist() == [1, 1, 1, 2, 3]
+    rolled = [(0, a), (3, b), (4, c)]  # the step at 4 replaces b's second token
+    assert input_prefix(rolled)[0, :, 0].tolist() == [1, 1, 1, 2, 3]
+    assert input_prefix(rolled, 2)[0, :, 0].tolist() == [1, 2, 3]  # only the tail
+    assert input_prefix(rolled, 4)[0, :, 0].tolist() == [3] and inputs_end(rolled) == 5
+    back = [(0, a), (3, b), (1, c)]  # rolled back to 1: a's first token, then c
+    assert input_prefix(back)[0, :, 0].tolist() == [1, 3] and inputs_end(back) == 2
 
 
 def test_reports_count_distinct_signers_and_skip_self_and_malformed():

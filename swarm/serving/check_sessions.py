@@ -63,6 +63,30 @@ class _Shadow:
     steps: int = 0
 
 
+def input_prefix(history: list[tuple[int, torch.Tensor]], start: int = 0) -> torch.Tensor:
+    """A hop's inputs (position, (batch, n, hidden)) per step, as one tensor (batch, positions,
+    hidden) of the positions from ``start`` on; an entry replaces what earlier entries held from
+    its position on (a rollback). Walks back from the end: the cost is that of the tail."""
+    parts: list[torch.Tensor] = []
+    taken = None  # positions from here on are taken by later entries
+    for position, value in reversed(history):
+        end = position + value.shape[1] if taken is None else min(taken, position + value.shape[1])
+        if end > (begin := max(position, start)):
+            parts.append(value[:, begin - position : end - position])
+        taken = position if taken is None else min(taken, position)
+        if taken <= start:
+            break
+    return torch.cat(parts[::-1], dim=1)
+
+
+def inputs_end(history: list[tuple[int, torch.Tensor]]) -> int:
+    """The position after a hop's last input (0 for none): the last entry cut everything after it."""
+    if not history:
+        return 0
+    position, value = history[-1]
+    return position + value.shape[1]
+
+
 class CheckSessions:
     """The shadows of one client session's hops (see the module docstring).
 
@@ -95,10 +119,15 @@ class CheckSessions:
         return None if shadow is None else shadow.checker
 
     async def recompute(
-        self, hop, holders: list[ServerRecord], prefix: torch.Tensor, first: int, redraw: bool
+        self,
+        hop,
+        holders: list[ServerRecord],
+        inputs: list[tuple[int, torch.Tensor]],
+        first: int,
+        redraw: bool,
     ) -> tuple[ServerRecord, int, torch.Tensor]:
-        """The outputs of ``hop``'s blocks for its inputs ``prefix`` (batch, positions, hidden)
-        from ``first`` on, by its shadow (opened on ``holders[0]`` when it has none, when
+        """The outputs of ``hop``'s blocks for its ``inputs`` (position, (batch, n, hidden)) per
+        step, see :func:`input_prefix`) from ``first`` on, by its shadow (opened on ``holders[0]`` when it has none, when
         ``redraw``, or when its checker is not among ``holders``).
 
         Returns:
@@ -116,11 +145,11 @@ class CheckSessions:
             shadow = self._shadows[hop] = _Shadow(holders[0], opened)
         start = min(shadow.fed, first)
         try:
-            outputs = await self._step(shadow, start, prefix[:, start:])
+            outputs = await self._step(shadow, start, input_prefix(inputs, start))
         except SwarmError:
             await self.drop(hop)
             raise
-        shadow.fed = prefix.shape[1]
+        shadow.fed = inputs_end(inputs)
         return shadow.checker, start, outputs
 
     async def recompute_once(self, server: ServerRecord, span: Span, prefix: torch.Tensor) -> torch.Tensor:

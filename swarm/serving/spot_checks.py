@@ -53,7 +53,7 @@ from hivemind.utils import get_dht_time
 
 from swarm import ServerRecord, ServerState, Span
 from swarm.server_reports import MisbehaviourReport
-from swarm.serving.check_sessions import CHECKER_REDRAW, CheckSessions, OpenHop
+from swarm.serving.check_sessions import CHECKER_REDRAW, CheckSessions, OpenHop, input_prefix, inputs_end
 from swarm.serving.output_tolerance import ServerKind, relative_error, tolerance
 from transport.errors import RetryableError, SwarmError
 
@@ -133,15 +133,6 @@ def _truncated(entries: list[tuple[int, torch.Tensor]], position: int) -> list[t
         start, value = kept[-1]
         kept[-1] = (start, value[:, : position - start])
     return kept
-
-
-def input_prefix(history: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """A hop's inputs (position, (batch, n, hidden)) as one prefix (batch, positions, hidden)."""
-    entries: list[tuple[int, torch.Tensor]] = []
-    for position, value in history:
-        entries = _truncated(entries, position)
-        entries.append((position, value))
-    return torch.cat([value for _, value in entries], dim=1)
 
 
 class SpotChecks:
@@ -260,20 +251,24 @@ class SpotChecks:
         if record is None or not record.entries:
             return
         window, record.entries = record.entries, []  # a check holds what it compares
-        prefix = input_prefix(hop.history)
-        window = _truncated(window, prefix.shape[1])  # a rollback with no step since: nothing past it
+        inputs = list(hop.history)  # as they stand now (pointers): a check feeds only their tail
+        window = _truncated(window, inputs_end(inputs))  # a rollback with no step since: nothing past it
         if not window:
             return
         # Tracked in _pending and always awaited (settle) or cancelled (cancel).
-        check = asyncio.ensure_future(self._check(hop, prefix, window, record))
+        check = asyncio.ensure_future(self._check(hop, inputs, window, record))
         self._pending.append((self._steps, check))
 
     async def _check(
-        self, hop, prefix: torch.Tensor, window: list[tuple[int, torch.Tensor]], record: _Outputs
+        self,
+        hop,
+        inputs: list[tuple[int, torch.Tensor]],
+        window: list[tuple[int, torch.Tensor]],
+        record: _Outputs,
     ) -> None:
         try:
             async with self.sessions.lock(hop):  # a hop's checks feed its shadow in order
-                if await self._compare(hop, prefix, window):
+                if await self._compare(hop, inputs, window):
                     last, value = window[-1]
                     record.agree(window[0][0], last + value.shape[1])
         except SwarmError as error:
@@ -282,8 +277,10 @@ class SpotChecks:
                 "spot check of %s on blocks %s could not run: %s", hop.server.peer_id, hop.span, error
             )
 
-    async def _compare(self, hop, prefix: torch.Tensor, window: list[tuple[int, torch.Tensor]]) -> bool:
-        """Whether the hop's outputs in ``window`` were checked and found right."""
+    async def _compare(
+        self, hop, inputs: list[tuple[int, torch.Tensor]], window: list[tuple[int, torch.Tensor]]
+    ) -> bool:
+        """Whether the hop's outputs in ``window`` (for its ``inputs``) were checked and found right."""
         server, span = hop.server, hop.span
         kind = ServerKind.of(server)
         holders = [
@@ -300,7 +297,7 @@ class SpotChecks:
         positions = [p for start, value in window for p in range(start, start + value.shape[1])]
         claimed = torch.cat([value for _, value in window], dim=1)  # (batch, len(positions), hidden)
         redraw = self.rng.random() < self.checker_redraw
-        checker, first, outputs = await self.sessions.recompute(hop, holders, prefix, positions[0], redraw)
+        checker, first, outputs = await self.sessions.recompute(hop, holders, inputs, positions[0], redraw)
         recomputed = outputs[:, [p - first for p in positions]]
         holders = [record for record in holders if record.peer_id != checker.peer_id]
         self.checks += 1
@@ -312,6 +309,7 @@ class SpotChecks:
         self.mismatches += 1
         logger.warning("spot check: %s and %s disagree on blocks %s; asking a third holder",
                        server.peer_id, checker.peer_id, span)  # fmt: skip
+        prefix = input_prefix(inputs)  # (batch, positions, hidden): the tie-breaker's input
         for third in holders:
             if tolerance(ServerKind.of(checker), ServerKind.of(third)) is None:
                 continue
