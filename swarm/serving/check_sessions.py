@@ -19,10 +19,14 @@ Why this keeps the spot checks' properties:
   speculative decoding send). Its inputs are coded for the wire like the hop's
   (``ClientConfig.activations``), and a session with LoRA adapters applies them on the
   checker too (a stateless forward could not).
-- A shadow's checker is re-drawn at random among the comparable holders with probability
-  :data:`CHECKER_REDRAW` per check (and whenever it fails, is banned or stops being
-  listed), so a liar cannot count on one colluding checker for a whole session; the new
-  shadow is fed the whole prefix once, the cost every check used to pay.
+- A shadow's checker is redrawn at random among the comparable holders now and then (and
+  whenever it fails, is banned or stops being listed), so a liar cannot count on one
+  colluding checker for a whole session. A new shadow is fed the whole prefix once, the
+  cost every check used to pay, so the chance per check is :data:`CHECKER_REDRAW` times
+  the share of the prefix that check covers: the redraws' prefills then cost on average
+  half of what the checks themselves compute, however long the session (a fixed chance
+  would make the checker's work quadratic in the length again). A session of L tokens
+  redraws about ``CHECKER_REDRAW * ln(L / prompt)`` times.
 - A shadow is fed from the smaller of what it holds and the check's first position: after
   a rollback (speculative decoding) the step's position rolls the checker's cache back
   as it does the hop's (``HostedSession.roll_back``). The checks of one hop run one at a
@@ -48,8 +52,9 @@ from swarm.serving.protocol import InferenceReply, InferenceStep
 from transport import coded
 from transport.errors import MalformedMessage, SwarmError
 
-CHECKER_REDRAW = 0.125
-"""Chance per check that a hop's shadow moves to a checker drawn anew (one prefill of the prefix)."""
+CHECKER_REDRAW = 0.5
+"""A check of w of a hop's L positions so far moves its shadow to a checker drawn anew with
+chance ``CHECKER_REDRAW * w / L`` (one prefill of L positions: w / 2 on average)."""
 
 OpenHop = Callable[[ServerRecord, Span, bool], Awaitable]
 """``InferenceSession._open_hop``: (server, span, pipelined) -> an opened hop (its ``stream``)."""

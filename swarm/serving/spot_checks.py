@@ -152,8 +152,9 @@ class SpotChecks:
             no comparable other holder; failed: checks that could not run (a server failed);
         verdicts: resolved mismatches; unresolved: mismatches no third holder could decide.
         largest_agreeing: the largest error of an agreeing comparison, as a share of its tolerance.
-        checker_redraw: chance per check that a hop's checker is drawn anew
-            (``check_sessions.CHECKER_REDRAW``); sessions: the checkers' sessions.
+        checker_redraw: a check of w of L positions draws the hop's checker anew with chance
+            ``checker_redraw * w / L`` (``check_sessions.CHECKER_REDRAW``); sessions: the
+            checkers' sessions.
     """
 
     def __init__(
@@ -296,7 +297,7 @@ class SpotChecks:
         self.rng.shuffle(holders)
         positions = [p for start, value in window for p in range(start, start + value.shape[1])]
         claimed = torch.cat([value for _, value in window], dim=1)  # (batch, len(positions), hidden)
-        redraw = self.rng.random() < self.checker_redraw
+        redraw = self.rng.random() < self.checker_redraw * len(positions) / inputs_end(inputs)
         checker, first, outputs = await self.sessions.recompute(hop, holders, inputs, positions[0], redraw)
         recomputed = outputs[:, [p - first for p in positions]]
         holders = [record for record in holders if record.peer_id != checker.peer_id]
