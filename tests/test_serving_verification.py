@@ -156,6 +156,31 @@ def test_liar_is_caught_banned_reported_and_generation_equals_honest(liar_swarm)
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_fraction_below_one_catches_within_its_period_whatever_the_draw(liar_swarm):
+    """At 0.25 every 4th step is checked, from a random first one: each session through the
+    liar raises within 4 + MAX_LAG_STEPS - 1 steps of the liar's first wrong output."""
+    swarm = liar_swarm
+    liar = swarm.peer_ids["liar"]
+
+    async def scenario():
+        caught_at = []
+        async with await swarm.connect(listing=("a", "b", "liar"), verify_fraction=0.25) as model:
+            for _ in range(4):  # four sessions, four draws of the first checked step
+                model.bans.forgive(liar)
+                async with model.inference_session(PROMPT.shape[1] + NEW_TOKENS) as session:
+                    assert [swarm.name_of(peer) for peer, _ in session.route] == ["liar"]
+                    assert session.checks.period == 4
+                    with pytest.raises(ServerMisbehaved):
+                        await model.generate(PROMPT, NEW_TOKENS, session=session)
+                    caught_at.append(session._step)
+        return caught_at
+
+    caught_at = asyncio.run(scenario())
+    assert all(steps <= LIE_AFTER + 4 + MAX_LAG_STEPS for steps in caught_at), caught_at
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_checker_computes_each_position_once_also_across_rollbacks(liar_swarm):
     """The checker's session holds the checked hop's inputs: each check feeds it only the
     positions since the last one (not the whole prefix), also when speculative decoding
