@@ -119,7 +119,7 @@ def _generation_part(quick: bool, fraction: float | None) -> tuple[int, float]:
         group = ProcessGroup(Path(tmp))
         try:
             return run_generation_part(
-                Path(tmp), [str(m) for m in bootstrap.visible_maddrs()], group, quick=quick
+                Path(tmp), [str(m) for m in bootstrap.visible_maddrs()], group, quick=quick, fraction=fraction
             )
         finally:
             group.close()
@@ -136,13 +136,13 @@ def main() -> int:
     parser.add_argument("--verify-fraction", type=float, default=None,
                         help="spot-check fraction of the generation half (default: the recommended one)")  # fmt: skip
     args = parser.parse_args()
+    torch.set_num_threads(1)  # on shared cores, two threads ran 16x slower per step (barrier spinning)
     if args.generation_only:
         detected, overhead = _generation_part(args.quick, args.verify_fraction)
         print(f"robust defended_loss_ratio=n/a undefended_loss_ratio=n/a detected_within_steps={detected} "
               f"verify_overhead_ratio={overhead:.3f}")  # fmt: skip
         return 0
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # on shared cores, two threads ran 16x slower per step (barrier spinning)
     if args.quick:
         setting = Setting(workers=4, inner_steps=30, rounds=args.rounds or 6, batch=8, seq_len=64, hidden=64,
                           layers=2, corpus_bytes=2_000_000)  # fmt: skip

@@ -14,11 +14,14 @@ route through it. Measured in one run:
   with spot checks on (the other honest server checks) over the same without, interleaved
   A B A B, median of each. Everything shares this machine's cores: a check's
   recomputation competes with the generation for CPU, as it would not across machines.
+  Also printed: CPU ms per token of the client and the servers together, which the
+  neighbours' load does not move as it moves wall time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from pathlib import Path
@@ -44,14 +47,34 @@ async def _steps_until_caught(model, prompt: torch.Tensor, tokens: int, liar: st
     raise RuntimeError(f"the liar was not caught within {tokens} tokens")
 
 
-async def _ms_per_token(model, prompt: torch.Tensor, tokens: int) -> float:
-    started = time.perf_counter()
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) this process and ``pids`` used so far (Linux /proc; others: 0)."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+async def _ms_per_token(model, prompt: torch.Tensor, tokens: int, pids: list[int]) -> tuple[float, float]:
+    """(wall ms, CPU ms of the client and the servers) per token of one generation."""
+    started, cpu = time.perf_counter(), _cpu_seconds(pids)
     await model.generate(prompt, tokens)
-    return (time.perf_counter() - started) * 1000 / tokens
+    return (time.perf_counter() - started) * 1000 / tokens, (_cpu_seconds(pids) - cpu) * 1000 / tokens
 
 
 async def _measure(
-    checkpoint, peers, ids: dict[str, str], fraction: float, tokens: int, repeats: int, trials: int
+    checkpoint,
+    peers,
+    ids: dict[str, str],
+    fraction: float,
+    tokens: int,
+    repeats: int,
+    trials: int,
+    pids: list[int],
 ):
     from swarm.serving import ClientConfig, RemoteModel
 
@@ -70,10 +93,10 @@ async def _measure(
                 if model.bans.ban(ids["liar"]) >= model.bans.max_seconds:
                     break
             await model.generate(prompt, 4)
-        plain_ms, verified_ms = [], []
+        plain_ms, verified_ms = [], []  # (wall, CPU) per run
         for _ in range(repeats):
-            plain_ms.append(await _ms_per_token(plain, prompt, tokens))
-            verified_ms.append(await _ms_per_token(verified, prompt, tokens))
+            plain_ms.append(await _ms_per_token(plain, prompt, tokens, pids))
+            verified_ms.append(await _ms_per_token(verified, prompt, tokens, pids))
         same = torch.equal(await plain.generate(prompt, tokens), await verified.generate(prompt, tokens))
     return detected, plain_ms, verified_ms, same
 
@@ -112,18 +135,24 @@ def run_generation_part(
             name: p.wait_for_line("ONLINE", timeout=300).strip().rsplit(" ", 1)[1]
             for name, p in processes.items()
         }
+        pids = [process.process.pid for process in processes.values()]
         detected, plain_ms, verified_ms, same = asyncio.run(
-            _measure(checkpoint, peers, ids, fraction, tokens, repeats, trials)
+            _measure(checkpoint, peers, ids, fraction, tokens, repeats, trials, pids)
         )
     finally:
         for process in processes.values():
             process.terminate(timeout=60)
-    plain, verified = statistics.median(plain_ms), statistics.median(verified_ms)
+    plain, verified = (statistics.median(wall for wall, _ in runs) for runs in (plain_ms, verified_ms))
+    plain_cpu, verified_cpu = (statistics.median(cpu for _, cpu in runs) for runs in (plain_ms, verified_ms))
     print(f"generation: 3 servers holding {layers} blocks of width {hidden}, one perturbing its outputs by "
           f"{float(PERTURBATION):.0%} from its step {LIE_AFTER + 1}; verify_fraction={fraction}")  # fmt: skip
     print(f"  caught after (steps from the first wrong output, per trial): {detected}")
-    print(f"  ms/token unverified (runs): {[f'{v:.1f}' for v in plain_ms]}")
-    print(f"  ms/token verified   (runs): {[f'{v:.1f}' for v in verified_ms]}")
+    print(f"  ms/token unverified (runs): {[f'{v:.1f}' for v, _ in plain_ms]}")
+    print(f"  ms/token verified   (runs): {[f'{v:.1f}' for v, _ in verified_ms]}")
     print(f"  medians {plain:.1f} / {verified:.1f} ms per token; verified tokens equal unverified: "
           f"{'yes' if same else 'NO'}")  # fmt: skip
+    # CPU time does not depend on what else runs on the machine as wall time does: on a
+    # saturated machine the wall ratio tends to it, on an idle one the checker's share hides
+    print(f"  CPU ms/token, client + servers (medians): {plain_cpu:.1f} / {verified_cpu:.1f} "
+          f"(ratio {verified_cpu / plain_cpu:.3f})")  # fmt: skip
     return max(detected), verified / plain

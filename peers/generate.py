@@ -18,9 +18,9 @@ from peers.options import configure_logging, run_async
 logger = logging.getLogger("swarm.generate")
 # ClientConfig.verify_fraction's help; the CLI does not import torch (settings.py) at start-up
 VERIFY_HELP = (
-    "share of steps another server holding the same blocks recomputes and compares; a server "
-    "caught lying is banned, reported, and the generation rerun without it (0: off; 0.33: a liar "
-    "is caught within 16 steps 99.6% of the time; output is shown once checked)"
+    "share of steps after which another server holding the same blocks recomputes the outputs since "
+    "the last check and compares; a server caught lying is banned, reported, and the generation rerun "
+    "without it (0: off; 0.125: a liar is caught within 10 steps; output is shown once checked)"
 )
 
 DESCRIPTION = """\

@@ -16,8 +16,9 @@ import torch
 from kernels import generate, load_local_model
 from swarm import PeerValue, ServerState
 from swarm.server_reports import MisbehaviourReport, count_reporters, parse_reports, reports_key
+from swarm.serving.check_sessions import input_prefix, inputs_end
 from swarm.serving.output_tolerance import ServerKind, relative_error, tolerance
-from swarm.serving.spot_checks import MAX_LAG_STEPS, ServerMisbehaved, input_prefix
+from swarm.serving.spot_checks import MAX_LAG_STEPS, ServerMisbehaved
 from tests.harness import NEW_TOKENS, PROMPT, ServingSwarm, make_server, wait_until
 
 LIE_AFTER = 3  # the liar answers its sessions' first steps honestly
@@ -56,8 +57,12 @@ def test_relative_error_is_per_position_and_refuses_non_finite():
 def test_input_prefix_follows_rollbacks():
     a, b, c = (torch.full((1, n, 2), float(v)) for v, n in ((1, 3), (2, 2), (3, 1)))
     assert input_prefix([(0, a), (3, b)]).shape[1] == 5
-    rolled = input_prefix([(0, a), (3, b), (4, c)])  # the step at 4 replaces b's second token
-    assert rolled[0, :, 0].tolist() == [1, 1, 1, 2, 3]
+    rolled = [(0, a), (3, b), (4, c)]  # the step at 4 replaces b's second token
+    assert input_prefix(rolled)[0, :, 0].tolist() == [1, 1, 1, 2, 3]
+    assert input_prefix(rolled, 2)[0, :, 0].tolist() == [1, 2, 3]  # only the tail
+    assert input_prefix(rolled, 4)[0, :, 0].tolist() == [3] and inputs_end(rolled) == 5
+    back = [(0, a), (3, b), (1, c)]  # rolled back to 1: a's first token, then c
+    assert input_prefix(back)[0, :, 0].tolist() == [1, 3] and inputs_end(back) == 2
 
 
 def test_reports_count_distinct_signers_and_skip_self_and_malformed():
@@ -147,6 +152,76 @@ def test_liar_is_caught_banned_reported_and_generation_equals_honest(liar_swarm)
         build_health_state(view, now=view.servers[liar].started_at + 60, tracker=RunProgressTracker())
     )
     assert "⚑ 1 reports" in page
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_fraction_below_one_catches_within_its_period_whatever_the_draw(liar_swarm):
+    """At 0.25 every 4th step is checked, from a random first one: each session through the
+    liar raises within 4 + MAX_LAG_STEPS - 1 steps of the liar's first wrong output."""
+    swarm = liar_swarm
+    liar = swarm.peer_ids["liar"]
+
+    async def scenario():
+        caught_at = []
+        async with await swarm.connect(listing=("a", "b", "liar"), verify_fraction=0.25) as model:
+            for _ in range(4):  # four sessions, four draws of the first checked step
+                model.bans.forgive(liar)
+                async with model.inference_session(PROMPT.shape[1] + NEW_TOKENS) as session:
+                    assert [swarm.name_of(peer) for peer, _ in session.route] == ["liar"]
+                    assert session.checks.period == 4
+                    with pytest.raises(ServerMisbehaved):
+                        await model.generate(PROMPT, NEW_TOKENS, session=session)
+                    caught_at.append(session._step)
+        return caught_at
+
+    caught_at = asyncio.run(scenario())
+    assert all(steps <= LIE_AFTER + 4 + MAX_LAG_STEPS for steps in caught_at), caught_at
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_checker_computes_each_position_once_also_across_rollbacks(liar_swarm):
+    """The checker's session holds the checked hop's inputs: each check feeds it only the
+    positions since the last one (not the whole prefix), also when speculative decoding
+    rolls positions back; honest outputs agree and tokens equal a local run."""
+    swarm = liar_swarm
+    local = load_local_model(swarm.checkpoint)
+    expected = generate(local, PROMPT, NEW_TOKENS)
+    repetitive = torch.tensor([[7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8]])  # prompt lookup drafts from it
+    expected_repetitive = generate(local, repetitive, NEW_TOKENS)
+
+    async def scenario():
+        results = []
+        async with await swarm.connect(listing=("a", "b", "liar"), verify_fraction=1.0) as model:
+            model.bans.ban(swarm.peer_ids["liar"])
+            for prompt, speculative in ((PROMPT, None), (repetitive, "lookup")):
+                async with model.inference_session(prompt.shape[1] + NEW_TOKENS + 8) as session:
+                    session.checks.checker_redraw = 0.0  # one checker for the session
+                    sent, step = [], session.step
+
+                    async def counted_step(hidden, step=step, sent=sent):
+                        sent.append(hidden.shape[1])  # positions the hop computes
+                        return await step(hidden)
+
+                    session.step = counted_step
+                    output = await model.generate(
+                        prompt, NEW_TOKENS, session=session, speculative=speculative
+                    )
+                    await session.checks.settle()
+                    results.append((output, session.position, sent, session.checks))
+        return results
+
+    (plain, plain_length, plain_sent, plain_checks), (drafted, length, sent, checks) = asyncio.run(scenario())
+    torch.testing.assert_close(plain, expected, rtol=0, atol=0)
+    torch.testing.assert_close(drafted, expected_repetitive, rtol=0, atol=0)
+    # every step checked; each position sent to the checker once, in one session
+    assert plain_checks.checks == len(plain_sent) and not plain_checks.mismatches and not plain_checks.failed
+    assert plain_checks.sessions.opened == 1 and plain_checks.sessions.positions_sent == plain_length
+    # rejected drafts were rolled back; the checker computed what the hop computed, no more
+    assert sum(sent) > length, (sent, length)
+    assert checks.checks == len(sent) and not checks.mismatches and not checks.failed
+    assert checks.sessions.opened == 1 and checks.sessions.positions_sent == sum(sent)
 
 
 @pytest.mark.slow

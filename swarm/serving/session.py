@@ -118,13 +118,13 @@ class InferenceSession:
         self.failovers = 0
         self.replay_failures = 0  # replacements that failed in turn while being replayed into
         self._step = 0
+        self._codec = wire_codec(config.activations)  # how hidden states travel, both ways
         # spot checks of the servers' outputs (spot_checks.py); None when verification is off
         self.checks = (
-            SpotChecks(servers, config.verify_fraction, config.step_timeout)
+            SpotChecks(servers, config.verify_fraction, config.step_timeout, self._open_hop, self._codec)
             if config.verify_fraction
             else None
         )
-        self._codec = wire_codec(config.activations)  # how hidden states travel, both ways
 
     async def __aenter__(self) -> InferenceSession:
         # Pipelined: the first step follows the openings without waiting for their answers;
@@ -140,7 +140,7 @@ class InferenceSession:
     async def close(self) -> None:
         """Ends the sessions on every server (after the spot checks in flight). Idempotent."""
         if self.checks is not None:
-            await self.checks.settle(raise_caught=False)
+            await self.checks.close()  # settles the checks, then ends the checkers' sessions
         chain, self.chain = self.chain, []
         for hop in chain:
             await hop.stream.close()

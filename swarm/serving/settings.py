@@ -81,8 +81,9 @@ class ClientConfig:
     verify_fraction: float = field(
         default=0.0,
         metadata={
-            "help": "share of steps whose outputs another holder of the same blocks recomputes and "
-            "compares (0: off; 0.33 catches a liar within 16 steps 99.6% of the time; see swarm/serving/spot_checks.py)"
+            "help": "share of steps after which another holder of the same blocks recomputes the outputs "
+            "since the last check and compares them (every round(1/f)-th step; 0: off; 0.125 catches a liar "
+            "within 10 steps of its first wrong output; see swarm/serving/spot_checks.py)"
         },
     )
 
