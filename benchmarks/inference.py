@@ -219,6 +219,8 @@ def _wan_rows(setup: _Setup, local, prompt, tokens: int, repeats: int) -> list[t
         floor = compute_ms + legs * (rtt_ms / 2 + transfer_ms)
         measured_floor = compute_ms + legs * (measured_rtt / 2 + transfer_ms)
         rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor))
+        print(f"{rtt_ms:.0f} ms RTT: local ms/token (runs) {[f'{v:.1f}' for v in local_runs]}, "
+              f"swarm {[f'{v:.1f}' for v in runs]}")  # fmt: skip
     return rows
 
 
