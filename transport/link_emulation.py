@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ from transport.errors import ConfigurationError
 log = logging.getLogger(__name__)
 
 ENVIRONMENT_VARIABLE = "SWARM_EMULATE_LINK"
+
+_TIMER_SLACK = 0.0015
+"""Seconds before a message is due that its timer fires; the last stretch is checked against
+the precise clock once per event-loop iteration, so a leg is not ~1 ms longer than asked."""
 
 
 @dataclass(frozen=True)
@@ -111,23 +116,33 @@ class DelayLine:
         self._deliver = deliver
         self._on_empty = on_empty
         self._loop = asyncio.get_running_loop()
-        self._queue: deque[tuple[float, Any]] = deque()  # (due loop time, item)
+        self._queue: deque[tuple[float, Any]] = deque()  # (due, on time.monotonic(), item)
         self._link_free = 0.0  # when the link has carried the bytes queued so far
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
 
     def put(self, item: Any, size: int) -> None:
         """Holds ``item`` (``size`` bytes on the wire) until it is due."""
-        now = self._loop.time()
+        now = time.monotonic()
         start = max(now, self._link_free)
         rate = self._link.bits_per_second
         self._link_free = start + (size * 8 / rate if rate else 0.0)
         self._queue.append((self._link_free + self._link.one_way_s, item))
         if self._timer is None:
-            self._timer = self._loop.call_at(self._queue[0][0], self._release)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        # Event-loop timers fire late by up to a millisecond or so (asyncio rounds its poll
+        # timeout up to whole milliseconds, uvloop keeps time in milliseconds): wake up to
+        # _TIMER_SLACK early and check the precise clock on each loop iteration from there.
+        wait = self._queue[0][0] - time.monotonic() - _TIMER_SLACK
+        if wait > 0:
+            self._timer = self._loop.call_later(wait, self._release)
+        else:
+            self._timer = self._loop.call_soon(self._release)
 
     def _release(self) -> None:
         self._timer = None
-        queue, now = self._queue, self._loop.time()
+        queue, now = self._queue, time.monotonic()
         while queue and queue[0][0] <= now:
             _, item = queue.popleft()
             try:
@@ -135,7 +150,7 @@ class DelayLine:
             except Exception:  # a timer callback: one bad delivery must not stop the line
                 log.exception("delivering an emulated-link message failed")
         if queue:
-            self._timer = self._loop.call_at(queue[0][0], self._release)
+            self._schedule()
         elif self._on_empty is not None:
             self._on_empty()
 
