@@ -190,7 +190,8 @@ def _chain_spans(layers: int) -> list[str]:
 
 
 def _wan_rows(setup: _Setup, local, prompt, tokens: int, repeats: int) -> list[tuple]:
-    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it).
+    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it,
+    ms over the floor pair by pair).
 
     Each link gets its own servers, started with ``SWARM_EMULATE_LINK`` set, and the client
     (this process) sets it too while it runs: every message, in every direction, waits."""
@@ -218,7 +219,11 @@ def _wan_rows(setup: _Setup, local, prompt, tokens: int, repeats: int) -> list[t
         transfer_ms = message_bits / (mbit * 1e6) * 1000
         floor = compute_ms + legs * (rtt_ms / 2 + transfer_ms)
         measured_floor = compute_ms + legs * (measured_rtt / 2 + transfer_ms)
-        rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor))
+        # the same per adjacent pair (swarm run - local run beside it): steadier when the
+        # machine's load drifts between pairs
+        paired = median([run - compute for run, compute in zip(runs, local_runs, strict=True)])
+        paired -= legs * (rtt_ms / 2 + transfer_ms)
+        rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor, paired))
         print(f"{rtt_ms:.0f} ms RTT: local ms/token (runs) {[f'{v:.1f}' for v in local_runs]}, "
               f"swarm {[f'{v:.1f}' for v in runs]}")  # fmt: skip
     return rows
@@ -231,12 +236,15 @@ def _print_wan(rows: list[tuple], loopback: tuple[float, float] | None) -> None:
     if loopback is not None:
         swarm_ms, local_ms = loopback
         print(f"{'loopback':<22} {swarm_ms:>9.1f} {local_ms:>9.1f} {swarm_ms - local_ms:>11.1f}")
-    for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor in rows:
+    for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor, paired in rows:
         link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
         print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f} {measured_rtt:>7.1f} "
-              f"{ms - measured_floor:>19.1f}   ({(ms / floor - 1) * 100:+.1f}% of the floor)")  # fmt: skip
+              f"{ms - measured_floor:>19.1f}   ({(ms / floor - 1) * 100:+.1f}% of the floor; "
+              f"paired: {paired:+.1f} ms, {paired / floor * 100:+.1f}%)")  # fmt: skip
     print("floor = local compute (interleaved runs) + (servers + 1) one-way latencies + one token's")
-    print("transfer per leg; ping = median round trip of a ping to the servers over the emulated link")
+    print("transfer per leg; paired = median over adjacent pairs of (swarm run - local run) minus the")
+    print("legs, the same distance measured pair by pair;")
+    print("ping = median round trip of a ping to the servers over the emulated link")
     print("(the link as measured, the servers' event loops included)")
 
 
