@@ -3,7 +3,7 @@
 Three real `swarm train` processes train a model large enough that one plain
 all-reduce takes a noticeable share of a round, with every member's data plane behind
 an emulated link of 100 Mbit/s and 50 ms round trip (the user-space delaying proxy of
-benchmarks/inference.py: each member announces the proxy's address, so every byte
+benchmarks/_proxy.py: each member announces the proxy's address, so every byte
 another member sends it waits for the link's transfer time plus 25 ms each way; netem
 is not available here). The DHT is not shaped.
 
@@ -32,7 +32,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks._common import free_port
-from benchmarks.inference import _proxy_main
+from benchmarks._proxy import proxy_main
 from kernels.tiny import write_tiny_checkpoint
 from peers.processes import ProcessGroup
 from swarm.dht import DHTConfig, SwarmDHT
@@ -59,7 +59,7 @@ def run_mode(name: str, model: Path, workdir: Path, common: list[str], extra: li
     ports = [free_port() for _ in range(MEMBERS)]
     routes = [(f"127.0.0.{i + 2}", port) for i, port in enumerate(ports)]
     ready = context.Event()
-    proxy = context.Process(target=_proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True)
+    proxy = context.Process(target=proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True)
     proxy.start()
     if not ready.wait(60):
         raise RuntimeError("the link-emulating proxy did not start")

@@ -12,11 +12,14 @@ benchmark's local baseline ran like that and came out 4x *slower* than the swarm
 
 ``--quick`` measures only the loopback comparison. Full mode adds
 
-* emulated links (20 ms and 100 ms round trip, 100 Mbit/s): every server sits behind
-  a user-space TCP proxy (one process for all of them) that holds each chunk for the
-  one-way latency plus its transfer time; servers announce the proxy's address, so
-  client->server, server->server pushes and the replies all cross an emulated link.
-  Reported against the floor: compute + (hops + 1) one-way latencies + transfers;
+* emulated links (20 ms and 100 ms round trip, 100 Mbit/s), emulated inside the
+  transport (``SWARM_EMULATE_LINK``, ``transport/link_emulation.py``): the servers and
+  the client each hold every message they receive for the one-way latency plus its
+  transfer time, so client -> server, the server -> server pushes and the replies each
+  cross one emulated link, with no proxy in the way (a user-space proxy cost ~2 ms of its
+  own per leg here). Reported against the floor: local compute (measured interleaved with
+  the swarm runs on that link) + (servers + 1) one-way latencies + one token's transfer
+  per leg (client -> s1 -> s2 -> s3 -> client); ``--wan-only`` runs only this table;
 * the batching gain: tokens/s of 16 concurrent sessions vs 1 on one server holding
   every block.
 
@@ -34,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -48,7 +50,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch
 
-from benchmarks._common import free_port, median, steal_meter
+from benchmarks._common import median, steal_meter
 
 SERVERS = 3
 INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after block
@@ -113,19 +115,23 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
     return local_ms, swarm_ms, equal, local_ttft, swarm_ttft
 
 
-async def _time_remote(checkpoint, peers, prompt, tokens: int, repeats: int) -> tuple[list[float], float]:
-    """ms per token of ``repeats`` runs, and the median round trip of a ping to the servers (ms):
-    the link as the swarm sees it, emulator and servers' event loops included."""
+async def _time_remote(checkpoint, peers, local, prompt, tokens: int, repeats: int):
+    """Interleaved local / swarm runs -> (local ms per token, swarm ms per token, the median round
+    trip of a ping to the servers in ms: the link as the swarm sees it, servers' event loops included)."""
     from swarm.serving import RemoteModel
 
     async with RemoteModel.connect(checkpoint, peers) as remote:
         await remote.generate(prompt, 2)
-        runs = [(await _time_swarm(remote, prompt, tokens))[0] for _ in range(repeats)]
+        _time_local(local, prompt, 2)
+        local_runs, runs = [], []
+        for _ in range(repeats):  # A B A B: the floor's compute under the same load as the swarm's
+            local_runs.append(_time_local(local, prompt, tokens))
+            runs.append((await _time_swarm(remote, prompt, tokens))[0])
         pings = []
         for server in (await remote.servers.view()).values():
             connection = await remote.connection_to(server)
             pings += [await connection.ping(timeout=10) * 1000 for _ in range(PINGS)]
-        return runs, median(pings)
+        return local_runs, runs, median(pings)
 
 
 async def _batching_gain(checkpoint, peers, prompt, tokens: int) -> tuple[float, float, int]:
@@ -156,13 +162,15 @@ def _write_checkpoint(directory: Path, layers: int, hidden: int) -> None:
     save_checkpoint(directory, config, make_random_state(config, seed=0, std=INIT_STD))
 
 
-def _start_servers(setup: _Setup, name: str, spans: list[str], extra: list[list[str]] | None = None):
+def _start_servers(setup: _Setup, name: str, spans: list[str], extra: list[list[str]] | None = None,
+                   env: dict[str, str] | None = None):  # fmt: skip
+    """One `swarm join` per span (``extra``: more flags for each; ``env``: added to the environment)."""
     processes = []
     for i, blocks in enumerate(spans):
         args = ["join", "--model", str(setup.checkpoint), "--blocks", blocks, "--initial-peers", *setup.peers,
                 "--torch-threads", str(setup.threads), "--throughput-cache",
                 str(setup.tmp_path / "throughput.json"), *(extra[i] if extra else [])]  # fmt: skip
-        processes.append(setup.group.start(f"{name}{i}", args))
+        processes.append(setup.group.start(f"{name}{i}", args, env))
     for process in processes:
         process.wait_for_line("ONLINE", timeout=300)
     return processes
@@ -178,102 +186,66 @@ def _chain_spans(layers: int) -> list[str]:
     return [f"{bounds[i]}:{bounds[i + 1]}" for i in range(SERVERS)]
 
 
-# Emulated links: a delaying TCP proxy in front of every server.
-
-
-async def _pump(reader, writer, one_way, bits_per_second) -> None:
-    """Forwards one direction: a chunk leaves once the link has carried it, plus the latency."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def deliver() -> None:
-        while (item := await queue.get()) is not None:
-            due, data = item
-            if (wait := due - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
-
-    delivery = asyncio.create_task(deliver())
-    link_free = 0.0
-    try:
-        while data := await reader.read(1 << 16):
-            start = max(loop.time(), link_free)
-            link_free = start + len(data) * 8 / bits_per_second.value
-            queue.put_nowait((link_free + one_way.value, data))
-    except ConnectionError:
-        pass
-    finally:
-        queue.put_nowait(None)
-        try:
-            await delivery
-        except ConnectionError:
-            pass
-        writer.close()
-
-
-async def _serve_proxies(routes, one_way, bits_per_second, ready) -> None:
-    async def connect(listen_host: str, target: tuple[str, int]):
-        async def handle(reader, writer) -> None:
-            try:
-                upstream_reader, upstream_writer = await asyncio.open_connection(*target)
-            except OSError:
-                writer.close()
-                return
-            await asyncio.gather(
-                _pump(reader, upstream_writer, one_way, bits_per_second),
-                _pump(upstream_reader, writer, one_way, bits_per_second),
-            )
-
-        return await asyncio.start_server(handle, listen_host, target[1])
-
-    servers = [await connect(host, ("127.0.0.1", port)) for host, port in routes]
-    ready.set()
-    await asyncio.gather(*(server.serve_forever() for server in servers))
-
-
-def _proxy_main(routes, one_way, bits_per_second, ready) -> None:
-    """Process entry: proxies ``listen_host:port -> 127.0.0.1:port`` for each route."""
-    asyncio.run(_serve_proxies(routes, one_way, bits_per_second, ready))
-
-
 # Reports.
 
 
-def _wan_rows(setup: _Setup, prompt, tokens: int, repeats: int, compute_ms: float) -> list[tuple]:
-    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it)."""
-    context = multiprocessing.get_context("spawn")
-    one_way, bits_per_second = context.Value("d", 0.0), context.Value("d", 1e9)
-    ports = [free_port() for _ in range(SERVERS)]
-    routes = [(f"127.0.0.{i + 2}", port) for i, port in enumerate(ports)]
-    ready = context.Event()
-    proxy = context.Process(target=_proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True)
-    proxy.start()
-    if not ready.wait(60):
-        raise RuntimeError("the link-emulating proxy did not start")
-    extra = [["--port", str(port), "--announce-host", host] for host, port in routes]
+def _wan_rows(setup: _Setup, local, prompt, tokens: int, repeats: int) -> list[tuple]:
+    """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it,
+    ms over the floor pair by pair).
+
+    Each link gets its own servers, started with ``SWARM_EMULATE_LINK`` set, and the client
+    (this process) sets it too while it runs: every message, in every direction, waits."""
     from kernels import load_config
+    from transport import EmulatedLink
+    from transport.link_emulation import ENVIRONMENT_VARIABLE
 
     config = load_config(setup.checkpoint)
-    processes = _start_servers(setup, "wan", _chain_spans(config.num_layers), extra)
     message_bits = (config.hidden_size * 4 + 512) * 8  # one token's activations (float32) plus framing
     rows = []
-    try:
-        for rtt_ms, mbit in LINKS:
-            one_way.value, bits_per_second.value = rtt_ms / 2000, mbit * 1e6
-            runs, measured_rtt = asyncio.run(
-                _time_remote(setup.checkpoint, setup.peers, prompt, tokens, repeats)
+    for rtt_ms, mbit in LINKS:
+        link = EmulatedLink(rtt_ms / 2000, mbit * 1e6).to_environment()
+        processes = _start_servers(setup, f"wan{rtt_ms:.0f}_", _chain_spans(config.num_layers),
+                                   env={ENVIRONMENT_VARIABLE: link})  # fmt: skip
+        os.environ[ENVIRONMENT_VARIABLE] = link  # the client's endpoint (made in connect) reads it
+        try:
+            local_runs, runs, measured_rtt = asyncio.run(
+                _time_remote(setup.checkpoint, setup.peers, local, prompt, tokens, repeats)
             )
-            legs = SERVERS + 1  # client -> s1 -> s2 -> s3 -> client
-            transfer_ms = message_bits / (mbit * 1e6) * 1000
-            floor = compute_ms + legs * (rtt_ms / 2 + transfer_ms)
-            measured_floor = compute_ms + legs * (measured_rtt / 2 + transfer_ms)
-            rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor))
-    finally:
-        _stop(processes)
-        proxy.terminate()
-        proxy.join(10)
+        finally:
+            del os.environ[ENVIRONMENT_VARIABLE]
+            _stop(processes)
+        compute_ms = median(local_runs)
+        legs = SERVERS + 1  # client -> s1 -> s2 -> s3 -> client
+        transfer_ms = message_bits / (mbit * 1e6) * 1000
+        floor = compute_ms + legs * (rtt_ms / 2 + transfer_ms)
+        measured_floor = compute_ms + legs * (measured_rtt / 2 + transfer_ms)
+        # the same per adjacent pair (swarm run - local run beside it): steadier when the
+        # machine's load drifts between pairs
+        paired = median([run - compute for run, compute in zip(runs, local_runs, strict=True)])
+        paired -= legs * (rtt_ms / 2 + transfer_ms)
+        rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor, paired))
+        print(f"{rtt_ms:.0f} ms RTT: local ms/token (runs) {[f'{v:.1f}' for v in local_runs]}, "
+              f"swarm {[f'{v:.1f}' for v in runs]}")  # fmt: skip
     return rows
+
+
+def _print_wan(rows: list[tuple], loopback: tuple[float, float] | None) -> None:
+    print(
+        f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11} {'ping':>7} {'over floor on ping':>19}"
+    )
+    if loopback is not None:
+        swarm_ms, local_ms = loopback
+        print(f"{'loopback':<22} {swarm_ms:>9.1f} {local_ms:>9.1f} {swarm_ms - local_ms:>11.1f}")
+    for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor, paired in rows:
+        link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
+        print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f} {measured_rtt:>7.1f} "
+              f"{ms - measured_floor:>19.1f}   ({(ms / floor - 1) * 100:+.1f}% of the floor; "
+              f"paired: {paired:+.1f} ms, {paired / floor * 100:+.1f}%)")  # fmt: skip
+    print("floor = local compute (interleaved runs) + (servers + 1) one-way latencies + one token's")
+    print("transfer per leg; paired = median over adjacent pairs of (swarm run - local run) minus the")
+    print("legs, the same distance measured pair by pair;")
+    print("ping = median round trip of a ping to the servers over the emulated link")
+    print("(the link as measured, the servers' event loops included)")
 
 
 def main() -> None:
@@ -281,8 +253,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="loopback comparison only, 5 repeats")
+    parser.add_argument(
+        "--wan-only", action="store_true", help="only the emulated links' table (full mode's)"
+    )
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per run (loopback)")
     parser.add_argument("--wan-tokens", type=int, default=16, help="tokens per run on emulated links")
+    parser.add_argument("--wan-repeats", type=int, default=5, help="interleaved local/swarm runs per link")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument(
@@ -312,21 +288,29 @@ def main() -> None:
         peers = [str(m) for m in bootstrap.visible_maddrs()]
         setup = _Setup(checkpoint, tmp_path, peers, args.threads, ProcessGroup(tmp_path))
         try:
-            processes = _start_servers(setup, "server", _chain_spans(args.layers))
-            with steal_meter(report):
-                local_ms, swarm_ms, equal, local_ttft, swarm_ttft = asyncio.run(
-                    _compare(checkpoint, peers, local, prompt, args.tokens, repeats)
-                )
-            _stop(processes)
-            if not args.quick:
-                compute_ms = median(local_ms)
-                wan = _wan_rows(setup, prompt, args.wan_tokens, 3, compute_ms)
+            if args.wan_only:
+                wan = _wan_rows(setup, local, prompt, args.wan_tokens, args.wan_repeats)
+            else:
+                processes = _start_servers(setup, "server", _chain_spans(args.layers))
+                with steal_meter(report):
+                    local_ms, swarm_ms, equal, local_ttft, swarm_ttft = asyncio.run(
+                        _compare(checkpoint, peers, local, prompt, args.tokens, repeats)
+                    )
+                _stop(processes)
+            if not args.quick and not args.wan_only:
+                wan = _wan_rows(setup, local, prompt, args.wan_tokens, args.wan_repeats)
                 (whole,) = _start_servers(setup, "whole", [f"0:{args.layers}"])
                 single, many, batched = asyncio.run(_batching_gain(checkpoint, peers, prompt, args.tokens))
                 _stop([whole])
         finally:
             setup.group.close()
             bootstrap.shutdown()
+    load_after = os.getloadavg()
+    if args.wan_only:
+        _print_wan(wan, None)
+        print(f"threads per process: {args.threads}; load average before/after: "
+              f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
+        return
     local_median, swarm_median = median(local_ms), median(swarm_ms)
     overhead = (swarm_median - local_median) / SERVERS
     print(f"local ms/token (runs): {[f'{v:.1f}' for v in local_ms]}")
@@ -337,25 +321,12 @@ def main() -> None:
     print(f"swarm tokens equal local tokens: {'yes' if equal else 'NO'}")
     print(f"time to first token, local ms (runs): {[f'{v:.1f}' for v in local_ttft]}")
     print(f"time to first token, swarm ms (runs): {[f'{v:.1f}' for v in swarm_ttft]}")
-    load_after = os.getloadavg()
     print(f"threads per process: {args.threads}; cpu steal during the loopback runs: "
           f"{report['steal_percent']:.1f}%; load average before/after: "
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
     if not args.quick:
         print()
-        print(
-            f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11} {'ping':>7} {'over floor on ping':>19}"
-        )
-        print(
-            f"{'loopback':<22} {swarm_median:>9.1f} {local_median:>9.1f} {swarm_median - local_median:>11.1f}"
-        )
-        for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor in wan:
-            link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
-            print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f} {measured_rtt:>7.1f} "
-                  f"{ms - measured_floor:>19.1f}")  # fmt: skip
-        print("floor = local compute + (servers + 1) one-way latencies + one token's transfer per leg;")
-        print("ping = median round trip of a ping to the servers through the emulated link (what the link")
-        print("costs as measured, the emulator's own delay and the servers' event loops included)")
+        _print_wan(wan, (swarm_median, local_median))
         print()
         print(f"one server, all {args.layers} blocks: 1 session {single:.1f} tokens/s, {BATCH_SESSIONS} "
               f"sessions {many:.1f} tokens/s (gain {many / single:.1f}x, {batched} steps batched)")  # fmt: skip

@@ -3,7 +3,7 @@
 Prompts are cut from the standard library's sources (modules the model never saw), 64
 greedy tokens each, through 3 `swarm join` servers (12 blocks of width 1024, as in
 ``benchmarks/inference.py``) that sit behind the user-space delaying proxy of
-``benchmarks/inference.py`` (100 ms round trip, 100 Mbit/s: client -> s1 -> s2 -> s3 ->
+``benchmarks/_proxy.py`` (100 ms round trip, 100 Mbit/s: client -> s1 -> s2 -> s3 ->
 client all cross it). Each prompt runs without and with prompt-lookup speculation,
 interleaved A B A B, in one client; the tokens of both must be equal.
 
@@ -41,7 +41,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import torch
 
 from benchmarks._common import free_port, median, steal_meter
-from benchmarks.inference import INIT_STD, SERVERS, _chain_spans, _proxy_main, _Setup, _start_servers, _stop
+from benchmarks._proxy import proxy_main
+from benchmarks.inference import INIT_STD, SERVERS, _chain_spans, _Setup, _start_servers, _stop
 
 PROMPT_MODULES = ("functools.py", "contextlib.py", "dataclasses.py", "enum.py", "argparse.py", "typing.py")
 PROMPT_TOKENS = 192
@@ -156,7 +157,7 @@ def main() -> None:
         routes = [(f"127.0.0.{i + 2}", free_port()) for i in range(SERVERS)]
         ready = context.Event()
         proxy = context.Process(
-            target=_proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True
+            target=proxy_main, args=(routes, one_way, bits_per_second, ready), daemon=True
         )
         proxy.start()
         bootstrap = SwarmDHT(

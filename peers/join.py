@@ -8,6 +8,7 @@ test faults are passed to the server as a hook (``peers/faults.py``).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 
@@ -173,6 +174,10 @@ async def _serve(peer: RunningPeer) -> None:
     )
 
     def online(server: InferenceServer) -> None:
+        # Everything alive now (torch, hivemind, the span's modules: millions of objects) is
+        # left out of the collector's full scans, each of which stalled this process's event
+        # loop for ~0.4 s in the middle of a step on the 2-core VM (issue #18).
+        gc.freeze()
         print(f"ONLINE serving blocks {server.span} at {peer.address} as {peer.dht.peer_id}", flush=True)
         if publisher is not None:
             publisher.notify()

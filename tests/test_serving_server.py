@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 
 import pytest
 import torch
@@ -274,6 +275,40 @@ def test_batched_steps_equal_steps_alone(tmp_path):
     assert batched.forwards == len(prefixes) + 1
     for mine, theirs in zip(together, alone, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_short_forwards_run_on_the_event_loop_and_long_ones_in_a_thread(tmp_path):
+    """In-process: a forward no bigger than one that ran under ``inline_seconds`` runs on the
+    event loop's thread (no hand-offs); the first of its size, a bigger one, or any with
+    ``inline_seconds=0`` runs in a worker thread; the outputs are the same either way."""
+    write_tiny_checkpoint(tmp_path, num_layers=2, hidden_size=HIDDEN)
+    blocks = load_blocks(tmp_path, 0, 2, torch.float32, "cpu").eval()
+    torch.manual_seed(0)
+    prompt, token, longer = torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN), torch.randn(1, 6, HIDDEN)
+
+    class Recording(StepBatcher):
+        def _forward(self, group):
+            threads.append(threading.get_ident())
+            return super()._forward(group)
+
+    async def scenario(inline_seconds: float):
+        batcher = Recording(blocks, inline_seconds=inline_seconds)
+        runner = asyncio.create_task(batcher.run())
+        cache = blocks.allocate_cache(1, 16)
+        outputs = [await batcher.step(cache, prompt, 0), await batcher.step(cache, token, 4),
+                   await batcher.step(cache, prompt, 0), await batcher.step(cache, longer, 4)]  # fmt: skip
+        runner.cancel()
+        return outputs, threading.get_ident()
+
+    threads: list[int] = []
+    inline, loop_thread = asyncio.run(scenario(inline_seconds=60.0))
+    # 4 positions: first of its size (thread); 1: no more than 4 (loop); 4 again (loop); 6 (thread)
+    assert [thread == loop_thread for thread in threads] == [False, True, True, False]
+    threads.clear()
+    threaded, loop_thread = asyncio.run(scenario(inline_seconds=0.0))
+    assert loop_thread not in threads
+    for mine, theirs in zip(inline, threaded, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ Public surface (everything else is private to the package)::
     / MemoryEndpoint + MemoryNetwork
     Connection, ClientStream, ServerStream, RequestContext
     KeyPair, Limits, Timeouts                        configuration values
+    EmulatedLink                                     a slow link emulated inside the transport
+                                                     (benchmarks and tests: SWARM_EMULATE_LINK)
     the error tree of ``transport.errors``
 """
 
@@ -48,6 +50,7 @@ from transport.errors import (
     UnknownMessageKind,
 )
 from transport.limits import PROTOCOL_VERSION, Limits, Timeouts
+from transport.link_emulation import EmulatedLink
 from transport.memory import MemoryEndpoint, MemoryNetwork
 from transport.messages import (
     DEFAULT_REGISTRY,
@@ -86,6 +89,7 @@ __all__ = [
     "ConfigurationError",
     "Connection",
     "DeadlineExceeded",
+    "EmulatedLink",
     "Endpoint",
     "ErrorReply",
     "FatalError",

@@ -50,6 +50,7 @@ from transport.errors import (
     NotAuthorized,
     PeerUnavailable,
 )
+from transport.link_emulation import DelayLine, DelayLines, EmulatedLink, frames_size
 from transport.messages import PeerKey
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,13 @@ class ZmqConnection(Connection):
     handshake.
     """
 
-    def __init__(self, socket: zmq.Socket, monitor: zmq.Socket, **kwargs: Any):
+    def __init__(
+        self, socket: zmq.Socket, monitor: zmq.Socket, link: EmulatedLink | None = None, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self._socket = socket
+        # benchmarks only (transport/link_emulation.py): replies are held as if over a slow link
+        self._delay = DelayLine(link, self.deliver) if link is not None else None
         self._monitor = monitor
         self._outbox: deque[tuple[list[Any], asyncio.Future | None, float]] = deque()
         self._up = False  # an encrypted session with the peer is established now
@@ -209,7 +214,11 @@ class ZmqConnection(Connection):
             except zmq.ZMQError:
                 break  # drained (EAGAIN): the descriptor signals the next reply
             try:
-                self.deliver([frame.buffer for frame in frames])
+                if self._delay is not None:
+                    buffers = [frame.buffer for frame in frames]
+                    self._delay.put(buffers, frames_size(buffers))
+                else:
+                    self.deliver([frame.buffer for frame in frames])
             except Exception:  # a bug of ours must not stop the reading
                 log.exception("reply from %s could not be delivered", self.address)
         else:
@@ -258,6 +267,8 @@ class ZmqConnection(Connection):
     async def _close(self, error: PeerUnavailable) -> None:
         self._up = False
         self._outbox.clear()
+        if self._delay is not None:
+            self._delay.close()
         if not self._handshake.done():
             self._handshake.set_exception(error)
             self._handshake.exception()  # read here: ``connect`` may have stopped waiting
@@ -277,15 +288,23 @@ class Endpoint(BaseEndpoint):
         keys, swarm_key, limits, timeouts, registry: see ``BaseEndpoint``.
         encrypted: CURVE on (default). Off only for trusted links and benchmarks;
             a ``swarm_key`` requires it.
+        link: EMULATION for benchmarks and tests: hold every received message as if it
+            crossed this link (``transport/link_emulation.py``); by default the one
+            ``SWARM_EMULATE_LINK`` names, none when it is unset.
     Raises:
-        ConfigurationError: a swarm_key without encryption, or bad keys.
+        ConfigurationError: a swarm_key without encryption, bad keys, or a malformed
+            ``SWARM_EMULATE_LINK``.
     """
 
-    def __init__(self, keys: Any = None, *, encrypted: bool = True, **kwargs: Any):
+    def __init__(
+        self, keys: Any = None, *, encrypted: bool = True, link: EmulatedLink | None = None, **kwargs: Any
+    ):
         super().__init__(keys, **kwargs)
         if self.swarm_key is not None and not encrypted:
             raise ConfigurationError("swarm_key needs encrypted=True (admission is bound to CURVE keys)")
         self.encrypted = encrypted
+        self.link = link if link is not None else EmulatedLink.from_environment()
+        self._delays: DelayLines | None = None  # per client, made on the first request (emulation only)
         self._context: zmq.asyncio.Context | None = None
         self._router: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -354,12 +373,22 @@ class Endpoint(BaseEndpoint):
                 route = frames[0].bytes
                 peer = PeerKey(frames[1].get("User-Id").encode()) if encrypted and len(frames) > 1 else None
                 try:
+                    if self.link is not None:
+                        self._hold(route, peer, [frame.buffer for frame in frames[1:]])
+                        continue
                     receive([frame.buffer for frame in frames[1:]], route, peer)
                 except Exception:  # the dispatcher never raises; if it does, keep serving
                     log.exception("dispatching a message from %r failed", peer)
         finally:
             self._draining = False
         self._loop.call_soon(self._on_router_events)  # type: ignore[union-attr]  # more waiting
+
+    def _hold(self, route: bytes, peer: PeerKey | None, buffers: list) -> None:
+        """Emulation only: dispatches ``buffers`` once the emulated link from ``route`` delivers them."""
+        if self._delays is None:
+            receive = self._dispatcher.receive
+            self._delays = DelayLines(self.link, lambda item: receive(*item))
+        self._delays.put(route, (buffers, route, peer), frames_size(buffers))
 
     def _send_to(self, route: object, frames: list) -> None:
         router = self._router
@@ -411,6 +440,7 @@ class Endpoint(BaseEndpoint):
             connection = ZmqConnection(
                 socket,
                 monitor,
+                link=self.link,
                 address=address,
                 server_key=PeerKey(server_public_key) if self.encrypted else None,  # type: ignore[arg-type]
                 registry=self.registry,
@@ -438,6 +468,8 @@ class Endpoint(BaseEndpoint):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._delays is not None:
+            self._delays.close()
         if self._router is not None:
             self._loop.remove_reader(self._router.FD)  # type: ignore[union-attr]
             self._router.close(linger=0)

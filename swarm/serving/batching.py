@@ -9,11 +9,19 @@ prefix in, ``kernels.scatter_new_tokens`` the new positions back): the copies co
 far less than a forward per session because the weights are read once for the whole
 group. ``SpanBatchers`` keeps a server's batchers (one per sub-span asked for) and
 stops each once no session uses it.
+
+A group whose forward is known to be short (``StepBatcher.inline_seconds``: the last
+forward of as many positions or more took less) runs on the event loop itself instead of a
+worker thread: handing a forward to a thread and its result back costs two thread
+wake-ups, 0.4 ms each on an idle 2-core VM and 2-9 ms each when it is loaded, on every
+hop of every token (issue #18's per-step trace). A longer forward still runs in a thread,
+so the server keeps answering pings and taking messages during it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -22,6 +30,11 @@ import torch
 
 from kernels import BlockSpan, KVCache, gather_prefixes, scatter_new_tokens
 from kernels.lora import RowAdapters, lora_on_blocks
+
+INLINE_SECONDS = 0.05
+"""A forward known to take less than this runs on the event loop (no thread hand-offs). Far
+under the clients' ping deadline (``ClientConfig.step_deadline_floor / 2``, 1 s by
+default), so a server busy with one never looks hung."""
 
 
 @dataclass
@@ -65,7 +78,10 @@ class GroupQueue(ABC):
                 if not group:
                     continue
                 try:
-                    results = await asyncio.to_thread(self._run_group, group)
+                    if self._runs_inline(group):
+                        results = self._run_group(group)
+                    else:
+                        results = await asyncio.to_thread(self._run_group, group)
                 except Exception as error:  # reported to every item of the group
                     for item in group:
                         if not item.future.done():
@@ -88,6 +104,10 @@ class GroupQueue(ABC):
         self._queue = rest
         return group
 
+    def _runs_inline(self, group: list) -> bool:
+        """Whether ``group`` runs on the event loop itself (short enough not to hold it up)."""
+        return False
+
     @abstractmethod
     def _group_key(self, item) -> Hashable:
         """Items run together only when their keys are equal."""
@@ -103,14 +123,26 @@ class StepBatcher(GroupQueue):
     Args:
         span: the blocks.
         max_rows: rows in one forward at most.
+        inline_seconds: a group runs on the event loop when the last forward of as many rows
+            and new tokens took less than this (0: always in a worker thread).
     """
 
-    def __init__(self, span: BlockSpan, max_rows: int = 64):
+    def __init__(self, span: BlockSpan, max_rows: int = 64, inline_seconds: float = INLINE_SECONDS):
         super().__init__(max_rows)
         self.span = span
         self.forwards = 0
         self.batched_steps = 0
+        self.inline_seconds = inline_seconds
         self._param = next(span.parameters())
+        self._last_seconds: dict[int, float] = {}  # positions (rows x new tokens) -> its last forward
+
+    def _runs_inline(self, group: list[_Pending]) -> bool:
+        # short if as many positions or more went through quickly last time (a forward's cost
+        # grows with its positions)
+        positions = _positions(group)
+        return any(
+            n >= positions and seconds < self.inline_seconds for n, seconds in self._last_seconds.items()
+        )
 
     async def step(self, cache: KVCache, hidden: torch.Tensor, position: int, adapter=None) -> torch.Tensor:
         """Appends hidden (rows, new_tokens, hidden) at ``position`` of every row; returns the output.
@@ -126,7 +158,10 @@ class StepBatcher(GroupQueue):
         return item.hidden.shape[1]  # new tokens
 
     def _run_group(self, group: list[_Pending]) -> list[torch.Tensor]:
-        return self._forward(group)
+        started = time.perf_counter()
+        results = self._forward(group)
+        self._last_seconds[_positions(group)] = time.perf_counter() - started
+        return results
 
     def _forward(self, group: list[_Pending]) -> list[torch.Tensor]:
         if all(item.adapter is None for item in group):
@@ -165,6 +200,11 @@ class StepBatcher(GroupQueue):
             output[offset : offset + count].to(item.hidden.dtype)
             for item, offset, count in zip(group, offsets, rows, strict=True)
         ]
+
+
+def _positions(group: list[_Pending]) -> int:
+    """Rows times new tokens of a group: what its forward's duration grows with."""
+    return sum(item.hidden.shape[0] for item in group) * group[0].hidden.shape[1]
 
 
 class SpanBatchers:

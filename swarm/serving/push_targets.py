@@ -11,6 +11,12 @@ output reaches only the holder of that key, whatever listens at the address.
 Listings are cached per block and refreshed at most every ``min_refresh`` seconds, so a
 client that names a new address at every step cannot make the server hammer the DHT.
 A push that is refused is only logged: the client's own copy of the input covers it.
+
+A target found in a listing older than ``ttl`` is still allowed at once, and the listing
+is refreshed in the background (at most one lookup per block in flight): a push never
+waits for a DHT lookup to a server it already pushed to, which before cost a lookup in
+the middle of a step every ``ttl`` seconds (issue #18). The target was listed under that
+key, and the CURVE handshake still binds the push to that key's holder.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class PushTargets:
         self._clock = clock
         self._listed: dict[int, tuple[float, frozenset[tuple[str, bytes]]]] = {}  # block -> (when, targets)
         self._locks: dict[int, asyncio.Lock] = {}
+        self._refreshes: dict[int, asyncio.Task] = {}  # block -> background lookup in flight
 
     async def allows(self, address: str, key: bytes, block: int) -> bool:
         """Whether a server of ``block`` announces ``address`` with CURVE key ``key``.
@@ -62,13 +69,34 @@ class PushTargets:
         """
         target = (address, key)
         cached = self._listed.get(block)
-        if cached is not None and target in cached[1] and self._clock() - cached[0] < self._ttl:
+        if cached is not None and target in cached[1]:
+            if self._clock() - cached[0] >= self._ttl:
+                self._refresh_in_background(block)
             return True
         async with self._locks.setdefault(block, asyncio.Lock()):
             cached = self._listed.get(block)  # a concurrent caller may have just looked it up
             if cached is None or self._clock() - cached[0] >= self._min_refresh:
                 cached = await self._look_up(block)
         return cached is not None and target in cached[1]
+
+    def _refresh_in_background(self, block: int) -> None:
+        running = self._refreshes.get(block)
+        if running is not None and not running.done():
+            return
+        lock = self._locks.setdefault(block, asyncio.Lock())
+
+        async def refresh() -> None:
+            async with lock:
+                await self._look_up(block)
+
+        self._refreshes[block] = asyncio.get_running_loop().create_task(refresh())
+
+    async def close(self) -> None:
+        """Stops the background lookups in flight."""
+        refreshes, self._refreshes = list(self._refreshes.values()), {}
+        for task in refreshes:
+            task.cancel()
+        await asyncio.gather(*refreshes, return_exceptions=True)
 
     async def _look_up(self, block: int) -> tuple[float, frozenset[tuple[str, bytes]]] | None:
         try:

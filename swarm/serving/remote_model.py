@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
@@ -144,6 +145,10 @@ class RemoteModel:
         endpoint = Endpoint(swarm_key=swarm_key, timeouts=Timeouts(connect=config.connect_timeout))
         try:
             model = await asyncio.to_thread(cls, checkpoint_dir, dht, endpoint, config)
+            # What is alive now (torch, hivemind, the model's pieces: millions of objects) is left
+            # out of the collector's full scans: one took ~0.4 s on a 2-core VM and stalled a
+            # token in the middle of a generation (issue #18).
+            gc.freeze()
             await model._check_model_record()
             await model.servers.start()  # the live view: its first lookup overlaps what the caller does next
             model.loop = asyncio.get_running_loop()  # where its connections live (see forward)

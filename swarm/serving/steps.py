@@ -70,7 +70,8 @@ class StepService:
         endpoint.add_stream_handler(OpenInference, self._serve_session)
 
     async def close(self) -> None:
-        """Closes the connections to push targets."""
+        """Closes the connections to push targets (and their listings' background lookups)."""
+        await self.push_targets.close()
         for connection in self._connections.values():
             await connection.close()
         self._connections.clear()
