@@ -2,7 +2,8 @@
 
 A :class:`PartState` collects the contributions to one part, waits for them with a
 deadline, and reduces them robustly (:func:`~swarm.training.robust.aggregate`, computed
-by :func:`~swarm.training.robust_buffers.aggregate_buffered`: same bits, faster) through
+by :func:`~swarm.training.robust_buffers.aggregate_buffered`: cache-blocked, the same bits on
+every member, within a stated tolerance of the reference) through
 the wire codec. Contributions may arrive in chunks (the wire sends a part as a stream of
 messages of about a megabyte, see ``swarm.training.averaging``): each chunk is copied
 into its place in one buffer the part allocates once per round, and a
