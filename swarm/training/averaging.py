@@ -34,6 +34,7 @@ import torch
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
 from swarm.training.chunk_streams import CHUNK_BYTES, send_chunks
 from swarm.training.parts import fallback_reducer
+from swarm.training.reduction import BufferPool
 from swarm.training.robust import RobustConfig
 from transport import (
     BaseEndpoint,
@@ -214,6 +215,9 @@ class AveragingService:
         self.all_reduces = 0
         """All-reduces this service has run (``AllReduceSend.all_reduce`` of the current one)."""
         self._rounds: dict[str, AllReduceRound] = {}
+        self._buffers = BufferPool()
+        """Work buffers each round gives back for the next (see ``BufferPool``: kept pages, not
+        fresh zeroed ones, at the cost of holding them between rounds)."""
         self._registered = asyncio.Condition()
         self._connections: dict[tuple[str, bytes], Connection] = {}
         self._dialing: dict[tuple[str, bytes], asyncio.Lock] = {}
@@ -339,6 +343,7 @@ class AveragingService:
             alignment=getattr(self.codec, "block_size", 64),
             robust=robust,
             verify=verify,
+            buffers=self._buffers,
         )
         async with self._registered:
             self._rounds[round_id] = round_
