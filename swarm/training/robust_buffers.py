@@ -1,4 +1,4 @@
-"""The reducers' CenteredClip, cache-blocked: every iteration is one pass over the part.
+"""The reducers' CenteredClip in one pass over the part (two while it clips someone).
 
 :func:`swarm.training.robust.aggregate` is the reference: plain torch, a new
 (members, values) tensor per step, five iterations of four passes each over the
@@ -10,20 +10,22 @@ computes the same algorithm differently:
 - it walks the part in column blocks of :data:`BLOCK_COLUMNS` that stay in the CPU's
   cache, gathering each block of the (norm-clipped) contributions into one small buffer
   instead of building a (members, values) copy of the whole part;
-- one pass per iteration: a block's center is moved, then the members' squared
-  distances to the *new* center are summed (in float64) in the same pass, which is
-  what the next iteration's clipping needs; the reference makes four passes;
-- it stops at the fixed point: once an iteration clipped nobody, the center is the
-  weighted mean, and if the next iteration would clip nobody either its step is
-  exactly zero in real arithmetic, so it is skipped. On honest inputs that leaves two
-  passes (the median with its distances, then one step to the mean).
+- one pass computes, per block, the weighted mean, the coordinate-wise median (the start
+  point) and the Gram matrix of the members' offsets from it. Every center the
+  iterations visit is the start point plus a combination of those offsets, and every
+  distance they need is a quadratic form in the Gram matrix, so all iterations run on
+  (members,)-sized numbers, not on the part (the reference makes four passes each);
+- when the last iteration clipped nobody (honest inputs), the center is the weighted
+  mean (exactly, in real arithmetic), which that pass already computed: one pass in all. Otherwise a second
+  pass forms the center from the median and the final coefficients.
 
-It does not give the reference's bits: distances are summed per block in float64
-(the reference sums the whole row in float32) and the last, rounding-sized steps are
-skipped. Every member runs this same code on the same inputs in the same order, so
-members still agree bit for bit, which is all the protocol needs (a backup compares
-digests of this function's output, never of the reference's). Against the reference
-it stays within :data:`REFERENCE_TOLERANCE` (tests/test_training_robust_buffers.py).
+It does not give the reference's bits: distances come from the Gram matrix (float32
+products per block, summed in float64) where the reference sums each row in float32,
+and the rounding-sized steps at the fixed point are skipped. Every member runs this
+same code on the same inputs in the same order, so members still agree bit for bit,
+which is all the protocol needs (a backup compares digests of this function's output,
+never of the reference's). Against the reference it stays within
+:data:`REFERENCE_TOLERANCE` (tests/test_training_robust_buffers.py).
 
 The other rules go to the reference unchanged.
 """
@@ -40,11 +42,12 @@ compare-exchanges grow with the square of the count."""
 
 BLOCK_COLUMNS = 1 << 15
 """Columns per block: two (members, columns) float32 work buffers of four members take
-1 MiB, which stays in a core's L2 cache between the steps of one block."""
+1 MiB, which stays in a core's L2 cache (2 MiB on the development VM) between the steps
+of one block."""
 
 REFERENCE_TOLERANCE = 1e-5
 """Largest difference from :func:`swarm.training.robust.aggregate`, as a fraction of the
-result's largest magnitude (measured: ~1e-7 on honest inputs, ~1e-6 while clipping)."""
+result's largest magnitude (measured: ~1e-7, with and without clipping)."""
 
 
 def aggregate_buffered(
@@ -104,12 +107,6 @@ class _Blocks:
             yield start, stop, rows, work
 
 
-def _add_squared_distances(rows: torch.Tensor, center: torch.Tensor, work: torch.Tensor, into: torch.Tensor):
-    """``into[i] += |rows[i] - center|^2`` (each block's norm in float32, their squares summed in float64)."""
-    torch.sub(rows, center, out=work)
-    into.add_(torch.linalg.vector_norm(work, dim=1).to(torch.float64).square())
-
-
 def _centered_clip(
     sources: list[torch.Tensor],
     factors: list[float | None],
@@ -122,38 +119,54 @@ def _centered_clip(
     shares = torch.tensor(weights, dtype=torch.float32)
     shares = shares / shares.sum()
     blocks = _Blocks(sources, factors, numel)
-    center = torch.empty(numel, dtype=torch.float32)
-    squared = torch.zeros(count, dtype=torch.float64)  # each member's squared distance to the center
-    for start, stop, rows, work in blocks:  # the start point and its distances
+    mean = torch.empty(numel, dtype=torch.float32)  # the weighted mean; the result, when it is one
+    gram = torch.zeros((count, count), dtype=torch.float64)  # <row_i - start, row_j - start>
+    for start, stop, rows, work in blocks:
+        block_mean = torch.mv(rows.T, shares, out=mean[start:stop])
+        torch.sub(rows, _lower_median(rows) if count > 2 else block_mean, out=work)
+        gram.add_(torch.mm(work, work.T).to(torch.float64))
+    pulls = _pull_coefficients(gram, shares, config)
+    if pulls is None:
+        return mean
+    keep = 1.0 - float(pulls.sum())
+    pulls = pulls.to(torch.float32)
+    for start, stop, rows, _ in blocks:  # the center, start + sum_j pulls_j (row_j - start), in place
+        block = mean[start:stop]
         if count > 2:
-            center[start:stop] = _lower_median(rows)
-        else:
-            torch.mv(rows.T, shares, out=center[start:stop])  # the weighted mean
-        _add_squared_distances(rows, center[start:stop], work, squared)
-    distances = squared.sqrt().to(torch.float32)
+            block.copy_(_lower_median(rows))
+        block.mul_(keep).add_(torch.mv(rows.T, pulls))
+    return mean
+
+
+def _pull_coefficients(gram: torch.Tensor, shares: torch.Tensor, config: RobustConfig) -> torch.Tensor | None:
+    """CenteredClip's iterations on the Gram matrix of the offsets from the start point.
+
+    Every center the iterations visit is ``start + sum_j a_j (row_j - start)``, and every
+    distance they need is a quadratic form of ``a`` in ``gram``, so the iterations run on
+    (members,) vectors here, not on the part. Returns the final ``a``; None when the last
+    iteration clipped nobody, which puts the center exactly on the weighted mean.
+    """
+    count = gram.shape[0]
+    squared = gram.diagonal().clone()
+    distances = squared.clamp(min=0).sqrt().to(torch.float32)
     tau = config.clip_tau_ratio * float(distances.median())
+    coefficients = torch.zeros(count, dtype=torch.float64)
     if tau <= 0:
-        return center
-    nobody_clipped_before = False
-    for iteration in range(config.clip_iterations):
+        return coefficients  # the start point itself
+    nobody_clipped_before = at_mean = False
+    for _ in range(config.clip_iterations):
         scale = torch.clamp(tau / torch.clamp(distances, min=1e-30), max=1.0)
         nobody_clipped = bool((scale == 1.0).all())
         if nobody_clipped and nobody_clipped_before:
-            break  # the center is the weighted mean and no pull is clipped: a fixed point
-        nobody_clipped_before = nobody_clipped
-        pulls = shares * scale
-        keep = 1.0 - float(pulls.sum())
-        last = iteration == config.clip_iterations - 1
-        squared.zero_()
-        for start, stop, rows, work in blocks:
-            # center + sum_i pull_i (row_i - center), as center (1 - sum_i pull_i) + rows^T pulls:
-            # one matrix-vector product instead of a subtraction, a scaling and a sum over rows
-            block_center = center[start:stop]
-            block_center.mul_(keep).add_(torch.mv(rows.T, pulls))
-            if not last:
-                _add_squared_distances(rows, block_center, work, squared)
-        distances = squared.sqrt().to(torch.float32)
-    return center
+            break  # on the weighted mean, and no pull clipped: a fixed point
+        nobody_clipped_before = at_mean = nobody_clipped
+        pulls = (shares * scale).to(torch.float64)
+        # center + sum_i pulls_i (row_i - center) = start + sum_j (a_j (1 - sum pulls) + pulls_j) (row_j - start)
+        coefficients = coefficients * (1.0 - float(pulls.sum())) + pulls
+        # |row_i - center|^2 = G_ii - 2 (G a)_i + a^T G a
+        squared = gram.diagonal() - 2 * (gram @ coefficients) + coefficients @ gram @ coefficients
+        distances = squared.clamp(min=0).sqrt().to(torch.float32)
+    return None if at_mean else coefficients
 
 
 def _lower_median(rows: torch.Tensor) -> torch.Tensor:
