@@ -54,7 +54,7 @@ from swarm.training.group_links import (  # re-exported: the round's public type
     Member,
 )
 from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
-from swarm.training.reduction import BufferPool, PartState, ResultChunks, RoundTrip, result_digest
+from swarm.training.reduction import BufferPool, PartState, ResultChunks, RoundTrip
 from swarm.training.robust import RobustConfig
 from swarm.training.verification import RoundVerification
 
@@ -226,7 +226,7 @@ class AllReduceRound(RoundVerification):
             self.announce(part, "")
             return "disputed"
         state.finish(values, contributors)
-        self.announce(part, result_digest(values))
+        self.announce(part, state.digest(values))
         return "accepted"
 
     def on_verdict(self, part: int, digest: str) -> None:

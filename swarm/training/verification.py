@@ -95,7 +95,7 @@ class RoundVerification:
         if state.ready.is_set() or not digest or state.candidate is None:
             return
         values, contributors = state.candidate
-        if result_digest(values) == digest:
+        if state.digest(values) == digest:
             state.finish(values, contributors)
         else:  # the reducer sent us other bytes than it committed: take the committed ones from the backup
             logger.error(
@@ -110,7 +110,7 @@ class RoundVerification:
     def check_endorsement(self, part: int) -> None:
         """As a reducer: a backup that endorses other bytes than we committed is lying."""
         state, digest = self._state(part), self._verdicts.get(part)
-        if digest and state.result is not None and digest != result_digest(state.result):
+        if digest and state.result is not None and digest != state.digest(state.result):
             backup = fallback_reducer(part, len(self.members))
             logger.error(
                 "round %s: backup %d endorsed a result of our part we never sent", self.round_id, backup
