@@ -11,7 +11,8 @@ Member ``j`` of a group (sorted by peer id) reduces part ``j`` of the vector
    trimmed mean), in float32, in member order.
 2. **gather**: reducer ``j`` quantizes its result, first *commits* it to the backup and
    only then sends it to everyone else. When verifying, the backup recomputes the part
-   from its own copies of the contributions; if the results agree it endorses the
+   from its own copies of the contributions (starting as soon as they are in, while the
+   reducer computes, so the commit rarely waits for it); if the results agree it endorses the
    result (sends every member its digest), otherwise it refuses the commit and
    declares the part *disputed*. A member takes a reducer's result only once the
    backup endorsed exactly those bytes.
