@@ -140,3 +140,36 @@ def test_a_member_killed_mid_chunk_stream_leaves_the_survivors_bit_identical():
         ]
     )
     assert hashlib.sha256(expected.numpy().tobytes()).hexdigest() == outcomes[0]["digest"]
+
+
+def test_a_chunk_going_to_several_members_is_encoded_once_and_decodes_as_the_codec_does():
+    from swarm.training.averaging import COMPRESSIONS
+    from swarm.training.chunk_streams import EncodedOnce
+
+    class CountingCodec:
+        def __init__(self, codec):
+            self.codec, self.name, self.calls = codec, codec.name, 0
+
+        def params(self):
+            return self.codec.params()
+
+        def encode(self, tensor):
+            self.calls += 1
+            return self.codec.encode(tensor)
+
+    int8 = COMPRESSIONS["int8"]
+    counting = CountingCodec(int8)
+    once = EncodedOnce(counting)
+    vector = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    chunks = [vector[0:2048], vector[2048:4096]]
+    for _ in range(3):  # the same chunks to three members
+        for chunk in chunks:
+            buffers = once.encode(chunk)
+            decoded = int8.decode(once.params(), torch.float32, chunk.numel(), buffers)
+            assert torch.equal(
+                decoded, int8.decode(int8.params(), torch.float32, chunk.numel(), int8.encode(chunk))
+            )
+    assert counting.calls == 2
+    once.encode(vector[::2])  # not contiguous: encoded every time, never remembered
+    once.encode(vector[::2])
+    assert counting.calls == 4

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
-from swarm.training.chunk_streams import CHUNK_BYTES, send_chunks
+from swarm.training.chunk_streams import CHUNK_BYTES, EncodedOnce, send_chunks
 from swarm.training.parts import fallback_reducer
 from swarm.training.reduction import BufferPool
 from swarm.training.robust import RobustConfig
@@ -363,34 +363,6 @@ class AveragingService:
         self._connections.clear()
 
 
-class _EncodedOnce:
-    """The service's codec, encoding each chunk once per round however many members it goes to.
-
-    A contribution goes to its part's reducer and backup, a result to every member: the
-    same chunk, quantized two or three times over. This codec keeps each chunk's wire
-    buffers for the round (keyed by its memory: a round sends views of its vector and of
-    its results, which nothing writes while the round runs), about a quarter of the bytes
-    the round sends with int8. Receivers decode by the codec's name, as ever.
-    """
-
-    def __init__(self, codec):
-        self.codec = codec
-        self.name = codec.name
-        # (the tensor, kept so its memory cannot be reused by another one this round; its buffers)
-        self._encoded: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, list]] = {}
-
-    def params(self) -> dict:
-        return self.codec.params()
-
-    def encode(self, tensor: torch.Tensor) -> list:
-        if not tensor.is_contiguous():
-            return self.codec.encode(tensor)
-        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
-        if key not in self._encoded:
-            self._encoded[key] = (tensor, self.codec.encode(tensor))
-        return self._encoded[key][1]
-
-
 class _TransportLinks:
     """:class:`~swarm.training.allreduce.GroupLinks` of one round over the service's endpoint."""
 
@@ -403,7 +375,7 @@ class _TransportLinks:
         self.my_index = my_index
         self.count = count
         self.bytes_sent = 0
-        self.codec = _EncodedOnce(service.codec)
+        self.codec = EncodedOnce(service.codec)
 
     async def send_contribution(
         self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
