@@ -173,3 +173,21 @@ def test_a_chunk_going_to_several_members_is_encoded_once_and_decodes_as_the_cod
     once.encode(vector[::2])  # not contiguous: encoded every time, never remembered
     once.encode(vector[::2])
     assert counting.calls == 4
+
+
+def test_the_buffer_pool_hands_a_given_back_buffer_to_the_next_taker_of_its_size_only():
+    from swarm.training.reduction import BufferPool
+
+    pool = BufferPool(keep=2)
+    first = pool.take(3, 100)
+    assert first.shape == (3, 100) and first.dtype == torch.float32
+    pool.give(first)
+    again = pool.take(300)  # same size, another shape: the same memory
+    assert again.data_ptr() == first.data_ptr() and again.shape == (300,)
+    assert pool.take(300).data_ptr() != first.data_ptr()  # taken: nobody else gets it
+    given = [torch.empty(size) for size in (10, 20, 30)]  # kept alive: their memory stays theirs
+    for tensor in given:
+        pool.give(tensor)
+    assert pool.take(20).data_ptr() == given[1].data_ptr()
+    assert pool.take(30).data_ptr() == given[2].data_ptr()
+    assert pool.take(10).data_ptr() != given[0].data_ptr()  # the oldest was dropped (keep=2)
