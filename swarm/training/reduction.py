@@ -6,7 +6,8 @@ by :func:`~swarm.training.robust_buffers.aggregate_buffered`: cache-blocked, the
 every member, within a stated tolerance of the reference) through
 the wire codec. Contributions may arrive in chunks (the wire sends a part as a stream of
 messages of about a megabyte, see ``swarm.training.averaging``): each chunk is copied
-into its place in one buffer the part allocates once per round, and a
+into its place in one buffer per part and round, taken from a :class:`BufferPool` that
+hands a finished round's buffers to the next, and a
 :class:`ChunkAssembly` per sender says when its contribution is complete. :func:`result_digest` and :func:`results_agree` are how a backup
 compares a reducer's result with its own recomputation, and how members check that
 the result they received is the one the backup endorsed.
