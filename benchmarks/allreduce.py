@@ -2,19 +2,21 @@
 
 Every system runs in its own set of ``--peers`` processes (multiprocessing spawn) on
 127.0.0.1 and averages the same number of float32 values. The sets run one after
-another (one set at a time bounds the memory); within ours, the encrypted,
-unencrypted and int8 variants take turns round by round so that load from other
+another (one set at a time bounds the memory); within ours, the variants (below)
+take turns round by round so that load from other
 users of the machine falls on them alike. A round starts when the parent and the set's members
 pass a shared ``multiprocessing.Barrier``; each member times its own round (wall
 clock) and the round's time is the slowest member's. The first round of each system
 is a warm-up; the table shows the median of the timed rounds.
 
-- ours: ``AveragingService.all_reduce`` over ``transport.Endpoint`` (ZeroMQ), CURVE
-  encrypted as deployed, and with ``encrypted=False`` to show the cost of encryption;
-  uncompressed ("none") and int8; reducers aggregate with CenteredClip and backups
-  verify, as a swarm runs it, and "ours-mean" takes the weighted mean instead (what
-  gloo and hivemind compute) to show the cost of the robust rule. Bytes sent are
-  counted by the service.
+- ours: ``AveragingService.all_reduce`` over ``transport.Endpoint`` (ZeroMQ). The
+  headline variant "ours" runs what ``swarm train`` runs by default, read from
+  ``TrainerConfig``'s defaults: CURVE on, ``--compression int8``, ``--aggregation
+  centered_clip``, backups verifying (``--verify-reducers``). The other variants keep
+  the fp32 speed in view: "ours-fp32" (the same, uncompressed), "ours-plain" (fp32,
+  CURVE off: the cost of encryption) and "ours-mean" (fp32, CURVE on, the weighted mean
+  that gloo and hivemind compute: the cost of the robust rule). Bytes sent are counted
+  by the service.
 - gloo: ``torch.distributed.all_reduce`` (sum) on a CPU tensor; bytes sent are the
   ring all-reduce's 2 (M-1)/M x vector bytes (a formula, not a measurement).
 - hivemind: ``DecentralizedAverager`` with a fixed group of ``--peers``. Matchmaking is
@@ -28,7 +30,8 @@ sends its first "result" message, and reports the survivors' round time (bounded
 the scatter + gather deadlines it sets) and whether they ended bit-identical.
 
 Last line: ``allreduce peers=<M> vs_gloo=<ours / gloo> vs_hivemind=<ours / hivemind>``
-(throughput of ours uncompressed and CURVE-encrypted, the deployed default).
+(throughput of the headline "ours": ``swarm train``'s defaults, so int8 on the wire
+against gloo's and hivemind's fp32; "like for like" above it compares fp32 weighted means).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class Settings:
     kill_deadline: float = 3.0
     """Scatter and gather deadlines (each) of the round with a killed member, seconds."""
     systems: tuple[str, ...] = ("ours", "gloo", "hivemind")
-    """Which systems to run ("ours" covers its encrypted, unencrypted and int8 variants)."""
+    """Which systems to run ("ours" covers all its variants, see OURS)."""
 
     @property
     def numel(self) -> int:
@@ -87,11 +90,21 @@ class Settings:
         return self.numel * 4
 
 
-OURS = {  # variant name -> (encrypted, compression, aggregation rule)
-    "ours": (True, "none", "centered_clip"),
-    "ours-plain": (False, "none", "centered_clip"),
-    "ours-int8": (True, "int8", "centered_clip"),
-    "ours-mean": (True, "none", "mean"),  # the weighted mean, as gloo and hivemind compute
+def _train_defaults() -> dict:
+    """``swarm train``'s defaults (TrainerConfig's field defaults; constructing one needs --model)."""
+    from dataclasses import fields
+
+    from swarm.training.trainer_config import TrainerConfig
+
+    return {field.name: field.default for field in fields(TrainerConfig)}
+
+
+_DEFAULTS = _train_defaults()
+OURS = {  # variant name -> (encrypted, compression, aggregation rule, backups verify)
+    "ours": (True, _DEFAULTS["compression"], _DEFAULTS["aggregation"], _DEFAULTS["verify_reducers"]),
+    "ours-fp32": (True, "none", _DEFAULTS["aggregation"], _DEFAULTS["verify_reducers"]),
+    "ours-plain": (False, "none", _DEFAULTS["aggregation"], _DEFAULTS["verify_reducers"]),
+    "ours-mean": (True, "none", "mean", _DEFAULTS["verify_reducers"]),  # as gloo and hivemind compute
 }
 
 
@@ -134,7 +147,7 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
     endpoints, services = {}, {}
     # the last member dies in the kill round, which runs on "ours" (see the plan below)
     before_send = _kill_on_first_result if rank == settings.peers - 1 else None
-    for variant, (encrypted, compression, _) in OURS.items():  # one endpoint and service per variant
+    for variant, (encrypted, compression, _, _) in OURS.items():  # one endpoint and service per variant
         endpoints[variant] = Endpoint(encrypted=encrypted)
         address = await endpoints[variant].bind("tcp://127.0.0.1:0")
         services[variant] = AveragingService(
@@ -159,7 +172,7 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             )
         start = time.perf_counter()
         service = services.get(variant, services["ours"])  # the kill round runs on "ours"
-        rule = OURS.get(variant, OURS["ours"])[2]
+        _, _, rule, verify = OURS.get(variant, OURS["ours"])
         outcome = await service.all_reduce(
             f"{variant}-{index}",
             members.get(variant, members["ours"]),
@@ -168,7 +181,12 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             1.0,
             round_timeouts,
             out=work,
-            robust=RobustConfig(rule=rule),
+            robust=RobustConfig(
+                rule=rule,
+                max_weight_ratio=_DEFAULTS["max_weight_ratio"],
+                max_norm_ratio=_DEFAULTS["max_norm_ratio"],
+            ),
+            verify=verify,
         )
         seconds = time.perf_counter() - start
         results.put(
@@ -477,10 +495,12 @@ def report(settings: Settings, measured: dict[str, SystemRounds]) -> None:
             )
         if name in ("gloo", "hivemind"):
             notes.append("bytes by formula")
+        if name == "ours":
+            notes.append(f"swarm train defaults: {OURS['ours'][1]}, CURVE on, {OURS['ours'][2]}")
         if name == "ours-plain":
-            notes.append("CURVE off")
+            notes.append("fp32, CURVE off")
         if name == "ours-mean":
-            notes.append("weighted mean instead of CenteredClip")
+            notes.append("fp32, weighted mean instead of CenteredClip")
         print(
             f"{name:<12} {seconds:>9.3f} {throughput[name] / 1e9:>7.3f} {sent / 1e6:>15.1f} {steal:>8.1f}  "
             + "; ".join(notes)

@@ -20,7 +20,8 @@ from swarm.training.allreduce import AllReduceTimeouts, Member
 from swarm.training.averaging import AveragingService
 from swarm.training.parts import split_parts
 from swarm.training.reduction import ChunkAssembly, PartState
-from swarm.training.robust import RobustConfig, aggregate
+from swarm.training.robust import RobustConfig
+from swarm.training.robust_buffers import aggregate_buffered
 from transport import Endpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,7 +131,63 @@ def test_a_member_killed_mid_chunk_stream_leaves_the_survivors_bit_identical():
 
     survivors = {rank: member_vector(rank, numel) for rank in (0, 1)}
     parts = split_parts(numel, [1.0, 1.0, 1.0])
+    # what every member computes (the reference's result within REFERENCE_TOLERANCE, see
+    # test_training_robust_buffers.py), from the survivors' contributions only
     expected = torch.cat(
-        [aggregate({r: (1.0, v[a:b]) for r, v in survivors.items()}, RobustConfig()).values for a, b in parts]
+        [
+            aggregate_buffered({r: (1.0, v[a:b]) for r, v in survivors.items()}, RobustConfig()).values
+            for a, b in parts
+        ]
     )
     assert hashlib.sha256(expected.numpy().tobytes()).hexdigest() == outcomes[0]["digest"]
+
+
+def test_a_chunk_going_to_several_members_is_encoded_once_and_decodes_as_the_codec_does():
+    from swarm.training.averaging import COMPRESSIONS
+    from swarm.training.chunk_streams import EncodedOnce
+
+    class CountingCodec:
+        def __init__(self, codec):
+            self.codec, self.name, self.calls = codec, codec.name, 0
+
+        def params(self):
+            return self.codec.params()
+
+        def encode(self, tensor):
+            self.calls += 1
+            return self.codec.encode(tensor)
+
+    int8 = COMPRESSIONS["int8"]
+    counting = CountingCodec(int8)
+    once = EncodedOnce(counting)
+    vector = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    chunks = [vector[0:2048], vector[2048:4096]]
+    for _ in range(3):  # the same chunks to three members
+        for chunk in chunks:
+            buffers = once.encode(chunk)
+            decoded = int8.decode(once.params(), torch.float32, chunk.numel(), buffers)
+            assert torch.equal(
+                decoded, int8.decode(int8.params(), torch.float32, chunk.numel(), int8.encode(chunk))
+            )
+    assert counting.calls == 2
+    once.encode(vector[::2])  # not contiguous: encoded every time, never remembered
+    once.encode(vector[::2])
+    assert counting.calls == 4
+
+
+def test_the_buffer_pool_hands_a_given_back_buffer_to_the_next_taker_of_its_size_only():
+    from swarm.training.reduction import BufferPool
+
+    pool = BufferPool(keep=2)
+    first = pool.take(3, 100)
+    assert first.shape == (3, 100) and first.dtype == torch.float32
+    pool.give(first)
+    again = pool.take(300)  # same size, another shape: the same memory
+    assert again.data_ptr() == first.data_ptr() and again.shape == (300,)
+    assert pool.take(300).data_ptr() != first.data_ptr()  # taken: nobody else gets it
+    given = [torch.empty(size) for size in (10, 20, 30)]  # kept alive: their memory stays theirs
+    for tensor in given:
+        pool.give(tensor)
+    assert pool.take(20).data_ptr() == given[1].data_ptr()
+    assert pool.take(30).data_ptr() == given[2].data_ptr()
+    assert pool.take(10).data_ptr() != given[0].data_ptr()  # the oldest was dropped (keep=2)

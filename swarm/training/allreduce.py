@@ -11,7 +11,8 @@ Member ``j`` of a group (sorted by peer id) reduces part ``j`` of the vector
    trimmed mean), in float32, in member order.
 2. **gather**: reducer ``j`` quantizes its result, first *commits* it to the backup and
    only then sends it to everyone else. When verifying, the backup recomputes the part
-   from its own copies of the contributions; if the results agree it endorses the
+   from its own copies of the contributions (starting as soon as they are in, while the
+   reducer computes, so the commit rarely waits for it); if the results agree it endorses the
    result (sends every member its digest), otherwise it refuses the commit and
    declares the part *disputed*. A member takes a reducer's result only once the
    backup endorsed exactly those bytes.
@@ -54,7 +55,7 @@ from swarm.training.group_links import (  # re-exported: the round's public type
     Member,
 )
 from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
-from swarm.training.reduction import PartState, ResultChunks, RoundTrip, result_digest
+from swarm.training.reduction import BufferPool, PartState, ResultChunks, RoundTrip
 from swarm.training.robust import RobustConfig
 from swarm.training.verification import RoundVerification
 
@@ -80,6 +81,8 @@ class AllReduceRound(RoundVerification):
         alignment: part boundaries are multiples of this (the codec's block size).
         robust: how reducers validate and aggregate (every member must use the same).
         verify: backups recompute and endorse each part (groups of three or more).
+        buffers: where the round takes its work buffers and, once released, gives them
+            back (the service passes one pool to all its rounds); default: fresh ones.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class AllReduceRound(RoundVerification):
         alignment: int = 64,
         robust: RobustConfig = RobustConfig(),
         verify: bool = True,
+        buffers: BufferPool | None = None,
     ):
         self.round_id = round_id
         self.members = members
@@ -107,7 +111,8 @@ class AllReduceRound(RoundVerification):
         self.robust = robust
         self.verifying = verify and len(members) >= 3
         self.parts = split_parts(self.vector.numel(), [m.bandwidth for m in members], alignment)
-        self._results = ResultChunks(self.parts)  # reducers' results arriving in chunks
+        self._buffers = buffers or BufferPool(keep=0)
+        self._results = ResultChunks(self.parts, self._buffers)  # reducers' results arriving in chunks
         self._states: dict[int, PartState] = {}
         self._checks: dict[int, PartState] = {}  # as a backup: the copies it recomputes from
         self._arbitrations: dict[int, PartState] = {}
@@ -115,6 +120,7 @@ class AllReduceRound(RoundVerification):
         self.report = AllReduceReport()
         self._started: float | None = None
         self._tasks: set[asyncio.Task] = set()  # take-overs and verdicts; see close()
+        self._early_checks: dict[int, asyncio.Task] = {}  # as a backup: see verification.py
 
     def close(self) -> None:
         """Cancel take-over work still running (the service calls this when the round is dropped)."""
@@ -131,6 +137,7 @@ class AllReduceRound(RoundVerification):
         repairs); without this it would hold about twice the vector's size per round.
         """
         self.vector = None
+        self._early_checks.clear()
         for state in (*self._checks.values(), *self._arbitrations.values()):
             state.release()
         for part, state in self._states.items():
@@ -139,18 +146,24 @@ class AllReduceRound(RoundVerification):
             if fallback_reducer(part, len(self.members)) != self.my_index:
                 state.result = None
             elif state.result is not None and self._results.buffer is not None:
-                state.result = state.result.clone()  # not a view that keeps the whole buffer alive
+                state.result = state.result.clone()  # not a view of the buffer the pool reuses
+        self._buffers.give(self._results.buffer)
         self._results.buffer = None
 
-    def _background(self, work: Awaitable) -> None:
-        self._tasks.add(asyncio.get_running_loop().create_task(work))
+    def _background(self, work: Awaitable) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        return task
 
     # -- incoming requests (called by the service) --------------------------------------
 
     def _state(self, part: int, table: dict[int, PartState] | None = None) -> PartState:
         if not 0 <= part < len(self.members):
             raise ValueError(f"part {part} out of range for a group of {len(self.members)}")
-        return (self._states if table is None else table).setdefault(part, PartState())
+        table = self._states if table is None else table
+        if part not in table:
+            table[part] = PartState(self._buffers)
+        return table[part]
 
     def _check_contribution(self, sender: int, part: int, values: torch.Tensor | None) -> torch.Tensor:
         if not 0 <= sender < len(self.members):
@@ -214,7 +227,7 @@ class AllReduceRound(RoundVerification):
             self.announce(part, "")
             return "disputed"
         state.finish(values, contributors)
-        self.announce(part, result_digest(values))
+        self.announce(part, state.digest(values))
         return "accepted"
 
     def on_verdict(self, part: int, digest: str) -> None:
@@ -337,6 +350,7 @@ class AllReduceRound(RoundVerification):
             backup = fallback_reducer(part, count)
             if self.verifying and backup == self.my_index:
                 self._state(part, self._checks).add(self.my_index, self.weight, self._own_share(part))
+                self._early_checks[part] = self._background(self.check_early(part, scatter_deadline))
             elif self.verifying:
                 targets.append(backup)
             sends += [self._send_contribution(target, part) for target in targets]

@@ -32,8 +32,9 @@ from typing import Literal
 import torch
 
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
-from swarm.training.chunk_streams import CHUNK_BYTES, send_chunks
+from swarm.training.chunk_streams import CHUNK_BYTES, EncodedOnce, send_chunks
 from swarm.training.parts import fallback_reducer
+from swarm.training.reduction import BufferPool
 from swarm.training.robust import RobustConfig
 from transport import (
     BaseEndpoint,
@@ -214,6 +215,9 @@ class AveragingService:
         self.all_reduces = 0
         """All-reduces this service has run (``AllReduceSend.all_reduce`` of the current one)."""
         self._rounds: dict[str, AllReduceRound] = {}
+        self._buffers = BufferPool()
+        """Work buffers each round gives back for the next (see ``BufferPool``: kept pages, not
+        fresh zeroed ones, at the cost of holding them between rounds)."""
         self._registered = asyncio.Condition()
         self._connections: dict[tuple[str, bytes], Connection] = {}
         self._dialing: dict[tuple[str, bytes], asyncio.Lock] = {}
@@ -339,6 +343,7 @@ class AveragingService:
             alignment=getattr(self.codec, "block_size", 64),
             robust=robust,
             verify=verify,
+            buffers=self._buffers,
         )
         async with self._registered:
             self._rounds[round_id] = round_
@@ -370,6 +375,7 @@ class _TransportLinks:
         self.my_index = my_index
         self.count = count
         self.bytes_sent = 0
+        self.codec = EncodedOnce(service.codec)
 
     async def send_contribution(
         self, target: int, part: int, weight: float, values: torch.Tensor, timeout: float
@@ -412,7 +418,7 @@ class _TransportLinks:
         return call
 
     def _coded(self, values: torch.Tensor) -> CodedTensor:
-        return CodedTensor(values, self.service.codec)
+        return CodedTensor(values, self.codec)  # type: ignore[arg-type]  # a codec by duck typing
 
     async def _call(self, kind, target: int, message: Message, timeout: float, chunk: int = 0) -> Message:
         if self.service.before_send is not None:

@@ -6,7 +6,8 @@ the receiver, both fresh pages the kernel zeroes, and the receiver can do nothin
 it until the last byte is in. :func:`send_chunks` sends it as messages of about
 :data:`CHUNK_BYTES` instead, :data:`CHUNKS_IN_FLIGHT` unacknowledged at most, so the
 receiver handles chunk i while chunk i+1 is on the wire and the allocator hands the
-same buffers back message after message.
+same buffers back message after message. :class:`EncodedOnce` quantizes a chunk that
+goes to several members once.
 """
 
 from __future__ import annotations
@@ -86,3 +87,31 @@ def _retrieve(task: asyncio.Task) -> None:
     """Mark an abandoned chunk's outcome as seen (its failure was not the stream's)."""
     if not task.cancelled():
         task.exception()
+
+
+class EncodedOnce:
+    """The service's codec, encoding each chunk once per round however many members it goes to.
+
+    A contribution goes to its part's reducer and backup, a result to every member: the
+    same chunk, quantized two or three times over. This codec keeps each chunk's wire
+    buffers for the round (keyed by its memory: a round sends views of its vector and of
+    its results, which nothing writes while the round runs), about a quarter of the bytes
+    the round sends with int8. Receivers decode by the codec's name, as ever.
+    """
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.name = codec.name
+        # (the tensor, kept so its memory cannot be reused by another one this round; its buffers)
+        self._encoded: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, list]] = {}
+
+    def params(self) -> dict:
+        return self.codec.params()
+
+    def encode(self, tensor: torch.Tensor) -> list:
+        if not tensor.is_contiguous():
+            return self.codec.encode(tensor)
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key not in self._encoded:
+            self._encoded[key] = (tensor, self.codec.encode(tensor))
+        return self._encoded[key][1]

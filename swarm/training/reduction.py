@@ -2,10 +2,12 @@
 
 A :class:`PartState` collects the contributions to one part, waits for them with a
 deadline, and reduces them robustly (:func:`~swarm.training.robust.aggregate`, computed
-by :func:`~swarm.training.robust_buffers.aggregate_buffered`: same bits, faster) through
+by :func:`~swarm.training.robust_buffers.aggregate_buffered`: cache-blocked, the same bits on
+every member, within a stated tolerance of the reference) through
 the wire codec. Contributions may arrive in chunks (the wire sends a part as a stream of
 messages of about a megabyte, see ``swarm.training.averaging``): each chunk is copied
-into its place in one buffer the part allocates once per round, and a
+into its place in one buffer per part and round, taken from a :class:`BufferPool` that
+hands a finished round's buffers to the next, and a
 :class:`ChunkAssembly` per sender says when its contribution is complete. :func:`result_digest` and :func:`results_agree` are how a backup
 compares a reducer's result with its own recomputation, and how members check that
 the result they received is the one the backup endorsed.
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from swarm.training.robust import Aggregate, RobustConfig
+from swarm.training.robust import Aggregate, RobustConfig, all_finite
 from swarm.training.robust_buffers import aggregate_buffered
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
@@ -44,10 +46,43 @@ def results_agree(first: torch.Tensor, second: torch.Tensor) -> bool:
         return False
     if first.numel() == 0:
         return True
-    if not (bool(torch.isfinite(first).all()) and bool(torch.isfinite(second).all())):
+    if torch.equal(first, second):  # the usual case (same code, same CPU): one pass, not four
+        return all_finite(first)
+    if not (all_finite(first) and all_finite(second)):
         return False
     scale = float(second.abs().max())
     return float((first - second).abs().max()) <= AGREEMENT_TOLERANCE * scale + 1e-12
+
+
+class BufferPool:
+    """Float32 work buffers handed from one round to the next.
+
+    A round needs three buffers about the vector's size (its reducers' results, the
+    contributions to the part it reduces, the copies of the part it backs up). Fresh
+    ones cost the kernel zeroing every page at first touch, which on the 2-core
+    development VM was ~70 ms per 100 MB, per buffer and round: about as much as
+    CenteredClip itself. A finished round gives its buffers back, and the next round
+    of the same sizes takes them, so the pages stay mapped. The price is memory: the
+    pool holds up to ``keep`` buffers between rounds (the round's peak, kept).
+    """
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+
+    def take(self, *shape: int) -> torch.Tensor:
+        """A float32 tensor of ``shape`` (contents undefined), reused when one of its size is free."""
+        numel = math.prod(shape)
+        for index, tensor in enumerate(self._free):
+            if tensor.numel() == numel:
+                return self._free.pop(index).view(shape)
+        return torch.empty(shape, dtype=torch.float32)
+
+    def give(self, tensor: torch.Tensor | None) -> None:
+        """Return a buffer nothing reads any more (the oldest is dropped beyond ``keep``)."""
+        if tensor is not None and self.keep > 0:
+            self._free.append(tensor)
+            del self._free[: -self.keep]
 
 
 class ChunkAssembly:
@@ -90,8 +125,9 @@ class ResultChunks:
     """Reducers' results arriving in chunks, each copied into its place in one buffer of
     the whole vector's size (allocated at the first chunk, once per round)."""
 
-    def __init__(self, parts: list[tuple[int, int]]):
+    def __init__(self, parts: list[tuple[int, int]], pool: BufferPool | None = None):
         self.parts = parts
+        self.pool = pool or BufferPool(keep=0)
         self.buffer: torch.Tensor | None = None
         self._incoming: dict[int, tuple[ChunkAssembly, list[int]]] = {}
 
@@ -113,7 +149,7 @@ class ResultChunks:
             raise ValueError(f"chunks of the result for part {part} name different contributors")
         complete = assembly.claim(offset, values.numel())
         if self.buffer is None:
-            self.buffer = torch.empty(self.parts[-1][1], dtype=torch.float32)
+            self.buffer = self.pool.take(self.parts[-1][1])
         self.buffer[start + offset : start + offset + values.numel()].copy_(values)
         return (self.buffer[start:end], contributors) if complete else (None, contributors)
 
@@ -121,7 +157,8 @@ class ResultChunks:
 class PartState:
     """One part's contributions and, once reduced, its result."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: BufferPool | None = None) -> None:
+        self.pool = pool or BufferPool(keep=0)
         self.contributions: dict[int, tuple[float, torch.Tensor]] = {}
         self.buffer: torch.Tensor | None = None
         """(members, part values) float32: chunked contributions land in their sender's row.
@@ -140,6 +177,14 @@ class PartState:
         """Set once ``result`` is final."""
         self.settled = asyncio.Event()
         """Set once ``result`` is final or the part is disputed: nothing more to wait for."""
+        self._digest: tuple[torch.Tensor, str] | None = None
+
+    def digest(self, values: torch.Tensor) -> str:
+        """:func:`result_digest` of ``values`` (this part's result or candidate), computed once:
+        hashing a 25 MB part costs about what CenteredClip's pass over it does."""
+        if self._digest is None or self._digest[0] is not values:
+            self._digest = (values, result_digest(values))
+        return self._digest[1]
 
     def add(self, sender: int, weight: float, values: torch.Tensor) -> None:
         if self.ready.is_set():
@@ -168,7 +213,7 @@ class PartState:
             raise ValueError(f"member {sender} sent chunks of one part with different weights")
         complete = assembly.claim(offset, values.numel())
         if self.buffer is None:
-            self.buffer = torch.empty((members, numel), dtype=torch.float32)
+            self.buffer = self.pool.take(members, numel)
         row = self.buffer[sender]
         row[offset : offset + values.numel()].copy_(values)
         if complete:
@@ -176,9 +221,11 @@ class PartState:
             self.add(sender, weight, row)
 
     def release(self) -> None:
-        """Drop the contributions and the buffer they live in."""
+        """Drop the contributions and give the buffer they live in back to the pool."""
         self.contributions.clear()
         self._assemblies.clear()
+        self._digest = None
+        self.pool.give(self.buffer)
         self.buffer = None
 
     async def wait_for(self, expected: set[int], deadline: float) -> None:

@@ -108,7 +108,7 @@ def screen(contributions: dict[int, tuple[float, torch.Tensor]], config: RobustC
     for member in sorted(contributions):
         weight, values = contributions[member]
         values = values.reshape(-1).to(torch.float32)
-        if not math.isfinite(weight) or weight < 0 or not _all_finite(values):
+        if not math.isfinite(weight) or weight < 0 or not all_finite(values):
             rejected.append(member)
             continue
         kept[member] = (weight, values)
@@ -119,7 +119,8 @@ def screen(contributions: dict[int, tuple[float, torch.Tensor]], config: RobustC
     return Screened(kept, rejected, weight_bound, norms, norm_bound)
 
 
-def _all_finite(values: torch.Tensor) -> bool:
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass in the usual case."""
     # NaN and infinity survive a sum, so a finite sum means every value is finite; a
     # non-finite sum may be an overflow of finite values: only then look at each value.
     return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())

@@ -27,6 +27,7 @@ import torch
 
 from swarm.training.parts import arbiter_of, fallback_reducer
 from swarm.training.reduction import result_digest, results_agree
+from swarm.training.robust import Aggregate
 
 logger = logging.getLogger("swarm.training.allreduce")
 
@@ -34,12 +35,32 @@ logger = logging.getLogger("swarm.training.allreduce")
 class RoundVerification:
     """The verification and repair half of ``AllReduceRound`` (its base class)."""
 
+    async def check_early(self, part: int, scatter_deadline: float) -> tuple[set[int], Aggregate]:
+        """On the backup, started with the round: recompute the part as soon as every member's
+        copy is here (or at the scatter deadline), while the reducer computes it too, so that
+        the check is ready when the commit arrives. Returns (members whose copies it used, result)."""
+        check = self._state(part, self._checks)
+        await check.wait_for(set(range(len(self.members))), scatter_deadline)
+        used = set(check.contributions)
+        return used, await check.compute_in_thread(self.round_trip, self.robust)
+
     async def verify_commit(self, part: int, committed: torch.Tensor, contributors: list[int]) -> bool:
         """On the backup: does the reducer's committed result match our own recomputation?"""
         check = self._state(part, self._checks)
         scatter_deadline = (self._started or asyncio.get_running_loop().time()) + self.timeouts.scatter
         await check.wait_for(set(contributors), scatter_deadline + self.timeouts.call)
-        own = await check.compute_in_thread(self.round_trip, self.robust)  # chunks keep moving
+        own = None
+        early = self._early_checks.get(part)
+        if early is not None:
+            try:
+                used, own = await early  # bounded: it waits for the scatter deadline, then computes
+            except Exception:  # recomputed below, where an error is the handler's to report
+                logger.exception("round %s: early check of part %d failed", self.round_id, part)
+            else:
+                if used != set(check.contributions):  # a copy came after it started
+                    own = None
+        if own is None:
+            own = await check.compute_in_thread(self.round_trip, self.robust)  # chunks keep moving
         if own.contributors == contributors and results_agree(committed, own.values):
             return True
         missing = set(contributors) - check.contributions.keys()
@@ -74,7 +95,7 @@ class RoundVerification:
         if state.ready.is_set() or not digest or state.candidate is None:
             return
         values, contributors = state.candidate
-        if result_digest(values) == digest:
+        if state.digest(values) == digest:
             state.finish(values, contributors)
         else:  # the reducer sent us other bytes than it committed: take the committed ones from the backup
             logger.error(
@@ -89,7 +110,7 @@ class RoundVerification:
     def check_endorsement(self, part: int) -> None:
         """As a reducer: a backup that endorses other bytes than we committed is lying."""
         state, digest = self._state(part), self._verdicts.get(part)
-        if digest and state.result is not None and digest != result_digest(state.result):
+        if digest and state.result is not None and digest != state.digest(state.result):
             backup = fallback_reducer(part, len(self.members))
             logger.error(
                 "round %s: backup %d endorsed a result of our part we never sent", self.round_id, backup
