@@ -164,11 +164,38 @@ def quantize_blockwise_int8(x: torch.Tensor, block_size: int = 64) -> tuple[torc
 
 
 def dequantize_blockwise_int8(
-    codes: torch.Tensor, scales: torch.Tensor, block_size: int = 64, dtype: torch.dtype = torch.float32
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`dequantize_blockwise_int8_reference`, on the fastest available path."""
+    """Same contract as :func:`dequantize_blockwise_int8_reference`, on the fastest available path.
+
+    Args:
+        out: a contiguous flat tensor of ``dtype`` and ``codes.numel()`` values to write the
+            values into (and return) instead of a new one: no fresh pages to fault in. It
+            may hold the tensor ``codes`` were quantized from.
+    Raises:
+        ValueError: ``out`` has another size, dtype, device or layout.
+    """
     _check_block_size(block_size)
     _check_lengths(codes.numel(), scales, block_size)
+    if out is not None:
+        if (
+            out.numel() != codes.numel()
+            or out.dtype != dtype
+            or out.device != codes.device
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous {dtype} tensor of {codes.numel()} values on {codes.device}"
+            )
+        if (library := _cpu_library(codes)) is not None and scales.device.type == "cpu":
+            return quantize_cpu.dequantize_int8(
+                library, codes.view(torch.int8), scales, block_size, dtype, out.view(-1)
+            )
+        return out.view(-1).copy_(dequantize_blockwise_int8(codes, scales, block_size, dtype))
     if _triton_ready(codes):
         from kernels import quantize_triton
 

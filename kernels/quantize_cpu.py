@@ -179,12 +179,17 @@ def quantize_int8(
 
 
 def dequantize_int8(
-    library: ctypes.CDLL, codes: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype
+    library: ctypes.CDLL,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     codes = codes.reshape(-1).contiguous()
     scales = scales.to(torch.float32).contiguous()
     numel = codes.numel()
-    out = torch.empty(numel, dtype=dtype)
+    out = torch.empty(numel, dtype=dtype) if out is None else out
 
     def work(lo: int, hi: int) -> None:
         _decode_into(out, lo, hi, _chunk_elements(block_size), lambda start, stop, target: library.swarm_dequantize_int8(

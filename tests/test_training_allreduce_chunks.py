@@ -19,7 +19,7 @@ import torch
 from swarm.training.allreduce import AllReduceTimeouts, Member
 from swarm.training.averaging import AveragingService
 from swarm.training.parts import split_parts
-from swarm.training.reduction import ChunkAssembly, PartState
+from swarm.training.reduction import BufferPool, ChunkAssembly, PartState
 from swarm.training.robust import RobustConfig
 from swarm.training.robust_buffers import aggregate_buffered
 from transport import Endpoint
@@ -191,3 +191,34 @@ def test_the_buffer_pool_hands_a_given_back_buffer_to_the_next_taker_of_its_size
     assert pool.take(20).data_ptr() == given[1].data_ptr()
     assert pool.take(30).data_ptr() == given[2].data_ptr()
     assert pool.take(10).data_ptr() != given[0].data_ptr()  # the oldest was dropped (keep=2)
+
+
+@pytest.mark.parametrize("compression", ["int8", "none", "fp16"])
+def test_a_round_trip_into_a_buffer_gives_the_bits_of_a_fresh_one(compression):
+    """Reducers round-trip their aggregates in place and members their shares into pooled rows:
+    the same bits as decoding the codec's bytes into a new tensor, which is what receivers do."""
+    from swarm.training.averaging import COMPRESSIONS, codec_round_trip
+
+    codec = COMPRESSIONS[compression]
+    values = torch.randn(64 * 1000 + 37, generator=torch.Generator().manual_seed(5)) * 3
+    fresh = codec.decode(codec.params(), torch.float32, values.numel(), codec.encode(values))
+    into = torch.full_like(values, float("nan"))
+    assert codec_round_trip(codec, values, out=into).data_ptr() == into.data_ptr()
+    assert torch.equal(into, fresh)
+    in_place = values.clone()
+    codec_round_trip(codec, in_place, out=in_place)
+    assert torch.equal(in_place, fresh)
+
+
+def test_a_part_state_reduces_into_pooled_buffers_it_gives_back_on_release():
+    pool = BufferPool(keep=4)
+    state = PartState(pool)
+    contributions = [torch.randn(640, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for member, values in enumerate(contributions):
+        state.add(member, 1.0, values)
+    robust = RobustConfig(rule="centered_clip")
+    first = state.compute(lambda values, out=None: out.copy_(values), robust)
+    expected = aggregate_buffered({m: (1.0, v) for m, v in enumerate(contributions)}, robust).values
+    assert torch.equal(first.values, expected)
+    state.release()
+    assert pool.take(640).data_ptr() == first.values.data_ptr()  # reused by the next round

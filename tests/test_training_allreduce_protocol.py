@@ -23,9 +23,9 @@ PLAIN_MEAN = RobustConfig(rule="mean")
 """These tests check the protocol against the weighted mean; test_training_robust.py the rules."""
 
 
-def int8_round_trip(values: torch.Tensor) -> torch.Tensor:
+def int8_round_trip(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     codes, scales = quantize_blockwise_int8(values, 64)
-    return dequantize_blockwise_int8(codes, scales, 64)
+    return dequantize_blockwise_int8(codes, scales, 64, out=out)
 
 
 class Router:

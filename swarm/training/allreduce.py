@@ -138,15 +138,14 @@ class AllReduceRound(RoundVerification):
         """
         self.vector = None
         self._early_checks.clear()
-        for state in (*self._checks.values(), *self._arbitrations.values()):
-            state.release()
         for part, state in self._states.items():
-            state.release()
             state.candidate = None
             if fallback_reducer(part, len(self.members)) != self.my_index:
                 state.result = None
-            elif state.result is not None and self._results.buffer is not None:
-                state.result = state.result.clone()  # not a view of the buffer the pool reuses
+            elif state.result is not None:
+                state.result = state.result.clone()  # not a view of a buffer the pool reuses
+        for state in (*self._checks.values(), *self._arbitrations.values(), *self._states.values()):
+            state.release()
         self._buffers.give(self._results.buffer)
         self._results.buffer = None
 
@@ -294,13 +293,19 @@ class AllReduceRound(RoundVerification):
         start, end = self.parts[part]
         return self.vector[start:end]
 
-    def _own_share(self, part: int) -> torch.Tensor:
-        """This member's share of ``part`` as the others decode it from the wire.
+    def _own_share(self, part: int, state: PartState | None = None) -> torch.Tensor:
+        """This member's share of ``part`` as the others decode it from the wire, written into
+        its row of ``state``'s contributions buffer when given (pooled, not fresh pages).
 
         Counted this way where it is reduced locally too, so that a reducer, a backup and
         an arbiter that recompute a part all start from the same values.
         """
-        return self.round_trip(self._slice(part))
+        if state is None:
+            return self.round_trip(self._slice(part))
+        start, end = self.parts[part]
+        return self.round_trip(
+            self._slice(part), out=state.row(self.my_index, end - start, len(self.members))
+        )
 
     def _note_aggregate(self, part: int, state: PartState) -> None:
         if state.aggregate is None:
@@ -343,13 +348,14 @@ class AllReduceRound(RoundVerification):
         count = len(self.members)
 
         own = self._state(self.my_index)
-        own.add(self.my_index, self.weight, self._own_share(self.my_index))
+        own.add(self.my_index, self.weight, self._own_share(self.my_index, own))
         sends = []
         for part in range(count):
             targets = [part] if part != self.my_index else []
             backup = fallback_reducer(part, count)
             if self.verifying and backup == self.my_index:
-                self._state(part, self._checks).add(self.my_index, self.weight, self._own_share(part))
+                check = self._state(part, self._checks)
+                check.add(self.my_index, self.weight, self._own_share(part, check))
                 self._early_checks[part] = self._background(self.check_early(part, scatter_deadline))
             elif self.verifying:
                 targets.append(backup)

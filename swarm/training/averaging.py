@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
 from swarm.training.chunk_streams import CHUNK_BYTES, EncodedOnce, send_chunks
 from swarm.training.parts import fallback_reducer
@@ -153,9 +154,20 @@ class AveragingOutcome:
     bytes_sent: int
 
 
-def codec_round_trip(codec, values: torch.Tensor) -> torch.Tensor:
-    """``values`` as a receiver of ``codec``'s bytes decodes them."""
-    return codec.decode(codec.params(), torch.float32, values.numel(), codec.encode(values.contiguous()))
+def codec_round_trip(codec, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` as a receiver of ``codec``'s bytes decodes them, written into ``out`` when given.
+
+    ``out`` (a contiguous float32 tensor of ``values``' size, which may be ``values``
+    itself) saves a fresh tensor per call: with int8 the codes decode straight into it,
+    where a new 25 MB result cost the kernel faulting in and zeroing its pages, several
+    times what the decoding itself costs.
+    """
+    values = values.contiguous()
+    if isinstance(codec, Int8BlockwiseCodec) and out is not None:
+        codes, scales = quantize_blockwise_int8(values, codec.block_size)
+        return dequantize_blockwise_int8(codes, scales, codec.block_size, torch.float32, out=out.view(-1))
+    decoded = codec.decode(codec.params(), torch.float32, values.numel(), codec.encode(values))
+    return decoded if out is None else out.view(-1).copy_(decoded)
 
 
 def encoded_size(codec, values: torch.Tensor) -> int:
@@ -215,7 +227,7 @@ class AveragingService:
         self.all_reduces = 0
         """All-reduces this service has run (``AllReduceSend.all_reduce`` of the current one)."""
         self._rounds: dict[str, AllReduceRound] = {}
-        self._buffers = BufferPool()
+        self._buffers = BufferPool(keep=6)
         """Work buffers each round gives back for the next (see ``BufferPool``: kept pages, not
         fresh zeroed ones, at the cost of holding them between rounds)."""
         self._registered = asyncio.Condition()
@@ -338,7 +350,7 @@ class AveragingService:
             vector,
             weight,
             links,
-            lambda values: codec_round_trip(self.codec, values),
+            lambda values, out=None: codec_round_trip(self.codec, values, out),
             timeouts,
             alignment=getattr(self.codec, "block_size", 64),
             robust=robust,

@@ -26,8 +26,10 @@ import torch
 from swarm.training.robust import Aggregate, RobustConfig, all_finite
 from swarm.training.robust_buffers import aggregate_buffered
 
-RoundTrip = Callable[[torch.Tensor], torch.Tensor]
-"""Quantize-dequantize with the wire codec: the values as receivers will decode them."""
+RoundTrip = Callable[..., torch.Tensor]
+"""``round_trip(values, out=None)``: quantize-dequantize with the wire codec, the values as
+receivers will decode them; written into ``out`` (float32, ``values``' size, may be
+``values`` itself) when given, so a round's results land in pooled buffers."""
 
 AGREEMENT_TOLERANCE = 1e-3
 """Two computations of a part agree when no value differs by more than this fraction of
@@ -58,7 +60,8 @@ class BufferPool:
     """Float32 work buffers handed from one round to the next.
 
     A round needs three buffers about the vector's size (its reducers' results, the
-    contributions to the part it reduces, the copies of the part it backs up). Fresh
+    contributions to the part it reduces, the copies of the part it backs up) and
+    two of a part's size (its own aggregate and the backup's recomputation). Fresh
     ones cost the kernel zeroing every page at first touch, which on the 2-core
     development VM was ~70 ms per 100 MB, per buffer and round: about as much as
     CenteredClip itself. A finished round gives its buffers back, and the next round
@@ -178,6 +181,8 @@ class PartState:
         self.settled = asyncio.Event()
         """Set once ``result`` is final or the part is disputed: nothing more to wait for."""
         self._digest: tuple[torch.Tensor, str] | None = None
+        self._outputs: list[torch.Tensor] = []
+        """Pooled buffers the aggregates of this part were written into (see :meth:`compute`)."""
 
     def digest(self, values: torch.Tensor) -> str:
         """:func:`result_digest` of ``values`` (this part's result or candidate), computed once:
@@ -220,13 +225,24 @@ class PartState:
             del self._assemblies[sender]
             self.add(sender, weight, row)
 
+    def row(self, member: int, numel: int, members: int) -> torch.Tensor:
+        """``member``'s row of the contributions buffer (allocated here if no chunk came yet):
+        where this member writes its own share instead of a fresh tensor."""
+        if self.buffer is None:
+            self.buffer = self.pool.take(members, numel)
+        return self.buffer[member]
+
     def release(self) -> None:
-        """Drop the contributions and give the buffer they live in back to the pool."""
+        """Drop the contributions and aggregates; give the buffers they live in back to the pool.
+        (``result`` may be one of them: a caller that keeps it clones it first.)"""
         self.contributions.clear()
         self._assemblies.clear()
         self._digest = None
         self.pool.give(self.buffer)
         self.buffer = None
+        for output in self._outputs:
+            self.pool.give(output)
+        self._outputs.clear()
 
     async def wait_for(self, expected: set[int], deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -241,23 +257,22 @@ class PartState:
                 return
 
     def compute(self, round_trip: RoundTrip, robust: RobustConfig) -> Aggregate:
-        """The robust aggregate of the contributions so far, its values through the codec."""
-        result = aggregate_buffered(self.contributions, robust)
-        result.values = round_trip(result.values)
-        return result
+        """The robust aggregate of the contributions so far, its values through the codec,
+        in a buffer from the pool (given back by :meth:`release`)."""
+        return _aggregate(self.contributions, round_trip, robust, self._output())
+
+    def _output(self) -> torch.Tensor:
+        """A pooled buffer of the part's size for an aggregate (taken on the event loop's thread)."""
+        numel = next(iter(self.contributions.values()))[1].numel() if self.contributions else 0
+        self._outputs.append(self.pool.take(numel))
+        return self._outputs[-1]
 
     async def compute_in_thread(self, round_trip: RoundTrip, robust: RobustConfig) -> Aggregate:
         """:meth:`compute` in a worker thread, so the event loop keeps moving other parts'
         chunks meanwhile (torch releases the GIL). It reduces the contributions complete
         when it starts; chunks arriving meanwhile go to rows it does not read."""
-        contributions = dict(self.contributions)
-
-        def compute() -> Aggregate:
-            result = aggregate_buffered(contributions, robust)
-            result.values = round_trip(result.values)
-            return result
-
-        return await asyncio.to_thread(compute)
+        contributions, out = dict(self.contributions), self._output()
+        return await asyncio.to_thread(_aggregate, contributions, round_trip, robust, out)
 
     def reduce(self, round_trip: RoundTrip, robust: RobustConfig) -> None:
         """Make the robust aggregate of the contributions this part's final result."""
@@ -268,3 +283,12 @@ class PartState:
         self.result, self.contributors = values, list(contributors)
         self.ready.set()
         self.settled.set()
+
+
+def _aggregate(
+    contributions: dict[int, tuple[float, torch.Tensor]], round_trip: RoundTrip, robust: RobustConfig, out
+) -> Aggregate:
+    """The robust aggregate of ``contributions`` through the codec, computed and round-tripped in ``out``."""
+    result = aggregate_buffered(contributions, robust, out=out)
+    result.values = round_trip(result.values, out=out)
+    return result
