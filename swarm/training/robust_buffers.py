@@ -128,8 +128,8 @@ def _centered_clip(
     shares = torch.tensor(weights, dtype=torch.float32)
     shares = shares / shares.sum()
     blocks = _Blocks(sources, factors, numel)
-    mean = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)  # the weighted mean;
-    # the result, when it is one
+    # the weighted mean; the result, when it is one
+    mean = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
     gram = torch.zeros((count, count), dtype=torch.float64)  # <row_i - start, row_j - start>
     for start, stop, rows, work in blocks:
         block_mean = torch.mv(rows.T, shares, out=mean[start:stop])
