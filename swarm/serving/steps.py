@@ -12,7 +12,9 @@ records and the span, and registers this service on its endpoints.
   there (``PushHidden``), so a step travels the chain once instead of returning to the
   client between hops, but only to an address and key the DHT lists for the next block
   (``PushTargets``), never to an arbitrary address a client names. A failed or refused
-  push is only logged: the client's copy covers it.
+  push is only logged: the client's copy covers it. The push and the reply leave from the
+  batcher the moment the forward ends (``StepBatcher.step``'s ``on_result``), before the
+  event loop reads a message that arrived meanwhile (often the client's copy).
 - ``ForwardRequest``: a stateless forward of a sub-span (no cache).
 """
 
@@ -208,7 +210,9 @@ class StepService:
             raise MalformedMessage(str(error)) from error
         return None
 
-    def _start_push(self, step: InferenceStep, output: torch.Tensor, next_block: int, pushes) -> None:
+    def _start_push(
+        self, step: InferenceStep, output: torch.Tensor, next_block: int, pushes: asyncio.TaskGroup
+    ) -> None:
         """Sends the push now when its target is a listed one with an open connection (the
         usual case), else from a task (a DHT lookup or a connect first)."""
         connection = self._connections.get(step.push_address)
