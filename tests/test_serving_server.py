@@ -311,6 +311,52 @@ def test_short_forwards_run_on_the_event_loop_and_long_ones_in_a_thread(tmp_path
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
+def test_a_steps_result_is_delivered_before_other_callbacks_and_its_error_is_the_steps(tmp_path):
+    """In-process: ``on_result`` gets the output right after the forward, before anything the
+    event loop took meanwhile (a message that arrived during the forward) and before the step's
+    awaiter resumes; what it raises is the step's error, and the batcher keeps serving."""
+    write_tiny_checkpoint(tmp_path, num_layers=2, hidden_size=HIDDEN)
+    blocks = load_blocks(tmp_path, 0, 2, torch.float32, "cpu").eval()
+    torch.manual_seed(0)
+    prompt, token = torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)
+    events: list[str] = []
+    delivered: list[torch.Tensor] = []
+    loop = None
+
+    class ArrivingDuringForward(StepBatcher):
+        def _forward(self, group):
+            loop.call_soon_threadsafe(events.append, "other message")  # (the first runs in a thread)
+            return super()._forward(group)
+
+    def deliver(output: torch.Tensor) -> None:
+        events.append("sent")
+        delivered.append(output)
+
+    def refuse(output: torch.Tensor) -> None:
+        raise ValueError("refused")
+
+    async def scenario():
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        batcher = ArrivingDuringForward(blocks, inline_seconds=60.0)
+        runner = asyncio.create_task(batcher.run())
+        cache = blocks.allocate_cache(1, 16)
+        await batcher.step(cache, prompt, 0)  # the first of its size runs in a thread
+        events.clear()
+        output = await batcher.step(cache, token, 4, on_result=deliver)  # inline
+        events.append("resumed")
+        with pytest.raises(ValueError, match="refused"):
+            await batcher.step(cache, token, 5, on_result=refuse)
+        after = await batcher.step(cache, token, 6)
+        runner.cancel()
+        return output, after
+
+    output, after = asyncio.run(scenario())
+    assert events[:3] == ["sent", "other message", "resumed"]
+    assert delivered[0] is output
+    assert after.shape == (1, 1, HIDDEN)
+
+
 @pytest.mark.slow
 def test_replacement_dying_during_replay_is_replaced_again(swarm):
     """Runs last: p and d die here by design (their records outlive them)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from transport.control import ErrorReply, Ping, Pong, StreamClose, StreamOpened, raise_error_reply
@@ -102,6 +102,16 @@ class Connection:
             MalformedMessage: the request (or the reply) does not match its declared types.
         """
         return await self._request(request, None, timeout)
+
+    def send_call(self, request: Message, *, timeout: float | None = None) -> Awaitable[Message]:
+        """:meth:`call`, with ``request`` sent before this returns (no event-loop turn first);
+        await the result for the reply. For a caller whose message must leave before the
+        loop handles anything else (a server's push right after its forward).
+
+        Raises:
+            PeerUnavailable: the connection is closed (here, not when awaited).
+        """
+        return self._finish(*self._begin(request, None, timeout))
 
     async def confirm_answering(self, address: str, deadline: float) -> None:
         """Pings the new connection before the connect ``deadline`` (loop time); closes it on failure.

@@ -12,7 +12,8 @@ client) costs one emulated one-way latency, as over a real wide-area link.
 This replaces a user-space delaying proxy (``benchmarks/inference.py`` used one): the
 proxy cost ~2 ms of its own per leg on a busy 2-core machine (a 4 KiB echo through it
 took 4.3 ms at zero emulated latency against 0.26 ms direct). Here the delay is one
-event-loop timer per burst of messages, no copy (the received frames themselves wait)
+timer per burst of messages (a kernel timerfd on Linux, ``precise_timer.py``: on time with
+no busy polling), no copy (the received frames themselves wait)
 and no extra process or socket.
 
 Unset (the default), nothing changes. The variable is read when an endpoint is created,
@@ -30,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from transport import precise_timer
 from transport.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 ENVIRONMENT_VARIABLE = "SWARM_EMULATE_LINK"
 
 _TIMER_SLACK = 0.0015
-"""Seconds before a message is due that its timer fires; the last stretch is checked against
-the precise clock once per event-loop iteration, so a leg is not ~1 ms longer than asked."""
+"""Without timerfd only: seconds before a message is due that its timer fires; the last
+stretch is checked against the precise clock once per event-loop iteration (a busy loop),
+so a leg is not ~1 ms longer than asked."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,9 @@ class DelayLine:
         self._loop = asyncio.get_running_loop()
         self._queue: deque[tuple[float, Any]] = deque()  # (due, on time.monotonic(), item)
         self._link_free = 0.0  # when the link has carried the bytes queued so far
-        self._timer: asyncio.Handle | None = None
+        self._timer: asyncio.Handle | None = None  # without timerfd
+        self._precise: precise_timer.PreciseTimer | None = None
+        self._armed = False
 
     def put(self, item: Any, size: int) -> None:
         """Holds ``item`` (``size`` bytes on the wire) until it is due."""
@@ -127,10 +132,17 @@ class DelayLine:
         rate = self._link.bits_per_second
         self._link_free = start + (size * 8 / rate if rate else 0.0)
         self._queue.append((self._link_free + self._link.one_way_s, item))
-        if self._timer is None:
+        if not self._armed:
             self._schedule()
 
     def _schedule(self) -> None:
+        self._armed = True
+        if precise_timer.available():
+            # the kernel wakes the loop when the first item is due: on time, no busy loop
+            if self._precise is None:
+                self._precise = precise_timer.PreciseTimer(self._loop, self._release)
+            self._precise.arm(self._queue[0][0])
+            return
         # Event-loop timers fire late by up to a millisecond or so (asyncio rounds its poll
         # timeout up to whole milliseconds, uvloop keeps time in milliseconds): wake up to
         # _TIMER_SLACK early and check the precise clock on each loop iteration from there.
@@ -142,6 +154,7 @@ class DelayLine:
 
     def _release(self) -> None:
         self._timer = None
+        self._armed = False
         queue, now = self._queue, time.monotonic()
         while queue and queue[0][0] <= now:
             _, item = queue.popleft()
@@ -151,15 +164,24 @@ class DelayLine:
                 log.exception("delivering an emulated-link message failed")
         if queue:
             self._schedule()
-        elif self._on_empty is not None:
+            return
+        self._close_timers()  # a line may be forgotten once empty: no descriptor left behind
+        if self._on_empty is not None:
             self._on_empty()
 
     def close(self) -> None:
         """Drops whatever is held (its connection or socket closed)."""
+        self._close_timers()
+        self._queue.clear()
+
+    def _close_timers(self) -> None:
+        self._armed = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._queue.clear()
+        if self._precise is not None:
+            self._precise.close()
+            self._precise = None
 
 
 class DelayLines:

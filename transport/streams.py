@@ -140,6 +140,14 @@ class ServerStream:
         Raises:
             RuntimeError: there is no unanswered step.
         """
+        self.reply_now(msg)
+
+    def reply_now(self, msg: Message) -> None:
+        """:meth:`reply` from synchronous code: the reply leaves before this returns.
+
+        Raises:
+            RuntimeError: there is no unanswered step.
+        """
         if self._unanswered is None:
             raise RuntimeError("no step to reply to")
         request_id, self._unanswered = self._unanswered, None

@@ -44,6 +44,7 @@ class _Pending:
     position: int
     adapter: object = None  # a ServedAdapter (tensors stacked over the span's blocks) or None
     future: asyncio.Future | None = None
+    on_result: Callable[[torch.Tensor], None] | None = None  # see StepBatcher.step
 
 
 class GroupQueue(ABC):
@@ -88,7 +89,15 @@ class GroupQueue(ABC):
                             item.future.set_exception(error)
                     continue
                 for item, result in zip(group, results, strict=True):
-                    if not item.future.done():
+                    if item.future.done():
+                        continue
+                    on_result = getattr(item, "on_result", None)
+                    try:
+                        if on_result is not None:
+                            on_result(result)
+                    except Exception as error:  # the item's error, not the queue's
+                        item.future.set_exception(error)
+                    else:
                         item.future.set_result(result)
 
     def _take_group(self) -> list:
@@ -144,15 +153,21 @@ class StepBatcher(GroupQueue):
             n >= positions and seconds < self.inline_seconds for n, seconds in self._last_seconds.items()
         )
 
-    async def step(self, cache: KVCache, hidden: torch.Tensor, position: int, adapter=None) -> torch.Tensor:
+    async def step(
+        self, cache: KVCache, hidden: torch.Tensor, position: int, adapter=None,
+        on_result: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Appends hidden (rows, new_tokens, hidden) at ``position`` of every row; returns the output.
 
         ``adapter``: LoRA adapters (a ``ServedAdapter``) this session's steps run with.
+        ``on_result``: called with the output on the event loop as soon as the forward ends,
+        before the loop reads any other message (uvloop handles I/O before the awaiting
+        task resumes): the server's push and reply leave from here. What it raises, this raises.
 
         Raises:
             ValueError: the cache cannot hold the new tokens.
         """
-        return await self._enqueue(_Pending(cache, hidden, position, adapter))
+        return await self._enqueue(_Pending(cache, hidden, position, adapter, on_result=on_result))
 
     def _group_key(self, item: _Pending) -> int:
         return item.hidden.shape[1]  # new tokens

@@ -67,17 +67,24 @@ class PushTargets:
 
         Never raises for DHT trouble: a failed lookup refuses the push (and is logged).
         """
-        target = (address, key)
-        cached = self._listed.get(block)
-        if cached is not None and target in cached[1]:
-            if self._clock() - cached[0] >= self._ttl:
-                self._refresh_in_background(block)
+        if self.listed_now(address, key, block):
             return True
+        target = (address, key)
         async with self._locks.setdefault(block, asyncio.Lock()):
             cached = self._listed.get(block)  # a concurrent caller may have just looked it up
             if cached is None or self._clock() - cached[0] >= self._min_refresh:
                 cached = await self._look_up(block)
         return cached is not None and target in cached[1]
+
+    def listed_now(self, address: str, key: bytes, block: int) -> bool:
+        """Whether the cached listing of ``block`` holds ``address`` with ``key``, without waiting
+        (False: unknown, ask :meth:`allows`); past the ttl it is refreshed in the background."""
+        cached = self._listed.get(block)
+        if cached is None or (address, key) not in cached[1]:
+            return False
+        if self._clock() - cached[0] >= self._ttl:
+            self._refresh_in_background(block)
+        return True
 
     def _refresh_in_background(self, block: int) -> None:
         running = self._refreshes.get(block)

@@ -12,7 +12,9 @@ records and the span, and registers this service on its endpoints.
   there (``PushHidden``), so a step travels the chain once instead of returning to the
   client between hops, but only to an address and key the DHT lists for the next block
   (``PushTargets``), never to an arbitrary address a client names. A failed or refused
-  push is only logged: the client's copy covers it.
+  push is only logged: the client's copy covers it. The push and the reply leave from the
+  batcher the moment the forward ends (``StepBatcher.step``'s ``on_result``), before the
+  event loop reads a message that arrived meanwhile (often the client's copy).
 - ``ForwardRequest``: a stateless forward of a sub-span (no cache).
 """
 
@@ -157,19 +159,23 @@ class StepService:
                         )
                         continue
                     try:
-                        reply = await self._serve_step(session, batcher, step, pushes)
+                        reply = await self._serve_step(session, batcher, step, pushes, stream)
                     except MalformedMessage as error:
                         # The step is refused; the session and its cache stay as they were.
                         await stream.reply_error(error)
                         continue
-                    await stream.reply(reply)
+                    if reply is not None:  # else it left right after the forward
+                        await stream.reply(reply)
         finally:
             self.server.sessions.close(session)
             self.server.batchers.release(batcher)
 
     async def _serve_step(
-        self, session: HostedSession, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup
-    ) -> InferenceReply:
+        self, session: HostedSession, batcher: StepBatcher, step: InferenceStep, pushes: asyncio.TaskGroup,
+        stream: ServerStream,
+    ) -> InferenceReply | None:  # fmt: skip
+        """Runs one step; its push and reply are sent as soon as the forward ends (None: the
+        reply is out), or the reply to send when its input never came."""
         if step.hidden is not None:
             session.offer(step.step, step.hidden, "step")
             hidden, source = step.hidden, "step"
@@ -187,18 +193,41 @@ class StepService:
         session.steps += 1
         if self.server.on_step is not None:
             self.server.on_step(session.steps)
+
+        def send(output: torch.Tensor) -> None:  # (batch, new_tokens, hidden)
+            # Right after the forward, before the event loop reads anything else (a client's
+            # copy arriving meanwhile cost ~0.5 ms before the push and the reply; issue #18).
+            if self.server.on_output is not None:  # test faults only (peers/faults.py)
+                output = self.server.on_output(session.token, session.steps, output)
+            output = coded(output, session.codec)  # the reply and the push travel alike
+            if step.push_address:
+                self._start_push(step, output, batcher.span.end, pushes)
+            stream.reply_now(InferenceReply(step=step.step, hidden=output, input_source=source))
+
         try:
-            # (batch, new_tokens, hidden)
-            output = await batcher.step(session.cache, hidden, step.position, session.adapter)
+            await batcher.step(session.cache, hidden, step.position, session.adapter, on_result=send)
         except ValueError as error:
             raise MalformedMessage(str(error)) from error
-        if self.server.on_output is not None:  # test faults only (peers/faults.py)
-            output = self.server.on_output(session.token, session.steps, output)
-        output = coded(output, session.codec)  # the reply and the push travel alike
-        if step.push_address:
-            pushes.create_task(self._push(step, output, batcher.span.end))
-            await asyncio.sleep(0)  # let the push leave before the reply
-        return InferenceReply(step=step.step, hidden=output, input_source=source)
+        return None
+
+    def _start_push(
+        self, step: InferenceStep, output: torch.Tensor, next_block: int, pushes: asyncio.TaskGroup
+    ) -> None:
+        """Sends the push now when its target is a listed one with an open connection (the
+        usual case), else from a task (a DHT lookup or a connect first)."""
+        connection = self._connections.get(step.push_address)
+        if connection is None or not self.push_targets.listed_now(
+            step.push_address, step.push_key, next_block
+        ):
+            pushes.create_task(self._push(step, output, next_block))
+            return
+        message = PushHidden(token=step.push_token, step=step.step, hidden=output)
+        try:
+            acknowledged = connection.send_call(message, timeout=PUSH_TIMEOUT)
+        except SwarmError as error:
+            pushes.create_task(self._push_failed(step, error))
+            return
+        pushes.create_task(self._await_push(step, acknowledged))
 
     async def _push(self, step: InferenceStep, output: torch.Tensor, next_block: int) -> None:
         """Sends a step's output to the next server (a server of ``next_block``); failures and
@@ -218,7 +247,19 @@ class StepService:
             await connection.call(message, timeout=PUSH_TIMEOUT)
             self.pushes_sent += 1
         except SwarmError as error:
-            dropped = self._connections.pop(step.push_address, None)
-            if dropped is not None:
-                await dropped.close()
-            logger.info("push of step %d to %s failed: %s", step.step, step.push_address, error)
+            await self._push_failed(step, error)
+
+    async def _await_push(self, step: InferenceStep, acknowledged) -> None:
+        """Waits for the acknowledgement of a push already sent."""
+        try:
+            await acknowledged
+            self.pushes_sent += 1
+        except SwarmError as error:
+            await self._push_failed(step, error)
+
+    async def _push_failed(self, step: InferenceStep, error: SwarmError) -> None:
+        """Drops the connection a push failed on (the next push reconnects) and logs it."""
+        dropped = self._connections.pop(step.push_address, None)
+        if dropped is not None:
+            await dropped.close()
+        logger.info("push of step %d to %s failed: %s", step.step, step.push_address, error)
