@@ -143,7 +143,7 @@ def test_a_member_killed_mid_chunk_stream_leaves_the_survivors_bit_identical():
 
 
 def test_a_chunk_going_to_several_members_is_encoded_once_and_decodes_as_the_codec_does():
-    from swarm.training.averaging import COMPRESSIONS
+    from swarm.training.averaging_wire import COMPRESSIONS
     from swarm.training.chunk_streams import EncodedOnce
 
     class CountingCodec:
@@ -197,7 +197,7 @@ def test_the_buffer_pool_hands_a_given_back_buffer_to_the_next_taker_of_its_size
 def test_a_round_trip_into_a_buffer_gives_the_bits_of_a_fresh_one(compression):
     """Reducers round-trip their aggregates in place and members their shares into pooled rows:
     the same bits as decoding the codec's bytes into a new tensor, which is what receivers do."""
-    from swarm.training.averaging import COMPRESSIONS, codec_round_trip
+    from swarm.training.averaging_wire import COMPRESSIONS, codec_round_trip
 
     codec = COMPRESSIONS[compression]
     values = torch.randn(64 * 1000 + 37, generator=torch.Generator().manual_seed(5)) * 3

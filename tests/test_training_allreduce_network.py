@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from swarm.training.allreduce import AllReduceTimeouts, Member
-from swarm.training.averaging import AveragingService, Contribution
+from swarm.training.averaging import AveragingService
+from swarm.training.averaging_wire import Contribution
 from swarm.training.robust import RobustConfig
 from transport import CodedTensor, Endpoint, NotAuthorized
 
@@ -96,7 +97,7 @@ def test_a_contribution_under_another_members_name_is_refused():
 
 @pytest.mark.parametrize("compression", ["none", "fp16", "int8", "4bit"])
 def test_byte_accounting_matches_the_encoded_frames(compression):
-    from swarm.training.averaging import COMPRESSIONS, encoded_size, wire_size
+    from swarm.training.averaging_wire import COMPRESSIONS, encoded_size, wire_size
 
     codec = COMPRESSIONS[compression]
     for numel in (0, 1, 63, 64, 65, 1000, 10_001):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from swarm.training.allreduce import AllReduceTimeouts, Member
-from swarm.training.averaging import AveragingService, Verdict
+from swarm.training.averaging import AveragingService
+from swarm.training.averaging_wire import Verdict
 from swarm.training.matchmaking import JoinGroup, Matchmaker
 from transport import Endpoint, NotAuthorized
 

@@ -1,4 +1,4 @@
-"""The all-reduce on the wire: message kinds, and a service that routes them to rounds.
+"""The all-reduce's service: it routes the wire messages (``averaging_wire.py``) to rounds.
 
 One :class:`AveragingService` lives on a trainer's endpoint. Each round registers an
 :class:`~swarm.training.allreduce.AllReduceRound`; requests for a round not yet
@@ -31,8 +31,17 @@ from typing import Literal
 
 import torch
 
-from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from swarm.training.allreduce import AllReduceReport, AllReduceRound, AllReduceTimeouts, CommitReply, Member
+from swarm.training.averaging_wire import (
+    COMPRESSIONS,
+    Ack,
+    Contribution,
+    PartResult,
+    RepairRequest,
+    Verdict,
+    codec_round_trip,
+    wire_size,
+)
 from swarm.training.chunk_streams import CHUNK_BYTES, EncodedOnce, send_chunks
 from swarm.training.parts import fallback_reducer
 from swarm.training.reduction import BufferPool
@@ -41,78 +50,14 @@ from transport import (
     BaseEndpoint,
     CodedTensor,
     Connection,
-    Float16Codec,
-    FourBitBlockwiseCodec,
-    Int8BlockwiseCodec,
     Message,
     NotAuthorized,
-    RawCodec,
     RequestContext,
     ServerBusy,
-    message,
 )
 from transport.errors import MalformedMessage
 
 logger = logging.getLogger(__name__)
-
-COMPRESSIONS = {
-    "none": RawCodec(),
-    "fp16": Float16Codec(),
-    "int8": Int8BlockwiseCodec(64),
-    "4bit": FourBitBlockwiseCodec(64),
-}
-"""``--compression`` values and the codec pseudo-gradients travel with (blocks of 64 values)."""
-
-
-@message("train.contribution")
-class Contribution(Message):
-    round: str
-    part: int
-    sender: int
-    weight: float
-    values: torch.Tensor
-    offset: int = 0
-    """Where ``values`` start in the part (a chunk of it); 0 and the part's size: all of it."""
-
-
-@message("train.result")
-class PartResult(Message):
-    round: str
-    part: int
-    contributors: list[int]
-    values: torch.Tensor
-    disputed: bool = False
-    """In a repair reply: the backup disputes the part (ask its arbiter); ``values`` is empty."""
-    offset: int = 0
-    """Where ``values`` start in the part (a chunk of it, in the gather phase)."""
-
-
-@message("train.repair")
-class RepairRequest(Message):
-    round: str
-    part: int
-    sender: int
-    weight: float
-    values: torch.Tensor
-    arbitrate: bool = False
-    """Ask the part's arbiter (its reducer and backup disagree), not its backup."""
-
-
-@message("train.verdict")
-class Verdict(Message):
-    """From a part's backup: the digest of the result it endorses ("": it disputes the part)."""
-
-    round: str
-    part: int
-    digest: str
-
-
-@message("train.ack")
-class Ack(Message):
-    accepted: bool = True
-    status: str = "accepted"
-    """To a result: ``accepted``, ``taken_over`` or ``disputed`` (see ``CommitReply``), or
-    ``partial``: a chunk was kept and the result is not complete yet."""
 
 
 @dataclass(frozen=True)
@@ -152,45 +97,6 @@ class AveragingOutcome:
     averaged: torch.Tensor
     report: AllReduceReport
     bytes_sent: int
-
-
-def codec_round_trip(codec, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``values`` as a receiver of ``codec``'s bytes decodes them, written into ``out`` when given.
-
-    ``out`` (a contiguous float32 tensor of ``values``' size, which may be ``values``
-    itself) saves a fresh tensor per call: with int8 the codes decode straight into it,
-    where a new 25 MB result cost the kernel faulting in and zeroing its pages, several
-    times what the decoding itself costs.
-    """
-    values = values.contiguous()
-    if isinstance(codec, Int8BlockwiseCodec) and out is not None:
-        codes, scales = quantize_blockwise_int8(values, codec.block_size)
-        return dequantize_blockwise_int8(codes, scales, codec.block_size, torch.float32, out=out.view(-1))
-    decoded = codec.decode(codec.params(), torch.float32, values.numel(), codec.encode(values))
-    return decoded if out is None else out.view(-1).copy_(decoded)
-
-
-def encoded_size(codec, values: torch.Tensor) -> int:
-    """Bytes of the buffers ``codec`` puts on the wire for ``values``."""
-    return sum(memoryview(buffer).nbytes for buffer in codec.encode(values.contiguous()))
-
-
-def wire_size(codec, numel: int) -> int:
-    """Bytes of the buffers ``codec`` puts on the wire for ``numel`` float32 values, without encoding.
-
-    Equals :func:`encoded_size` for every codec of :data:`COMPRESSIONS`; counting
-    by encoding cost a second quantization of each part per round.
-    """
-    if isinstance(codec, RawCodec):
-        return 4 * numel
-    if isinstance(codec, Float16Codec):
-        return 2 * numel
-    scales = 4 * -(-numel // codec.block_size)  # one float32 absmax per block
-    if isinstance(codec, Int8BlockwiseCodec):
-        return numel + scales
-    if isinstance(codec, FourBitBlockwiseCodec):
-        return -(-numel // 2) + scales
-    return encoded_size(codec, torch.zeros(numel))
 
 
 class AveragingService:
