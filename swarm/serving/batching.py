@@ -89,16 +89,12 @@ class GroupQueue(ABC):
                             item.future.set_exception(error)
                     continue
                 for item, result in zip(group, results, strict=True):
-                    if item.future.done():
-                        continue
-                    on_result = getattr(item, "on_result", None)
-                    try:
-                        if on_result is not None:
-                            on_result(result)
-                    except Exception as error:  # the item's error, not the queue's
-                        item.future.set_exception(error)
-                    else:
-                        item.future.set_result(result)
+                    if not item.future.done():
+                        self._settle(item, result)
+
+    def _settle(self, item, result) -> None:
+        """Hands ``result`` to ``item``'s awaiter."""
+        item.future.set_result(result)
 
     def _take_group(self) -> list:
         key = self._group_key(self._queue[0])
@@ -168,6 +164,16 @@ class StepBatcher(GroupQueue):
             ValueError: the cache cannot hold the new tokens.
         """
         return await self._enqueue(_Pending(cache, hidden, position, adapter, on_result=on_result))
+
+    def _settle(self, item: _Pending, result: torch.Tensor) -> None:
+        # on_result runs first, on the loop, before the awaiter resumes (see ``step``)
+        try:
+            if item.on_result is not None:
+                item.on_result(result)
+        except Exception as error:  # the item's error, not the queue's
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
 
     def _group_key(self, item: _Pending) -> int:
         return item.hidden.shape[1]  # new tokens

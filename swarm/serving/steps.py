@@ -221,9 +221,8 @@ class StepService:
         ):
             pushes.create_task(self._push(step, output, next_block))
             return
-        message = PushHidden(token=step.push_token, step=step.step, hidden=output)
         try:
-            acknowledged = connection.send_call(message, timeout=PUSH_TIMEOUT)
+            acknowledged = self._send_push(connection, step, output)
         except SwarmError as error:
             pushes.create_task(self._push_failed(step, error))
             return
@@ -243,11 +242,21 @@ class StepService:
             if connection is None:
                 connection = await self.server.endpoint.connect(step.push_address, step.push_key)
                 self._connections[step.push_address] = connection
-            message = PushHidden(token=step.push_token, step=step.step, hidden=output)
-            await connection.call(message, timeout=PUSH_TIMEOUT)
-            self.pushes_sent += 1
+            acknowledged = self._send_push(connection, step, output)
         except SwarmError as error:
             await self._push_failed(step, error)
+            return
+        await self._await_push(step, acknowledged)
+
+    @staticmethod
+    def _send_push(connection, step: InferenceStep, output: torch.Tensor):
+        """Sends ``output`` as ``step``'s push now; returns the acknowledgement to await.
+
+        Raises:
+            SwarmError: the connection is closed.
+        """
+        message = PushHidden(token=step.push_token, step=step.step, hidden=output)
+        return connection.send_call(message, timeout=PUSH_TIMEOUT)
 
     async def _await_push(self, step: InferenceStep, acknowledged) -> None:
         """Waits for the acknowledgement of a push already sent."""
