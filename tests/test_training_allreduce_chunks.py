@@ -222,3 +222,53 @@ def test_a_part_state_reduces_into_pooled_buffers_it_gives_back_on_release():
     assert torch.equal(first.values, expected)
     state.release()
     assert pool.take(640).data_ptr() == first.values.data_ptr()  # reused by the next round
+
+
+def test_a_finished_round_holds_neither_the_callers_vector_nor_a_fresh_copy_of_its_result():
+    """A finished round stays reachable for repairs (``timeouts.repair``). Meanwhile it must
+    not keep the caller's vector alive through its sent chunks, and the result it keeps for
+    repairs lives in a pooled buffer that goes back to the pool when the round is forgotten."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    async def scenario():
+        endpoints, services, members = [], [], []
+        for i in range(3):
+            endpoint = Endpoint()
+            address = await endpoint.bind("tcp://127.0.0.1:0")
+            endpoints.append(endpoint)
+            services.append(AveragingService(endpoint, "int8", registration_wait=5, chunk_bytes=4096))
+            members.append(Member(f"peer{i}", 1.0, address, endpoint.public_key))
+        vectors = [torch.randn(30_000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        memory = [StorageWeakRef(vector.untyped_storage()) for vector in vectors]
+        timeouts = AllReduceTimeouts(scatter=5, gather=5, repair=0.2, call=5)
+        try:
+            outcomes = await asyncio.gather(
+                *(services[i].all_reduce("r", members, i, v, 1.0, timeouts) for i, v in enumerate(vectors))
+            )
+            del vectors
+            gc.collect()
+            assert all(ref.expired() for ref in memory)  # though the rounds are still reachable
+            assert all("r" in service._rounds for service in services)
+            rounds = [service._rounds["r"] for service in services]
+            kept = [round_._kept for round_ in rounds]  # each member backs up one part
+            assert all(tensor is not None for tensor in kept)
+            for outcome in outcomes[1:]:
+                assert torch.equal(outcome.averaged, outcomes[0].averaged)
+            deadline = asyncio.get_running_loop().time() + 5
+            while any("r" in service._rounds for service in services):
+                assert asyncio.get_running_loop().time() < deadline, "finished rounds never forgotten"
+                await asyncio.sleep(0.05)
+            for service, tensor in zip(
+                services, kept, strict=True
+            ):  # back in the pool: the next round reuses it
+                taken = [service._buffers.take(tensor.numel()) for _ in range(len(service._buffers._free))]
+                assert tensor.data_ptr() in [buffer.data_ptr() for buffer in taken]
+        finally:
+            for service in services:
+                await service.close()
+            for endpoint in endpoints:
+                await endpoint.close()
+
+    asyncio.run(scenario())

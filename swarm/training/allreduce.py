@@ -121,6 +121,7 @@ class AllReduceRound(RoundVerification):
         self._started: float | None = None
         self._tasks: set[asyncio.Task] = set()  # take-overs and verdicts; see close()
         self._early_checks: dict[int, asyncio.Task] = {}  # as a backup: see verification.py
+        self._kept: torch.Tensor | None = None  # after release: the backed-up part's result
 
     def close(self) -> None:
         """Cancel take-over work still running (the service calls this when the round is dropped)."""
@@ -142,12 +143,23 @@ class AllReduceRound(RoundVerification):
             state.candidate = None
             if fallback_reducer(part, len(self.members)) != self.my_index:
                 state.result = None
-            elif state.result is not None:
-                state.result = state.result.clone()  # not a view of a buffer the pool reuses
+            elif state.result is not None:  # copied out of buffers the pool hands on, into one
+                self._kept = self._buffers.take(state.result.numel()).copy_(state.result)
+                state.result = self._kept  # ... it gets back when the service forgets the round
         for state in (*self._checks.values(), *self._arbitrations.values(), *self._states.values()):
             state.release()
         self._buffers.give(self._results.buffer)
         self._results.buffer = None
+
+    def forget(self) -> None:
+        """The service drops the finished round: no more repairs, the kept result goes back
+        to the pool (a fresh copy per round cost ~6,000 page faults, and the kernel's time
+        on them grew with the process's footprint on the development VM)."""
+        self.close()
+        self._buffers.give(self._kept)
+        self._kept = None
+        for state in self._states.values():
+            state.result = None
 
     def _background(self, work: Awaitable) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(work)

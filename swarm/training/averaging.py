@@ -209,7 +209,8 @@ class AveragingService:
             raise MalformedMessage(str(error)) from None
         if result is None:
             return PartResult(request.round, request.part, [], torch.zeros(0), disputed=True)
-        return PartResult(request.round, request.part, contributors, CodedTensor(result, self.codec))
+        # a copy: the round's buffers go back to the pool when it is forgotten (rare path)
+        return PartResult(request.round, request.part, contributors, CodedTensor(result.clone(), self.codec))
 
     async def _connection(self, member: Member) -> Connection:
         key = (member.address, member.public_key)
@@ -271,9 +272,15 @@ class AveragingService:
             round_.release()
         finally:
             round_.close()
+            links.codec.clear()
             # Keep the round reachable a little longer: a slower member may still ask for a repair.
-            asyncio.get_running_loop().call_later(timeouts.repair, self._rounds.pop, round_id, None)
+            asyncio.get_running_loop().call_later(timeouts.repair, self._forget, round_)
         return AveragingOutcome(averaged, round_.report, links.bytes_sent)
+
+    def _forget(self, round_: AllReduceRound) -> None:
+        if self._rounds.get(round_.round_id) is round_:
+            del self._rounds[round_.round_id]
+        round_.forget()
 
     async def close(self) -> None:
         for connection in self._connections.values():
