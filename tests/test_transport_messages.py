@@ -15,6 +15,7 @@ from transport import (
     BFloat16Codec,
     CodedTensor,
     ConfigurationError,
+    EncodedTensor,
     Float16Codec,
     FourBitBlockwiseCodec,
     Int8BlockwiseCodec,
@@ -52,6 +53,11 @@ class Forward(Message):
 @message("test.parts", registry=REGISTRY)
 class Parts(Message):
     parts: list[torch.Tensor]
+
+
+@message("test.chunk", registry=REGISTRY)
+class Chunk(Message):
+    values: EncodedTensor
 
 
 def round_trip(msg: Message, limits: Limits | None = None) -> Message:
@@ -248,3 +254,33 @@ def test_lossy_codecs_keep_dtype_shape_and_pass_integers_raw():
     with pytest.raises(ConfigurationError):
         Int8BlockwiseCodec(3)
     assert math.isclose(round_trip(Forward(0, BlockIndex(0), torch.zeros(1), scale=2)).scale, 2.0)
+
+
+@pytest.mark.parametrize(
+    "codec", [RawCodec(), Float16Codec(), Int8BlockwiseCodec(64), FourBitBlockwiseCodec(64)]
+)
+def test_an_encoded_tensor_field_decodes_where_the_receiver_says_with_the_bits_of_a_tensor_field(codec):
+    x = torch.randn(4, 640, generator=torch.Generator().manual_seed(1)) * 3
+    expected = round_trip(Forward(0, BlockIndex(0), CodedTensor(x, codec))).hidden
+    received = round_trip(Chunk(CodedTensor(x, codec))).values
+    assert isinstance(received, EncodedTensor)
+    assert received.shape == (4, 640) and received.numel() == x.numel() and received.dtype == torch.float32
+    assert torch.equal(received.decode(), expected)
+    buffer = torch.full((3, 4 * 640), float("nan"))
+    row = buffer[1]
+    assert received.decode(out=row) is row and torch.equal(row, expected.view(-1))
+    assert buffer[0].isnan().all() and buffer[2].isnan().all()  # nothing written beside it
+    half = torch.empty(4 * 640, dtype=torch.float16)
+    assert torch.equal(received.decode(out=half), expected.view(-1).half())  # another dtype: cast
+    with pytest.raises(ValueError, match="cannot decode"):
+        received.decode(out=torch.empty(10))
+    with pytest.raises(ValueError, match="cannot decode"):
+        received.decode(out=buffer[:, :640])  # not contiguous
+    assert torch.equal(round_trip(Chunk(received)).values.decode(), expected)  # passed on as received
+
+
+def test_an_encoded_tensor_with_short_frames_is_refused_when_the_message_is_decoded():
+    frames = encode_message(Chunk(CodedTensor(torch.randn(640), Int8BlockwiseCodec(64))), 1)
+    short = [frames[0], frames[1], bytearray(8)]  # the scales frame cut short
+    with pytest.raises(MalformedMessage, match="bytes"):
+        decode_body(Chunk, decode_envelope(short, Limits()), short, Limits())

@@ -6,7 +6,8 @@ Public surface (everything else is private to the package)::
     RequestId, SessionId, PeerKey                    distinct id types
     RawCodec, Float16Codec, BFloat16Codec,
     Int8BlockwiseCodec, FourBitBlockwiseCodec,
-    CodedTensor, WIRE_FORMATS, wire_codec, coded     tensor codecs, formats by name
+    CodedTensor, EncodedTensor, WIRE_FORMATS, wire_codec, coded
+                                                     tensor codecs, formats by name
     Endpoint (ZeroMQ) / Libp2pEndpoint (hivemind's p2p daemon, for peers behind NAT)
     / MemoryEndpoint + MemoryNetwork
     Connection, ClientStream, ServerStream, RequestContext
@@ -21,6 +22,7 @@ from transport.codecs import (
     WIRE_FORMATS,
     BFloat16Codec,
     CodedTensor,
+    EncodedTensor,
     Float16Codec,
     FourBitBlockwiseCodec,
     Int8BlockwiseCodec,
@@ -90,6 +92,7 @@ __all__ = [
     "Connection",
     "DeadlineExceeded",
     "EmulatedLink",
+    "EncodedTensor",
     "Endpoint",
     "ErrorReply",
     "FatalError",

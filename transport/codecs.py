@@ -22,6 +22,7 @@ client's ``activations`` option: ``float32`` sends them as they are).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -132,10 +133,17 @@ class Int8BlockwiseCodec:
 
     @classmethod
     def decode(cls, params: dict, dtype: torch.dtype, numel: int, buffers: list[Any]) -> torch.Tensor:
+        return cls.decode_later(params, dtype, numel, buffers)(None)
+
+    @classmethod
+    def decode_later(
+        cls, params: dict, dtype: torch.dtype, numel: int, buffers: list[Any]
+    ) -> Callable[[torch.Tensor | None], torch.Tensor]:
+        """Check the frames now; dequantize when called, into its ``out`` argument if not None."""
         block_size = _block_size(params)
         codes = tensor_from_buffer(buffers[0], torch.int8, numel)
         scales = _scales(buffers[1], numel, block_size)
-        return dequantize_blockwise_int8(codes, scales, block_size, dtype)
+        return lambda out: dequantize_blockwise_int8(codes, scales, block_size, dtype, out=out)
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,64 @@ class CodedTensor:
 
     tensor: torch.Tensor
     codec: Codec
+
+
+class EncodedTensor:
+    """A received tensor not decoded yet: the receiver says where its values go.
+
+    What a message field annotated ``EncodedTensor`` (not ``torch.Tensor``) holds; the
+    wire is the same. Its frames were checked when the message was decoded. Where the
+    codec allows it (int8) :meth:`decode` writes straight into the receiver's buffer,
+    with no fresh tensor in between to allocate, fault in and copy; others decode
+    first and copy.
+    """
+
+    __slots__ = ("_decode", "dtype", "shape")
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        decode: Callable[[torch.Tensor | None], torch.Tensor],
+    ):
+        self.shape, self.dtype, self._decode = shape, dtype, decode
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> EncodedTensor:
+        """A tensor at hand, as if received (for callers that feed a receiver directly)."""
+        return cls(
+            tuple(tensor.shape), tensor.dtype, lambda out: tensor if out is None else out.copy_(tensor)
+        )
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def decode(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The values, of ``shape`` and ``dtype``; written into ``out`` (and returned) when
+        given: a contiguous tensor of ``numel()`` values, any shape (another dtype: cast).
+
+        Raises:
+            ValueError: ``out`` has another number of values or is not contiguous.
+        """
+        if out is None:
+            return self._decode(None).view(self.shape)
+        if out.numel() != self.numel() or not out.is_contiguous():
+            raise ValueError(f"cannot decode {self.numel()} values into a tensor of shape {tuple(out.shape)}")
+        if out.dtype == self.dtype:
+            self._decode(out.view(-1))
+        else:
+            out.view(-1).copy_(self._decode(None).view(-1))
+        return out
+
+
+def decode_later(
+    codec: type, params: dict, dtype: torch.dtype, numel: int, buffers: list[Any]
+) -> Callable[[torch.Tensor | None], torch.Tensor]:
+    """``codec``'s decoding of ``buffers``, checked now and run when called (see :class:`EncodedTensor`)."""
+    if codec is Int8BlockwiseCodec:
+        return Int8BlockwiseCodec.decode_later(params, dtype, numel, buffers)
+    decoded = codec.decode(params, dtype, numel, buffers)
+    return lambda out: decoded if out is None else out.copy_(decoded)
 
 
 WIRE_FORMATS: dict[str, Codec] = {

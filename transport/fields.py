@@ -3,7 +3,8 @@
 Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``bytes``, a
 ``typing.NewType`` over one of those (distinct id types), ``X | None``,
 ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and ``torch.Tensor`` (which also
-accepts a ``CodedTensor`` on the sending side). Decoding checks every value's type
+accepts a ``CodedTensor`` on the sending side); ``EncodedTensor`` travels as a
+``torch.Tensor`` does and reaches the receiver checked but not decoded. Decoding checks every value's type
 and raises ``MalformedMessage`` naming the field; ``bool`` is never accepted as an
 ``int`` and vice versa.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from transport.codecs import CODECS, CodedTensor, RawCodec
+from transport.codecs import CODECS, CodedTensor, EncodedTensor, RawCodec, decode_later
 from transport.errors import ConfigurationError, MalformedMessage
 from transport.limits import Limits
 from transport.tensors import dtype_name, parse_tensor_header
@@ -129,6 +130,11 @@ class _Tensor(FieldType):
         return header
 
     def decode(self, wire: Any, reader: FrameReader) -> Any:
+        codec, params, dtype, shape, numel = self._header(wire, reader)
+        return codec.decode(params, dtype, numel, reader.take(codec.frame_count)).view(shape)
+
+    @staticmethod
+    def _header(wire: Any, reader: FrameReader) -> tuple[Any, dict, torch.dtype, list[int], int]:
         dtype, shape, numel = parse_tensor_header(wire, reader.limits)
         name = wire.get("codec")
         codec = CODECS.get(name) if type(name) is str else None
@@ -139,8 +145,21 @@ class _Tensor(FieldType):
             raise MalformedMessage("codec params must be a map")
         if codec is not RawCodec and not dtype.is_floating_point:
             raise MalformedMessage(f"codec {codec.name} applies to floating tensors, not {dtype}")
-        flat = codec.decode(params, dtype, numel, reader.take(codec.frame_count))
-        return flat.view(shape)
+        return codec, params, dtype, shape, numel
+
+
+class _Encoded(_Tensor):
+    """A tensor the receiver decodes itself, where it wants the values (``EncodedTensor``)."""
+
+    def encode(self, value: Any, buffers: list[Any]) -> Any:
+        if isinstance(value, EncodedTensor):  # passed on as received
+            value = value.decode()
+        return super().encode(value, buffers)
+
+    def decode(self, wire: Any, reader: FrameReader) -> Any:
+        codec, params, dtype, shape, numel = self._header(wire, reader)
+        frames = reader.take(codec.frame_count)
+        return EncodedTensor(tuple(shape), dtype, decode_later(codec, params, dtype, numel, frames))
 
 
 _SCALARS = (int, float, bool, str, bytes)
@@ -164,6 +183,8 @@ def compile_field_type(annotation: Any, where: str) -> FieldType:
         return _Scalar(annotation)
     if annotation is torch.Tensor:
         return _Tensor()
+    if annotation is EncodedTensor:
+        return _Encoded()
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         others = [arg for arg in args if arg is not type(None)]
@@ -177,5 +198,5 @@ def compile_field_type(annotation: Any, where: str) -> FieldType:
         return _Mapping(compile_field_type(args[1], where))
     raise ConfigurationError(
         f"{where}: unsupported wire type {annotation!r}; use int, float, bool, str, bytes, a NewType, "
-        "X | None, list[X], tuple[X, ...], dict[str, X] or torch.Tensor"
+        "X | None, list[X], tuple[X, ...], dict[str, X], torch.Tensor or EncodedTensor"
     )

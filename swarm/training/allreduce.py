@@ -58,6 +58,7 @@ from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
 from swarm.training.reduction import BufferPool, PartState, ResultChunks, RoundTrip
 from swarm.training.robust import RobustConfig
 from swarm.training.verification import RoundVerification
+from transport import EncodedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,12 @@ class AllReduceRound(RoundVerification):
         return values.reshape(-1)
 
     def on_contribution(
-        self, sender: int, part: int, weight: float, values: torch.Tensor | None, offset: int = 0
+        self,
+        sender: int,
+        part: int,
+        weight: float,
+        values: torch.Tensor | EncodedTensor | None,
+        offset: int = 0,
     ) -> None:
         """Scatter phase: another member's contribution to a part this member reduces or backs
         up, whole or the chunk of it that starts at ``offset``."""
@@ -200,10 +206,10 @@ class AllReduceRound(RoundVerification):
         if values is None:
             raise ValueError(f"contribution to part {part} has no values")
         start, end = self.parts[part]
-        state.add_chunk(sender, float(weight), offset, values.reshape(-1), end - start, len(self.members))
+        state.add_chunk(sender, float(weight), offset, values, end - start, len(self.members))
 
     async def on_result(
-        self, part: int, values: torch.Tensor | None, contributors: list[int], offset: int = 0
+        self, part: int, values: torch.Tensor | EncodedTensor | None, contributors: list[int], offset: int = 0
     ) -> CommitReply | None:
         """Gather phase: a reducer's result (on the backup: its commit, verified first), whole
         or the chunk of it that starts at ``offset``; None while more chunks are to come."""
@@ -218,7 +224,7 @@ class AllReduceRound(RoundVerification):
             contributors
         ):
             raise ValueError(f"result for part {part} names contributors {contributors} not in the group")
-        values, contributors = self._results.add(part, offset, values.reshape(-1), list(contributors))
+        values, contributors = self._results.add(part, offset, values, list(contributors))
         if values is None:
             return None
         backup = fallback_reducer(part, len(self.members))

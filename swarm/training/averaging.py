@@ -334,7 +334,7 @@ class _TransportLinks:
         reply = await self._call("repair", target, message, timeout)
         if not isinstance(reply, PartResult) or reply.part != part:
             raise MalformedMessage(f"member {target} answered a repair with {reply!r:.80}")
-        return (None, []) if reply.disputed else (reply.values, reply.contributors)
+        return (None, []) if reply.disputed else (reply.values.decode().view(-1), reply.contributors)
 
     def _caller(self, kind, target: int) -> Callable[[Message, float, int], Awaitable[Message]]:
         def call(message: Message, timeout: float, chunk: int) -> Awaitable[Message]:

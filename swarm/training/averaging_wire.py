@@ -12,6 +12,7 @@ import torch
 
 from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from transport import (
+    EncodedTensor,
     Float16Codec,
     FourBitBlockwiseCodec,
     Int8BlockwiseCodec,
@@ -35,7 +36,8 @@ class Contribution(Message):
     part: int
     sender: int
     weight: float
-    values: torch.Tensor
+    values: EncodedTensor
+    """Decoded by the receiver straight into its buffer for the part (sent as a tensor)."""
     offset: int = 0
     """Where ``values`` start in the part (a chunk of it); 0 and the part's size: all of it."""
 
@@ -45,7 +47,8 @@ class PartResult(Message):
     round: str
     part: int
     contributors: list[int]
-    values: torch.Tensor
+    values: EncodedTensor
+    """Decoded by the receiver straight into its buffer for the results (sent as a tensor)."""
     disputed: bool = False
     """In a repair reply: the backup disputes the part (ask its arbiter); ``values`` is empty."""
     offset: int = 0

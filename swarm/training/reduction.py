@@ -25,6 +25,7 @@ import torch
 from swarm.training.diloco import hash_parameters
 from swarm.training.robust import Aggregate, RobustConfig, all_finite
 from swarm.training.robust_buffers import aggregate_buffered
+from transport import EncodedTensor
 
 RoundTrip = Callable[..., torch.Tensor]
 """``round_trip(values, out=None)``: quantize-dequantize with the wire codec, the values as
@@ -55,6 +56,11 @@ def results_agree(first: torch.Tensor, second: torch.Tensor) -> bool:
         return False
     scale = float(second.abs().max())
     return float((first - second).abs().max()) <= AGREEMENT_TOLERANCE * scale + 1e-12
+
+
+def as_encoded(values: torch.Tensor | EncodedTensor) -> EncodedTensor:
+    """Chunks arrive as the wire left them (``EncodedTensor``); a tensor at hand is taken as one."""
+    return values if isinstance(values, EncodedTensor) else EncodedTensor.of(values.reshape(-1))
 
 
 class BufferPool:
@@ -136,25 +142,26 @@ class ResultChunks:
         self._incoming: dict[int, tuple[ChunkAssembly, list[int]]] = {}
 
     def add(
-        self, part: int, offset: int, values: torch.Tensor, contributors: list[int]
+        self, part: int, offset: int, values: torch.Tensor | EncodedTensor, contributors: list[int]
     ) -> tuple[torch.Tensor | None, list[int]]:
         """A chunk of ``part``'s result: (the whole result, its contributors) once every
-        chunk is here, (None, ...) before.
+        chunk is here, (None, ...) before. Received chunks decode straight into the buffer.
 
         Raises:
             ValueError: the chunk overlaps or overruns the chunks received, or names other
                 contributors than the part's first chunk.
         """
+        values = as_encoded(values)
         start, end = self.parts[part]
         if part not in self._incoming and offset == 0 and values.numel() == end - start:
-            return values, contributors  # the whole result in one message
+            return values.decode().view(-1), contributors  # the whole result in one message
         assembly, expected = self._incoming.setdefault(part, (ChunkAssembly(end - start), contributors))
         if contributors != expected:
             raise ValueError(f"chunks of the result for part {part} name different contributors")
         complete = assembly.claim(offset, values.numel())
         if self.buffer is None:
             self.buffer = self.pool.take(self.parts[-1][1])
-        self.buffer[start + offset : start + offset + values.numel()].copy_(values)
+        values.decode(out=self.buffer[start + offset : start + offset + values.numel()])
         return (self.buffer[start:end], contributors) if complete else (None, contributors)
 
 
@@ -199,10 +206,17 @@ class PartState:
         self.changed.set()
 
     def add_chunk(
-        self, sender: int, weight: float, offset: int, values: torch.Tensor, numel: int, members: int
+        self,
+        sender: int,
+        weight: float,
+        offset: int,
+        values: torch.Tensor | EncodedTensor,
+        numel: int,
+        members: int,
     ) -> None:
         """Values ``[offset, offset + len(values))`` of ``sender``'s contribution to a part of
-        ``numel`` values; it counts (:meth:`add`) once all its chunks are here.
+        ``numel`` values, decoded straight into its row; it counts (:meth:`add`) once all its
+        chunks are here.
 
         Raises:
             ValueError: the chunk overlaps one already received, lies outside the part, or
@@ -210,8 +224,9 @@ class PartState:
         """
         if self.ready.is_set() or sender in self.contributions:
             return
+        values = as_encoded(values)
         if sender not in self._assemblies and offset == 0 and values.numel() == numel:
-            self.add(sender, weight, values)  # the whole contribution in one message
+            self.add(sender, weight, values.decode().view(-1))  # the whole contribution in one message
             return
         assembly = self._assemblies.setdefault(sender, ChunkAssembly(numel, weight))
         same_weight = assembly.weight == weight or (math.isnan(assembly.weight) and math.isnan(weight))
@@ -221,7 +236,7 @@ class PartState:
         if self.buffer is None:
             self.buffer = self.pool.take(members, numel)
         row = self.buffer[sender]
-        row[offset : offset + values.numel()].copy_(values)
+        values.decode(out=row[offset : offset + values.numel()])
         if complete:
             del self._assemblies[sender]
             self.add(sender, weight, row)
