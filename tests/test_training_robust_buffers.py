@@ -89,3 +89,18 @@ def test_other_rules_are_the_reference(rule):
     assert torch.equal(
         aggregate_buffered(contributions, config).values, aggregate(contributions, config).values
     )
+
+
+@pytest.mark.parametrize("count", range(1, 11))
+def test_the_median_network_gives_torch_medians_bits_for_every_group_size(count):
+    """Ties, signed zeros and repeated rows included: min/max only, so the very same values."""
+    from swarm.training.robust_buffers import _lower_median
+
+    generator = torch.Generator().manual_seed(count)
+    rows = torch.randn(count, 4096, generator=generator)
+    rows[:, :512] = torch.randint(-2, 3, (count, 512), generator=generator).float()  # many ties
+    if count > 1:
+        rows[1, 600:700] = rows[0, 600:700]  # a repeated row segment
+    assert torch.equal(_lower_median(rows), rows.median(dim=0).values)
+    for permutation in (torch.randperm(count, generator=generator) for _ in range(3)):
+        assert torch.equal(_lower_median(rows[permutation]), rows.median(dim=0).values)

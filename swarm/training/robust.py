@@ -105,16 +105,21 @@ def screen(contributions: dict[int, tuple[float, torch.Tensor]], config: RobustC
     """Rejects what cannot be averaged and computes the round's weight and norm bounds."""
     rejected: list[int] = []
     kept: dict[int, tuple[float, torch.Tensor]] = {}
+    all_norms: dict[int, float] = {}
     for member in sorted(contributions):
         weight, values = contributions[member]
         values = values.reshape(-1).to(torch.float32)
-        if not math.isfinite(weight) or weight < 0 or not all_finite(values):
+        # one pass for both: a finite norm means finite values (NaN and infinity survive
+        # the sum of squares); only a non-finite one needs a look at each value
+        norm = float(torch.linalg.vector_norm(values))
+        finite = math.isfinite(norm) or bool(torch.isfinite(values).all())
+        if not math.isfinite(weight) or weight < 0 or not finite:
             rejected.append(member)
             continue
-        kept[member] = (weight, values)
+        kept[member], all_norms[member] = (weight, values), norm
     positive = [weight for weight, _ in kept.values() if weight > 0]
     weight_bound = config.max_weight_ratio * _lower_median(positive) if positive else 0.0
-    norms = {m: float(torch.linalg.vector_norm(v)) for m, (w, v) in kept.items() if w > 0}
+    norms = {m: all_norms[m] for m, (w, _) in kept.items() if w > 0}
     norm_bound = config.max_norm_ratio * _lower_median(list(norms.values())) if norms else 0.0
     return Screened(kept, rejected, weight_bound, norms, norm_bound)
 
