@@ -531,7 +531,11 @@ def report(settings: Settings, measured: dict[str, SystemRounds]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 timed rounds each, no kill round (< 120 s)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 timed rounds of ours and gloo, 2 of hivemind, no kill round (< 120 s)",
+    )
     parser.add_argument("--peers", type=int, default=Settings.peers)
     parser.add_argument("--megabytes", type=float, default=Settings.megabytes)
     parser.add_argument(
