@@ -27,8 +27,9 @@ holders recompute a sample of the hops' outputs after the steps; a caught liar m
 
 Servers are found, banned and connected to through a ``ServerPool`` that every session
 of a ``RemoteModel`` shares; a new session takes its route from the pool's live view and
-sends its first step right behind the openings (pipelined), so a refused opening shows
-up as that step's failure. Hidden states travel in ``ClientConfig.activations``. The server keeps its side of each hop as a
+sends each hop its opening right ahead of its first step, hop by hop in chain order
+(pipelined and deferred: ``Connection.open_stream``), so the first hop's input leaves
+first and a refused opening shows up as that step's failure. Hidden states travel in ``ClientConfig.activations``. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
 """
 
@@ -215,9 +216,11 @@ class InferenceSession:
                     push_key=after.server.curve_public_key if after and not after.server.relayed else b"",
                     push_token=after.token if after else b"",
                 )  # fmt: skip
-                calls[hop] = tasks.create_task(
-                    _settle(hop.stream.call(message, timeout=self.config.step_timeout))
-                )
+                try:  # sent now, in chain order: the first hop's input leaves first
+                    reply = hop.stream.send_call(message, timeout=self.config.step_timeout)
+                except SwarmError as error:
+                    reply = _raise(error)
+                calls[hop] = tasks.create_task(_settle(reply))
 
             for index in range(len(self.chain)):
                 launch(index, hidden if index == 0 else None)
@@ -414,15 +417,22 @@ class InferenceSession:
         if self.lora is not None:  # with the adapter's hash (uploaded if the server lacks it)
             stream = await self.lora.open_stream(connection, opening, self.config.open_timeout)
         else:
+            # pipelined: the opening leaves with the first step, right ahead of it (a relayed
+            # server's libp2p streams may reorder an opening and its first step: not for those)
+            pipelined = pipelined and not server.relayed
             stream = await connection.open_stream(
-                opening, timeout=self.config.open_timeout, pipelined=pipelined and not server.relayed
-            )  # a relayed server's libp2p streams may reorder an opening and its first step
+                opening, timeout=self.config.open_timeout, pipelined=pipelined, deferred=pipelined
+            )
         return _Hop(server, span, stream, token)
 
 
 def _nobody_hint(swarm_name: str) -> str:
     return (f"no server of swarm {swarm_name!r} was found at all: check --swarm (the name the servers "
             "were started with) and --initial-peers")  # fmt: skip
+
+
+async def _raise(error: BaseException):
+    raise error
 
 
 async def _settle(call):
