@@ -226,6 +226,18 @@ class Connection:
             timer.cancel()
             self._pending.pop(request_id, None)
 
+    def notify(self, msg: Message) -> None:
+        """Sends ``msg`` now, with no reply expected: the server's handler runs and its answer
+        is not sent back (one the server cannot even decode still gets an error, which the
+        connection drops). For a message whose acknowledgement nobody reads.
+
+        Raises:
+            PeerUnavailable: the connection is closed, or it cannot go out.
+        """
+        if self._closed:
+            raise PeerUnavailable(f"connection to {self.address} is closed")
+        self._notify(msg, None)
+
     def _notify(self, msg: Message, session: bytes | None) -> None:
         """Send ``msg`` with request id 0: the server does not answer.
 

@@ -8,8 +8,10 @@ drafted tokens, ``swarm/serving/speculative.py``). When a hop fails (killed, tim
 is banned, a replacement chain for exactly that span is found, the kept inputs are
 replayed into it step by step (rebuilding the same caches), and the step goes on. A
 replacement that dies during the replay is banned too and another one is tried
-(``ClientConfig.replay_attempts`` at most). A hop's copy is dropped once that hop
-answers (the push got there first), so a step never waits for a copy's ack.
+(``ClientConfig.replay_attempts`` at most). A copy goes without an acknowledgement:
+nothing ever waited for one (the hop's answer makes its copy moot), and each cost the
+server an encode and send and the client a wake-up and a decode on every hop of every
+token.
 
 A hop that does not answer within its deadline (``ServerPool.step_deadline``: a few
 times what that server's recent steps took, counted from when its input was ready) and
@@ -231,9 +233,7 @@ class InferenceSession:
                 result = await self._await_hop(hop, calls.pop(hop), ready_at, new_tokens, number)
                 copy = copies.pop(hop, None)
                 if copy is not None:
-                    # The hop answered: its copy is moot. Waiting for the copy's ack would
-                    # make every step one more one-way latency long.
-                    copy.cancel()
+                    copy.cancel()  # the hop answered: its copy is moot (if still connecting)
                 if isinstance(result, InferenceReply) and result.hidden is not None:
                     self.servers.record_step(hop.server.peer_id, loop.time() - ready_at, new_tokens)
                     ready_at = loop.time()
@@ -293,7 +293,7 @@ class InferenceSession:
         )
         try:
             connection = await self.servers.connection_to(hop.server)
-            await connection.call(message, timeout=self.config.step_timeout)
+            connection.notify(message)  # no acknowledgement (see the module docstring)
         except SwarmError as error:  # the step itself reports a dead server
             logger.debug("copy for step %d to %s failed: %s", number, hop.server.peer_id, error)
 
