@@ -390,10 +390,18 @@ class InferenceSession:
                     failed_now.clear()
                     await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
                     continue
-            # All hops at once: one round trip instead of one per hop.
-            results = await asyncio.gather(
-                *(_settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
-            )
+            if (
+                pipelined
+                and self.lora is None
+                and all(not hop.server.relayed and self.servers.connected(hop.server) for hop in route)
+            ):
+                # Nothing to wait for (deferred openings on open connections): hop by hop, with
+                # no task per hop and no event-loop turn before the first step (issue #18).
+                results = [await _settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route]
+            else:  # all hops at once: one round trip (or connect) instead of one per hop
+                results = await asyncio.gather(
+                    *(_settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
+                )
             opened = [result for result in results if isinstance(result, _Hop)]
             if len(opened) == len(route):
                 return opened
