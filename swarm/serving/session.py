@@ -49,8 +49,15 @@ from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference,
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
 from swarm.serving.spot_checks import SpotChecks
+from swarm.serving.step_failures import (
+    first_documented_error,
+    is_server_failure,
+    raise_when_awaited,
+    session_lost,
+    settle,
+)
 from transport import ClientStream, coded, wire_codec
-from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
+from transport.errors import DeadlineExceeded, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -62,38 +69,6 @@ class _Hop:
     stream: ClientStream
     token: bytes
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, input) per step
-
-
-def _session_lost(error: BaseException) -> bool:
-    """The session ended (expired while the client was busy elsewhere): not the server's fault."""
-    return isinstance(error, StreamClosed) or (
-        isinstance(error, RemoteError) and error.kind == "StreamClosed"
-    )
-
-
-def first_documented_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to raise for ``group``: its first ``SwarmError`` or ``ValueError``, else its first leaf."""
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        elif not isinstance(error, asyncio.CancelledError):
-            leaves.append(error)
-
-    collect(group)
-    for leaf in leaves:
-        if isinstance(leaf, (SwarmError, ValueError)):
-            return leaf
-    return leaves[0] if leaves else group
-
-
-def _is_server_failure(error: BaseException) -> bool:
-    """Failures that another server can fix; a fatal remote error is our own bug and is raised."""
-    if isinstance(error, RemoteError):
-        return error.retryable
-    return isinstance(error, SwarmError) and error.retryable
 
 
 class InferenceSession:
@@ -221,8 +196,8 @@ class InferenceSession:
                 try:  # sent now, in chain order: the first hop's input leaves first
                     reply = hop.stream.send_call(message, timeout=self.config.step_timeout)
                 except SwarmError as error:
-                    reply = _raise(error)
-                calls[hop] = tasks.create_task(_settle(reply))
+                    reply = raise_when_awaited(error)
+                calls[hop] = tasks.create_task(settle(reply))
 
             for index in range(len(self.chain)):
                 launch(index, hidden if index == 0 else None)
@@ -251,7 +226,7 @@ class InferenceSession:
                     launch(index, current)
                     ready_at = loop.time()
                     continue
-                if not _is_server_failure(result):
+                if not is_server_failure(result):
                     raise result
                 logger.warning("server %s failed at step %d: %s", hop.server.peer_id, number, result)
                 added = await self._replace(index, result)
@@ -312,7 +287,7 @@ class InferenceSession:
         failed = self.chain[index]
         if self.checks is not None:
             await self.checks.settle(raise_caught=False)
-        if not _session_lost(error):
+        if not session_lost(error):
             self.servers.ban(failed.server)
         self.failovers += 1
         await failed.stream.close()
@@ -324,11 +299,11 @@ class InferenceSession:
             hop, replay_error = broken
             for opened in replacement:
                 await opened.stream.close()
-            if not _is_server_failure(replay_error) or attempt == self.config.replay_attempts:
+            if not is_server_failure(replay_error) or attempt == self.config.replay_attempts:
                 raise replay_error
             logger.warning("replacement %s failed during replay (attempt %d of %d): %s", hop.server.peer_id,
                            attempt, self.config.replay_attempts, replay_error)  # fmt: skip
-            if not _session_lost(replay_error):
+            if not session_lost(replay_error):
                 self.servers.ban(hop.server)
             self.replay_failures += 1
         logger.info("replaced %s with %s for blocks %s (%d steps replayed)", failed.server.peer_id,
@@ -397,10 +372,10 @@ class InferenceSession:
             ):
                 # Nothing to wait for (deferred openings on open connections): hop by hop, with
                 # no task per hop and no event-loop turn before the first step (issue #18).
-                results = [await _settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route]
+                results = [await settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route]
             else:  # all hops at once: one round trip (or connect) instead of one per hop
                 results = await asyncio.gather(
-                    *(_settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
+                    *(settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
                 )
             opened = [result for result in results if isinstance(result, _Hop)]
             if len(opened) == len(route):
@@ -410,7 +385,7 @@ class InferenceSession:
             for hop, error in zip(route, results, strict=True):
                 if isinstance(error, _Hop):
                     continue
-                if not _is_server_failure(error):
+                if not is_server_failure(error):
                     raise error
                 logger.warning("could not open a session on %s: %s", hop.peer_id, error)
                 self.servers.ban(hop.server)
@@ -437,15 +412,3 @@ class InferenceSession:
 def _nobody_hint(swarm_name: str) -> str:
     return (f"no server of swarm {swarm_name!r} was found at all: check --swarm (the name the servers "
             "were started with) and --initial-peers")  # fmt: skip
-
-
-async def _raise(error: BaseException):
-    raise error
-
-
-async def _settle(call):
-    """The call's result, or the SwarmError it raised (so one failure does not cancel the others)."""
-    try:
-        return await call
-    except SwarmError as error:
-        return error
