@@ -29,7 +29,8 @@ The last line is machine-readable (loopback)::
 
 ``ttft_ms``: from asking for a generation (a new session: its route opened from the
 client's live view of the servers) to holding its first token, after a warm-up run;
-``local_ttft_ms``: the same prompt's prefill and first token locally (medians).
+``local_ttft_ms``: the same prompt's prefill and first token locally (medians of 8
+interleaved pairs per repeat, in alternating order; the pair-by-pair difference is printed too).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ INIT_STD = 0.02  # GPT-2 / Llama init; 0.1 makes activations grow block after bl
 LINKS = ((20.0, 100.0), (100.0, 100.0))  # (round trip ms, Mbit/s) emulated in full mode
 BATCH_SESSIONS = 16
 PINGS = 10  # pings per server for the measured link round trip
-TTFT_SAMPLES = 3  # first-token measurements per repeat (they are short, and noisier than a 64-token run)
+# First-token pairs per repeat, 40 in --quick: with 15, the medians moved by more than the
+# +15 ms goal's margin from run to run on the 2-core VM (local 81-110 ms); a pair costs ~0.2 s.
+TTFT_SAMPLES = 8
 
 
 @dataclasses.dataclass
@@ -108,9 +111,13 @@ async def _compare(checkpoint, peers, local, prompt, tokens: int, repeats: int):
             local_ms.append(_time_local(local, prompt, tokens))
             ms, output = await _time_swarm(remote, prompt, tokens)
             swarm_ms.append(ms)
-            for _ in range(TTFT_SAMPLES):  # a new session each: open + prefill + first token
-                local_ttft.append(_time_local(local, prompt, 1))
-                swarm_ttft.append(await _swarm_ttft(remote, prompt))
+            for sample in range(TTFT_SAMPLES):  # a new session each: open + prefill + first token
+                if sample % 2:  # A B, then B A: neither always runs right after the 64-token runs
+                    swarm_ttft.append(await _swarm_ttft(remote, prompt))
+                    local_ttft.append(_time_local(local, prompt, 1))
+                else:
+                    local_ttft.append(_time_local(local, prompt, 1))
+                    swarm_ttft.append(await _swarm_ttft(remote, prompt))
         equal = torch.equal(output, generate(local, prompt, tokens))
     return local_ms, swarm_ms, equal, local_ttft, swarm_ttft
 
@@ -321,6 +328,10 @@ def main() -> None:
     print(f"swarm tokens equal local tokens: {'yes' if equal else 'NO'}")
     print(f"time to first token, local ms (runs): {[f'{v:.1f}' for v in local_ttft]}")
     print(f"time to first token, swarm ms (runs): {[f'{v:.1f}' for v in swarm_ttft]}")
+    paired = median([s - loc for s, loc in zip(swarm_ttft, local_ttft, strict=True)])
+    print(
+        f"time to first token, swarm minus local pair by pair (median of {len(swarm_ttft)}): {paired:+.1f} ms"
+    )
     print(f"threads per process: {args.threads}; cpu steal during the loopback runs: "
           f"{report['steal_percent']:.1f}%; load average before/after: "
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip

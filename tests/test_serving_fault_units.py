@@ -17,7 +17,7 @@ from hivemind.utils import get_dht_time
 from swarm import BanList, Identity, NoRouteError, SwarmDHT
 from swarm.serving.hosted_sessions import CacheBudget, HostedSession, HostedSessions, PeerQuota
 from swarm.serving.server_pool import ServerPool
-from swarm.serving.session import first_documented_error
+from swarm.serving.step_failures import first_documented_error
 from swarm.signing import SwarmRecordValidator
 from transport.errors import MessageTooLarge, PeerUnavailable, ServerBusy
 

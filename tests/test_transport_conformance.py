@@ -437,3 +437,28 @@ def test_connect_racing_close_is_clean(make_endpoint):
                 assert (await connection.call(Echo("ok"))).text == "ok"
 
     run(body())
+
+
+def test_a_notification_runs_its_handler_and_gets_no_reply(make_endpoint):
+    async def body():
+        seen: list[str] = []
+        first_seen = asyncio.Event()
+
+        async def record(request: Echo, context: RequestContext) -> Echo:
+            seen.append(request.text)
+            if request.text == "first":
+                first_seen.set()
+            return request
+
+        async with connected(make_endpoint, handlers={Echo: record, Fail: fail}) as connection:
+            connection.notify(Echo("first"))
+            connection.notify(Fail(retryable=False))  # the handler's error is not sent back either
+            reply = await connection.call(Echo("second"))
+            await asyncio.wait_for(first_seen.wait(), 10)  # libp2p may deliver it after "second"
+            assert reply.text == "second" and sorted(seen) == ["first", "second"]
+            assert not connection._pending  # nothing waits for an answer to the notifications
+            await connection.close()
+            with pytest.raises(PeerUnavailable):
+                connection.notify(Echo("closed"))
+
+    run(body())

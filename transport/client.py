@@ -142,7 +142,12 @@ class Connection:
         return self._loop.time() - start
 
     async def open_stream(
-        self, opening: Message, *, timeout: float | None = None, pipelined: bool = False
+        self,
+        opening: Message,
+        *,
+        timeout: float | None = None,
+        pipelined: bool = False,
+        deferred: bool = False,
     ) -> ClientStream:
         """Open an ordered streaming session on the server's handler for ``opening``'s kind.
 
@@ -154,6 +159,12 @@ class Connection:
                 in the session), so the first step costs no extra round trip. A refused
                 opening then fails those steps with the opening's own error, and
                 ``stream.opened`` holds the outcome.
+            deferred: pipelined, and the opening is not sent now but right ahead of the first
+                step (``stream.opened`` is None until then): a client opening sessions on
+                several servers sends each its opening and first step together, the first
+                hop's before the others', instead of every opening first (issue #18: each
+                server woke twice, and their wake-ups delayed the first hop's step).
+                Nothing reaches the server if no step is sent.
         Returns:
             the session; use it as ``async with`` or ``close()`` it.
         Raises:
@@ -161,13 +172,21 @@ class Connection:
             only ``PeerUnavailable`` when pipelined.
         """
         session = SessionId(secrets.token_bytes(16))
+        if deferred:
+            if self._closed:
+                raise PeerUnavailable(f"connection to {self.address} is closed")
+            return ClientStream(self, session, deferred_opening=(opening, timeout))
         begun = self._begin(opening, session, timeout)  # sent now, before any step
         if pipelined:
-            opened = asyncio.ensure_future(self._confirm_opened(begun))
-            opened.add_done_callback(_retrieve)
-            return ClientStream(self, session, opened)
+            return ClientStream(self, session, self._await_opening(begun))
         await self._confirm_opened(begun)
         return ClientStream(self, session)
+
+    def _await_opening(self, begun: tuple[int, asyncio.Future, asyncio.TimerHandle]) -> asyncio.Future:
+        """The outcome of an opening already sent, as a future nobody has to read."""
+        opened = asyncio.ensure_future(self._confirm_opened(begun))
+        opened.add_done_callback(_retrieve)
+        return opened
 
     async def _confirm_opened(self, begun: tuple[int, asyncio.Future, asyncio.TimerHandle]) -> None:
         reply = await self._finish(*begun)
@@ -206,6 +225,18 @@ class Connection:
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
+
+    def notify(self, msg: Message) -> None:
+        """Sends ``msg`` now, with no reply expected: the server's handler runs and its answer
+        is not sent back (one the server cannot even decode still gets an error, which the
+        connection drops). For a message whose acknowledgement nobody reads.
+
+        Raises:
+            PeerUnavailable: the connection is closed, or it cannot go out.
+        """
+        if self._closed:
+            raise PeerUnavailable(f"connection to {self.address} is closed")
+        self._notify(msg, None)
 
     def _notify(self, msg: Message, session: bytes | None) -> None:
         """Send ``msg`` with request id 0: the server does not answer.
@@ -271,14 +302,19 @@ class ClientStream:
 
     Attributes:
         session: the session id.
-        opened: for a pipelined opening, the future of its outcome; None otherwise.
+        opened: for a pipelined opening, the future of its outcome (a deferred one's once
+            it is sent with the first step); None otherwise.
     """
 
-    def __init__(self, connection: Connection, session: SessionId, opened: asyncio.Future | None = None):
+    def __init__(
+        self, connection: Connection, session: SessionId, opened: asyncio.Future | None = None,
+        deferred_opening: tuple[Message, float | None] | None = None,
+    ):  # fmt: skip
         self.session = session
         self.opened = opened
         self._connection = connection
         self._closed = False
+        self._deferred_opening = deferred_opening  # (opening, its timeout): sent with the first step
 
     async def call(self, step: Message, *, timeout: float | None = None) -> Message:
         """Send one step and wait for the handler's reply to it.
@@ -290,14 +326,35 @@ class ClientStream:
             the errors of :meth:`Connection.call`; for a pipelined session whose opening
             was refused, the opening's error.
         """
+        return await self.send_call(step, timeout=timeout)
+
+    def send_call(self, step: Message, *, timeout: float | None = None) -> Awaitable[Message]:
+        """:meth:`call`, with ``step`` sent before this returns (no event-loop turn first);
+        await the result for the reply. A client's first step goes out right behind its
+        opening this way, before the servers that woke for the openings take the cores.
+
+        Raises:
+            StreamClosed: the session is closed (here, not when awaited).
+            PeerUnavailable: the connection is closed (here, not when awaited).
+        """
         if self._closed:
             raise StreamClosed("this streaming session is closed")
+        if self._deferred_opening is not None:
+            opening, opening_timeout = self._deferred_opening
+            begun = self._connection._begin(opening, self.session, opening_timeout)
+            self._deferred_opening = None
+            self.opened = self._connection._await_opening(begun)
+        reply = self._connection._finish(*self._connection._begin(step, self.session, timeout))
         opened = self.opened
         if opened is None or (opened.done() and not opened.cancelled() and opened.exception() is None):
-            return await self._connection._request(step, self.session, timeout)
+            return reply
+        return self._after_opening(reply, opened)
+
+    @staticmethod
+    async def _after_opening(reply: Awaitable[Message], opened: asyncio.Future) -> Message:
         # The opening is unanswered: its failure (refused, or no answer by its deadline) ends
         # this step at once rather than after the step's own, longer deadline.
-        call = asyncio.ensure_future(self._connection._request(step, self.session, timeout))
+        call = asyncio.ensure_future(reply)
         call.add_done_callback(_retrieve)
         try:
             await asyncio.wait({call, opened}, return_when=asyncio.FIRST_COMPLETED)
@@ -315,6 +372,8 @@ class ClientStream:
             self._closed = True
             if self.opened is not None and not self.opened.done():
                 self.opened.cancel()
+            if self._deferred_opening is not None:
+                return  # never sent: the server knows nothing of this session
             try:
                 self._connection._notify(StreamClose(), self.session)
             except SwarmError:

@@ -132,7 +132,10 @@ class HostedSession:
             if remaining <= 0:
                 return None
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                # a scope, not wait_for: wait_for runs the wait in a task of its own, one more
+                # event-loop turn between a push's arrival and the forward (issue #18)
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
             except TimeoutError:
                 return None
         # Older inputs can no longer be asked for (the client moved on).

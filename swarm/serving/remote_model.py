@@ -52,10 +52,11 @@ from swarm.serving.drafting import SpeculativeConfig, load_draft_model, make_dra
 from swarm.serving.generation import Sampling, generate_rows
 from swarm.serving.remote_training import RemoteTraining
 from swarm.serving.server_pool import ServerPool
-from swarm.serving.session import InferenceSession, first_documented_error
+from swarm.serving.session import InferenceSession
 from swarm.serving.session_adapters import PromptedSession, SessionLora, resolve_adapter
 from swarm.serving.settings import ClientConfig
 from swarm.serving.speculative import generate_speculative
+from swarm.serving.step_failures import first_documented_error
 from swarm.serving.verified_generation import generate_verified
 from transport import Connection, Endpoint, Timeouts
 from transport.errors import SwarmError

@@ -210,10 +210,7 @@ class ServerPool:
         Raises:
             PeerUnavailable, HandshakeTimeout, NotAuthorized: see ``Endpoint.connect``.
         """
-        if server.relayed:
-            key = (f"/p2p/{server.libp2p_peer}", server.identity_key)  # proven for that identity only
-        else:
-            key = (server.addresses[0], server.curve_public_key)  # a new server may reuse an address
+        key = _connection_key(server)
         pending = self._connections.get(key)
         if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
             connecting = (
@@ -233,6 +230,14 @@ class ServerPool:
             self._connections.pop(key, None)
             return await self.connection_to(server)
         return connection
+
+    def connected(self, server: ServerRecord) -> bool:
+        """Whether a connection to ``server`` is up already (``connection_to`` would not wait)."""
+        pending = self._connections.get(_connection_key(server))
+        if pending is None or not pending.done() or pending.cancelled() or pending.exception() is not None:
+            return False
+        connection = pending.result()
+        return not (getattr(connection, "_closed", False) or getattr(connection, "broken", False))
 
     def _relayed_dialer(self) -> RelayedDialer:
         if self._relayed is None:
@@ -293,3 +298,10 @@ def _retrieve(future: asyncio.Future) -> None:
     """Marks a shared future's exception as read (each caller that awaits it gets it raised)."""
     if not future.cancelled():
         future.exception()
+
+
+def _connection_key(server: ServerRecord) -> tuple:
+    """Whom a connection reaches: a relayed server's libp2p identity, else its first address and key."""
+    if server.relayed:
+        return (f"/p2p/{server.libp2p_peer}", server.identity_key)  # proven for that identity only
+    return (server.addresses[0], server.curve_public_key)  # a new server may reuse an address

@@ -8,8 +8,10 @@ drafted tokens, ``swarm/serving/speculative.py``). When a hop fails (killed, tim
 is banned, a replacement chain for exactly that span is found, the kept inputs are
 replayed into it step by step (rebuilding the same caches), and the step goes on. A
 replacement that dies during the replay is banned too and another one is tried
-(``ClientConfig.replay_attempts`` at most). A hop's copy is dropped once that hop
-answers (the push got there first), so a step never waits for a copy's ack.
+(``ClientConfig.replay_attempts`` at most). A copy goes without an acknowledgement:
+nothing ever waited for one (the hop's answer makes its copy moot), and each cost the
+server an encode and send and the client a wake-up and a decode on every hop of every
+token.
 
 A hop that does not answer within its deadline (``ServerPool.step_deadline``: a few
 times what that server's recent steps took, counted from when its input was ready) and
@@ -27,8 +29,9 @@ holders recompute a sample of the hops' outputs after the steps; a caught liar m
 
 Servers are found, banned and connected to through a ``ServerPool`` that every session
 of a ``RemoteModel`` shares; a new session takes its route from the pool's live view and
-sends its first step right behind the openings (pipelined), so a refused opening shows
-up as that step's failure. Hidden states travel in ``ClientConfig.activations``. The server keeps its side of each hop as a
+sends each hop its opening right ahead of its first step, hop by hop in chain order
+(pipelined and deferred: ``Connection.open_stream``), so the first hop's input leaves
+first and a refused opening shows up as that step's failure. Hidden states travel in ``ClientConfig.activations``. The server keeps its side of each hop as a
 ``HostedSession`` (``swarm/serving/hosted_sessions.py``).
 """
 
@@ -46,8 +49,15 @@ from swarm.serving.protocol import InferenceReply, InferenceStep, OpenInference,
 from swarm.serving.server_pool import ServerPool
 from swarm.serving.settings import ClientConfig
 from swarm.serving.spot_checks import SpotChecks
+from swarm.serving.step_failures import (
+    first_documented_error,
+    is_server_failure,
+    raise_when_awaited,
+    session_lost,
+    settle,
+)
 from transport import ClientStream, coded, wire_codec
-from transport.errors import DeadlineExceeded, RemoteError, StreamClosed, SwarmError
+from transport.errors import DeadlineExceeded, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -59,38 +69,6 @@ class _Hop:
     stream: ClientStream
     token: bytes
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, input) per step
-
-
-def _session_lost(error: BaseException) -> bool:
-    """The session ended (expired while the client was busy elsewhere): not the server's fault."""
-    return isinstance(error, StreamClosed) or (
-        isinstance(error, RemoteError) and error.kind == "StreamClosed"
-    )
-
-
-def first_documented_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to raise for ``group``: its first ``SwarmError`` or ``ValueError``, else its first leaf."""
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        elif not isinstance(error, asyncio.CancelledError):
-            leaves.append(error)
-
-    collect(group)
-    for leaf in leaves:
-        if isinstance(leaf, (SwarmError, ValueError)):
-            return leaf
-    return leaves[0] if leaves else group
-
-
-def _is_server_failure(error: BaseException) -> bool:
-    """Failures that another server can fix; a fatal remote error is our own bug and is raised."""
-    if isinstance(error, RemoteError):
-        return error.retryable
-    return isinstance(error, SwarmError) and error.retryable
 
 
 class InferenceSession:
@@ -215,9 +193,11 @@ class InferenceSession:
                     push_key=after.server.curve_public_key if after and not after.server.relayed else b"",
                     push_token=after.token if after else b"",
                 )  # fmt: skip
-                calls[hop] = tasks.create_task(
-                    _settle(hop.stream.call(message, timeout=self.config.step_timeout))
-                )
+                try:  # sent now, in chain order: the first hop's input leaves first
+                    reply = hop.stream.send_call(message, timeout=self.config.step_timeout)
+                except SwarmError as error:
+                    reply = raise_when_awaited(error)
+                calls[hop] = tasks.create_task(settle(reply))
 
             for index in range(len(self.chain)):
                 launch(index, hidden if index == 0 else None)
@@ -228,9 +208,7 @@ class InferenceSession:
                 result = await self._await_hop(hop, calls.pop(hop), ready_at, new_tokens, number)
                 copy = copies.pop(hop, None)
                 if copy is not None:
-                    # The hop answered: its copy is moot. Waiting for the copy's ack would
-                    # make every step one more one-way latency long.
-                    copy.cancel()
+                    copy.cancel()  # the hop answered: its copy is moot (if still connecting)
                 if isinstance(result, InferenceReply) and result.hidden is not None:
                     self.servers.record_step(hop.server.peer_id, loop.time() - ready_at, new_tokens)
                     ready_at = loop.time()
@@ -248,7 +226,7 @@ class InferenceSession:
                     launch(index, current)
                     ready_at = loop.time()
                     continue
-                if not _is_server_failure(result):
+                if not is_server_failure(result):
                     raise result
                 logger.warning("server %s failed at step %d: %s", hop.server.peer_id, number, result)
                 added = await self._replace(index, result)
@@ -290,7 +268,7 @@ class InferenceSession:
         )
         try:
             connection = await self.servers.connection_to(hop.server)
-            await connection.call(message, timeout=self.config.step_timeout)
+            connection.notify(message)  # no acknowledgement (see the module docstring)
         except SwarmError as error:  # the step itself reports a dead server
             logger.debug("copy for step %d to %s failed: %s", number, hop.server.peer_id, error)
 
@@ -309,7 +287,7 @@ class InferenceSession:
         failed = self.chain[index]
         if self.checks is not None:
             await self.checks.settle(raise_caught=False)
-        if not _session_lost(error):
+        if not session_lost(error):
             self.servers.ban(failed.server)
         self.failovers += 1
         await failed.stream.close()
@@ -321,11 +299,11 @@ class InferenceSession:
             hop, replay_error = broken
             for opened in replacement:
                 await opened.stream.close()
-            if not _is_server_failure(replay_error) or attempt == self.config.replay_attempts:
+            if not is_server_failure(replay_error) or attempt == self.config.replay_attempts:
                 raise replay_error
             logger.warning("replacement %s failed during replay (attempt %d of %d): %s", hop.server.peer_id,
                            attempt, self.config.replay_attempts, replay_error)  # fmt: skip
-            if not _session_lost(replay_error):
+            if not session_lost(replay_error):
                 self.servers.ban(hop.server)
             self.replay_failures += 1
         logger.info("replaced %s with %s for blocks %s (%d steps replayed)", failed.server.peer_id,
@@ -387,10 +365,18 @@ class InferenceSession:
                     failed_now.clear()
                     await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
                     continue
-            # All hops at once: one round trip instead of one per hop.
-            results = await asyncio.gather(
-                *(_settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
-            )
+            if (
+                pipelined
+                and self.lora is None
+                and all(not hop.server.relayed and self.servers.connected(hop.server) for hop in route)
+            ):
+                # Nothing to wait for (deferred openings on open connections): hop by hop, with
+                # no task per hop and no event-loop turn before the first step (issue #18).
+                results = [await settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route]
+            else:  # all hops at once: one round trip (or connect) instead of one per hop
+                results = await asyncio.gather(
+                    *(settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
+                )
             opened = [result for result in results if isinstance(result, _Hop)]
             if len(opened) == len(route):
                 return opened
@@ -399,7 +385,7 @@ class InferenceSession:
             for hop, error in zip(route, results, strict=True):
                 if isinstance(error, _Hop):
                     continue
-                if not _is_server_failure(error):
+                if not is_server_failure(error):
                     raise error
                 logger.warning("could not open a session on %s: %s", hop.peer_id, error)
                 self.servers.ban(hop.server)
@@ -414,20 +400,15 @@ class InferenceSession:
         if self.lora is not None:  # with the adapter's hash (uploaded if the server lacks it)
             stream = await self.lora.open_stream(connection, opening, self.config.open_timeout)
         else:
+            # pipelined: the opening leaves with the first step, right ahead of it (a relayed
+            # server's libp2p streams may reorder an opening and its first step: not for those)
+            pipelined = pipelined and not server.relayed
             stream = await connection.open_stream(
-                opening, timeout=self.config.open_timeout, pipelined=pipelined and not server.relayed
-            )  # a relayed server's libp2p streams may reorder an opening and its first step
+                opening, timeout=self.config.open_timeout, pipelined=pipelined, deferred=pipelined
+            )
         return _Hop(server, span, stream, token)
 
 
 def _nobody_hint(swarm_name: str) -> str:
     return (f"no server of swarm {swarm_name!r} was found at all: check --swarm (the name the servers "
             "were started with) and --initial-peers")  # fmt: skip
-
-
-async def _settle(call):
-    """The call's result, or the SwarmError it raised (so one failure does not cancel the others)."""
-    try:
-        return await call
-    except SwarmError as error:
-        return error

@@ -65,6 +65,7 @@ class StepService:
         self.pushes_refused = 0
         self.push_targets = PushTargets(server.dht)
         self._connections: dict[str, Connection] = {}  # push targets, by address
+        self._config_hash: str | None = None  # the served model's (config_hash)
 
     def register(self, endpoint) -> None:
         endpoint.add_handler(ForwardRequest, self._forward)
@@ -119,8 +120,10 @@ class StepService:
         opening: OpenInference = stream.opening
         if self.server.state != ServerState.ONLINE:
             raise ServerBusy(f"server is {self.server.state.value}, not taking sessions")
-        if opening.config_hash and opening.config_hash != config_hash(self.server.model_config):
-            raise ModelMismatch(f"this server serves a model with config hash {config_hash(self.server.model_config)}, "
+        if self._config_hash is None:  # once: a JSON dump and a SHA-256 per opening took ~30 us
+            self._config_hash = config_hash(self.server.model_config)
+        if opening.config_hash and opening.config_hash != self._config_hash:
+            raise ModelMismatch(f"this server serves a model with config hash {self._config_hash}, "
                                 f"the client's is {opening.config_hash}: they differ (see the swarm's model record)")  # fmt: skip
         if opening.max_length > self.server.model_config.max_position_embeddings:
             raise MalformedMessage(
