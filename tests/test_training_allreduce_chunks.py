@@ -7,6 +7,7 @@ the survivors bit-identical.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -52,23 +53,32 @@ def test_a_part_state_counts_a_chunked_contribution_only_once_complete():
     assert values.data_ptr() == state.buffer[1].data_ptr()  # in the round's buffer, not a copy
 
 
-async def _average(vectors, compression, chunk_bytes):
+@contextlib.asynccontextmanager
+async def _group(size, compression, chunk_bytes):
+    """``size`` averaging services on real ZeroMQ endpoints (CURVE on): (services, members)."""
     endpoints, services, members = [], [], []
-    for i in range(len(vectors)):
-        endpoint = Endpoint()
-        address = await endpoint.bind("tcp://127.0.0.1:0")
-        endpoints.append(endpoint)
-        services.append(AveragingService(endpoint, compression, registration_wait=5, chunk_bytes=chunk_bytes))
-        members.append(Member(f"peer{i}", 1.0 + i, address, endpoint.public_key))
     try:
-        return await asyncio.gather(
-            *(services[i].all_reduce("r", members, i, v, 1.0 + i, TIMEOUTS) for i, v in enumerate(vectors))
-        )
+        for i in range(size):
+            endpoint = Endpoint()
+            endpoints.append(endpoint)
+            address = await endpoint.bind("tcp://127.0.0.1:0")
+            services.append(
+                AveragingService(endpoint, compression, registration_wait=5, chunk_bytes=chunk_bytes)
+            )
+            members.append(Member(f"peer{i}", 1.0 + i, address, endpoint.public_key))
+        yield services, members
     finally:
         for service in services:
             await service.close()
         for endpoint in endpoints:
             await endpoint.close()
+
+
+async def _average(vectors, compression, chunk_bytes):
+    async with _group(len(vectors), compression, chunk_bytes) as (services, members):
+        return await asyncio.gather(
+            *(services[i].all_reduce("r", members, i, v, 1.0 + i, TIMEOUTS) for i, v in enumerate(vectors))
+        )
 
 
 @pytest.mark.parametrize("compression", ["none", "int8"])
@@ -233,17 +243,10 @@ def test_a_finished_round_holds_neither_the_callers_vector_nor_a_fresh_copy_of_i
     from torch.multiprocessing.reductions import StorageWeakRef
 
     async def scenario():
-        endpoints, services, members = [], [], []
-        for i in range(3):
-            endpoint = Endpoint()
-            address = await endpoint.bind("tcp://127.0.0.1:0")
-            endpoints.append(endpoint)
-            services.append(AveragingService(endpoint, "int8", registration_wait=5, chunk_bytes=4096))
-            members.append(Member(f"peer{i}", 1.0, address, endpoint.public_key))
         vectors = [torch.randn(30_000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
         memory = [StorageWeakRef(vector.untyped_storage()) for vector in vectors]
         timeouts = AllReduceTimeouts(scatter=5, gather=5, repair=0.2, call=5)
-        try:
+        async with _group(3, "int8", chunk_bytes=4096) as (services, members):
             outcomes = await asyncio.gather(
                 *(services[i].all_reduce("r", members, i, v, 1.0, timeouts) for i, v in enumerate(vectors))
             )
@@ -251,8 +254,7 @@ def test_a_finished_round_holds_neither_the_callers_vector_nor_a_fresh_copy_of_i
             gc.collect()
             assert all(ref.expired() for ref in memory)  # though the rounds are still reachable
             assert all("r" in service._rounds for service in services)
-            rounds = [service._rounds["r"] for service in services]
-            kept = [round_._kept for round_ in rounds]  # each member backs up one part
+            kept = [service._rounds["r"]._kept for service in services]  # each backs up one part
             assert all(tensor is not None for tensor in kept)
             for outcome in outcomes[1:]:
                 assert torch.equal(outcome.averaged, outcomes[0].averaged)
@@ -260,15 +262,8 @@ def test_a_finished_round_holds_neither_the_callers_vector_nor_a_fresh_copy_of_i
             while any("r" in service._rounds for service in services):
                 assert asyncio.get_running_loop().time() < deadline, "finished rounds never forgotten"
                 await asyncio.sleep(0.05)
-            for service, tensor in zip(
-                services, kept, strict=True
-            ):  # back in the pool: the next round reuses it
+            for service, tensor in zip(services, kept, strict=True):  # back in the pool: reused next
                 taken = [service._buffers.take(tensor.numel()) for _ in range(len(service._buffers._free))]
                 assert tensor.data_ptr() in [buffer.data_ptr() for buffer in taken]
-        finally:
-            for service in services:
-                await service.close()
-            for endpoint in endpoints:
-                await endpoint.close()
 
     asyncio.run(scenario())
