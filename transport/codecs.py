@@ -232,6 +232,16 @@ class EncodedTensor:
             tuple(tensor.shape), tensor.dtype, lambda out: tensor if out is None else out.copy_(tensor)
         )
 
+    @classmethod
+    def through(cls, codec: Codec, tensor: torch.Tensor) -> EncodedTensor:
+        """``tensor`` encoded with ``codec`` as a receiver of its frames holds it: decoding it
+        gives what the receiver decodes (a sender's own copy of what it sends). The frames
+        are made now, so ``decode(out=tensor)`` may overwrite ``tensor``."""
+        tensor = tensor.contiguous()
+        frames = codec.encode(tensor)
+        decode = decode_later(type(codec), codec.params(), tensor.dtype, tensor.numel(), frames)
+        return cls(tuple(tensor.shape), tensor.dtype, decode)
+
     def numel(self) -> int:
         return math.prod(self.shape)
 

@@ -212,7 +212,7 @@ class ServerPool:
         """
         key = _connection_key(server)
         pending = self._connections.get(key)
-        if pending is None or (pending.done() and (pending.cancelled() or pending.exception() is not None)):
+        if pending is None or _failed(pending):
             connecting = (
                 self._relayed_dialer().connect(server) if server.relayed else self.endpoint.connect(*key)
             )
@@ -224,9 +224,7 @@ class ServerPool:
             if self._connections.get(key) is pending and pending.done():
                 del self._connections[key]
             raise
-        # closed under us (endpoint closing, or forgotten), or a broken libp2p stream (it does
-        # not reconnect by itself): dial again
-        if getattr(connection, "_closed", False) or getattr(connection, "broken", False):
+        if _gone(connection):
             self._connections.pop(key, None)
             return await self.connection_to(server)
         return connection
@@ -234,10 +232,7 @@ class ServerPool:
     def connected(self, server: ServerRecord) -> bool:
         """Whether a connection to ``server`` is up already (``connection_to`` would not wait)."""
         pending = self._connections.get(_connection_key(server))
-        if pending is None or not pending.done() or pending.cancelled() or pending.exception() is not None:
-            return False
-        connection = pending.result()
-        return not (getattr(connection, "_closed", False) or getattr(connection, "broken", False))
+        return pending is not None and pending.done() and not _failed(pending) and not _gone(pending.result())
 
     def _relayed_dialer(self) -> RelayedDialer:
         if self._relayed is None:
@@ -305,3 +300,14 @@ def _connection_key(server: ServerRecord) -> tuple:
     if server.relayed:
         return (f"/p2p/{server.libp2p_peer}", server.identity_key)  # proven for that identity only
     return (server.addresses[0], server.curve_public_key)  # a new server may reuse an address
+
+
+def _failed(pending: asyncio.Future) -> bool:
+    """A connection attempt that ended without a connection (cancelled or raised)."""
+    return pending.done() and (pending.cancelled() or pending.exception() is not None)
+
+
+def _gone(connection) -> bool:
+    """Closed under us (endpoint closing, or forgotten), or a broken libp2p stream (it does not
+    reconnect by itself): to be dialed again."""
+    return getattr(connection, "_closed", False) or getattr(connection, "broken", False)

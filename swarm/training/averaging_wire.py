@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from transport import (
     EncodedTensor,
     Float16Codec,
@@ -91,12 +90,8 @@ def codec_round_trip(codec, values: torch.Tensor, out: torch.Tensor | None = Non
     where a new 25 MB result cost the kernel faulting in and zeroing its pages, several
     times what the decoding itself costs.
     """
-    values = values.contiguous()
-    if isinstance(codec, Int8BlockwiseCodec) and out is not None:
-        codes, scales = quantize_blockwise_int8(values, codec.block_size)
-        return dequantize_blockwise_int8(codes, scales, codec.block_size, torch.float32, out=out.view(-1))
-    decoded = codec.decode(codec.params(), torch.float32, values.numel(), codec.encode(values))
-    return decoded if out is None else out.view(-1).copy_(decoded)
+    out = None if out is None else out.view(-1)
+    return EncodedTensor.through(codec, values.reshape(-1).to(torch.float32)).decode(out)
 
 
 def encoded_size(codec, values: torch.Tensor) -> int:

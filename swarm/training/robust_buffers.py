@@ -188,15 +188,11 @@ def _lower_median(rows: torch.Tensor) -> torch.Tensor:
         return rows.median(dim=0).values
     wires = list(rows.unbind(0))
     for low, high, want_min, want_max in _median_network(count):
-        if want_min and want_max:
-            wires[low], wires[high] = (
-                torch.minimum(wires[low], wires[high]),
-                torch.maximum(wires[low], wires[high]),
-            )
-        elif want_min:
-            wires[low] = torch.minimum(wires[low], wires[high])
-        else:
-            wires[high] = torch.maximum(wires[low], wires[high])
+        first, second = wires[low], wires[high]
+        if want_min:
+            wires[low] = torch.minimum(first, second)
+        if want_max:
+            wires[high] = torch.maximum(first, second)
     return wires[(count - 1) // 2]
 
 
