@@ -50,6 +50,7 @@ from pathlib import Path
 from queue import Empty
 from threading import BrokenBarrierError
 
+import numpy as np
 import torch
 
 # Run as a script, this folder comes first on sys.path and its kernels.py / transport.py
@@ -115,14 +116,21 @@ class RoundResult:
     seconds: float
     bytes_sent: int
     digest: str = ""
-    sample: torch.Tensor | None = None
-    contribution: torch.Tensor | None = None
+    sample: np.ndarray | None = None
+    contribution: np.ndarray | None = None
     matchmaking: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
 def _make_vector(rank: int, numel: int) -> torch.Tensor:
     return torch.randn(numel, generator=torch.Generator().manual_seed(1000 + rank))
+
+
+def _sample(tensor: torch.Tensor) -> np.ndarray:
+    """The first SAMPLE values, as numpy: a torch tensor put on a multiprocessing queue makes
+    torch fork its shared-memory manager from the member (the first time), which write-protects
+    every page the member has: its next round paid ~100k page faults (~0.5 s here) for it."""
+    return tensor[:SAMPLE].numpy().copy()
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -196,8 +204,8 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
                     seconds,
                     outcome.bytes_sent,
                     _digest(outcome.averaged),
-                    outcome.averaged[:SAMPLE].clone(),
-                    vector[:SAMPLE].clone(),
+                    _sample(outcome.averaged),
+                    _sample(vector),
                     extra={"repaired": outcome.report.repaired_parts},
                 ),
             )
@@ -234,9 +242,7 @@ def _gloo_worker(rank, settings, barrier, port, rounds, results):
         work /= settings.peers
         seconds = time.perf_counter() - start
         sent = 2 * (settings.peers - 1) * settings.vector_bytes // settings.peers
-        results.put(
-            (rank, RoundResult(seconds, sent, _digest(work), work[:SAMPLE].clone(), vector[:SAMPLE].clone()))
-        )
+        results.put((rank, RoundResult(seconds, sent, _digest(work), _sample(work), _sample(vector))))
     barrier.wait()
     dist.destroy_process_group()
 
@@ -291,8 +297,8 @@ def _hivemind_worker(rank, settings, barrier, to_parent, from_parent, rounds, re
                     seconds,
                     sent,
                     _digest(averaged),
-                    averaged[:SAMPLE].clone(),
-                    vector[:SAMPLE].clone(),
+                    _sample(averaged),
+                    _sample(vector),
                     matchmaking=matchmaking,
                 ),
             )
@@ -362,8 +368,8 @@ class _Group:
 
 def _check_mean(reports: list[RoundResult]) -> float:
     """Largest deviation of the returned sample from the mean of the contributions."""
-    expected = torch.stack([r.contribution for r in reports]).mean(0)
-    return max((r.sample - expected).abs().max().item() for r in reports)
+    expected = np.stack([r.contribution for r in reports]).mean(0)
+    return max(float(np.abs(r.sample - expected).max()) for r in reports)
 
 
 def _measure(measured: dict[str, SystemRounds], name: str, run_round) -> None:
