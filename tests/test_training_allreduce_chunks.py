@@ -19,11 +19,11 @@ import torch
 
 from swarm.training.allreduce import AllReduceTimeouts, Member
 from swarm.training.averaging import AveragingService
-from swarm.training.parts import split_parts
+from swarm.training.parts import fallback_reducer, split_parts
 from swarm.training.reduction import BufferPool, ChunkAssembly, PartState
 from swarm.training.robust import RobustConfig
 from swarm.training.robust_buffers import aggregate_buffered
-from transport import Endpoint
+from transport import EncodedTensor, Endpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -203,6 +203,22 @@ def test_the_buffer_pool_hands_a_given_back_buffer_to_the_next_taker_of_its_size
     assert pool.take(10).data_ptr() != given[0].data_ptr()  # the oldest was dropped (keep=2)
 
 
+@pytest.mark.parametrize("compression", ["int8", "4bit", "none", "fp16"])
+def test_a_kept_result_decodes_to_its_bits_from_memory_of_its_own(compression):
+    """A released round keeps the part it backs up encoded (``kept_encoded``): decoding gives
+    the result's bits (already a round trip: quantizing it again gives the same codes), and
+    overwriting the result's buffer (it goes back to the pool) changes nothing kept."""
+    from swarm.training.averaging_wire import COMPRESSIONS, codec_round_trip, kept_encoded
+
+    codec = COMPRESSIONS[compression]
+    values = torch.randn(64 * 1000 + 37, generator=torch.Generator().manual_seed(6)) * 3
+    result = codec_round_trip(codec, values)
+    expected = result.clone()
+    kept = kept_encoded(codec, result)
+    result.fill_(float("nan"))
+    assert torch.equal(kept.decode(), expected)
+
+
 @pytest.mark.parametrize("compression", ["int8", "none", "fp16"])
 def test_a_round_trip_into_a_buffer_gives_the_bits_of_a_fresh_one(compression):
     """Reducers round-trip their aggregates in place and members their shares into pooled rows:
@@ -234,10 +250,11 @@ def test_a_part_state_reduces_into_pooled_buffers_it_gives_back_on_release():
     assert pool.take(640).data_ptr() == first.values.data_ptr()  # reused by the next round
 
 
-def test_a_finished_round_holds_neither_the_callers_vector_nor_a_fresh_copy_of_its_result():
+def test_a_finished_round_holds_neither_the_callers_vector_nor_a_float32_copy_of_its_result():
     """A finished round stays reachable for repairs (``timeouts.repair``). Meanwhile it must
     not keep the caller's vector alive through its sent chunks, and the result it keeps for
-    repairs lives in a pooled buffer that goes back to the pool when the round is forgotten."""
+    repairs is the codec's encoding (int8 here), the bits the members took, until the round
+    is forgotten."""
     import gc
 
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -254,16 +271,18 @@ def test_a_finished_round_holds_neither_the_callers_vector_nor_a_fresh_copy_of_i
             gc.collect()
             assert all(ref.expired() for ref in memory)  # though the rounds are still reachable
             assert all("r" in service._rounds for service in services)
-            kept = [service._rounds["r"]._kept for service in services]  # each backs up one part
-            assert all(tensor is not None for tensor in kept)
+            rounds = [service._rounds["r"] for service in services]
             for outcome in outcomes[1:]:
                 assert torch.equal(outcome.averaged, outcomes[0].averaged)
+            for member, round_ in enumerate(rounds):  # each backs up one part
+                backed = next(part for part in range(3) if fallback_reducer(part, 3) == member)
+                start, end = round_.parts[backed]
+                assert isinstance(round_._kept, EncodedTensor)
+                assert torch.equal(round_._kept.decode(), outcomes[0].averaged[start:end])
             deadline = asyncio.get_running_loop().time() + 5
             while any("r" in service._rounds for service in services):
                 assert asyncio.get_running_loop().time() < deadline, "finished rounds never forgotten"
                 await asyncio.sleep(0.05)
-            for service, tensor in zip(services, kept, strict=True):  # back in the pool: reused next
-                taken = [service._buffers.take(tensor.numel()) for _ in range(len(service._buffers._free))]
-                assert tensor.data_ptr() in [buffer.data_ptr() for buffer in taken]
+            assert all(round_._kept is None for round_ in rounds)
 
     asyncio.run(scenario())

@@ -134,13 +134,14 @@ def test_averaging_in_place_gives_the_same_bits_as_a_new_vector(compression):
                 )
             )
             # Finished rounds stay reachable for late repairs but hold only what those need:
-            # the result of the one part each member backs up.
+            # the result of the one part each member backs up, encoded.
             for service in services:
                 lingering = service._rounds["round-1"]
                 assert lingering.vector is None
                 states = lingering._states.values()
                 assert not any(state.contributions for state in states)
-                assert sum(state.result is not None for state in states) == 1
+                assert not any(state.result is not None for state in states)
+                assert lingering._kept is not None
         finally:
             await _close(endpoints, services)
         return originals, vectors, outcomes

@@ -11,9 +11,10 @@ import asyncio
 import pytest
 import torch
 
-from kernels import dequantize_blockwise_int8, quantize_blockwise_int8
 from swarm.training.allreduce import AllReduceRound, AllReduceTimeouts, GroupLinks, Member
+from swarm.training.averaging_wire import codec_round_trip
 from swarm.training.robust import RobustConfig
+from transport import Int8BlockwiseCodec
 from transport.errors import PeerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,9 +24,13 @@ PLAIN_MEAN = RobustConfig(rule="mean")
 """These tests check the protocol against the weighted mean; test_training_robust.py the rules."""
 
 
+INT8 = Int8BlockwiseCodec(64)
+"""The rounds' wire codec."""
+
+
 def int8_round_trip(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    codes, scales = quantize_blockwise_int8(values, 64)
-    return dequantize_blockwise_int8(codes, scales, 64, out=out)
+    """``values`` as a member receives them (the router passes tensors, not bytes)."""
+    return codec_round_trip(INT8, values, out)
 
 
 class Router:
@@ -93,7 +98,7 @@ async def run_group(vectors, weights, kill_rule=None, bandwidths=None):
             vector,
             weights[i],
             router.links(i),
-            int8_round_trip,
+            INT8,
             TIMEOUTS,
             robust=PLAIN_MEAN,
         )
@@ -183,7 +188,7 @@ def test_a_released_round_still_answers_late_requests_from_what_it_kept():
         size = member.parts[backed][1] - member.parts[backed][0]
         late, contributors = await member.on_repair(1, backed, 1.0, torch.zeros(size))
         start, end = member.parts[backed]
-        assert torch.equal(late, results[0][start:end]) and contributors == [0, 1, 2]
+        assert torch.equal(late.decode(), results[0][start:end]) and contributors == [0, 1, 2]
         own = member.parts[0][1] - member.parts[0][0]
         member.on_contribution(2, 0, 1.0, torch.full((own,), 99.0))  # ignored: reduced already
         assert not member._states[0].contributions

@@ -14,7 +14,7 @@ import torch
 
 from swarm.training.allreduce import AllReduceRound, Member
 from swarm.training.robust import RobustConfig, aggregate
-from tests.test_training_allreduce_protocol import TIMEOUTS, Router, RouterLinks, int8_round_trip
+from tests.test_training_allreduce_protocol import INT8, TIMEOUTS, Router, RouterLinks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +60,7 @@ async def run_group(vectors, weights, links=None, rounds=None, robust=RobustConf
         kind = (rounds or {}).get(i, AllReduceRound)
         member_links = (links or {}).get(i, lambda r, s: RouterLinks(r, s))(router, i)
         router.rounds[i] = kind(
-            "r1", members, i, vector, weights[i], member_links, int8_round_trip, TIMEOUTS, robust=robust
+            "r1", members, i, vector, weights[i], member_links, INT8, TIMEOUTS, robust=robust
         )
     for i, round_ in router.rounds.items():
         router.tasks[i] = asyncio.create_task(round_.run())

@@ -41,12 +41,14 @@ router that can kill a member, or make one lie, at an exact message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
 import torch
 
+from swarm.training.averaging_wire import codec_round_trip, kept_encoded
 from swarm.training.group_links import (  # re-exported: the round's public types
     AllReduceReport,
     AllReduceTimeouts,
@@ -59,6 +61,7 @@ from swarm.training.reduction import BufferPool, PartState, ResultChunks, RoundT
 from swarm.training.robust import RobustConfig
 from swarm.training.verification import RoundVerification
 from transport import EncodedTensor
+from transport.codecs import Codec
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,9 @@ class AllReduceRound(RoundVerification):
         vector: this member's flat float32 contribution.
         weight: samples this member processed this round (0 for a newcomer's zero update).
         links: how this member reaches the others (see :class:`GroupLinks`).
-        round_trip: the wire codec's quantize-dequantize, applied to every result.
+        codec: the wire codec (a ``transport`` codec): every result goes through its
+            quantize-dequantize (:func:`~swarm.training.averaging_wire.codec_round_trip`),
+            the values every receiver decodes.
         timeouts: phase deadlines.
         alignment: part boundaries are multiples of this (the codec's block size).
         robust: how reducers validate and aggregate (every member must use the same).
@@ -94,7 +99,7 @@ class AllReduceRound(RoundVerification):
         vector: torch.Tensor,
         weight: float,
         links: GroupLinks,
-        round_trip: RoundTrip,
+        codec: Codec,
         timeouts: AllReduceTimeouts = AllReduceTimeouts(),
         alignment: int = 64,
         robust: RobustConfig = RobustConfig(),
@@ -107,7 +112,8 @@ class AllReduceRound(RoundVerification):
         self.vector: torch.Tensor | None = vector.detach().to(torch.float32).reshape(-1)
         self.weight = float(weight)
         self.links = links
-        self.round_trip = round_trip
+        self.codec = codec
+        self.round_trip: RoundTrip = functools.partial(codec_round_trip, codec)
         self.timeouts = timeouts
         self.robust = robust
         self.verifying = verify and len(members) >= 3
@@ -122,7 +128,7 @@ class AllReduceRound(RoundVerification):
         self._started: float | None = None
         self._tasks: set[asyncio.Task] = set()  # take-overs and verdicts; see close()
         self._early_checks: dict[int, asyncio.Task] = {}  # as a backup: see verification.py
-        self._kept: torch.Tensor | None = None  # after release: the backed-up part's result
+        self._kept: EncodedTensor | None = None  # after release: the backed-up part's result, encoded
 
     def close(self) -> None:
         """Cancel take-over work still running (the service calls this when the round is dropped)."""
@@ -136,28 +142,26 @@ class AllReduceRound(RoundVerification):
         answered from the result of a part this member backs up and nothing else is read:
         not the contributions, not the other parts' results, not this member's vector.
         The service keeps a finished round reachable for a while (for slower members'
-        repairs); without this it would hold about twice the vector's size per round.
+        repairs). What it keeps is that result as the codec encodes it, in memory of its own
+        (:func:`~swarm.training.averaging_wire.kept_encoded`): a quarter of the part with
+        int8. A float32 copy per round cost back-to-back rounds ~6,000 fresh pages each on the
+        development VM (the copies of earlier rounds still held), ~0.15 s of kernel time.
         """
         self.vector = None
         self._early_checks.clear()
         for part, state in self._states.items():
             state.candidate = None
-            if fallback_reducer(part, len(self.members)) != self.my_index:
-                state.result = None
-            elif state.result is not None:  # copied out of buffers the pool hands on, into one
-                self._kept = self._buffers.take(state.result.numel()).copy_(state.result)
-                state.result = self._kept  # ... it gets back when the service forgets the round
+            if fallback_reducer(part, len(self.members)) == self.my_index and state.result is not None:
+                self._kept = kept_encoded(self.codec, state.result)
+            state.result = None
         for state in (*self._checks.values(), *self._arbitrations.values(), *self._states.values()):
             state.release()
         self._buffers.give(self._results.buffer)
         self._results.buffer = None
 
     def forget(self) -> None:
-        """The service drops the finished round: no more repairs, the kept result goes back
-        to the pool (a fresh copy per round cost ~6,000 page faults, and the kernel's time
-        on them grew with the process's footprint on the development VM)."""
+        """The service drops the finished round: no more repairs."""
         self.close()
-        self._buffers.give(self._kept)
         self._kept = None
         for state in self._states.values():
             state.result = None
@@ -262,7 +266,8 @@ class AllReduceRound(RoundVerification):
         self, sender: int, part: int, weight: float, values: torch.Tensor | None, arbitrate: bool = False
     ):
         """Repair (on the backup) or arbitration (on the arbiter): (result, contributors) once
-        the part has one; (None, []) from a backup that disputes the part."""
+        the part has one (encoded once the round is released); (None, []) from a backup that
+        disputes the part."""
         count = len(self.members)
         if arbitrate:
             if not self.verifying or arbiter_of(part, count) != self.my_index:
@@ -283,7 +288,7 @@ class AllReduceRound(RoundVerification):
         if not state.ready.is_set():
             state.add(sender, float(weight), self._check_contribution(sender, part, values))
         await asyncio.wait_for(state.ready.wait(), self.timeouts.repair + self.timeouts.call)
-        return state.result, state.contributors
+        return (state.result if self._kept is None else self._kept), state.contributors
 
     async def _verify(self, part: int, committed: torch.Tensor, contributors: list[int]) -> bool:
         """On the backup: does the committed result match our own recomputation? (verification.py)"""

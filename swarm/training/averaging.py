@@ -39,7 +39,6 @@ from swarm.training.averaging_wire import (
     PartResult,
     RepairRequest,
     Verdict,
-    codec_round_trip,
     wire_size,
 )
 from swarm.training.chunk_streams import CHUNK_BYTES, EncodedOnce, send_chunks
@@ -50,6 +49,7 @@ from transport import (
     BaseEndpoint,
     CodedTensor,
     Connection,
+    EncodedTensor,
     Message,
     NotAuthorized,
     RequestContext,
@@ -209,8 +209,9 @@ class AveragingService:
             raise MalformedMessage(str(error)) from None
         if result is None:
             return PartResult(request.round, request.part, [], torch.zeros(0), disputed=True)
-        # a copy: the round's buffers go back to the pool when it is forgotten (rare path)
-        return PartResult(request.round, request.part, contributors, CodedTensor(result.clone(), self.codec))
+        # a copy: the round's buffers go back to the pool (rare path); a released round kept it encoded
+        values = result.decode() if isinstance(result, EncodedTensor) else result.clone()
+        return PartResult(request.round, request.part, contributors, CodedTensor(values, self.codec))
 
     async def _connection(self, member: Member) -> Connection:
         key = (member.address, member.public_key)
@@ -257,7 +258,7 @@ class AveragingService:
             vector,
             weight,
             links,
-            lambda values, out=None: codec_round_trip(self.codec, values, out),
+            self.codec,
             timeouts,
             alignment=getattr(self.codec, "block_size", 64),
             robust=robust,

@@ -94,6 +94,17 @@ def codec_round_trip(codec, values: torch.Tensor, out: torch.Tensor | None = Non
     return EncodedTensor.through(codec, values.reshape(-1).to(torch.float32)).decode(out)
 
 
+def kept_encoded(codec, values: torch.Tensor) -> EncodedTensor:
+    """``values`` as ``codec`` puts them on the wire, in memory of their own: what a finished
+    round keeps for late repairs. Decoding gives ``values``' bits when they are a round
+    trip's result already (quantizing dequantized codes gives the same codes). Raw frames
+    are views of the values, whose buffer goes back to the pool: those are copied.
+    """
+    if isinstance(codec, RawCodec):
+        values = values.clone()
+    return EncodedTensor.through(codec, values.reshape(-1))
+
+
 def encoded_size(codec, values: torch.Tensor) -> int:
     """Bytes of the buffers ``codec`` puts on the wire for ``values``."""
     return sum(memoryview(buffer).nbytes for buffer in codec.encode(values.contiguous()))
