@@ -1,4 +1,5 @@
-"""C source of the CPU quantize library and its ctypes signatures (built by quantize_cpu)."""
+"""C source of the CPU library and its ctypes signatures (built by quantize_cpu): blockwise
+quantization, and CenteredClip's first pass (``swarm.training.robust_buffers``)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,73 @@ void swarm_dequantize_4bit(const uint8_t *packed, int64_t n, int64_t block, cons
         if (len % 2) dst[len - 1] = levels[src[len / 2] & 15] * scale;
     }
 }
+
+/* CenteredClip's first pass over a part (swarm/training/robust_buffers.py): per column, the
+   members' (clipped) values rows[i][c] * factors[i], their weighted mean (written to mean[c]),
+   the start point (the lower median through the compare-exchange network, or the mean when
+   median_wire < 0) and the Gram matrix of the offsets from it, accumulated in float32 lanes per
+   piece of columns and added to gram (count x count, float64) piece by piece. Same operations in
+   the same order on every call: the same bits. count <= CLIP_MAX_ROWS. */
+#define CLIP_MAX_ROWS 8
+#define CLIP_PIECE 512
+#define CLIP_LANES 16
+
+void swarm_clip_start(const float *const *rows, const float *factors, const float *shares, int64_t count,
+                      int64_t n, const int32_t *network, int64_t comparators, int64_t median_wire,
+                      float *mean, double *gram) {
+    float values[CLIP_MAX_ROWS][CLIP_PIECE], wires[CLIP_MAX_ROWS][CLIP_PIECE], start[CLIP_PIECE];
+    float lanes[CLIP_MAX_ROWS][CLIP_MAX_ROWS][CLIP_LANES];
+    for (int64_t base = 0; base < n; base += CLIP_PIECE) {
+        int64_t len = n - base < CLIP_PIECE ? n - base : CLIP_PIECE;
+        for (int64_t r = 0; r < count; r++) {
+            const float *src = rows[r] + base;
+            float f = factors[r];
+            for (int64_t j = 0; j < len; j++) values[r][j] = src[j] * f;
+        }
+        float *out = mean + base;
+        for (int64_t j = 0; j < len; j++) out[j] = 0.0f;
+        for (int64_t r = 0; r < count; r++) {
+            float w = shares[r];
+            for (int64_t j = 0; j < len; j++) out[j] += values[r][j] * w;
+        }
+        if (median_wire < 0) {
+            for (int64_t j = 0; j < len; j++) start[j] = out[j];
+        } else {
+            for (int64_t r = 0; r < count; r++) memcpy(wires[r], values[r], (size_t)len * sizeof(float));
+            for (int64_t k = 0; k < comparators; k++) {
+                const int32_t *cmp = network + 4 * k; /* low wire, high wire, want min, want max */
+                float *low = wires[cmp[0]], *high = wires[cmp[1]];
+                if (cmp[2] && cmp[3]) {
+                    for (int64_t j = 0; j < len; j++) {
+                        float a = low[j], b = high[j];
+                        low[j] = b < a ? b : a;
+                        high[j] = b < a ? a : b;
+                    }
+                } else if (cmp[2]) {
+                    for (int64_t j = 0; j < len; j++) low[j] = high[j] < low[j] ? high[j] : low[j];
+                } else {
+                    for (int64_t j = 0; j < len; j++) high[j] = high[j] < low[j] ? low[j] : high[j];
+                }
+            }
+            memcpy(start, wires[median_wire], (size_t)len * sizeof(float));
+        }
+        for (int64_t r = 0; r < count; r++)
+            for (int64_t j = 0; j < len; j++) values[r][j] -= start[j];
+        for (int64_t r = 0; r < count; r++)
+            for (int64_t q = 0; q <= r; q++) {
+                float *acc = lanes[r][q];
+                for (int64_t l = 0; l < CLIP_LANES; l++) acc[l] = 0.0f;
+                int64_t j = 0;
+                for (; j + CLIP_LANES <= len; j += CLIP_LANES)
+                    for (int64_t l = 0; l < CLIP_LANES; l++) acc[l] += values[r][j + l] * values[q][j + l];
+                for (int64_t l = 0; j + l < len; l++) acc[l] += values[r][j + l] * values[q][j + l];
+                double sum = 0.0;
+                for (int64_t l = 0; l < CLIP_LANES; l++) sum += (double)acc[l];
+                gram[r * count + q] += sum;
+                if (q != r) gram[q * count + r] += sum;
+            }
+    }
+}
 """
 
 
@@ -135,10 +203,13 @@ def declare(library: ctypes.CDLL) -> None:
     library.swarm_dequantize_int8.argtypes = [pointer, size, size, pointer, pointer]
     library.swarm_quantize_4bit.argtypes = [pointer, size, size, pointer, integer, pointer, pointer]
     library.swarm_dequantize_4bit.argtypes = [pointer, size, size, pointer, pointer, pointer]
+    # rows, factors, shares, count, n, network, comparators, median wire, mean, gram
+    library.swarm_clip_start.argtypes = [*[pointer] * 3, size, size, pointer, size, size, pointer, pointer]
     for function in (
         library.swarm_quantize_int8,
         library.swarm_dequantize_int8,
         library.swarm_quantize_4bit,
         library.swarm_dequantize_4bit,
+        library.swarm_clip_start,
     ):
         function.restype = None

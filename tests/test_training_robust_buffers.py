@@ -4,10 +4,23 @@ tolerance (swarm.training.robust), and the same bits on every member that runs i
 import pytest
 import torch
 
+from kernels import quantize_cpu
+from swarm.training import robust_buffers
 from swarm.training.robust import RobustConfig, aggregate
 from swarm.training.robust_buffers import BLOCK_COLUMNS, REFERENCE_TOLERANCE, aggregate_buffered
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def first_pass(request, monkeypatch):
+    """Every test runs with the C library's first pass and with the torch one (what a member
+    without a C compiler runs)."""
+    if request.param == "torch":
+        monkeypatch.setattr(quantize_cpu, "load_library", lambda: None)
+    elif quantize_cpu.load_library() is None:
+        pytest.skip("no C compiler: the C first pass cannot be built here")
+    return request.param
 
 
 def _assert_within_tolerance(values: torch.Tensor, reference: torch.Tensor) -> None:
@@ -104,3 +117,21 @@ def test_the_median_network_gives_torch_medians_bits_for_every_group_size(count)
     assert torch.equal(_lower_median(rows), rows.median(dim=0).values)
     for permutation in (torch.randperm(count, generator=generator) for _ in range(3)):
         assert torch.equal(_lower_median(rows[permutation]), rows.median(dim=0).values)
+
+
+def test_the_c_first_pass_runs_where_it_can_and_agrees_with_the_torch_one(first_pass, monkeypatch):
+    """With the library the first pass is C's (it cannot fall back unnoticed); its mean and
+    Gram matrix are the torch pass's up to float32 summation order."""
+    generator = torch.Generator().manual_seed(11)
+    sources = [torch.randn(3 * BLOCK_COLUMNS + 5, generator=generator) * (1 + i) for i in range(4)]
+    shares = torch.full((4,), 0.25)
+    mean = torch.empty_like(sources[0])
+    gram = robust_buffers._first_pass_native(sources, [None, 0.5, None, 2.0], shares, mean)
+    if first_pass == "torch":
+        assert gram is None
+        return
+    clipped = [sources[0], sources[1] * 0.5, sources[2], sources[3] * 2.0]
+    rows = torch.stack(clipped)
+    torch.testing.assert_close(mean, rows.T @ shares, rtol=1e-6, atol=1e-6)
+    offsets = rows - rows.median(dim=0).values
+    torch.testing.assert_close(gram, (offsets.double() @ offsets.double().T), rtol=1e-5, atol=1e-3)
