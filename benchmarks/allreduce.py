@@ -6,7 +6,9 @@ another (one set at a time bounds the memory); within ours, the variants (below)
 take turns round by round so that load from other
 users of the machine falls on them alike. A round starts when the parent and the set's members
 pass a shared ``multiprocessing.Barrier``; each member times its own round (wall
-clock) and the round's time is the slowest member's. The first round of each system
+clock) and the round's time is the slowest member's; members wait for each other
+before the bookkeeping after a round (a digest, the next round's copy), which would
+otherwise take CPU from members still in it. The first round of each system
 is a warm-up; the table shows the median of the timed rounds.
 
 - ours: ``AveragingService.all_reduce`` over ``transport.Endpoint`` (ZeroMQ). The
@@ -140,12 +142,12 @@ def _digest(tensor: torch.Tensor) -> str:
 # -- ours -----------------------------------------------------------------------------------
 
 
-def _ours_worker(rank, settings, barrier, to_parent, from_parent, results):
+def _ours_worker(rank, settings, barrier, settled, to_parent, from_parent, results):
     torch.set_num_threads(1)
-    asyncio.run(_ours_member(rank, settings, barrier, to_parent, from_parent, results))
+    asyncio.run(_ours_member(rank, settings, barrier, settled, to_parent, from_parent, results))
 
 
-async def _ours_member(rank, settings, barrier, to_parent, from_parent, results):
+async def _ours_member(rank, settings, barrier, settled, to_parent, from_parent, results):
     from swarm.training.allreduce import AllReduceTimeouts, Member
     from swarm.training.averaging import AveragingService
     from swarm.training.robust import RobustConfig
@@ -197,6 +199,8 @@ async def _ours_member(rank, settings, barrier, to_parent, from_parent, results)
             verify=verify,
         )
         seconds = time.perf_counter() - start
+        if variant != "kill":  # (one member of the kill round never gets here)
+            await asyncio.to_thread(settled.wait)
         results.put(
             (
                 rank,
@@ -226,7 +230,7 @@ def _kill_on_first_result(send) -> None:
 # -- gloo -----------------------------------------------------------------------------------
 
 
-def _gloo_worker(rank, settings, barrier, port, rounds, results):
+def _gloo_worker(rank, settings, barrier, settled, port, rounds, results):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -241,6 +245,7 @@ def _gloo_worker(rank, settings, barrier, port, rounds, results):
         dist.all_reduce(work)
         work /= settings.peers
         seconds = time.perf_counter() - start
+        settled.wait()
         sent = 2 * (settings.peers - 1) * settings.vector_bytes // settings.peers
         results.put((rank, RoundResult(seconds, sent, _digest(work), _sample(work), _sample(vector))))
     barrier.wait()
@@ -250,7 +255,7 @@ def _gloo_worker(rank, settings, barrier, port, rounds, results):
 # -- hivemind -------------------------------------------------------------------------------
 
 
-def _hivemind_worker(rank, settings, barrier, to_parent, from_parent, rounds, results):
+def _hivemind_worker(rank, settings, barrier, settled, to_parent, from_parent, rounds, results):
     import hivemind
     from hivemind.averaging.control import AveragingStage
 
@@ -287,6 +292,7 @@ def _hivemind_worker(rank, settings, barrier, to_parent, from_parent, rounds, re
         control.allow_allreduce()
         control.result(timeout=120)
         seconds = time.perf_counter() - start
+        settled.wait()
         with averager.get_tensors() as tensors:
             averaged = tensors[0].clone()
         sent = 2 * (settings.peers - 1) * settings.vector_bytes // settings.peers
@@ -327,6 +333,10 @@ class _Group:
         self.name = name
         self.peers = peers
         self.barrier = context.Barrier(peers + 1)
+        self.settled = context.Barrier(peers)
+        """Members pass it once they timed a round, before its bookkeeping (a digest of the
+        result, the next round's copy of the vector): a member done early took ~0.1 s of CPU
+        for those while slower ones were still in the round, on the same cores."""
         self.results = context.Queue()
         self.up = context.Queue()
         self.down = [context.Queue() for _ in range(peers)]
@@ -386,7 +396,7 @@ def _start_group(context, name: str, settings: Settings) -> _Group:
     peers = settings.peers
     group = _Group(context, name, peers)
     for rank in range(peers):
-        common = (rank, settings, group.barrier)
+        common = (rank, settings, group.barrier, group.settled)
         if name == "ours":
             arguments = (*common, group.up, group.down[rank], group.results)
             group.processes.append(context.Process(target=_ours_worker, args=arguments, daemon=True))
