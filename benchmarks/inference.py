@@ -19,7 +19,10 @@ benchmark's local baseline ran like that and came out 4x *slower* than the swarm
   cross one emulated link, with no proxy in the way (a user-space proxy cost ~2 ms of its
   own per leg here). Reported against the floor: local compute (measured interleaved with
   the swarm runs on that link) + (servers + 1) one-way latencies + one token's transfer
-  per leg (client -> s1 -> s2 -> s3 -> client); ``--wan-only`` runs only this table;
+  per leg (client -> s1 -> s2 -> s3 -> client); ``--wan-only`` runs only this table.
+  Its "bare chain" row runs the same three spans in plain processes over OS pipes
+  (``benchmarks/_process_chain.py``): what process hand-offs cost on this machine
+  with no swarm code at all, interleaved with local runs;
 * the batching gain: tokens/s of 16 concurrent sessions vs 1 on one server holding
   every block.
 
@@ -198,7 +201,7 @@ def _chain_spans(layers: int) -> list[str]:
 
 def _wan_rows(setup: _Setup, local, prompt, tokens: int, repeats: int) -> list[tuple]:
     """Per emulated link: (rtt ms, Mbit/s, ms/token, floor ms/token, measured rtt ms, floor on it,
-    ms over the floor pair by pair).
+    ms over the floor pair by pair, the bare process chain's ms over its floor on that link).
 
     Each link gets its own servers, started with ``SWARM_EMULATE_LINK`` set, and the client
     (this process) sets it too while it runs: every message, in every direction, waits."""
@@ -230,29 +233,67 @@ def _wan_rows(setup: _Setup, local, prompt, tokens: int, repeats: int) -> list[t
         # machine's load drifts between pairs
         paired = median([run - compute for run, compute in zip(runs, local_runs, strict=True)])
         paired -= legs * (rtt_ms / 2 + transfer_ms)
-        rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor, paired))
         print(f"{rtt_ms:.0f} ms RTT: local ms/token (runs) {[f'{v:.1f}' for v in local_runs]}, "
               f"swarm {[f'{v:.1f}' for v in runs]}")  # fmt: skip
+        bare_local, bare_ms = _bare_chain(
+            setup, local, prompt, tokens, repeats, (rtt_ms / 2 + transfer_ms) / 1000
+        )
+        bare_over = bare_ms - bare_local - legs * (rtt_ms / 2 + transfer_ms)
+        rows.append((rtt_ms, mbit, median(runs), floor, measured_rtt, measured_floor, paired, bare_over))
     return rows
 
 
-def _print_wan(rows: list[tuple], loopback: tuple[float, float] | None) -> None:
+def _bare_chain(
+    setup: _Setup, local, prompt, tokens: int, repeats: int, hold_s: float = 0.0
+) -> tuple[float, float]:
+    """(local ms/token, ms/token of the same spans in plain processes over pipes, each holding
+    what it receives for ``hold_s``): medians of interleaved runs
+    (``benchmarks/_process_chain.py``: what process hand-offs cost here)."""
+    from benchmarks._process_chain import ProcessChain
+    from kernels import load_config
+
+    layers = load_config(setup.checkpoint).num_layers
+    spans = [tuple(int(bound) for bound in span.split(":")) for span in _chain_spans(layers)]
+    chain = ProcessChain(setup.checkpoint, spans, setup.threads, hold_s)
+    try:
+        chain.ms_per_token(prompt, 2)
+        local_runs, chain_runs = [], []
+        for _ in range(repeats):
+            local_runs.append(_time_local(local, prompt, tokens))
+            chain_runs.append(chain.ms_per_token(prompt, tokens))
+    finally:
+        chain.close()
+    print(f"bare process chain, {hold_s * 1000:.2f} ms hold: local ms/token (runs) {[f'{v:.1f}' for v in local_runs]}, "
+          f"chain {[f'{v:.1f}' for v in chain_runs]}")  # fmt: skip
+    return median(local_runs), median(chain_runs)
+
+
+def _print_wan(rows: list[tuple], loopback: tuple[float, float] | None, bare: tuple[float, float]) -> None:
     print(
         f"{'link':<22} {'ms/token':>9} {'floor':>9} {'over floor':>11} {'ping':>7} {'over floor on ping':>19}"
     )
     if loopback is not None:
         swarm_ms, local_ms = loopback
         print(f"{'loopback':<22} {swarm_ms:>9.1f} {local_ms:>9.1f} {swarm_ms - local_ms:>11.1f}")
-    for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor, paired in rows:
+    local_ms, chain_ms = bare
+    print(f"{'bare chain, loopback':<22} {chain_ms:>9.1f} {local_ms:>9.1f} {chain_ms - local_ms:>11.1f}   "
+          f"(no swarm code: plain processes over pipes)")  # fmt: skip
+    for rtt_ms, mbit, ms, floor, measured_rtt, measured_floor, paired, bare_over in rows:
         link = f"{rtt_ms:.0f} ms RTT, {mbit:.0f} Mbit/s"
         print(f"{link:<22} {ms:>9.1f} {floor:>9.1f} {ms - floor:>11.1f} {measured_rtt:>7.1f} "
               f"{ms - measured_floor:>19.1f}   ({(ms / floor - 1) * 100:+.1f}% of the floor; "
-              f"paired: {paired:+.1f} ms, {paired / floor * 100:+.1f}%)")  # fmt: skip
+              f"paired: {paired:+.1f} ms, {paired / floor * 100:+.1f}%; "
+              f"bare chain on this link: {bare_over:+.1f} ms, {bare_over / floor * 100:+.1f}%)")  # fmt: skip
     print("floor = local compute (interleaved runs) + (servers + 1) one-way latencies + one token's")
     print("transfer per leg; paired = median over adjacent pairs of (swarm run - local run) minus the")
     print("legs, the same distance measured pair by pair;")
     print("ping = median round trip of a ping to the servers over the emulated link")
     print("(the link as measured, the servers' event loops included)")
+    print("bare chain = the same spans in three plain processes handing activations over OS pipes,")
+    print("no swarm code, no encryption (on a link: each holds what it receives for the one-way")
+    print("time, a plain sleep): what process hand-offs cost on this machine by themselves (a")
+    print("process woken on another, idle vCPU pays for the wake-up), part of every row's")
+    print("distance from its floor here; servers on different machines do not pay it")
 
 
 def main() -> None:
@@ -297,6 +338,7 @@ def main() -> None:
         try:
             if args.wan_only:
                 wan = _wan_rows(setup, local, prompt, args.wan_tokens, args.wan_repeats)
+                bare = _bare_chain(setup, local, prompt, args.wan_tokens, args.wan_repeats)
             else:
                 processes = _start_servers(setup, "server", _chain_spans(args.layers))
                 with steal_meter(report):
@@ -306,6 +348,7 @@ def main() -> None:
                 _stop(processes)
             if not args.quick and not args.wan_only:
                 wan = _wan_rows(setup, local, prompt, args.wan_tokens, args.wan_repeats)
+                bare = _bare_chain(setup, local, prompt, args.tokens, repeats)
                 (whole,) = _start_servers(setup, "whole", [f"0:{args.layers}"])
                 single, many, batched = asyncio.run(_batching_gain(checkpoint, peers, prompt, args.tokens))
                 _stop([whole])
@@ -314,7 +357,7 @@ def main() -> None:
             bootstrap.shutdown()
     load_after = os.getloadavg()
     if args.wan_only:
-        _print_wan(wan, None)
+        _print_wan(wan, None, bare)
         print(f"threads per process: {args.threads}; load average before/after: "
               f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
         return
@@ -337,7 +380,7 @@ def main() -> None:
           f"{load_before[0]:.2f}/{load_after[0]:.2f}")  # fmt: skip
     if not args.quick:
         print()
-        _print_wan(wan, (swarm_median, local_median))
+        _print_wan(wan, (swarm_median, local_median), bare)
         print()
         print(f"one server, all {args.layers} blocks: 1 session {single:.1f} tokens/s, {BATCH_SESSIONS} "
               f"sessions {many:.1f} tokens/s (gain {many / single:.1f}x, {batched} steps batched)")  # fmt: skip
