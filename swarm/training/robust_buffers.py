@@ -178,14 +178,14 @@ def _first_pass_native(
         return None
     pointers = (ctypes.c_void_p * count)(*(source.data_ptr() for source in sources))
     scales = torch.tensor([1.0 if factor is None else factor for factor in factors], dtype=torch.float32)
-    network = torch.tensor([[low, high, want_min, want_max] for low, high, want_min, want_max in _median_network(count)]
-                           or [[0, 0, 0, 0]], dtype=torch.int32)  # fmt: skip
-    comparators = len(_median_network(count))
-    median_wire = (count - 1) // 2 if count > 2 else -1  # the torch pass starts from the mean below 3
+    comparators = _median_network(count) if count > 2 else ()  # the torch pass starts from the mean below 3
+    median_wire = (count - 1) // 2 if comparators else -1
+    network = torch.tensor([list(c) for c in comparators] or [[0, 0, 0, 0]], dtype=torch.int32)  # never empty
+    shares = shares.contiguous()  # (kept alive through the call)
     gram = torch.zeros((count, count), dtype=torch.float64)
     library.swarm_clip_start(
-        pointers, scales.data_ptr(), shares.contiguous().data_ptr(), count, mean.numel(), network.data_ptr(),
-        comparators, median_wire, mean.data_ptr(), gram.data_ptr(),
+        pointers, scales.data_ptr(), shares.data_ptr(), count, mean.numel(), network.data_ptr(),
+        len(comparators), median_wire, mean.data_ptr(), gram.data_ptr(),
     )  # fmt: skip
     return gram
 
