@@ -32,12 +32,12 @@ def _serve(checkpoint: Path, start: int, end: int, threads: int, hold: float, in
     with torch.inference_mode():
         while True:
             message = inbox.recv_bytes()
-            if message in (b"stop", b"reset"):
-                if message == b"reset":
-                    cache = span.allocate_cache(1, 1024)
+            if message == b"stop":
                 outbox.send_bytes(message)
-                if message == b"stop":
-                    return
+                return
+            if message == b"reset":
+                cache = span.allocate_cache(1, 1024)
+                outbox.send_bytes(message)
                 continue
             if hold:
                 time.sleep(hold)

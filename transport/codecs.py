@@ -266,9 +266,10 @@ class EncodedTensor:
 def decode_later(
     codec: type, params: dict, dtype: torch.dtype, numel: int, buffers: list[Any]
 ) -> Callable[[torch.Tensor | None], torch.Tensor]:
-    """``codec``'s decoding of ``buffers``, checked now and run when called (see :class:`EncodedTensor`)."""
-    if codec is Int8BlockwiseCodec:
-        return Int8BlockwiseCodec.decode_later(params, dtype, numel, buffers)
+    """``codec``'s decoding of ``buffers``, checked now and run when called (see :class:`EncodedTensor`):
+    into the caller's ``out`` where the codec can (its own ``decode_later``), else decoded now and copied."""
+    if hasattr(codec, "decode_later"):
+        return codec.decode_later(params, dtype, numel, buffers)
     decoded = codec.decode(params, dtype, numel, buffers)
     return lambda out: decoded if out is None else out.copy_(decoded)
 

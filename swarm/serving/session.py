@@ -365,6 +365,10 @@ class InferenceSession:
                     failed_now.clear()
                     await asyncio.sleep(self.config.route_poll)  # polling the DHT under a deadline
                     continue
+
+            def opening(hop):
+                return settle(self._open_hop(hop.server, hop.span, pipelined))
+
             if (
                 pipelined
                 and self.lora is None
@@ -372,11 +376,9 @@ class InferenceSession:
             ):
                 # Nothing to wait for (deferred openings on open connections): hop by hop, with
                 # no task per hop and no event-loop turn before the first step (issue #18).
-                results = [await settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route]
+                results = [await opening(hop) for hop in route]
             else:  # all hops at once: one round trip (or connect) instead of one per hop
-                results = await asyncio.gather(
-                    *(settle(self._open_hop(hop.server, hop.span, pipelined)) for hop in route)
-                )
+                results = await asyncio.gather(*map(opening, route))
             opened = [result for result in results if isinstance(result, _Hop)]
             if len(opened) == len(route):
                 return opened

@@ -102,19 +102,23 @@ def aggregate_buffered(
 
 
 class _Blocks:
-    """The clipped contributions, one column block at a time, in two reused buffers."""
+    """The clipped contributions, one column block at a time, in two reused buffers (made at
+    the first walk: with the C first pass and nobody clipped there is none)."""
 
     def __init__(self, sources: list[torch.Tensor], factors: list[float | None], numel: int):
         self.sources, self.factors, self.numel = sources, factors, numel
-        width = min(BLOCK_COLUMNS, max(numel, 1))
-        self.rows = torch.empty((len(sources), width), dtype=torch.float32)  # (members, columns)
-        self.work = torch.empty_like(self.rows)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __iter__(self):
         """Yields (start, stop, rows, work): rows hold the clipped block, work is scratch."""
+        if self._buffers is None:
+            width = min(BLOCK_COLUMNS, max(self.numel, 1))
+            rows = torch.empty((len(self.sources), width), dtype=torch.float32)  # (members, columns)
+            self._buffers = (rows, torch.empty_like(rows))
+        all_rows, all_work = self._buffers
         for start in range(0, self.numel, BLOCK_COLUMNS):
             stop = min(start + BLOCK_COLUMNS, self.numel)
-            rows, work = self.rows[:, : stop - start], self.work[:, : stop - start]
+            rows, work = all_rows[:, : stop - start], all_work[:, : stop - start]
             for row, source, factor in zip(rows, self.sources, self.factors, strict=True):
                 if factor is None:
                     row.copy_(source[start:stop])
