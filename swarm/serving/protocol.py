@@ -107,6 +107,8 @@ class PushHidden(Message):
 
 @message("serve.push_ack")
 class PushAck(Message):
+    """The answer to a ``PushHidden`` sent as a call; servers push one way and never wait for it."""
+
     accepted: bool  # False: a copy of this step was already there (or the step passed)
 
 
@@ -124,7 +126,7 @@ class ServerStats(Message):
         cache_tokens_used, cache_tokens_total: the cache budget.
         forwards: forward passes over the cache (one per batch).
         batched_steps: steps that ran in a forward together with another session's.
-        pushes_sent: step outputs pushed to the next server (acknowledged).
+        pushes_sent: step outputs pushed to the next server (sent; pushes are not acknowledged).
         pushes_used: steps whose input came from a server's push before any other copy.
         client_copies_used: steps whose input came from the client's copy first.
         pushes_refused: pushes not sent because no server of the next block announces the

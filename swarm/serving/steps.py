@@ -11,8 +11,12 @@ records and the span, and registers this service on its endpoints.
 - When a step names the next server of the client's chain, its output is also pushed
   there (``PushHidden``), so a step travels the chain once instead of returning to the
   client between hops, but only to an address and key the DHT lists for the next block
-  (``PushTargets``), never to an arbitrary address a client names. A failed or refused
-  push is only logged: the client's copy covers it. The push and the reply leave from the
+  (``PushTargets``), never to an arbitrary address a client names. A push goes one way
+  (``Connection.notify``): its acknowledgement cost the sender a wake-up and the receiver
+  a send on every hop of every token, and told nothing the transport does not (a next
+  server that went away fails the send at once; its connection is dropped and the next
+  push reconnects). A failed or refused push is only logged: the next server's step
+  reports its input missing and the client resends it. The push and the reply leave from the
   batcher the moment the forward ends (``StepBatcher.step``'s ``on_result``), before the
   event loop reads a message that arrived meanwhile (often the client's copy).
 - ``ForwardRequest``: a stateless forward of a sub-span (no cache).
@@ -44,14 +48,12 @@ from transport.errors import MalformedMessage, ServerBusy, SwarmError
 
 logger = logging.getLogger("swarm.join")
 
-PUSH_TIMEOUT = 5.0  # seconds for one push to the next server; the client's copy covers a failure
-
 
 class StepService:
     """Serves inference sessions, steps, pushes and stateless forwards for one ``InferenceServer``.
 
     Attributes:
-        pushes_sent: step outputs pushed to the next server (acknowledged).
+        pushes_sent: step outputs pushed to the next server (sent; pushes are not acknowledged).
         pushes_used: steps whose input arrived by a push.
         client_copies_used: steps whose input came from the client's copy first.
         pushes_refused: pushes not sent: the target is no server of the next block.
@@ -64,7 +66,7 @@ class StepService:
         self.client_copies_used = 0
         self.pushes_refused = 0
         self.push_targets = PushTargets(server.dht)
-        self._connections: dict[str, Connection] = {}  # push targets, by address
+        self._connections: dict[tuple[str, bytes], Connection] = {}  # push targets, by (address, key)
         self._config_hash: str | None = None  # the served model's (config_hash)
 
     def register(self, endpoint) -> None:
@@ -218,18 +220,15 @@ class StepService:
     ) -> None:
         """Sends the push now when its target is a listed one with an open connection (the
         usual case), else from a task (a DHT lookup or a connect first)."""
-        connection = self._connections.get(step.push_address)
-        if connection is None or not self.push_targets.listed_now(
-            step.push_address, step.push_key, next_block
-        ):
+        target = (step.push_address, step.push_key)
+        connection = self._connections.get(target)
+        if connection is None or not self.push_targets.listed_now(*target, next_block):
             pushes.create_task(self._push(step, output, next_block))
             return
         try:
-            acknowledged = self._send_push(connection, step, output)
+            self._send_push(connection, step, output)
         except SwarmError as error:
             pushes.create_task(self._push_failed(step, error))
-            return
-        pushes.create_task(self._await_push(step, acknowledged))
 
     async def _push(self, step: InferenceStep, output: torch.Tensor, next_block: int) -> None:
         """Sends a step's output to the next server (a server of ``next_block``); failures and
@@ -240,38 +239,28 @@ class StepService:
                 logger.info("refused push #%d (step %d to %s): no server of block %d announces that address and key",
                             self.pushes_refused, step.step, step.push_address[:200], next_block)  # fmt: skip
             return
+        target = (step.push_address, step.push_key)
         try:
-            connection = self._connections.get(step.push_address)
+            connection = self._connections.get(target)
             if connection is None:
-                connection = await self.server.endpoint.connect(step.push_address, step.push_key)
-                self._connections[step.push_address] = connection
-            acknowledged = self._send_push(connection, step, output)
+                connection = await self.server.endpoint.connect(*target)
+                self._connections[target] = connection
+            self._send_push(connection, step, output)
         except SwarmError as error:
             await self._push_failed(step, error)
-            return
-        await self._await_push(step, acknowledged)
 
-    @staticmethod
-    def _send_push(connection, step: InferenceStep, output: torch.Tensor):
-        """Sends ``output`` as ``step``'s push now; returns the acknowledgement to await.
+    def _send_push(self, connection, step: InferenceStep, output: torch.Tensor) -> None:
+        """Sends ``output`` as ``step``'s push now, one way (no acknowledgement).
 
         Raises:
-            SwarmError: the connection is closed.
+            SwarmError: the connection is closed or the next server is disconnected.
         """
-        message = PushHidden(token=step.push_token, step=step.step, hidden=output)
-        return connection.send_call(message, timeout=PUSH_TIMEOUT)
-
-    async def _await_push(self, step: InferenceStep, acknowledged) -> None:
-        """Waits for the acknowledgement of a push already sent."""
-        try:
-            await acknowledged
-            self.pushes_sent += 1
-        except SwarmError as error:
-            await self._push_failed(step, error)
+        connection.notify(PushHidden(token=step.push_token, step=step.step, hidden=output))
+        self.pushes_sent += 1
 
     async def _push_failed(self, step: InferenceStep, error: SwarmError) -> None:
         """Drops the connection a push failed on (the next push reconnects) and logs it."""
-        dropped = self._connections.pop(step.push_address, None)
+        dropped = self._connections.pop((step.push_address, step.push_key), None)
         if dropped is not None:
             await dropped.close()
         logger.info("push of step %d to %s failed: %s", step.step, step.push_address, error)
