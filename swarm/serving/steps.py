@@ -243,8 +243,10 @@ class StepService:
         try:
             connection = self._connections.get(target)
             if connection is None:
-                connection = await self.server.endpoint.connect(*target)
-                self._connections[target] = connection
+                fresh = await self.server.endpoint.connect(*target)
+                connection = self._connections.setdefault(target, fresh)
+                if connection is not fresh:  # another session's push connected meanwhile
+                    await fresh.close()
             self._send_push(connection, step, output)
         except SwarmError as error:
             await self._push_failed(step, error)
