@@ -117,12 +117,15 @@ def test_connection_flood_at_the_descriptor_limit_does_not_stop_the_server(swarm
                 # The connected client is served while the descriptors are exhausted.
                 during = await model.generate(PROMPT, NEW_TOKENS)
                 # The announcer goes on (record refreshed every 2 s).
-                await wait_until(
-                    lambda: _record_expiration(swarm, peer_id),
-                    until=lambda expiration: expiration > flooded_at,
-                    timeout=30,
-                    what="x to re-announce during the flood",
-                )
+                try:
+                    await wait_until(
+                        lambda: _record_expiration(swarm, peer_id),
+                        until=lambda expiration: expiration > flooded_at,
+                        timeout=30,
+                        what="x to re-announce during the flood",
+                    )
+                except AssertionError as error:  # seen once in a full run: keep x's side of it
+                    raise AssertionError(f"{error}\nx's last lines:\n{''.join(server.lines[-40:])}") from None
             finally:
                 for sock in sockets:
                     sock.close()
