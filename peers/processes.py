@@ -59,14 +59,19 @@ class PeerProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.process.poll() is not None and self._queue.empty()):
-                tail = "".join(self.lines[-30:])
-                raise AssertionError(f"no line with {what} within {timeout}s from {self.args[:1]}:\n{tail}")
+                raise AssertionError(
+                    f"no line with {what} within {timeout}s from {self.args[:1]}:\n{self.tail()}"
+                )
             try:
                 line = self._queue.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
             if matches(line):
                 return line
+
+    def tail(self, count: int = 30) -> str:
+        """The last ``count`` output lines, as printed (for failure messages)."""
+        return "".join(self.lines[-count:])
 
     def _signal_group(self, signum: int) -> None:
         try:

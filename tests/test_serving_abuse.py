@@ -125,7 +125,7 @@ def test_connection_flood_at_the_descriptor_limit_does_not_stop_the_server(swarm
                         what="x to re-announce during the flood",
                     )
                 except AssertionError as error:  # seen once in a full run: keep x's side of it
-                    raise AssertionError(f"{error}\nx's last lines:\n{''.join(server.lines[-40:])}") from None
+                    raise AssertionError(f"{error}\nx's last lines:\n{server.tail(40)}") from None
             finally:
                 for sock in sockets:
                     sock.close()

@@ -173,12 +173,12 @@ def test_finetune_command_trains_saves_resumes_and_saves_on_ctrl_c(swarm, tmp_pa
                "--method", "lora", "--rank", "4", "--targets", "q,v,down", "--batch", "2", "--seq-len", "16",
                "--lr", "1e-2", "--out", str(out)]  # fmt: skip
     first = swarm.start("finetune-1", [*command, "--steps", "3"])
-    assert first.process.wait(timeout=180) == 0, "\n".join(first.lines[-20:])
+    assert first.process.wait(timeout=180) == 0, first.tail(20)
     assert "tokens/s" in first.wait_for_line("step 3/3 loss", timeout=30)
     base = AutoModelForCausalLM.from_pretrained(swarm.checkpoint, torch_dtype=torch.float32)
     PeftModel.from_pretrained(base, out)  # the PEFT layout loads
     resumed = swarm.start("finetune-2", [*command, "--steps", "5"])
-    assert resumed.process.wait(timeout=180) == 0, "\n".join(resumed.lines[-20:])
+    assert resumed.process.wait(timeout=180) == 0, resumed.tail(20)
     resumed.wait_for_line("at step 3", timeout=30)
     resumed.wait_for_line("done: 5 steps", timeout=30)
     assert not any("step 1/5" in line for line in resumed.lines)
@@ -186,7 +186,7 @@ def test_finetune_command_trains_saves_resumes_and_saves_on_ctrl_c(swarm, tmp_pa
     # `swarm generate --adapter` continues greedily as the same adapter does locally.
     generate = swarm.start("generate", ["generate", "--model", str(swarm.checkpoint), "--initial-peers", *swarm.peers,
                                         "--adapter", str(out), "--max-new-tokens", "5", "def add("])  # fmt: skip
-    assert generate.process.wait(timeout=120) == 0, "\n".join(generate.lines[-20:])
+    assert generate.process.wait(timeout=120) == 0, generate.tail(20)
     expected = _local_greedy(swarm.checkpoint, out, "def add(", 5)
     wait_until_sync(lambda: "".join(generate.lines), until=lambda text: text.endswith(expected + "\n"),
                     what=f"the output to end with {expected!r}", timeout=30)  # fmt: skip
