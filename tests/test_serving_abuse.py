@@ -29,7 +29,7 @@ from kernels import generate, load_local_model
 from kernels.tiny import write_tiny_checkpoint
 from swarm import NoRouteError
 from swarm.records import block_key
-from swarm.serving.protocol import InferenceStep, OpenInference, PushHidden
+from swarm.serving.protocol import InferenceStep, OpenInference, PushHidden, StatsRequest
 from tests.harness import NEW_TOKENS, PROMPT, ServingSwarm, wait_until
 from transport.errors import RemoteError
 
@@ -165,6 +165,13 @@ def test_greedy_client_cannot_starve_another(swarm, expected):
             for stream in held[:10]:
                 await stream.close()
             held = held[10:]  # 30 sessions of 4 tokens: 120 of the 512 a client may hold
+            # A close is one way and the server releases a session when its handler ends
+            # (a later event-loop turn): opening at once could still find 40 held.
+            await wait_until(
+                lambda: connection.call(StatsRequest(), timeout=10),
+                what="the server to release the 10 closed sessions",
+                until=lambda stats: stats.sessions == len(held),
+            )
             too_big = await open_until_refused(connection, 64, held)  # 6 fit: 504 tokens
             output = await polite.generate(PROMPT, NEW_TOKENS)
             with pytest.raises(NoRouteError):  # each row needs more than a client's share
