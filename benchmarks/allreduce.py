@@ -17,8 +17,11 @@ is a warm-up; the table shows the median of the timed rounds.
   centered_clip``, backups verifying (``--verify-reducers``). The other variants keep
   the fp32 speed in view: "ours-fp32" (the same, uncompressed), "ours-plain" (fp32,
   CURVE off: the cost of encryption) and "ours-mean" (fp32, CURVE on, the weighted mean
-  that gloo and hivemind compute: the cost of the robust rule). Bytes sent are counted
-  by the service.
+  that gloo and hivemind compute: the cost of the robust rule). Two more bound what any
+  change of ours could reach on the machine at hand: "ours-nocurve" (the defaults with
+  CURVE off: no cipher arrangement can cost less than none) and "ours-bare" (int8, CURVE
+  off, the weighted mean, no backups: the protocol itself, without encryption,
+  robustness or verification). Bytes sent are counted by the service.
 - gloo: ``torch.distributed.all_reduce`` (sum) on a CPU tensor; bytes sent are the
   ring all-reduce's 2 (M-1)/M x vector bytes (a formula, not a measurement).
 - hivemind: ``DecentralizedAverager`` with a fixed group of ``--peers``. Matchmaking is
@@ -108,6 +111,8 @@ OURS = {  # variant name -> (encrypted, compression, aggregation rule, backups v
     "ours-fp32": (True, "none", _DEFAULTS["aggregation"], _DEFAULTS["verify_reducers"]),
     "ours-plain": (False, "none", _DEFAULTS["aggregation"], _DEFAULTS["verify_reducers"]),
     "ours-mean": (True, "none", "mean", _DEFAULTS["verify_reducers"]),  # as gloo and hivemind compute
+    "ours-nocurve": (False, _DEFAULTS["compression"], _DEFAULTS["aggregation"], _DEFAULTS["verify_reducers"]),
+    "ours-bare": (False, _DEFAULTS["compression"], "mean", False),
 }
 
 
@@ -517,6 +522,10 @@ def report(settings: Settings, measured: dict[str, SystemRounds]) -> None:
             notes.append("fp32, CURVE off")
         if name == "ours-mean":
             notes.append("fp32, weighted mean instead of CenteredClip")
+        if name == "ours-nocurve":
+            notes.append("defaults, CURVE off: the bound for any cipher")
+        if name == "ours-bare":
+            notes.append(f"{OURS['ours-bare'][1]}, CURVE off, weighted mean, no backups")
         print(
             f"{name:<12} {seconds:>9.3f} {throughput[name] / 1e9:>7.3f} {sent / 1e6:>15.1f} {steal:>8.1f}  "
             + "; ".join(notes)
