@@ -15,6 +15,12 @@ from swarm.training.diloco import DiLoCoConfig, average_weighted, flatten_parame
 from swarm.training.fragments import fragment_of_round, fragment_rounds, make_fragments, model_fragments
 from swarm.training.progress import TrainerState, TrainingPeerRecord
 from swarm.training.replica import Replica
+from swarm.training.run_checkpoint import (
+    checkpoint_state,
+    load_training_state,
+    restore_checkpoint,
+    save_training_state,
+)
 from swarm.training.streaming import StreamingConfig, StreamingReplica
 from swarm.training.trainer_config import TrainerConfig
 from swarm.training.training_model import init_model
@@ -28,12 +34,15 @@ def model_config():
         return write_tiny_checkpoint(directory, num_layers=4, hidden_size=32, vocab_size=128)
 
 
+_DATA = (torch.randint(0, 128, (20_000,), generator=torch.Generator().manual_seed(7)).numpy(), 16)
+"""Every member's tokens and window length."""
+
+
 def _replicas(model_config, count: int, config: DiLoCoConfig) -> list[Replica]:
-    tokens = torch.randint(0, 128, (20_000,), generator=torch.Generator().manual_seed(7)).numpy()
     replicas = []
     for member in range(count):
         replica = Replica(init_model(model_config, seed=0), config)
-        replica.attach_data(tokens, 16, seed=member)
+        replica.attach_data(*_DATA, seed=member)
         replicas.append(replica)
     return replicas
 
@@ -139,6 +148,58 @@ def test_overlapped_syncs_keep_members_bit_identical_and_merge_as_documented(mod
     assert replicas[0].round == 6
     if eager:  # from each fragment's second sync on, the local fragment took the eager step
         assert streaming[0]._last and all(len(entry) == 3 for entry in streaming[0]._last.values())
+
+
+def _streaming_round(streaming: list[StreamingReplica], settings: StreamingConfig) -> None:
+    """One fragment sync of every member: H/P inner steps, the exchange over ``tau`` more, the merge."""
+    for stream in streaming:
+        for _ in range(settings.sync_every):
+            stream.replica.train_step(2)
+            stream.add_samples(2)
+    begun = [s.begin(s.next_fragment(), due_step=0) for s in streaming]
+    average = average_weighted([(weight, vector) for _, vector, weight in begun])
+    for stream in streaming:
+        for _ in range(settings.overlap_steps):
+            stream.replica.train_step(2)
+            stream.add_samples(2)
+    for stream, (pending, _, _) in zip(streaming, begun, strict=True):
+        stream.finish(pending, average, members=len(streaming))
+
+
+def test_a_resumed_member_takes_its_eager_history_and_sample_counts_back(model_config, tmp_path):
+    config = DiLoCoConfig(inner_lr=3e-3, warmup_steps=2)
+    settings = StreamingConfig(fragments=2, overlap_steps=1, eager=True, inner_steps=4)
+    streaming = [StreamingReplica(r, settings) for r in _replicas(model_config, 3, config)]
+    for _ in range(3):  # fragment 0 synced twice, fragment 1 once: both have an eager history
+        _streaming_round(streaming, settings)
+    for member, stream in enumerate(streaming):
+        save_training_state(tmp_path / str(member), checkpoint_state(stream.replica, [], stream.state_dict()))
+
+    def resumed(keep_streaming_state: bool) -> list[StreamingReplica]:
+        members = []
+        for member, replica in enumerate(_replicas(model_config, 3, config)):
+            checkpoint = load_training_state(tmp_path / str(member))
+            restore_checkpoint(replica, checkpoint)
+            stream = StreamingReplica(replica, settings)
+            if keep_streaming_state:
+                assert stream.load_state_dict(checkpoint["streaming"])
+            members.append(stream)
+        return members
+
+    restarted, restarted_blank = resumed(True), resumed(False)
+    assert restarted[0].samples_since_sync == streaming[0].samples_since_sync != [0.0, 0.0]
+    for _ in range(3):
+        for group in (streaming, restarted, restarted_blank):
+            _streaming_round(group, settings)
+    for kept, member in zip(restarted, streaming, strict=True):
+        assert torch.equal(flatten_parameters(kept.replica.model), flatten_parameters(member.replica.model))
+        assert kept.replica.parameters_hash() == member.replica.parameters_hash()
+    # without it, the first syncs after the restart skip the eager step and weigh less work
+    assert restarted_blank[0].replica.parameters_hash() != streaming[0].replica.parameters_hash()
+    # a state downloaded since the checkpoint makes it someone else's history: not taken
+    other = StreamingReplica(_replicas(model_config, 1, config)[0], settings)
+    assert not other.load_state_dict(streaming[0].state_dict())
+    assert not restarted[0].load_state_dict({**streaming[0].state_dict(), "fragments": 4})
 
 
 def test_flags_are_validated_and_name_themselves(tmp_path):

@@ -11,6 +11,8 @@ One file, ``<--checkpoint-dir>/trainer-state.pt``, holds a dict (read with
 ``inner_step``        inner steps done
 ``data_position``     windows of this member's data order consumed
 ``loss_history``      ``[(round, loss), ...]`` as published in the run record
+``streaming``         streaming DiLoCo only: per fragment the samples since its last sync
+                      and the eager history (``StreamingReplica.state_dict``)
 ====================  ==================================================================
 """
 
@@ -80,9 +82,11 @@ def checkpoint_refusal(
     return None
 
 
-def checkpoint_state(replica: Replica, loss_history: list[tuple[int, float]]) -> dict[str, Any]:
+def checkpoint_state(
+    replica: Replica, loss_history: list[tuple[int, float]], streaming: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The checkpoint of a member (see the module docstring for the layout)."""
-    return {
+    state = {
         "outer": replica.outer.state_dict(),
         "model": replica.model.state_dict(),
         "inner": replica.inner.state_dict(),
@@ -91,6 +95,9 @@ def checkpoint_state(replica: Replica, loss_history: list[tuple[int, float]]) ->
         "data_position": replica.data_position,
         "loss_history": loss_history,
     }
+    if streaming is not None:
+        state["streaming"] = streaming
+    return state
 
 
 def restore_checkpoint(replica: Replica, checkpoint: dict[str, Any]) -> list[tuple[int, float]]:

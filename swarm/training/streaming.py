@@ -70,6 +70,7 @@ class Trainer(Protocol):
     fragments: int
     fragment_last_round: int
     wait_seconds: float
+    streaming: StreamingReplica | None
 
     async def exchange(self, round_index: int, pseudo_gradient, samples: float) -> Exchange | None: ...
 
@@ -213,6 +214,42 @@ class StreamingReplica:
         self._last.clear()
         self.samples_since_sync = [0.0] * self.config.fragments
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the syncs between outer steps: each fragment's samples since
+        its last sync (the weight of its next contribution) and the eager history, tied to the
+        ``theta_global`` they belong to (its hash)."""
+        return {
+            "fragments": self.config.fragments,
+            "global_hash": self.replica.parameters_hash(),
+            "samples_since_sync": list(self.samples_since_sync),
+            "eager": {index: list(entry) for index, entry in self._last.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Takes back a :meth:`state_dict` written at this member's current ``theta_global``.
+
+        Returns:
+            False (and keeps the fresh state) when ``state`` belongs to other parameters (a
+            state download since the checkpoint) or another ``--streaming-fragments``.
+        """
+        if state.get("fragments") != self.config.fragments:
+            logger.warning(
+                "the checkpoint's streaming state is for %s fragments, not %d: starting the syncs afresh",
+                state.get("fragments"), self.config.fragments,
+            )  # fmt: skip
+            return False
+        if state.get("global_hash") != self.replica.parameters_hash():
+            return False  # theta_global changed since (downloaded): the history is of other parameters
+        eager = {}
+        for index, (own, average, share) in state["eager"].items():
+            size = self.fragments[index].numel
+            if own.numel() != size or average.numel() != size:
+                raise ValueError(f"checkpoint: eager history of fragment {index} has the wrong size")
+            eager[index] = (own, average, float(share))
+        self.samples_since_sync = [float(count) for count in state["samples_since_sync"]]
+        self._last = eager
+        return True
+
 
 class StreamingLoop:
     """The inner loop of a streaming member: trains, starts fragment syncs, joins them ``tau`` steps later.
@@ -223,11 +260,16 @@ class StreamingLoop:
         config: the streaming settings.
     """
 
-    def __init__(self, trainer: Trainer, config: StreamingConfig):
+    def __init__(self, trainer: Trainer, config: StreamingConfig, resumed: dict[str, Any] | None = None):
         self.trainer = trainer
         self.config = config
         self.streaming = StreamingReplica(trainer.replica, config)
+        if resumed is not None and self.streaming.load_state_dict(resumed):
+            logger.info(
+                "resumed the fragment syncs' state (sample counts, eager history) from the checkpoint"
+            )
         trainer.fragments = len(self.streaming.fragments)
+        trainer.streaming = self.streaming
         self._publishing: asyncio.Task | None = None
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -42,7 +42,7 @@ from swarm.training.run_checkpoint import (
     save_training_state,
 )
 from swarm.training.state import StateSync
-from swarm.training.streaming import Exchange, StreamingLoop
+from swarm.training.streaming import Exchange, StreamingLoop, StreamingReplica
 from swarm.training.trainer_config import TrainerConfig
 from swarm.training.training_model import load_or_init_model
 from transport import BaseEndpoint
@@ -127,6 +127,10 @@ class Trainer:
         self.wait_seconds = 0.0  # streaming: how long the inner loop last waited for an exchange
         self.fragment_last_round = 0  # streaming: the fragment the last outer step synced
         self.fragments = 1  # streaming: P
+        self.streaming: StreamingReplica | None = None  # streaming: the fragment syncs (set by StreamingLoop)
+        self._resumed_streaming: dict | None = (
+            None  # the checkpoint's streaming state, until the loop takes it
+        )
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -141,7 +145,7 @@ class Trainer:
                 refresher = tasks.create_task(self._refresh_record(stop))
                 self.training_since = time.monotonic()
                 if self.config.streaming.enabled:
-                    await StreamingLoop(self, self.config.streaming).run(stop)
+                    await StreamingLoop(self, self.config.streaming, self._resumed_streaming).run(stop)
                 else:
                     await self._plain_loop(stop)
                 refresher.cancel()
@@ -314,6 +318,7 @@ class Trainer:
         if checkpoint is None:
             return False
         self.loss_history = restore_checkpoint(self.replica, checkpoint)
+        self._resumed_streaming = checkpoint.get("streaming")
         self._last_good_loss = self.replica.probe_loss()
         logger.info("resumed from checkpoint at round %d", self.replica.round)
         return True
@@ -338,7 +343,10 @@ class Trainer:
                 self.config.checkpoint_dir,
             )
             return
-        save_training_state(self.config.checkpoint_dir, checkpoint_state(self.replica, self.loss_history))
+        streaming = None if self.streaming is None else self.streaming.state_dict()
+        save_training_state(
+            self.config.checkpoint_dir, checkpoint_state(self.replica, self.loss_history, streaming)
+        )
         self._last_good_loss = probe
 
     def _reducer_bandwidth(self) -> float:
