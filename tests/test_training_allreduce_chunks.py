@@ -275,7 +275,7 @@ def test_a_finished_round_holds_neither_the_callers_vector_nor_a_float32_copy_of
             for outcome in outcomes[1:]:
                 assert torch.equal(outcome.averaged, outcomes[0].averaged)
             for member, round_ in enumerate(rounds):  # each backs up one part
-                backed = next(part for part in range(3) if fallback_reducer(part, 3) == member)
+                backed = next(part for part in range(3) if fallback_reducer(part, [1.0] * 3) == member)
                 start, end = round_.parts[backed]
                 assert isinstance(round_._kept, EncodedTensor)
                 assert torch.equal(round_._kept.decode(), outcomes[0].averaged[start:end])

@@ -42,6 +42,7 @@ class Router:
         self.dead: set[int] = set()
         self.kill_rule = None
         self.calls: list[tuple[int, str, int]] = []
+        self.contributions: list[tuple[int, int, int]] = []  # delivered: (source, target, part)
 
     def links(self, source: int) -> GroupLinks:
         return RouterLinks(self, source)
@@ -67,6 +68,7 @@ class RouterLinks:
 
     async def send_contribution(self, target, part, weight, values, timeout) -> None:
         round_ = await self.router.deliver(self.source, "contribution", target)
+        self.router.contributions.append((self.source, target, part))
         round_.on_contribution(self.source, part, weight, int8_round_trip(values))  # as the wire decodes it
 
     async def send_result(self, target, part, contributors, values, timeout):
@@ -173,6 +175,28 @@ def test_reducer_dead_before_committing_lets_the_backup_take_over():
     torch.testing.assert_close(results[1][start:end], survivors[start:end], rtol=0, atol=0.05)
 
 
+def test_a_member_reached_through_relays_backs_up_no_part_even_when_a_reducer_dies():
+    vectors = make_vectors(4, seed=4)
+    relayed = [1.0, 1.0, 1.0, 0.0]  # member 3 declares 0: it reduces nothing
+    results, router = asyncio.run(run_group(vectors, [1.0] * 4, bandwidths=relayed))
+    assert_all_identical(results)
+    assert router.rounds[0].parts[3][0] == router.rounds[0].parts[3][1]  # its part is empty
+    received = {part for _, target, part in router.contributions if target == 3}
+    assert received <= {3}, f"the relayed member got copies of parts {received - {3}} to back up"
+    expected = sum(vectors) / 4
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=expected.abs().max().item() / 50)
+    # the reducer of part 2 dies before committing: its backup is member 0, not the ring's next (3)
+    results, router = asyncio.run(
+        run_group(vectors, [1.0] * 4, kill_rule=(2, "result", 0), bandwidths=relayed)
+    )
+    assert set(results) == {0, 1, 3}
+    assert_all_identical(results)
+    assert router.rounds[0].report.repaired_parts == [2]
+    start, end = router.rounds[0].parts[2]
+    survivors = (vectors[0] + vectors[1] + vectors[3]) / 3
+    torch.testing.assert_close(results[0][start:end], survivors[start:end], rtol=0, atol=0.05)
+
+
 def test_a_released_round_still_answers_late_requests_from_what_it_kept():
     """After ``release`` a finished round answers a slower member's repair for the part it
     backs up, ignores a late contribution, and refuses parts it does not back up."""
@@ -183,7 +207,7 @@ def test_a_released_round_still_answers_late_requests_from_what_it_kept():
         for round_ in router.rounds.values():
             round_.release()
         member = router.rounds[0]
-        backed = next(p for p in range(3) if fallback_reducer(p, 3) == 0)
+        backed = next(p for p in range(3) if fallback_reducer(p, [1.0] * 3) == 0)
         other = next(p for p in range(3) if p not in (0, backed))
         size = member.parts[backed][1] - member.parts[backed][0]
         late, contributors = await member.on_repair(1, backed, 1.0, torch.zeros(size))

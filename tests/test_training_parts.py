@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarm.training.parts import fallback_reducer, split_parts
+from swarm.training.parts import arbiter_of, fallback_reducer, split_parts
 
 
 @given(
@@ -35,5 +35,18 @@ def test_bad_bandwidth_is_rejected():
         split_parts(10, [])
 
 
-def test_fallback_is_the_next_member_in_the_ring():
-    assert [fallback_reducer(i, 3) for i in range(3)] == [1, 2, 0]
+def test_backup_and_arbiter_are_the_next_members_in_the_ring_that_reduce():
+    assert [fallback_reducer(i, [1.0] * 3) for i in range(3)] == [1, 2, 0]
+    assert [arbiter_of(i, [1.0] * 3) for i in range(3)] == [2, 0, 1]
+    # member 3 is reached through relays (bandwidth 0): it backs up and arbitrates nothing
+    relayed = [1.0, 2.0, 1.0, 0.0]
+    assert [fallback_reducer(i, relayed) for i in range(4)] == [1, 2, 0, 0]
+    assert [arbiter_of(i, relayed) for i in range(4)] == [2, 0, 1, 1]
+    # with only two members that reduce, the relayed one is the arbiter they need
+    assert [(fallback_reducer(i, [1.0, 1.0, 0.0]), arbiter_of(i, [1.0, 1.0, 0.0])) for i in range(3)] == [
+        (1, 2),
+        (0, 2),
+        (0, 1),
+    ]
+    assert [fallback_reducer(i, [0.0] * 3) for i in range(3)] == [1, 2, 0]  # all relayed: the ring
+    assert (fallback_reducer(0, [1.0, 1.0]), arbiter_of(0, [1.0, 1.0])) == (1, 0)  # two: no arbiter

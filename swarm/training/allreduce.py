@@ -2,7 +2,8 @@
 
 Member ``j`` of a group (sorted by peer id) reduces part ``j`` of the vector
 (:func:`~swarm.training.parts.split_parts`); the next member in the ring is the part's
-*backup*, the one after it its *arbiter*. A round has these phases, each with a deadline:
+*backup*, the one after it its *arbiter*, skipping members that reduce nothing (reached
+through relays) while enough others do. A round has these phases, each with a deadline:
 
 1. **scatter**: every member sends its contribution to part ``j`` (quantized by the
    codec, with its sample weight) to reducer ``j`` and, when verifying, to the backup.
@@ -117,7 +118,8 @@ class AllReduceRound(RoundVerification):
         self.timeouts = timeouts
         self.robust = robust
         self.verifying = verify and len(members) >= 3
-        self.parts = split_parts(self.vector.numel(), [m.bandwidth for m in members], alignment)
+        self.bandwidths = [m.bandwidth for m in members]  # part sizes; who backs up and arbitrates
+        self.parts = split_parts(self.vector.numel(), self.bandwidths, alignment)
         self._buffers = buffers or BufferPool(keep=0)
         self._results = ResultChunks(self.parts, self._buffers)  # reducers' results arriving in chunks
         self._states: dict[int, PartState] = {}
@@ -151,7 +153,7 @@ class AllReduceRound(RoundVerification):
         self._early_checks.clear()
         for part, state in self._states.items():
             state.candidate = None
-            if fallback_reducer(part, len(self.members)) == self.my_index and state.result is not None:
+            if fallback_reducer(part, self.bandwidths) == self.my_index and state.result is not None:
                 self._kept = kept_encoded(self.codec, state.result)
             state.result = None
         for state in (*self._checks.values(), *self._arbitrations.values(), *self._states.values()):
@@ -201,7 +203,7 @@ class AllReduceRound(RoundVerification):
         up, whole or the chunk of it that starts at ``offset``."""
         if part == self.my_index:
             state = self._state(part)
-        elif self.verifying and fallback_reducer(part, len(self.members)) == self.my_index:
+        elif self.verifying and fallback_reducer(part, self.bandwidths) == self.my_index:
             state = self._state(part, self._checks)
         else:
             raise ValueError(f"member {self.my_index} neither reduces nor backs up part {part}")
@@ -231,7 +233,7 @@ class AllReduceRound(RoundVerification):
         values, contributors = self._results.add(part, offset, values, list(contributors))
         if values is None:
             return None
-        backup = fallback_reducer(part, len(self.members))
+        backup = fallback_reducer(part, self.bandwidths)
         if not self.verifying:
             state.finish(values, contributors)
             return "accepted"
@@ -270,10 +272,10 @@ class AllReduceRound(RoundVerification):
         disputes the part."""
         count = len(self.members)
         if arbitrate:
-            if not self.verifying or arbiter_of(part, count) != self.my_index:
+            if not self.verifying or arbiter_of(part, self.bandwidths) != self.my_index:
                 raise ValueError(f"member {self.my_index} is not the arbiter of part {part}")
             return await self.arbitrate(sender, part, weight, values)
-        if fallback_reducer(part, count) != self.my_index:
+        if fallback_reducer(part, self.bandwidths) != self.my_index:
             raise ValueError(f"member {self.my_index} is not the backup of part {part}")
         state = self._state(part)
         if self._verdicts.get(part) == "":
@@ -375,7 +377,7 @@ class AllReduceRound(RoundVerification):
         sends = []
         for part in range(count):
             targets = [part] if part != self.my_index else []
-            backup = fallback_reducer(part, count)
+            backup = fallback_reducer(part, self.bandwidths)
             if self.verifying and backup == self.my_index:
                 check = self._state(part, self._checks)
                 check.add(self.my_index, self.weight, self._own_share(part, check))
@@ -445,7 +447,7 @@ class AllReduceRound(RoundVerification):
     async def _broadcast(
         self, part: int, state: PartState, values: torch.Tensor, contributors: list[int]
     ) -> None:
-        backup = fallback_reducer(part, len(self.members))
+        backup = fallback_reducer(part, self.bandwidths)
         if backup != self.my_index:
             send = self.links.send_result(backup, part, contributors, values, self.timeouts.call)
             reply = await self._quietly("result", backup, send)

@@ -195,7 +195,7 @@ class AveragingService:
         round_ = await self._round(request.round, None, context)
         if not 0 <= request.part < len(round_.members):
             raise MalformedMessage(f"part {request.part} is not in round {request.round!r}")
-        self._check_sender(round_, fallback_reducer(request.part, len(round_.members)), context)
+        self._check_sender(round_, fallback_reducer(request.part, round_.bandwidths), context)
         round_.on_verdict(request.part, request.digest)
         return Ack()
 

@@ -11,6 +11,8 @@ of ``alignment`` so quantization blocks never straddle two parts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def split_parts(numel: int, bandwidths: list[float], alignment: int = 64) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` ranges covering ``range(numel)``, one per member.
@@ -40,11 +42,25 @@ def split_parts(numel: int, bandwidths: list[float], alignment: int = 64) -> lis
     return [(boundaries[i], boundaries[i + 1]) for i in range(len(bandwidths))]
 
 
-def fallback_reducer(part_index: int, member_count: int) -> int:
-    """The member that takes over part ``part_index`` when its reducer fails: the next one in ring order."""
-    return (part_index + 1) % member_count
+def fallback_reducer(part_index: int, bandwidths: Sequence[float]) -> int:
+    """The member that backs up part ``part_index`` (verifies it, takes it over when its reducer
+    fails): the next one in ring order that reduces (see :func:`_helpers`)."""
+    return _helpers(part_index, bandwidths)[0]
 
 
-def arbiter_of(part_index: int, member_count: int) -> int:
+def arbiter_of(part_index: int, bandwidths: Sequence[float]) -> int:
     """The member that decides a part its reducer and backup disagree on: the one after the backup."""
-    return (part_index + 2) % member_count
+    return _helpers(part_index, bandwidths)[1]
+
+
+def _helpers(part_index: int, bandwidths: Sequence[float]) -> list[int]:
+    """The other members in ring order from ``part_index``, those that reduce (bandwidth > 0) first.
+
+    A member reached only through relays declares 0: as a backup it would take a copy of
+    every contribution to the part through the relay, and the part's commit would wait on
+    it. It backs up or arbitrates a part only when too few other members reduce. With fewer
+    than three members the part's own reducer fills the missing places (no verification then).
+    """
+    count = len(bandwidths)
+    ring = [(part_index + step) % count for step in range(1, count)]
+    return sorted(ring, key=lambda member: not bandwidths[member] > 0) + [part_index] * 2

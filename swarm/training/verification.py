@@ -111,7 +111,7 @@ class RoundVerification:
         """As a reducer: a backup that endorses other bytes than we committed is lying."""
         state, digest = self._state(part), self._verdicts.get(part)
         if digest and state.result is not None and digest != state.digest(state.result):
-            backup = fallback_reducer(part, len(self.members))
+            backup = fallback_reducer(part, self.bandwidths)
             logger.error(
                 "round %s: backup %d endorsed a result of our part we never sent", self.round_id, backup
             )
@@ -131,7 +131,7 @@ class RoundVerification:
 
     async def resolve_dispute(self, part: int) -> None:
         """A disputed part: every member asks the arbiter, whose result everyone then uses."""
-        arbiter = arbiter_of(part, len(self.members))
+        arbiter = arbiter_of(part, self.bandwidths)
         if arbiter == self.my_index:
             reply = await self._quietly(
                 "arbitration",
@@ -156,7 +156,7 @@ class RoundVerification:
         if state.candidate is not None:  # the reducer's result, as it reached us
             if results_agree(state.candidate[0], values):
                 if part == self.my_index or self._verdicts.get(part):
-                    self.report.accused.add(fallback_reducer(part, len(self.members)))  # the backup lied
+                    self.report.accused.add(fallback_reducer(part, self.bandwidths))  # the backup lied
             else:
                 self.report.accused.add(part)  # the reducer's result contradicts the arbiter's
         state.finish(values, list(contributors))
@@ -164,7 +164,7 @@ class RoundVerification:
     async def repair(self, part: int) -> None:
         """A part with no (endorsed) result at the gather deadline: ask its backup, which answers
         the committed result or takes the part over; a dispute sends the member to the arbiter."""
-        backup = fallback_reducer(part, len(self.members))
+        backup = fallback_reducer(part, self.bandwidths)
         if backup == self.my_index:
             reply = await self.on_repair(self.my_index, part, self.weight, self._slice(part))
         else:
