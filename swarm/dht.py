@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import hivemind
@@ -154,8 +155,38 @@ async def _daemon_listen_maddr(_dht, node):
     return str(node.p2p.daemon_listen_maddr)
 
 
+class _HandOffTolerantPipe:
+    """The DHT process's end of the request pipe from its peer, surviving a lost descriptor hand-off.
+
+    Every request carries its future's pipe end, which ``multiprocessing`` hands over as a
+    file descriptor through the peer's resource sharer. A peer out of descriptors (a
+    connection flood) accepts the hand-off's connection and then cannot duplicate the
+    descriptor to send it: unpickling here raised ``EOFError``, which hivemind's loop does not
+    catch, so the DHT process died and the peer could never announce again (seen in
+    ``tests/test_serving_abuse.py``'s flood). Now that one request is dropped as a
+    ``ConnectionError``, which the loop logs and survives; the peer's wait for it times out and
+    its next request goes through. An end of the pipe itself (the peer is gone) still ends it.
+    """
+
+    def __init__(self, pipe: Any):
+        self._pipe = pipe
+
+    def recv(self) -> Any:
+        message = self._pipe.recv_bytes()  # EOFError here: the peer closed its end
+        try:
+            return ForkingPickler.loads(message)
+        except EOFError as error:
+            raise ConnectionError(
+                "a request from the peer was lost: its descriptor hand-off failed"
+            ) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+
 class _DHTProcess(hivemind.DHT):
-    """hivemind's DHT process, dying with the peer that started it, its daemon's relay bounded."""
+    """hivemind's DHT process, dying with the peer that started it, its daemon's relay bounded,
+    and surviving a request whose descriptor hand-off failed (``_HandOffTolerantPipe``)."""
 
     def __init__(self, *args: Any, relay_limits: RelayLimits, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -166,6 +197,7 @@ class _DHTProcess(hivemind.DHT):
         # In this (child) process only: the node's daemon starts with the relay limits,
         # which hivemind's P2P.create does not pass (see swarm.relay).
         hivemind.dht.node.P2P = bounded_p2p_class(self._relay_limits)
+        self._inner_pipe = _HandOffTolerantPipe(self._inner_pipe)
         super().run()
 
 
@@ -282,6 +314,11 @@ class SwarmDHT:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError as error:
             future.cancel()
+            if self._dht is not None and not self._dht.is_alive():  # nothing will ever answer
+                raise DeadlineExceeded(
+                    f"DHT {what} did not finish within {timeout:.1f}s: this peer's DHT process exited "
+                    f"(code {self._dht.exitcode}), so it can no longer announce or look up; restart it"
+                ) from error
             raise DeadlineExceeded(f"DHT {what} did not finish within {timeout:.1f}s") from error
 
     async def publish_many(

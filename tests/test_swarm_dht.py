@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import hivemind
 import msgpack
@@ -24,6 +28,7 @@ from swarm import (
     block_key,
 )
 from tests.harness import make_server, wait_until
+from transport.errors import DeadlineExceeded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -292,3 +297,28 @@ def test_private_swarm_refuses_outsiders():
     finally:
         for peer in outsiders + members:
             peer.shutdown()
+
+
+def test_a_request_whose_descriptor_hand_off_fails_does_not_kill_the_dht_process():
+    """A peer out of descriptors (a connection flood) once lost its DHT process for good: the
+    process died of the failed hand-off (EOFError) and the peer never announced again."""
+    helper = Path(__file__).with_name("dht_descriptor_process.py")
+    done = subprocess.run([sys.executable, str(helper)], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["first"] == "stored"
+    assert report["during"] == "DeadlineExceeded", report  # that request is lost, nothing else
+    assert report["alive"] is True, done.stderr[-2000:]
+    assert report["after"] == "stored", report
+    assert "descriptor hand-off failed" in done.stderr
+
+
+def test_a_peer_whose_dht_process_died_says_so():
+    async def scenario():
+        async with SwarmDHT(Identity.generate(), DHTConfig(swarm_name=SWARM, host_maddrs=LOCAL)) as dht:
+            dht._dht.kill()
+            await asyncio.to_thread(dht._dht.join, 10)
+            with pytest.raises(DeadlineExceeded, match=r"DHT process exited .*restart it"):
+                await dht.publish("key", 1, timeout=1)
+
+    asyncio.run(scenario())
