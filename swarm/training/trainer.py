@@ -128,9 +128,8 @@ class Trainer:
         self.fragment_last_round = 0  # streaming: the fragment the last outer step synced
         self.fragments = 1  # streaming: P
         self.streaming: StreamingReplica | None = None  # streaming: the fragment syncs (set by StreamingLoop)
-        self._resumed_streaming: dict | None = (
-            None  # the checkpoint's streaming state, until the loop takes it
-        )
+        # streaming: the checkpoint's state of the fragment syncs, for the loop to take back
+        self._resumed_streaming: dict | None = None
 
     # -- the loop ----------------------------------------------------------------------
 
