@@ -22,6 +22,7 @@ from peers.processes import ProcessGroup
 from swarm.dht import DHTConfig, SwarmDHT
 from swarm.identity import Identity
 from swarm.training.run_checkpoint import load_training_state
+from tests.harness import wait_until_sync
 from tests.test_training_swarm import rounds_of, wait_for_round
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -82,8 +83,18 @@ def test_a_member_sending_a_x1000_pseudo_gradient_is_clipped_named_and_harmless(
     # b's record and gauge name the attacker from the first round it clipped it until the next
     honest[1].wait_for(lambda line: "clipped the contribution" in line and attacker_id in line, "a clip", 120)
     metrics_url = honest[1].wait_for_line("metrics at", timeout=10).split()[-1]
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        metrics = response.read().decode()
+    named_gauge = rf'swarm_train_named_peer{{kind="clipped",peer="{attacker_id}\w*",run="{RUN}"}} 1.0'
+
+    def read_metrics() -> str:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            return response.read().decode()
+
+    # The gauges follow b's record, published after the round's log line: read until they
+    # catch up (once they read round 24 with the line logged and no name yet).
+    metrics = wait_until_sync(
+        read_metrics, until=lambda text: re.search(named_gauge, text), timeout=120,
+        what="b's gauge to name the attacker as clipped",
+    )  # fmt: skip
     for process in [*honest, attacker]:
         assert process.terminate(timeout=120) == 0
 
@@ -97,9 +108,7 @@ def test_a_member_sending_a_x1000_pseudo_gradient_is_clipped_named_and_harmless(
     assert history[-1].loss < 1.2 * history[0].loss, history
     named = [line for p in honest for line in p.lines if "clipped the contribution or result of" in line]
     assert any(attacker_id in line for line in named), named
-    assert re.search(
-        rf'swarm_train_named_peer{{kind="clipped",peer="{attacker_id}\w*",run="{RUN}"}} 1.0', metrics
-    ), metrics
+    assert re.search(named_gauge, metrics), metrics
 
 
 def test_undefended_a_nan_member_poisons_the_model_but_never_the_last_good_checkpoint(swarm, tmp_path):
