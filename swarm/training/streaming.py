@@ -67,7 +67,6 @@ class Trainer(Protocol):
     replica: Replica
     membership: Any
     state_sync: Any
-    fragments: int
     fragment_last_round: int
     wait_seconds: float
     streaming: StreamingReplica | None
@@ -268,7 +267,6 @@ class StreamingLoop:
             logger.info(
                 "resumed the fragment syncs' state (sample counts, eager history) from the checkpoint"
             )
-        trainer.fragments = len(self.streaming.fragments)
         trainer.streaming = self.streaming
         self._publishing: asyncio.Task | None = None
 

@@ -126,7 +126,6 @@ class Trainer:
         self.training_since = 0.0  # time.monotonic() when training started
         self.wait_seconds = 0.0  # streaming: how long the inner loop last waited for an exchange
         self.fragment_last_round = 0  # streaming: the fragment the last outer step synced
-        self.fragments = 1  # streaming: P
         self.streaming: StreamingReplica | None = None  # streaming: the fragment syncs (set by StreamingLoop)
         # streaming: the checkpoint's state of the fragment syncs, for the loop to take back
         self._resumed_streaming: dict | None = None
@@ -376,7 +375,7 @@ class Trainer:
             reachability=self.reachability,
             libp2p_peer=self.libp2p_peer,
             **self.named_last_round,
-            fragments=self.fragments,
+            fragments=1 if self.streaming is None else len(self.streaming.fragments),
             fragment=self.fragment_last_round,
             wait_seconds=self.wait_seconds,
             inner_share=self.inner_share(),
